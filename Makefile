@@ -1,0 +1,37 @@
+# Quickstart: `make demo` (the quickstart sweep on local Ray + SQLite MLflow) and `make test`.
+# Both create .venv if it is missing. Torch: with no NVIDIA GPU we install the CPU build torch==2.13.0
+# (on the project's dev machines a local wheel, under a minute); with a GPU, pip resolves a CUDA build.
+# Override with `make TORCH_SPEC='torch==2.5.1' ...`.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4$(comma)<2.15,torch==2.13.0)
+comma := ,
+
+.PHONY: install dev demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/overtok sweep sweeps/quickstart.yaml
+	$(VENV)/bin/overtok export quickstart
+	$(VENV)/bin/overtok fit quickstart
+	$(VENV)/bin/overtok plots quickstart
+
+test: install
+	$(PY) -m pytest -q -ra tests
+
+lint: install
+	$(VENV)/bin/ruff check overtok analysis tests benchmarks
+
+clean:
+	rm -rf results/mlflow.db results/checkpoints results/ray

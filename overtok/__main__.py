@@ -1,0 +1,3 @@
+from overtok.cli import main
+
+raise SystemExit(main())

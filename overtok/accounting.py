@@ -1,0 +1,75 @@
+"""Parameters by group, FLOPs per token and a memory estimate, from the config alone (no model built).
+
+Groups matter here: OE tables can be 10-100x the transformer body, so scaling fits choose which
+count is "N" (body only, with embeddings, with OE tables). tests/test_model.py checks these against
+the built model's numel.
+"""
+
+from __future__ import annotations
+
+from overtok.config import ModelConfig
+
+
+def _block_params(cfg: ModelConfig) -> int:
+    d, h = cfg.d_model, cfg.mlp_hidden_size
+    return 4 * d * d + 3 * d * h + 2 * d  # qkv + out, SwiGLU gate/up/down, two RMSNorm weights
+
+
+def param_groups(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts per group; they sum to the built model's numel."""
+    d = cfg.d_model
+    moduli = cfg.oe_moduli()
+    slices = len(moduli)
+    width = d // slices if slices else 0
+    n_extra = cfg.od_depth - 1
+    tied = cfg.tie_embeddings and cfg.input_vocab_size == cfg.output_vocab_size
+    if cfg.od_mode == "linear":
+        per_head = 2 * d * cfg.od_rank if cfg.od_rank else d * d
+    elif cfg.od_mode == "mtp":
+        per_head = _block_params(cfg) + d  # block + its output norm
+    else:
+        per_head = 2 * d + 2 * d * d + _block_params(cfg) + d  # two norms, merge, block, output norm
+    return {
+        "embedding": cfg.input_vocab_size * d,
+        "oe_tables": sum(m for _, m in moduli) * width,
+        "oe_proj": slices * width * d,
+        "body": cfg.n_layers * _block_params(cfg) + d,  # + final norm
+        "head": 0 if tied else d * cfg.output_vocab_size,
+        "extra_heads": n_extra * per_head,
+    }
+
+
+def num_params(cfg: ModelConfig, convention: str = "all") -> int:
+    """'body' (non-embedding, the Kaplan N), 'dense' (all but OE tables), 'all'."""
+    g = param_groups(cfg)
+    if convention == "body":
+        return g["body"]
+    if convention == "dense":
+        return sum(v for k, v in g.items() if k != "oe_tables")
+    return sum(g.values())
+
+
+def flops_per_token(cfg: ModelConfig) -> int:
+    """Training FLOPs per model position: 6 * (matmul parameters touched per token) + 12 * L * d * T attention
+    (PaLM appendix B / nanoGPT). Embedding and OE-table lookups are gathers and count zero; the output head
+    counts its d x V matmul even when tied, once per head that uses it."""
+    g = param_groups(cfg)
+    d, T = cfg.d_model, cfg.seq_len
+    n_heads_out = cfg.od_depth
+    matmul = (g["body"] - (2 * cfg.n_layers + 1) * d) + g["oe_proj"] + g["extra_heads"] + n_heads_out * d * cfg.output_vocab_size
+    layers = cfg.n_layers + (cfg.od_depth - 1 if cfg.od_mode != "linear" else 0)
+    return 6 * matmul + 12 * layers * d * T
+
+
+def memory_estimate_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int = 4) -> int:
+    """Rough peak training memory: fp32 weights, grads and two AdamW moments, plus activations.
+
+    Activations follow Korthikanti et al. 2022 (about 34*T*B*d + 5*H*T^2*B bytes per layer at 16-bit),
+    scaled by dtype_bytes / 2, plus the fp32 logits (3 copies: logits, softmax, grad) of every output head.
+    """
+    n = num_params(cfg, "all")
+    d, T, B, H = cfg.d_model, cfg.seq_len, batch_size, cfg.n_heads
+    layers = cfg.n_layers + (cfg.od_depth - 1 if cfg.od_mode != "linear" else 0)
+    act = layers * (34 * T * B * d + 5 * H * T * T * B) * dtype_bytes // 2
+    logits = 3 * 4 * B * T * cfg.output_vocab_size * cfg.od_depth
+    return 16 * n + act + logits

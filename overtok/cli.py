@@ -1,0 +1,203 @@
+"""`overtok` command line. User mistakes (ConfigError, DataError, TableError) print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_tracking(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///results/mlflow.db in the current directory)")
+
+
+def cmd_train(args) -> int:
+    from overtok.config import load_config
+    from overtok.data import resolve_vocab
+    from overtok.run import tracked_train
+
+    cfg = resolve_vocab(load_config(args.config, args.set), file=args.config)
+    if args.dry_run:
+        from overtok.sweep import describe_config
+
+        print(describe_config(cfg))
+        return 0
+    run_id, summary = tracked_train(cfg, args.tracking_uri)
+    print(f"[overtok] finished run {run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items())
+                                                            if k in ("train/loss", "val/loss", "val/gen_acc", "val/bpb")))
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from overtok.data.text import prepare
+
+    res = prepare([Path(p) for p in args.inputs], Path(args.out), args.tokenizer, args.val_fraction, args.seed,
+                  args.text_field, args.max_docs)
+    m = res.meta
+    print(f"[overtok] {res.out_dir}: V={m['vocab_size']} train {m['train_tokens']:,} tokens "
+          f"({m['train_documents']} docs), val {m['val_tokens']:,} tokens ({m['val_documents']} docs), "
+          f"{m['train_bytes_per_token']:.2f} bytes/token")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from overtok.sweep import load_sweep, plan_table
+
+    sweep = load_sweep(args.sweep, args.set)
+    print(plan_table(sweep))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from overtok.sweep import load_sweep
+    from overtok.tune import run_sweep
+
+    sweep = load_sweep(args.sweep, args.set)
+    if args.max_concurrent:
+        sweep.max_concurrent = args.max_concurrent
+    if args.address:
+        sweep.ray_address = args.address
+    if args.tracking_uri:
+        sweep.tracking_uri = args.tracking_uri
+    sweep.check_size(args.yes)
+    res = run_sweep(sweep)
+    return 0 if res["failed"] == 0 else 1
+
+
+def cmd_export(args) -> int:
+    from overtok.export import export_sweep
+
+    paths = export_sweep(args.sweep, args.tracking_uri, Path(args.out) if args.out else None)
+    for p in paths:
+        print(f"[overtok] wrote {p}")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from analysis.commands import fit_sweep
+
+    print(f"[overtok] wrote {fit_sweep(_results_dir(args.sweep), bootstrap=args.bootstrap)}")
+    return 0
+
+
+def cmd_plots(args) -> int:
+    from analysis.commands import plot_sweep
+
+    for p in plot_sweep(_results_dir(args.sweep)):
+        print(f"[overtok] wrote {p}")
+    return 0
+
+
+def cmd_fit_law(args) -> int:
+    import json
+
+    from analysis.commands import fit_law_table
+
+    res = fit_law_table(args.law, args.table, bootstrap=args.bootstrap, seed=args.seed)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for k, v in res["estimates"].items():
+            lo, hi = res["ci"][k]
+            print(f"{k:>10} = {v:.6g}  [{lo:.6g}, {hi:.6g}]")
+    return 0
+
+
+def _results_dir(sweep: str) -> Path:
+    """Accept a sweep name, a sweep YAML path or a results/<sweep> directory."""
+    p = Path(sweep)
+    if p.is_dir():
+        return p
+    if p.suffix in (".yaml", ".yml"):
+        from overtok.sweep import load_sweep
+
+        return Path("results") / load_sweep(p).name
+    return Path("results") / sweep
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="overtok", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model (one MLflow run)")
+    p.add_argument("config", nargs="?", help="training config YAML (omit for the built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved model; train nothing")
+    _add_tracking(p)
+    p.set_defaults(fn=cmd_train)
+
+    d = sub.add_parser("data", help="data commands").add_subparsers(dest="data_command", required=True)
+    p = d.add_parser("prepare", help="tokenize local text/JSONL/Parquet files into memmapped shards")
+    p.add_argument("inputs", nargs="+", help="files or directories (.txt, .txt.xz, .jsonl, .parquet, HF save_to_disk dirs)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer.json path, or bpe:<V> to train a BPE here")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out (by hash)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
+    p.add_argument("--max-docs", type=int, default=0, help="use only the first N documents (0 = all)")
+    p.set_defaults(fn=cmd_data_prepare)
+
+    p = sub.add_parser("plan", help="validate and expand a sweep; print one row per trial; run nothing")
+    p.add_argument("sweep")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep key (e.g. base.data.path=...)")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("sweep", help="run a sweep with Ray Tune, tracked in MLflow (resumable)")
+    p.add_argument("sweep")
+    p.add_argument("--address", default="", help="join an existing Ray cluster (ray start --head); default: local Ray")
+    p.add_argument("--max-concurrent", type=int, default=0, help="override the sweep's max_concurrent")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep key")
+    p.add_argument("--yes", action="store_true", help="allow grids larger than the size limit")
+    _add_tracking(p)
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("export", help="write results/<sweep>/runs.parquet and curves.parquet from MLflow")
+    p.add_argument("sweep", help="sweep name or YAML")
+    p.add_argument("--out", default="", help="output directory (default results/<sweep>)")
+    _add_tracking(p)
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("fit", help="fit scaling laws and speedups of an exported sweep -> results/<sweep>/fits.json")
+    p.add_argument("sweep", help="sweep name, YAML or results directory")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the CIs")
+    p.set_defaults(fn=cmd_fit)
+
+    p = sub.add_parser("plots", help="paper-style figures of an exported sweep -> results/<sweep>/figures/")
+    p.add_argument("sweep", help="sweep name, YAML or results directory")
+    p.set_defaults(fn=cmd_plots)
+
+    p = sub.add_parser("fit-law", help="fit a law to any CSV/Parquet table")
+    p.add_argument("law", choices=["chinchilla", "loglinear"], help="chinchilla: columns N, D, loss; loglinear: vocab, loss")
+    p.add_argument("table")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--bootstrap", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_fit_law)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from overtok.config import ConfigError
+    from overtok.data.text import DataError
+
+    user_errors: tuple[type[Exception], ...] = (ConfigError, DataError)
+    try:
+        from analysis.tables import TableError
+
+        user_errors += (TableError,)
+    except ImportError:
+        pass
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except user_errors as e:
+        print(f"overtok: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("overtok: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

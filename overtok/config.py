@@ -1,0 +1,454 @@
+"""Typed, strict run configuration.
+
+Dataclasses are the schema; values come from defaults < YAML file < ``--set key=value`` overrides.
+Unknown keys, wrong types and impossible shapes raise :class:`ConfigError`, which names the file,
+the line when known, the dotted key and the problem. The CLI turns it into one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config or sweep file: names the file, line, key and problem."""
+
+    def __init__(self, problem: str, *, file: str | None = None, key: str | None = None, line: int | None = None):
+        self.problem, self.file, self.key, self.line = problem, file, key, line
+        where = str(file) if file else "<config>"
+        if line is not None:
+            where += f":{line}"
+        super().__init__(f"{where}: {key + ': ' if key else ''}{problem}")
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML: safe loader that reads 1e17 / 3e-4 as floats (PyYAML's YAML 1.1 resolver wants a dot)
+# and records the line of every dotted key so errors can point at it.
+
+_FLOAT_RE = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _ch in list("-+0123456789."):
+    _Loader.yaml_implicit_resolvers[_ch] = [
+        (tag, rx) for tag, rx in _Loader.yaml_implicit_resolvers.get(_ch, []) if tag != "tag:yaml.org,2002:float"
+    ]
+    _Loader.yaml_implicit_resolvers[_ch].insert(0, ("tag:yaml.org,2002:float", _FLOAT_RE))
+
+
+def _node_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = f"{prefix}.{k.value}" if prefix else str(k.value)
+            out[key] = k.start_mark.line + 1
+            _node_lines(v, key, out)
+
+
+def load_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
+    """Read a YAML mapping with the safe loader; return (data, {dotted key: line})."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("file not found", file=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=str(path)) from None
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        msg = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"YAML syntax error: {msg}", file=str(path), line=line) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"top level must be a mapping, got {type(data).__name__}", file=str(path), line=1)
+    lines: dict[str, int] = {}
+    if node is not None:
+        _node_lines(node, "", lines)
+    return data, lines
+
+
+def parse_scalar(text: str) -> Any:
+    """Parse a ``--set`` value with the same rules as the YAML files."""
+    return yaml.load(text, Loader=_Loader)
+
+
+# ----------------------------------------------------------------------------------------------
+# The schema
+
+
+@dataclass
+class OEConfig:
+    """Over-Encoding (Huang et al. 2025, Alg. 1): hashed n-gram input embeddings."""
+
+    n: int = 1
+    """Largest n-gram order; 1 turns Over-Encoding off (plain token embedding)."""
+    k: int = 1
+    """Slices (tables) per order 2..n, each with its own modulus."""
+    m: int = 0
+    """Rows per table ("OE-m"); slice i uses modulus m + step*i."""
+    step: int = 2
+    """Modulus step between consecutive slices (the paper uses 2)."""
+    odd_moduli: bool = False
+    """Round every modulus up to an odd number (avoids moduli sharing a factor 2 with V)."""
+    stop_at_eos: bool = False
+    """Do not look back across an EOS token (document boundary). Off in the paper."""
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer; every input/output variant is a field here, never a fork."""
+
+    vocab_size: int = 0
+    """Base vocabulary V; 0 = take it from the data (grammar or tokenizer)."""
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_hidden: int = 0
+    """SwiGLU hidden width; 0 = 8/3 * d_model rounded up to a multiple of 32."""
+    seq_len: int = 128
+    """Context length in model positions."""
+    tie_embeddings: bool = True
+    """Share the 1-gram input embedding with the output head (only when input and output vocab agree)."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    oe: OEConfig = field(default_factory=OEConfig)
+    od_depth: int = 1
+    """Number of future tokens predicted (t+1..t+n); 1 is the plain next-token baseline."""
+    od_mode: Literal["linear", "mtp", "mtp_ds"] = "linear"
+    """Extra heads: 'linear' (OD, paper App. C), 'mtp' (parallel heads with a block each),
+    'mtp_ds' (DeepSeek-V3 sequential modules; with OE this is OT)."""
+    od_lambda: float | None = None
+    """Weight of each extra head's loss; None = 1.0 for linear/mtp, 0.1 for mtp_ds."""
+    od_rank: int = 0
+    """Low-rank projection for 'linear' OD heads (0 = full d_model x d_model)."""
+    tokenizer_ngram: int = 1
+    """n-gram tokenizer baseline: input and output tokens are n-grams of V (V^n ids), n-times shorter sequences."""
+    output_ngram: int = 1
+    """n-gram output: predict the next n tokens jointly over V^n classes (small V only)."""
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return 32 * -(-(8 * self.d_model // 3) // 32)
+
+    @property
+    def input_vocab_size(self) -> int:
+        return self.vocab_size**self.tokenizer_ngram
+
+    @property
+    def output_vocab_size(self) -> int:
+        return self.vocab_size ** max(self.tokenizer_ngram, self.output_ngram)
+
+    @property
+    def extra_head_lambda(self) -> float:
+        if self.od_lambda is not None:
+            return self.od_lambda
+        return 0.1 if self.od_mode == "mtp_ds" else 1.0
+
+    @property
+    def lookahead(self) -> int:
+        """Tokens past the context each sample needs (targets for t+1..t+L)."""
+        return max(self.od_depth, self.output_ngram)
+
+    def oe_moduli(self) -> list[tuple[int, int]]:
+        """(order, modulus) for every OE slice, slices counted across all orders."""
+        out = []
+        for j in range(2, self.oe.n + 1):
+            for _ in range(self.oe.k):
+                mod = self.oe.m + self.oe.step * len(out)
+                if self.oe.odd_moduli and mod % 2 == 0:
+                    mod += 1
+                out.append((j, mod))
+        return out
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["cfg", "text"] = "cfg"
+    """'cfg': sentences sampled on the fly from a grammar; 'text': shards made by `overtok data prepare`."""
+    grammar: str = "cfg3f"
+    """Packaged grammar name (cfg3b..cfg3k) or a path to a Physics-of-LMs JSON rule table."""
+    path: str = ""
+    """Directory written by `overtok data prepare` (kind: text)."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    embed_weight_decay: float = 0.0
+    """Weight decay on the token embedding and OE tables (off by default, as usual for embeddings)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = 0.2
+    """WSD: fraction of steps spent in the final linear decay."""
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    max_steps: int = 200
+    eval_every: int = 50
+    eval_batches: int = 4
+    gen_samples: int = 64
+    """CFG only: sentences sampled at the final evaluation for generation accuracy (0 = skip)."""
+    gen_every: int = 0
+    """CFG only: also measure generation accuracy every this many steps (0 = only at the end)."""
+    log_every: int = 10
+    checkpoint_every: int = 100
+    checkpoint_dir: str = ""
+    """Where checkpoints go; '' = results/checkpoints/<run name>. A run resumes from the latest one there."""
+    compile: bool = False
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """'auto' = bf16 autocast on CUDA, float32 on CPU."""
+    fail_at_step: int = -1
+    """Testing aid: raise at this step (to exercise failure handling). -1 = never."""
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = ""
+    """'' = $MLFLOW_TRACKING_URI, else sqlite:///<project>/results/mlflow.db."""
+    experiment: str = "overtok"
+    run_name: str = ""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Base tokens consumed per optimizer step (n-gram tokenizer: n base tokens per position)."""
+        m = self.model
+        return self.data.batch_size * self.train.grad_accum * m.seq_len * m.tokenizer_ngram
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from dicts, strictly
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    args = typing.get_args(tp)
+    if args:
+        return " | ".join(_type_name(a) for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"must be one of {_type_name(tp)}, got {value!r}", key=key)
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", key=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"expected true/false, got {value!r}", key=key)
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"expected an integer, got {value!r}", key=key)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**62:
+            return int(value)  # 1e6 written for a count
+        raise ConfigError(f"expected an integer, got {value!r}", key=key)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"expected a number, got {value!r}", key=key)
+        if isinstance(value, (int, float)):
+            return float(value)
+        raise ConfigError(f"expected a number, got {value!r}", key=key)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"expected a string, got {value!r}", key=key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a mapping, got {value!r}", key=key)
+        return from_dict(tp, value, prefix=key)
+    raise TypeError(f"unsupported config type {tp} at {key}")  # internal: schema uses only the above
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown key (allowed: {', '.join(sorted(names))})", key=key)
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"'{p}' is not a section", key=key)
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation of shapes: one place, raising errors that name the key
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    m, oe, t, d = cfg.model, cfg.model.oe, cfg.train, cfg.data
+
+    def need(cond: bool, key: str, problem: str) -> None:
+        if not cond:
+            raise ConfigError(problem, key=key)
+
+    for key, val in [
+        ("model.d_model", m.d_model), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+        ("model.seq_len", m.seq_len), ("data.batch_size", d.batch_size), ("train.max_steps", t.max_steps),
+        ("train.grad_accum", t.grad_accum), ("train.eval_every", t.eval_every), ("train.log_every", t.log_every),
+        ("train.checkpoint_every", t.checkpoint_every), ("train.eval_batches", t.eval_batches),
+    ]:
+        need(val >= 1, key, f"must be >= 1, got {val}")
+    need(m.vocab_size >= 0, "model.vocab_size", f"must be >= 0, got {m.vocab_size}")
+    need(m.mlp_hidden >= 0, "model.mlp_hidden", f"must be >= 0, got {m.mlp_hidden}")
+    need(m.d_model % m.n_heads == 0, "model.d_model", f"{m.d_model} is not divisible by n_heads={m.n_heads}")
+    need((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head dimension d_model/n_heads must be even (RoPE)")
+    need(oe.n >= 1, "model.oe.n", f"n-gram order must be >= 1, got {oe.n}")
+    need(oe.k >= 1, "model.oe.k", f"must be >= 1, got {oe.k}")
+    need(oe.step >= 0, "model.oe.step", f"must be >= 0, got {oe.step}")
+    need(m.od_depth >= 1, "model.od_depth", f"OD depth must be >= 1, got {m.od_depth}")
+    need(m.od_rank >= 0, "model.od_rank", f"must be >= 0, got {m.od_rank}")
+    need(m.tokenizer_ngram >= 1, "model.tokenizer_ngram", f"must be >= 1, got {m.tokenizer_ngram}")
+    need(m.output_ngram >= 1, "model.output_ngram", f"must be >= 1, got {m.output_ngram}")
+    need(not (m.tokenizer_ngram > 1 and m.output_ngram > 1), "model.output_ngram",
+         "n-gram output and n-gram tokenizer cannot be combined")
+    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    need(0 < t.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
+    need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+    need(t.gen_samples >= 0, "train.gen_samples", "must be >= 0")
+    if oe.n > 1:
+        slices = oe.k * (oe.n - 1)
+        need(oe.m >= 1, "model.oe.m", f"must be >= 1 when oe.n > 1, got {oe.m}")
+        need(m.d_model % slices == 0, "model.d_model",
+             f"{m.d_model} is not divisible by k*(n-1)={slices} (OE table width)")
+    if m.vocab_size:
+        v = m.input_vocab_size
+        need(m.output_vocab_size <= 1 << 20, "model.output_ngram",
+             f"output vocabulary V^n = {m.output_vocab_size} is too large (n-gram output needs a small V)")
+        for order, mod in m.oe_moduli():
+            # m a multiple of V keeps only (x_t mod m), so the previous tokens' contribution vanishes
+            # (paper, Table 4) -- unless the modulus is >= V^order and no reduction happens at all.
+            need(not (mod % v == 0 and mod < v**order), "model.oe.m",
+                 f"modulus {mod} (order {order}) is a multiple of the vocabulary size {v}: "
+                 "the hash would drop the previous tokens")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def build_config(data: dict, *, file: str | None = None, lines: dict[str, int] | None = None) -> RunConfig:
+    """Dict -> validated RunConfig; errors carry file and line."""
+    try:
+        return validate(from_dict(RunConfig, data))
+    except ConfigError as e:
+        raise ConfigError(e.problem, file=file, key=e.key, line=(lines or {}).get(e.key or "")) from None
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}", file="--set")
+        key, val = item.split("=", 1)
+        set_dotted(data, key.strip(), parse_scalar(val))
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults < file < --set overrides."""
+    data, lines = (load_yaml(path) if path else ({}, {}))
+    try:
+        data = apply_overrides(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(e.problem, file=str(path) if path else "--set", key=e.key) from None
+    return build_config(data, file=str(path) if path else "--set", lines=lines)

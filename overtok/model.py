@@ -1,0 +1,270 @@
+"""The Over-Tokenized Transformer: one decoder-only model, every variant a config field.
+
+Body: RMSNorm, RoPE, SDPA causal attention, SwiGLU MLP (Llama-style, as OLMo2 in the paper).
+Input side: token embedding, optionally Over-Encoding (hashed n-gram tables, Alg. 1 of the paper) or
+an n-gram tokenizer (V^n ids). Output side: next-token head, optionally Over-Decoding (extra linear
+heads for t+2..t+n, paper App. C), parallel MTP heads (Gloeckle et al. 2024), or DeepSeek-V3 MTP
+modules (sequential; with OE this is OT), or an n-gram output head (V^n classes).
+Pure torch: no tracking or orchestration imports.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from overtok.config import ModelConfig
+from overtok.ngram import hash_stacked, hash_weights, shifted_stack
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)  # (T, hd/2)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, hd); rotate pairs (first half, second half)
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[: x.shape[-2]].to(x.dtype), sin[: x.shape[-2]].to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h = cfg.mlp_hidden_size
+        self.gate_up = nn.Linear(cfg.d_model, 2 * h, bias=False)
+        self.down = nn.Linear(h, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class OverEncoding(nn.Module):
+    """Token embedding plus hashed n-gram tables; the output is the mean of the 1-gram embedding and
+    the k*(n-1) projected slices (paper Alg. 1).
+
+    All slices live in one table (rows offset per slice) so a batch is one gather; the per-slice
+    projections (width w -> d_model) are stacked into one (S*w -> d_model) linear, which equals the
+    sum of the separate projections applied to the concatenated slices.
+    """
+
+    def __init__(self, cfg: ModelConfig, eos_id: int | None = None):
+        super().__init__()
+        V, d = cfg.input_vocab_size, cfg.d_model
+        self.vocab_size = V
+        self.wte = nn.Embedding(V, d)
+        moduli = cfg.oe_moduli()
+        self.num_slices = len(moduli)
+        self.stop_at_eos = cfg.oe.stop_at_eos and eos_id is not None
+        self.eos_id = eos_id
+        if not moduli:
+            return
+        self.order = cfg.oe.n
+        self.width = d // self.num_slices
+        w = torch.tensor([hash_weights(V, o, m) + [0] * (self.order - o) for o, m in moduli], dtype=torch.long)
+        mods = torch.tensor([m for _, m in moduli], dtype=torch.long)
+        offsets = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), mods[:-1]]), 0)
+        self.register_buffer("hash_w", w, persistent=False)
+        self.register_buffer("moduli", mods, persistent=False)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.tables = nn.Embedding(int(mods.sum()), self.width)
+        self.proj = nn.Linear(self.num_slices * self.width, d, bias=False)
+
+    def slice_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T, S) row ids into the fused table."""
+        doc_ids = None
+        if self.stop_at_eos:
+            is_eos = (idx == self.eos_id).long()
+            doc_ids = torch.cumsum(is_eos, dim=1) - is_eos  # EOS ends its document
+        stacked = shifted_stack(idx, self.order, doc_ids)
+        return hash_stacked(stacked, self.hash_w, self.moduli) + self.offsets
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx)  # (B, T, d)
+        if self.num_slices == 0:
+            return x
+        rows = self.tables(self.slice_ids(idx))  # (B, T, S, w)
+        ngram = self.proj(rows.flatten(-2))  # (B, T, d) = sum of per-slice projections
+        return (x + ngram) / (1 + self.num_slices)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, eos_id: int | None = None):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("model.vocab_size must be resolved before building the model")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embed = OverEncoding(cfg, eos_id)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(d, cfg.norm_eps)
+        self.tied = cfg.tie_embeddings and cfg.input_vocab_size == cfg.output_vocab_size
+        self.head = None if self.tied else nn.Linear(d, cfg.output_vocab_size, bias=False)
+        n_extra = cfg.od_depth - 1
+        if cfg.od_mode == "linear":
+            r = cfg.od_rank
+            self.extra = nn.ModuleList(
+                (nn.Sequential(nn.Linear(d, r, bias=False), nn.Linear(r, d, bias=False)) if r else nn.Linear(d, d, bias=False))
+                for _ in range(n_extra)
+            )
+        elif cfg.od_mode == "mtp":
+            self.extra = nn.ModuleList(Block(cfg) for _ in range(n_extra))
+        else:  # mtp_ds: DeepSeek-V3 sec. 2.2
+            self.extra = nn.ModuleList(MTPModule(cfg) for _ in range(n_extra))
+        self.extra_norms = nn.ModuleList(RMSNorm(d, cfg.norm_eps) for _ in range(n_extra if cfg.od_mode != "linear" else 0))
+        cos, sin = rope_tables(cfg.seq_len + cfg.lookahead, d // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # scaled init of residual projections (GPT-2)
+            if name.endswith("proj.weight") and "embed" not in name or name.endswith("down.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(mod: nn.Module) -> None:
+        if isinstance(mod, nn.Linear):
+            nn.init.normal_(mod.weight, std=0.02)
+        elif isinstance(mod, nn.Embedding):
+            nn.init.normal_(mod.weight, std=0.02)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Shared output head (tied to the 1-gram embedding when vocabularies agree)."""
+        w = self.embed.wte.weight if self.tied else self.head.weight
+        return F.linear(h, w)
+
+    def trunk(self, emb: torch.Tensor) -> torch.Tensor:
+        x = emb
+        for block in self.blocks:
+            x = block(x, self.rope_cos, self.rope_sin)
+        return x  # (B, T, d), before the final norm
+
+    def forward(self, tokens: torch.Tensor, targets: bool = True):
+        """tokens: (B, T + L) with L = cfg.lookahead (targets appended) or (B, T) for inference.
+
+        Returns (logits of the main head for the first T positions, dict of losses or None).
+        """
+        cfg = self.cfg
+        L = cfg.lookahead if targets else 0
+        T = tokens.shape[1] - L
+        # embed once over every position any head needs; causal, so the first T rows equal embed(tokens[:, :T])
+        emb = self.embed(tokens[:, : T + max(L - 1, 0)])
+        h = self.trunk(emb[:, :T])
+        logits = self.logits(self.norm(h))
+        if not targets:
+            return logits, None
+        losses = {"next": self._ce(logits, self._target(tokens, T, 1))}
+        total = losses["next"]
+        h_prev = h
+        for j, head in enumerate(self.extra, start=2):
+            if cfg.od_mode == "linear":
+                hj = self.norm(head(h))
+            elif cfg.od_mode == "mtp":
+                hj = self.extra_norms[j - 2](head(h, self.rope_cos, self.rope_sin))
+            else:
+                h_prev = head(h_prev, emb[:, j - 1 : j - 1 + T], self.rope_cos, self.rope_sin)
+                hj = self.extra_norms[j - 2](h_prev)
+            losses[f"head{j}"] = self._ce(self.logits(hj), self._target(tokens, T, j))
+            total = total + cfg.extra_head_lambda * losses[f"head{j}"]
+        losses["total"] = total
+        return logits, losses
+
+    def _target(self, tokens: torch.Tensor, T: int, j: int) -> torch.Tensor:
+        """Target for the head predicting t+j: the token, or the joint next-n-gram id for n-gram output."""
+        n = self.cfg.output_ngram
+        if n == 1:
+            return tokens[:, j : j + T]
+        V = self.cfg.vocab_size
+        tgt = torch.zeros_like(tokens[:, j : j + T])
+        for i in range(n):  # id = sum_i x_{t+1+i} * V^i, first token the least significant digit
+            tgt = tgt + tokens[:, j + i : j + i + T] * V**i
+        return tgt
+
+    @staticmethod
+    def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+
+    def next_token_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Marginal over the next token: for n-gram output, sum the joint distribution's probability mass."""
+        n = self.cfg.output_ngram
+        if n == 1:
+            return logits
+        V = self.cfg.vocab_size
+        lp = logits.float().log_softmax(-1).view(*logits.shape[:-1], V ** (n - 1), V)
+        return lp.logsumexp(-2)  # first token is the least significant digit
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new: int, stop_id: int | None = None, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample continuations of (B, T0) prompts, window-cropped to seq_len; returns (B, T0 + max_new)."""
+        out = prompt
+        done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        for _ in range(max_new):
+            logits, _ = self(out[:, -self.cfg.seq_len :], targets=False)
+            lp = self.next_token_logits(logits[:, -1]).float() / temperature
+            nxt = torch.multinomial(lp.softmax(-1), 1, generator=generator)
+            if stop_id is not None:
+                nxt = torch.where(done[:, None], torch.full_like(nxt, stop_id), nxt)
+                done = done | (nxt[:, 0] == stop_id)
+            out = torch.cat([out, nxt], dim=1)
+            if stop_id is not None and bool(done.all()):
+                break
+        return out
+
+
+class MTPModule(nn.Module):
+    """DeepSeek-V3 MTP module k: h_k = Block(W [RMSNorm(h_{k-1}); RMSNorm(Emb(x_{t+k}))]), shared head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_h = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm_e = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.merge = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.block = Block(cfg)
+
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = self.merge(torch.cat([self.norm_h(h_prev), self.norm_e(emb_next)], dim=-1))
+        return self.block(x, cos, sin)

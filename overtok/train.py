@@ -1,0 +1,248 @@
+"""One training run: the loop shared by `overtok train` and every sweep trial.
+
+``train(cfg, sink)`` builds the model and data from a resolved config, resumes from the newest valid
+checkpoint in ``train.checkpoint_dir``, trains, evaluates, checkpoints, and logs through the sink with
+step = base tokens seen. It raises :class:`TrainingDiverged` on a NaN/inf loss; callers record the status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from overtok import accounting
+from overtok.config import RunConfig, TrainConfig, to_dict
+from overtok.data import Batches, split_ngrams
+from overtok.data.cfg import accepts
+from overtok.model import Transformer
+from overtok.tracking import Sink
+
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet); MFU denominator
+
+
+class TrainingDiverged(RuntimeError):
+    def __init__(self, step: int, reason: str):
+        self.step = step
+        super().__init__(f"loss became {reason} at step {step}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warmup, then cosine to min_lr_ratio*lr, WSD (constant then linear decay) or constant."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    lo = t.lr * t.min_lr_ratio
+    if t.schedule == "constant":
+        return t.lr
+    if t.schedule == "wsd":
+        decay_start = int(t.max_steps * (1 - t.decay_fraction))
+        if step < decay_start:
+            return t.lr
+        frac = (step - decay_start) / max(t.max_steps - decay_start, 1)
+        return t.lr + (lo - t.lr) * min(frac, 1.0)
+    frac = (step - t.warmup_steps) / max(t.max_steps - t.warmup_steps, 1)
+    return lo + 0.5 * (t.lr - lo) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def make_optimizer(model: Transformer, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms, and embed_weight_decay (default 0) on the token embedding and OE tables."""
+    decay, no_decay, embed = [], [], []
+    for name, p in model.named_parameters():
+        if name.startswith(("embed.wte", "embed.tables")):
+            embed.append(p)
+        elif p.dim() < 2:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": embed, "weight_decay": t.embed_weight_decay}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=(t.beta1, t.beta2),
+                             fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: written atomically (tmp + rename); a truncated newest file falls back to the previous one.
+
+
+def save_checkpoint(ckpt_dir: Path, state: dict, keep: int = 2) -> Path:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"ckpt_{state['step']:09d}.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in sorted(ckpt_dir.glob("ckpt_*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def load_latest_checkpoint(ckpt_dir: Path) -> dict | None:
+    for path in sorted(ckpt_dir.glob("ckpt_*.pt"), reverse=True):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated/corrupt file: use the previous one
+            print(f"[overtok] skipping unreadable checkpoint {path.name}: {type(e).__name__}")
+    return None
+
+
+def default_checkpoint_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.train.checkpoint_dir or Path("results") / "checkpoints" / (cfg.tracking.run_name or cfg.name))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def eval_loss(model: Transformer, batches: Batches, n_batches: int, device: torch.device, autocast) -> float:
+    model.eval()
+    batches.rewind()
+    total = 0.0
+    for _ in range(n_batches):
+        with autocast():
+            _, losses = model(batches.next().to(device))
+        total += losses["next"].item()
+    model.train()
+    return total / n_batches
+
+
+@torch.no_grad()
+def generation_accuracy(model: Transformer, batches: Batches, n_samples: int, device: torch.device, seed: int,
+                        batch_size: int = 64, max_len: int = 1024) -> float:
+    """Fraction of sampled sentences (prompt: EOS, stop at EOS) that the grammar accepts (paper sec. 3.1)."""
+    model.eval()
+    g, n = batches.grammar, model.cfg.tokenizer_ngram
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ok = 0
+    for start in range(0, n_samples, batch_size):
+        b = min(batch_size, n_samples - start)
+        # n-gram tokenizer: the prompt is one n-gram id made of EOS tokens
+        prompt = torch.full((b, 1), sum(g.eos_id * g.vocab_size**i for i in range(n)), dtype=torch.long, device=device)
+        out = model.generate(prompt, max_new=-(-max_len // n), stop_id=None if n > 1 else g.eos_id, generator=gen)
+        base = split_ngrams(out[:, 1:].cpu(), g.vocab_size, n)
+        for row in base.tolist():
+            sentence = row[: row.index(g.eos_id)] if g.eos_id in row else None
+            ok += bool(sentence) and accepts(g, sentence)
+    model.train()
+    return ok / n_samples
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None = None) -> dict:
+    """Train to cfg.train.max_steps (resuming if a checkpoint exists); return the final summary metrics."""
+    sink = sink or Sink()
+    t = cfg.train
+    device = device or pick_device(t.device)
+    torch.manual_seed(cfg.seed)
+    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    train_data, val_data = Batches(cfg, "train"), Batches(cfg, "val")
+    model = Transformer(cfg.model, eos_id=train_data.eos_id).to(device)
+    opt = make_optimizer(model, t, device)
+    step_fn = torch.compile(model) if t.compile else model
+    ckpt_dir = default_checkpoint_dir(cfg)
+    step, tokens_seen, resumed_from = 0, 0, None
+    state = load_latest_checkpoint(ckpt_dir)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        train_data.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"])
+        step, tokens_seen, resumed_from = state["step"], state["tokens_seen"], state["step"]
+        print(f"[overtok] resumed from {ckpt_dir} at step {step}")
+
+    flops_per_token = accounting.flops_per_token(cfg.model) / cfg.model.tokenizer_ngram  # per base token
+    tokens_per_step = cfg.tokens_per_step
+    summary: dict[str, float] = {}
+    t_last, tokens_last = time.time(), tokens_seen
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    while True:
+        last_step = step == t.max_steps
+
+        # once in a while: evaluate (and on the last step)
+        if (step % t.eval_every == 0 and step > 0) or last_step:
+            metrics = {"val/loss": eval_loss(model, val_data, t.eval_batches, device, autocast)}
+            if cfg.data.kind == "text":
+                bpt = read_bytes_per_token(cfg)
+                metrics["val/bpb"] = metrics["val/loss"] / math.log(2) / bpt
+            if cfg.data.kind == "cfg" and t.gen_samples and (last_step or (t.gen_every and step % t.gen_every == 0)):
+                metrics["val/gen_acc"] = generation_accuracy(model, val_data, t.gen_samples, device, cfg.seed)
+            sink.log(metrics, tokens_seen)
+            summary.update(metrics)
+
+        # once in a while: checkpoint (not at step 0; always at the end so a finished run can be re-exported)
+        if step > 0 and (step % t.checkpoint_every == 0 or last_step) and step != resumed_from:
+            save_checkpoint(ckpt_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                       "tokens_seen": tokens_seen, "data": train_data.state_dict(),
+                                       "rng": torch.get_rng_state(), "config": to_dict(cfg)})
+            sink.flush()
+
+        if last_step:
+            break
+
+        # single training step (gradient accumulation over micro-batches)
+        if step == t.fail_at_step:
+            raise RuntimeError(f"fail_at_step={step} (deliberate failure for testing)")
+        lr = lr_at(step, t)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        parts: dict[str, float] = {}
+        for _ in range(t.grad_accum):
+            batch = train_data.next().to(device, non_blocking=True)
+            with autocast():
+                _, losses = step_fn(batch)
+            (losses["total"] / t.grad_accum).backward()
+            for k, v in losses.items():
+                parts[k] = parts.get(k, 0.0) + v.detach() / t.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+
+        # logging (the .item() syncs only here)
+        if step % t.log_every == 0 or step == t.max_steps:
+            loss = parts["total"].item()
+            if not math.isfinite(loss):
+                raise TrainingDiverged(step, "nan" if math.isnan(loss) else "inf")
+            now = time.time()
+            tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+            t_last, tokens_last = now, tokens_seen
+            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tps}
+            metrics.update({f"train/loss_{k}": v.item() for k, v in parts.items() if k != "total"})
+            epoch_tokens = train_data.epoch_tokens
+            if epoch_tokens:
+                metrics["train/epochs"] = tokens_seen / epoch_tokens
+            if device.type == "cuda":
+                metrics["perf/mfu"] = tps * flops_per_token / H100_BF16_PEAK
+                metrics["perf/mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            sink.log(metrics, tokens_seen)
+            summary.update(metrics)
+    summary["tokens_seen"] = tokens_seen
+    sink.flush()
+    return summary
+
+
+def read_bytes_per_token(cfg: RunConfig) -> float:
+    from overtok.data.text import read_meta
+
+    return read_meta(cfg.data.path)["val_bytes_per_token"]

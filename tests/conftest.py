@@ -1,0 +1,35 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def tiny_config(**overrides):
+    """A resolved tiny cfg3f config; overrides are dotted keys."""
+    from overtok.config import load_config
+    from overtok.data import resolve_vocab
+
+    sets = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.seq_len": 32,
+            "data.batch_size": 4, "train.max_steps": 20, "train.eval_every": 10, "train.log_every": 5,
+            "train.gen_samples": 0, "train.warmup_steps": 2}
+    sets.update(overrides)
+    return resolve_vocab(load_config(None, [f"{k}={v}" for k, v in sets.items()]))
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run `python -m overtok ...` in tmp_path; returns CompletedProcess."""
+    import subprocess
+
+    def run(*args, timeout=300, env=None):
+        e = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        e.update(PYTHONPATH=str(ROOT), **(env or {}))
+        return subprocess.run([sys.executable, "-m", "overtok", *map(str, args)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=timeout, env=e)
+
+    return run

@@ -1,0 +1,75 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from overtok.data import Batches, group_ngrams, split_ngrams
+from overtok.data.cfg import accepts, load_grammar, sample_sentence
+from overtok.data.text import DataError, prepare, read_meta
+from tests.conftest import SHARED, tiny_config
+
+
+def test_cfg3f_samples_accepted_and_corruptions_mostly_rejected():
+    g = load_grammar("cfg3f")
+    rng = random.Random(0)
+    sentences = [sample_sentence(g, rng) for _ in range(100)]
+    assert all(set(s) <= {1, 2, 3} for s in sentences)
+    assert all(accepts(g, s) for s in sentences)
+    rejected = 0
+    for s in sentences:
+        s = list(s)
+        i = rng.randrange(len(s))
+        s[i] = rng.choice([t for t in (1, 2, 3) if t != s[i]])
+        rejected += not accepts(g, s)
+    assert rejected >= 80
+    assert not accepts(g, sentences[0][:-1]) or not accepts(g, sentences[0][1:])
+    assert not accepts(g, [])
+
+
+def test_cfg_stream_is_seeded_and_resumable():
+    cfg = tiny_config()
+    a, b = Batches(cfg, "train"), Batches(cfg, "train")
+    assert torch.equal(a.next(), b.next())
+    state = a.state_dict()
+    x = a.next()
+    c = Batches(cfg, "train")
+    c.load_state_dict(state)
+    assert torch.equal(c.next(), x)
+    assert not torch.equal(Batches(cfg, "val").next(), Batches(cfg, "train").next())
+
+
+def test_ngram_grouping_roundtrip():
+    x = torch.randint(0, 7, (3, 12))
+    g = group_ngrams(x, 7, 3)
+    assert g.shape == (3, 4) and int(g.max()) < 343
+    assert torch.equal(split_ngrams(g, 7, 3), x)
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe:512", str(SHARED / "tokenizers" / "gpt-neox-olmo.json")])
+def test_prepare_real_text(tmp_path, tokenizer):
+    out = tmp_path / "austen"
+    res = prepare([SHARED / "text" / "austen.txt.xz"], out, tokenizer, val_fraction=0.1, max_docs=60)
+    meta = read_meta(out)
+    assert meta == res.meta
+    assert meta["train_tokens"] > 10_000 and meta["val_tokens"] > 500
+    assert 1.0 < meta["train_bytes_per_token"] < 6.0
+    arr = np.memmap(out / "train.bin", dtype=meta["dtype"], mode="r")
+    assert int(arr.max()) < meta["vocab_size"]
+    cfg = tiny_config(**{"data.kind": "text", "data.path": str(out), "model.vocab_size": 0})
+    assert cfg.model.vocab_size == meta["vocab_size"]
+    batch = Batches(cfg, "train").next()
+    assert batch.shape == (4, cfg.model.seq_len + 1)
+
+
+def test_prepare_rejects_bad_input(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"hello \xff\xfe world")
+    with pytest.raises(DataError, match="not UTF-8"):
+        prepare([bad], tmp_path / "o", "bpe:300")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    with pytest.raises(DataError, match="no non-empty documents"):
+        prepare([empty], tmp_path / "o2", "bpe:300")
+    with pytest.raises(DataError, match="no such file"):
+        prepare([tmp_path / "missing"], tmp_path / "o3", "bpe:300")

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from overtok import accounting
+from overtok.model import Transformer
+from tests.conftest import tiny_config
+
+VARIANTS = {
+    "baseline": {},
+    "oe": {"model.oe.n": 3, "model.oe.k": 2, "model.oe.m": 97},
+    "od": {"model.od_depth": 3},
+    "od_lowrank": {"model.od_depth": 2, "model.od_rank": 8},
+    "mtp": {"model.od_depth": 2, "model.od_mode": "mtp"},
+    "mtp_ds": {"model.od_depth": 3, "model.od_mode": "mtp_ds"},
+    "ot": {"model.oe.n": 3, "model.oe.k": 2, "model.oe.m": 97, "model.od_depth": 2, "model.od_mode": "mtp_ds"},
+    "ngram_tok": {"model.tokenizer_ngram": 3},
+    "ngram_out": {"model.output_ngram": 3},
+    "untied": {"model.tie_embeddings": False},
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_accounting_equals_numel(name):
+    cfg = tiny_config(**VARIANTS[name])
+    model = Transformer(cfg.model)
+    groups = accounting.param_groups(cfg.model)
+    assert sum(groups.values()) == sum(p.numel() for p in model.parameters())
+    assert groups["oe_tables"] == (model.embed.tables.weight.numel() if hasattr(model.embed, "tables") else 0)
+    assert groups["body"] == sum(p.numel() for p in model.blocks.parameters()) + model.norm.weight.numel()
+    assert accounting.flops_per_token(cfg.model) > 6 * groups["body"] * 0.9
+
+
+@pytest.mark.parametrize("name", ["oe", "od", "mtp", "mtp_ds", "ot", "ngram_out", "ngram_tok"])
+def test_no_future_leakage(name):
+    """Changing token t+1 leaves the main head's logits at positions <= t unchanged."""
+    cfg = tiny_config(**VARIANTS[name])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).eval()
+    T, L = cfg.model.seq_len, cfg.model.lookahead
+    V = cfg.model.input_vocab_size
+    x = torch.randint(1, V, (2, T + L))
+    t = 10
+    y = x.clone()
+    y[:, t + 1 :] = (y[:, t + 1 :] + 1) % V
+    with torch.no_grad():
+        lx, losses_x = model(x)
+        ly, losses_y = model(y)
+    torch.testing.assert_close(lx[:, : t + 1], ly[:, : t + 1], rtol=0, atol=0)
+    assert not torch.allclose(lx[:, t + 1 :], ly[:, t + 1 :])
+
+
+def test_od_with_zero_lambda_gives_baseline_loss():
+    base = tiny_config()
+    od = tiny_config(**{"model.od_depth": 3, "model.od_lambda": 0.0})
+    torch.manual_seed(0)
+    m_base = Transformer(base.model)
+    torch.manual_seed(0)
+    m_od = Transformer(od.model)
+    # same trunk and head weights; the OD model has extra heads on top
+    m_od.load_state_dict(m_base.state_dict(), strict=False)
+    x = torch.randint(1, base.model.vocab_size, (2, base.model.seq_len + 3))
+    _, lb = m_base(x[:, : base.model.seq_len + 1])
+    _, lo = m_od(x)
+    torch.testing.assert_close(lo["total"], lb["total"])
+    assert lo["head2"] > 0 and lo["head3"] > 0
+
+
+def test_mtp_ds_default_lambda_is_point_one():
+    assert tiny_config(**{"model.od_depth": 2, "model.od_mode": "mtp_ds"}).model.extra_head_lambda == 0.1
+    assert tiny_config(**{"model.od_depth": 2}).model.extra_head_lambda == 1.0
+
+
+def test_ngram_output_marginal_is_a_distribution():
+    cfg = tiny_config(**VARIANTS["ngram_out"])
+    model = Transformer(cfg.model)
+    x = torch.randint(1, cfg.model.vocab_size, (2, 8))
+    logits, _ = model(x, targets=False)
+    assert logits.shape[-1] == cfg.model.vocab_size**3
+    marg = model.next_token_logits(logits)
+    torch.testing.assert_close(marg.exp().sum(-1), torch.ones(2, 8))
+
+
+@pytest.mark.parametrize("name", ["baseline", "ot"])
+def test_tiny_model_overfits_a_batch(name):
+    cfg = tiny_config(**VARIANTS[name])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    x = torch.randint(1, cfg.model.vocab_size, (4, cfg.model.seq_len + cfg.model.lookahead))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        _, losses = model(x)
+        losses["total"].backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses["next"].item() < 0.1

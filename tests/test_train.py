@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from overtok.tracking import Sink
+from overtok.train import TrainingDiverged, lr_at, train
+from tests.conftest import tiny_config
+
+
+class Recorder(Sink):
+    def __init__(self):
+        self.points = []
+
+    def log(self, metrics, step):
+        self.points.extend((k, step, v) for k, v in metrics.items())
+
+    def curve(self, key):
+        return [(s, v) for k, s, v in self.points if k == key]
+
+
+def test_resume_reproduces_the_uninterrupted_curve(tmp_path):
+    common = {"train.max_steps": 20, "train.log_every": 1, "train.checkpoint_every": 10, "model.oe.n": 2,
+              "model.oe.m": 50, "model.od_depth": 2}
+    full = Recorder()
+    train(tiny_config(**common, **{"train.checkpoint_dir": str(tmp_path / "a")}), full)
+
+    broken = Recorder()
+    with pytest.raises(RuntimeError, match="deliberate"):
+        train(tiny_config(**common, **{"train.checkpoint_dir": str(tmp_path / "b"), "train.fail_at_step": 15}), broken)
+    resumed = Recorder()
+    train(tiny_config(**common, **{"train.checkpoint_dir": str(tmp_path / "b")}), resumed)
+
+    tail = [p for p in full.curve("train/loss") if p[0] > resumed.curve("train/loss")[0][0] - 1]
+    assert resumed.curve("train/loss") == tail  # bitwise equal losses at the same token counts
+    assert resumed.curve("train/loss")[0][0] == 11 * tiny_config().tokens_per_step
+    assert full.curve("val/loss")[-1] == resumed.curve("val/loss")[-1]
+
+
+def test_nan_loss_raises_with_step(tmp_path):
+    cfg = tiny_config(**{"train.lr": 1e12, "train.grad_clip": 0.0, "train.warmup_steps": 0, "train.log_every": 1,
+                         "train.checkpoint_dir": str(tmp_path)})
+    with pytest.raises(TrainingDiverged) as e:
+        train(cfg)
+    assert e.value.step >= 1 and ("nan" in str(e.value) or "inf" in str(e.value))
+
+
+def test_schedules():
+    t = tiny_config(**{"train.max_steps": 100, "train.warmup_steps": 10, "train.lr": 1.0, "train.min_lr_ratio": 0.1}).train
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(100, t) == pytest.approx(0.1) and 0.1 < lr_at(55, t) < 1.0
+    t.schedule = "wsd"
+    assert lr_at(50, t) == 1.0 and lr_at(100, t) == pytest.approx(0.1) and lr_at(90, t) == pytest.approx(0.55)
+
+
+def test_train_cli_logs_a_falling_curve_to_mlflow(cli, tmp_path):
+    res = cli("train", "--set", "train.max_steps=60", "--set", "train.log_every=5", "--set", "train.gen_samples=4",
+              "--set", "model.oe.n=2", "--set", "model.oe.m=1000", "--set", "name=clitest")
+    assert res.returncode == 0, res.stderr[-2000:]
+    from overtok.tracking import client
+
+    c = client(f"sqlite:///{tmp_path}/results/mlflow.db")
+    exp = c.get_experiment_by_name("overtok")
+    runs = c.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["model.oe.m"] == "1000" and "params.oe_tables" in run.data.params
+    hist = sorted(c.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+    assert len(hist) == 12 and hist[0].step == tiny_tokens(run) * 5
+    assert hist[-1].value < hist[0].value - 0.3
+    assert "val/gen_acc" in run.data.metrics
+    arts = [a.path for a in c.list_artifacts(run.info.run_id)]
+    assert "config.json" in arts
+
+
+def tiny_tokens(run):
+    return int(run.data.params["tokens_per_step"])
+
+
+def test_failed_run_is_recorded(cli, tmp_path):
+    res = cli("train", "--set", "train.max_steps=10", "--set", "train.fail_at_step=3", "--set", "train.gen_samples=0")
+    assert res.returncode != 0
+    from overtok.tracking import client
+
+    c = client(f"sqlite:///{tmp_path}/results/mlflow.db")
+    run = c.search_runs([c.get_experiment_by_name("overtok").experiment_id])[0]
+    assert run.info.status == "FAILED" and "fail_at_step=3" in run.data.tags["overtok.error"]
