@@ -221,14 +221,17 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
 
         # logging (the .item() syncs only here)
         if step % t.log_every == 0 or step == t.max_steps:
-            loss = parts["total"].item()
-            if not math.isfinite(loss):
-                raise TrainingDiverged(step, "nan" if math.isnan(loss) else "inf")
+            total = parts["total"].item()
+            if not math.isfinite(total):
+                raise TrainingDiverged(step, "nan" if math.isnan(total) else "inf")
             now = time.time()
             tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
             t_last, tokens_last = now, tokens_seen
-            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tps}
-            metrics.update({f"train/loss_{k}": v.item() for k, v in parts.items() if k != "total"})
+            # train/loss is the next-token loss in every variant (comparable across OD depths);
+            # the objective with the extra heads is train/loss_total
+            metrics = {"train/loss": parts["next"].item(), "train/loss_total": total, "train/lr": lr,
+                       "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tps}
+            metrics.update({f"train/loss_{k}": v.item() for k, v in parts.items() if k not in ("total", "next")})
             epoch_tokens = train_data.epoch_tokens
             if epoch_tokens:
                 metrics["train/epochs"] = tokens_seen / epoch_tokens

@@ -1,0 +1,265 @@
+"""Sweep files: load, validate, expand into concrete trials with stable ids, and plan. No Ray here.
+
+A sweep YAML::
+
+    name: quickstart
+    base: {...}                  # a full training config (the `overtok train` schema)
+    grid:                        # dotted keys -> lists; cartesian product
+      model.oe.n: [1, 2, 3]
+    zip:                         # optional groups of keys that vary together (equal-length lists)
+      - {model.d_model: [32, 64], model.n_layers: [2, 3]}
+    seeds: [0]
+    resources: {cpu: 1, gpu: 0}  # per trial; fractions allowed; other keys are Ray custom resources
+    max_concurrent: 2
+    max_failures: 0              # retries of a failed trial, from its last checkpoint
+    tracking: {tracking_uri: "", experiment: ""}
+    ray: {address: "", storage_path: results/ray}
+
+Every trial is validated before anything starts; its id is a hash of its resolved config, so reruns
+recognise finished trials and new grid points or seeds run alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from overtok import accounting
+from overtok.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    build_config,
+    flatten,
+    load_yaml,
+    set_dotted,
+    to_dict,
+)
+
+SWEEP_KEYS = {"name", "base", "grid", "zip", "seeds", "resources", "max_concurrent", "max_failures", "tracking", "ray",
+              "max_trials", "description"}
+TRACKING_KEYS = {"tracking_uri", "experiment"}
+RAY_KEYS = {"address", "storage_path"}
+DEFAULT_MAX_TRIALS = 256
+
+
+@dataclass
+class Trial:
+    trial_id: str
+    run_name: str
+    varied: dict[str, Any]
+    config: RunConfig
+
+    def to_json(self) -> str:
+        return json.dumps({"trial_id": self.trial_id, "run_name": self.run_name, "varied": self.varied,
+                           "config": to_dict(self.config)})
+
+
+@dataclass
+class Sweep:
+    name: str
+    file: str
+    trials: list[Trial]
+    resources: dict[str, float]
+    max_concurrent: int = 0
+    max_failures: int = 0
+    tracking_uri: str = ""
+    experiment: str = ""
+    ray_address: str = ""
+    storage_path: str = ""
+    max_trials: int = DEFAULT_MAX_TRIALS
+    varied_keys: list[str] = field(default_factory=list)
+
+    def check_size(self, yes: bool) -> None:
+        if len(self.trials) > self.max_trials and not yes:
+            raise ConfigError(f"{len(self.trials)} trials exceed max_trials={self.max_trials}; pass --yes to run them",
+                              file=self.file, key="grid")
+
+
+def trial_id(cfg: RunConfig) -> str:
+    """Hash of what determines the result: the resolved config minus naming, tracking and where files go."""
+    d = to_dict(cfg)
+    d.pop("tracking")
+    d.pop("name")
+    d["train"].pop("checkpoint_dir")
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _short(key: str, value: Any) -> str:
+    leaf = key.split(".")[-1]
+    if isinstance(value, float):
+        value = f"{value:g}"
+    return f"{leaf}={value}"
+
+
+def _expect(cond: bool, problem: str, file: str, key: str, lines: dict[str, int]) -> None:
+    if not cond:
+        raise ConfigError(problem, file=file, key=key, line=lines.get(key))
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+    """Read, validate and expand a sweep file. Raises ConfigError (file, line, key, problem) on any mistake."""
+    from overtok.data import resolve_vocab
+
+    file = str(path)
+    raw, lines = load_yaml(path)
+    try:
+        raw = apply_overrides(raw, overrides)
+    except ConfigError as e:
+        raise ConfigError(e.problem, file=file, key=e.key) from None
+    for k in raw:
+        _expect(k in SWEEP_KEYS, f"unknown key (allowed: {', '.join(sorted(SWEEP_KEYS))})", file, str(k), lines)
+    name = raw.get("name")
+    _expect(isinstance(name, str) and name.replace("_", "").replace("-", "").isalnum(),
+            "required: a name of letters, digits, '-' and '_'", file, "name", lines)
+    base = raw.get("base", {})
+    _expect(isinstance(base, dict), "must be a mapping (a training config)", file, "base", lines)
+    grid = raw.get("grid", {}) or {}
+    _expect(isinstance(grid, dict), "must be a mapping of dotted keys to lists", file, "grid", lines)
+    for k, v in grid.items():
+        _expect(isinstance(v, list) and len(v) > 0, "must be a non-empty list", file, f"grid.{k}", lines)
+    zips = raw.get("zip", []) or []
+    _expect(isinstance(zips, list), "must be a list of groups", file, "zip", lines)
+    for i, group in enumerate(zips):
+        key = f"zip[{i}]"
+        _expect(isinstance(group, dict) and group, "must be a mapping of dotted keys to lists", file, key, lines)
+        lengths = {len(v) if isinstance(v, list) else -1 for v in group.values()}
+        _expect(len(lengths) == 1 and min(lengths) > 0, "lists must be non-empty and of equal length", file, key, lines)
+    seeds = raw.get("seeds", [base.get("seed", 0)])
+    _expect(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
+            "must be a non-empty list of integers", file, "seeds", lines)
+    resources = raw.get("resources", {"cpu": 1}) or {}
+    _expect(isinstance(resources, dict), "must be a mapping like {cpu: 1, gpu: 0.25}", file, "resources", lines)
+    for k, v in resources.items():
+        _expect(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "must be a number >= 0", file,
+                f"resources.{k}", lines)
+    for key in ("max_concurrent", "max_failures", "max_trials"):
+        v = raw.get(key, 0)
+        _expect(isinstance(v, int) and not isinstance(v, bool) and v >= 0, "must be an integer >= 0", file, key, lines)
+    tracking, ray = raw.get("tracking", {}) or {}, raw.get("ray", {}) or {}
+    for sect, allowed in (("tracking", TRACKING_KEYS), ("ray", RAY_KEYS)):
+        val = raw.get(sect, {}) or {}
+        _expect(isinstance(val, dict), "must be a mapping", file, sect, lines)
+        for k, v in val.items():
+            _expect(k in allowed, f"unknown key (allowed: {', '.join(sorted(allowed))})", file, f"{sect}.{k}", lines)
+            _expect(isinstance(v, str), "must be a string", file, f"{sect}.{k}", lines)
+
+    # the base must be valid on its own (errors point at base.*)
+    try:
+        build_config(base)
+    except ConfigError as e:
+        key = f"base.{e.key}" if e.key else "base"
+        raise ConfigError(e.problem, file=file, key=key, line=lines.get(key)) from None
+
+    storage = Path(ray.get("storage_path") or "results/ray").resolve()
+    axes: list[list[dict[str, Any]]] = [[{k: v} for v in vals] for k, vals in grid.items()]
+    axes += [[dict(zip(g.keys(), vals)) for vals in zip(*g.values())] for g in zips]
+    axes.append([{"seed": s} for s in seeds])
+    varied_keys = list(grid) + [k for g in zips for k in g] + (["seed"] if len(seeds) > 1 else [])
+
+    trials: list[Trial] = []
+    seen: dict[str, dict] = {}
+    for combo in itertools.product(*axes):
+        point: dict[str, Any] = {}
+        for part in combo:
+            point.update(part)
+        data = json.loads(json.dumps(base))
+        for k, v in point.items():
+            set_dotted(data, k, v)
+        where = ", ".join(f"{k}={v}" for k, v in point.items())
+        try:
+            cfg = resolve_vocab(build_config(data))
+        except ConfigError as e:
+            gkey = next((f"grid.{k}" for k in grid if k == e.key), None) or next(
+                (f"zip[{i}].{e.key}" for i, g in enumerate(zips) if e.key in g), f"base.{e.key}")
+            line = lines.get(gkey) or lines.get(f"grid.{e.key}") or lines.get(f"base.{e.key}")
+            raise ConfigError(f"{e.problem} (trial {where})", file=file, key=gkey, line=line) from None
+        tid = trial_id(cfg)
+        if tid in seen:
+            raise ConfigError(f"duplicate trials after expansion: {where} equals {seen[tid]}", file=file, key="grid")
+        seen[tid] = point
+        if cfg.data.path:  # Ray workers run elsewhere; the id keeps the path as written
+            cfg.data.path = str(Path(cfg.data.path).resolve())
+        varied = {k: point[k] for k in varied_keys}
+        run_name = " ".join(_short(k, v) for k, v in varied.items()) or name
+        cfg.name = name
+        cfg.tracking.run_name = f"{run_name} [{tid[:6]}]"
+        cfg.train.checkpoint_dir = str(storage / name / "trials" / tid)
+        trials.append(Trial(tid, cfg.tracking.run_name, varied, cfg))
+    _expect(len(trials) > 0, "expands to no trials", file, "grid", lines)
+
+    return Sweep(name=name, file=file, trials=trials, resources={k: float(v) for k, v in resources.items()},
+                 max_concurrent=raw.get("max_concurrent", 0), max_failures=raw.get("max_failures", 0),
+                 tracking_uri=tracking.get("tracking_uri", ""), experiment=tracking.get("experiment", "") or name,
+                 ray_address=ray.get("address", ""), storage_path=str(storage),
+                 max_trials=raw.get("max_trials", 0) or DEFAULT_MAX_TRIALS, varied_keys=varied_keys)
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def trial_plan(trial: Trial) -> dict[str, Any]:
+    cfg = trial.config
+    groups = accounting.param_groups(cfg.model)
+    tokens = cfg.train.max_steps * cfg.tokens_per_step
+    positions = tokens // cfg.model.tokenizer_ngram
+    return {"trial_id": trial.trial_id, **trial.varied, **{f"N_{k}": v for k, v in groups.items()},
+            "flops_per_token": accounting.flops_per_token(cfg.model), "tokens": tokens,
+            "total_flops": accounting.flops_per_token(cfg.model) * positions,
+            "memory_gb": accounting.memory_estimate_bytes(cfg.model, cfg.data.batch_size) / 2**30}
+
+
+def plan_table(sweep: Sweep) -> str:
+    rows = [trial_plan(t) for t in sweep.trials]
+    cols = ["trial_id", *sweep.varied_keys, "N_body", "N_embedding", "N_oe_tables", "N_oe_proj", "N_head",
+            "N_extra_heads", "flops_per_token", "tokens", "memory_gb"]
+    cells = [[c.split(".")[-1] if "." in c else c for c in cols]]
+    for r in rows:
+        out = []
+        for c in cols:
+            v = r[c]
+            if c == "memory_gb":
+                out.append(f"{v:.2f}")
+            elif c.startswith("N_") or c in ("flops_per_token", "tokens"):
+                out.append(_fmt_count(v))
+            else:
+                out.append(str(v))
+        cells.append(out)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
+    total_flops = sum(r["total_flops"] for r in rows)
+    total_tokens = sum(r["tokens"] for r in rows)
+    lines.append("")
+    lines.append(f"sweep {sweep.name}: {len(rows)} trials, {_fmt_count(total_tokens)} tokens, "
+                 f"{total_flops:.3g} training FLOPs, resources per trial {sweep.resources}, "
+                 f"peak memory per trial up to {max(r['memory_gb'] for r in rows):.2f} GiB (estimate)")
+    return "\n".join(lines)
+
+
+def describe_config(cfg: RunConfig) -> str:
+    groups = accounting.param_groups(cfg.model)
+    parts = [f"{k}={_fmt_count(v)}" for k, v in groups.items()]
+    return (f"{cfg.name}: params {' '.join(parts)} | total {_fmt_count(sum(groups.values()))} | "
+            f"FLOPs/token {_fmt_count(accounting.flops_per_token(cfg.model))} | "
+            f"tokens {_fmt_count(cfg.train.max_steps * cfg.tokens_per_step)}")
+
+
+def flat_params(trial: Trial) -> dict[str, Any]:
+    from overtok.run import run_params
+
+    return run_params(trial.config)
+
+
+__all__ = ["Sweep", "Trial", "load_sweep", "plan_table", "trial_id", "flatten"]

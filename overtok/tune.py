@@ -1,0 +1,315 @@
+"""Ray Tune orchestration: the one module that imports ray.
+
+Design (see README "Sweeps"):
+- The trial function is a few lines around the same ``train()`` as `overtok train`; its sink buffers
+  metric points and sends them to the driver with ``tune.report`` (never one request per point).
+- The driver is the single MLflow writer (a Tune callback): no "database is locked" with SQLite and
+  several trials, and one place that buffers and retries when a tracking server is down.
+- Trials checkpoint into ``<storage_path>/<sweep>/trials/<trial_id>/`` and resume from there, whether
+  retried by Tune (FailureConfig) or rerun by a new `overtok sweep` after the driver died. We do not rely on
+  ``Tuner.restore`` (its saved state lags a SIGKILL, see ../shared/STACK.md).
+- MLflow: one experiment per sweep, a parent run, one child run per trial id (tag mlflow.parentRunId).
+  Rerunning reuses the child run of an unfinished trial (no duplicates) and skips FINISHED ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from overtok.sweep import Sweep, Trial, flat_params
+from overtok.tracking import (
+    ROLE_TAG,
+    SWEEP_TAG,
+    TRIAL_ID_TAG,
+    MetricBuffer,
+    Sink,
+    client,
+    experiment_id,
+    last_steps,
+    log_params,
+    resolve_tracking_uri,
+)
+
+POINTS_KEY = "overtok_points"
+ERROR_KEY = "overtok_error"
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker side
+
+
+class ReportSink(Sink):
+    """Buffers points in the trial and ships them to the driver through ``tune.report``."""
+
+    def __init__(self, trial_id: str, every_s: float = 5.0):
+        self.trial_id, self.every_s = trial_id, every_s
+        self.points: list[list] = []
+        self.last = time.time()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        self.points.extend([k, float(v), int(step), ts] for k, v in metrics.items())
+        if time.time() - self.last > self.every_s:
+            self.flush()
+
+    def report(self, **extra: Any) -> None:
+        from ray import tune
+
+        tune.report({POINTS_KEY: json.dumps(self.points), "trial_id": self.trial_id, **extra})
+        self.points = []
+        self.last = time.time()
+
+    def flush(self) -> None:
+        if self.points:
+            self.report()
+
+
+def trial_main(config: dict) -> None:
+    """Tune function trainable: one trial = one ``train()``."""
+    from overtok.config import RunConfig, build_config
+    from overtok.train import train
+
+    spec = json.loads(config["trial"])
+    cfg: RunConfig = build_config(spec["config"])
+    sink = ReportSink(spec["trial_id"])
+    try:
+        summary = train(cfg, sink)
+    except Exception as e:
+        sink.points.append(["sys/failed", 1.0, 0, int(time.time() * 1000)])
+        sink.report(**{ERROR_KEY: f"{type(e).__name__}: {e}"[:4000]})
+        raise
+    sink.report(done_tokens=summary["tokens_seen"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver side: MLflow bookkeeping
+
+
+class SweepTracker:
+    """Parent run, child run per trial id, and the status of each; all MLflow writes of a sweep go through here."""
+
+    def __init__(self, sweep: Sweep, uri: str):
+        self.sweep, self.uri = sweep, uri
+        self.c = client(uri)
+        self.exp = experiment_id(self.c, sweep.experiment)
+        runs = self.c.search_runs([self.exp], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep.name}'", max_results=50000)
+        parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "parent"]
+        if parents:
+            self.parent = parents[0].info.run_id
+            self.c.update_run(self.parent, "RUNNING")
+        else:
+            run = self.c.create_run(self.exp, run_name=sweep.name, tags={SWEEP_TAG: sweep.name, ROLE_TAG: "parent"})
+            self.parent = run.info.run_id
+            self.c.log_text(self.parent, open(sweep.file, encoding="utf-8").read(), "sweep.yaml")
+        self.children: dict[str, Any] = {}
+        for r in runs:
+            tid = r.data.tags.get(TRIAL_ID_TAG)
+            if tid and r.data.tags.get(ROLE_TAG) == "trial":
+                prev = self.children.get(tid)
+                if prev is None or (r.info.status == "FINISHED" and prev.info.status != "FINISHED"):
+                    self.children[tid] = r
+        self.buffers: dict[str, MetricBuffer] = {}
+        self.errors: dict[str, str] = {}
+
+    def finished(self) -> set[str]:
+        return {tid for tid, r in self.children.items() if r.info.status == "FINISHED"}
+
+    def close_stale(self, keep: set[str]) -> None:
+        """RUNNING children not about to be resumed were left by a dead driver: close them as KILLED."""
+        for tid, r in self.children.items():
+            if r.info.status == "RUNNING" and tid not in keep:
+                self.c.set_terminated(r.info.run_id, "KILLED")
+
+    def start(self, trial: Trial) -> None:
+        prev = self.children.get(trial.trial_id)
+        if prev is not None:  # resume: same run, drop re-sent points at already logged steps
+            rid = prev.info.run_id
+            self.c.update_run(rid, "RUNNING")
+            self.buffers[trial.trial_id] = MetricBuffer(self.c, rid, last_steps(self.c, rid))
+            return
+        run = self.c.create_run(self.exp, run_name=trial.run_name, tags={
+            "mlflow.parentRunId": self.parent, TRIAL_ID_TAG: trial.trial_id, SWEEP_TAG: self.sweep.name,
+            ROLE_TAG: "trial"})
+        rid = run.info.run_id
+        params = flat_params(trial)
+        params.update({f"varied.{k}": v for k, v in trial.varied.items()})
+        log_params(self.c, rid, params)
+        self.c.log_text(rid, trial.to_json(), "trial.json")
+        self.children[trial.trial_id] = self.c.get_run(rid)
+        self.buffers[trial.trial_id] = MetricBuffer(self.c, rid)
+
+    def add_points(self, tid: str, payload: str) -> None:
+        buf = self.buffers[tid]
+        for key, value, step, ts in json.loads(payload):
+            buf.add(key, value, step, ts)
+        buf.flush()  # on failure the points stay buffered and go with the next flush
+
+    def end(self, tid: str, status: str, error: str | None = None) -> None:
+        buf = self.buffers.get(tid)
+        if buf is None:
+            return
+        buf.flush_with_retry()
+        rid = buf.run_id
+        if error:
+            self.c.set_tag(rid, "overtok.error", error[:5000])
+        self.c.set_terminated(rid, status)
+        self.children[tid] = self.c.get_run(rid)
+
+    def end_parent(self, status: str, summary: dict) -> None:
+        for k, v in summary.items():
+            self.c.log_metric(self.parent, f"sweep/{k}", v)
+        self.c.set_terminated(self.parent, status)
+
+
+def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, skipped: int):
+    from ray.tune import Callback
+
+    class TrackingCallback(Callback):
+        """Driver-side MLflow writer and progress line."""
+
+        def __init__(self):
+            self.t0 = time.time()
+            self.done = self.failed = 0
+            self.running: set[str] = set()
+            self.last_line = ""
+            self.last_print = 0.0
+
+        def _tid(self, trial) -> str:
+            return json.loads(trial.config["trial"])["trial_id"]
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            tid = self._tid(trial)
+            if tid not in tracker.buffers:
+                tracker.start(by_id[tid])
+            self.running.add(tid)
+            self._progress()
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            tid = self._tid(trial)
+            tracker.c.set_tag(tracker.buffers[tid].run_id, "overtok.retried", "true")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            tid = self._tid(trial)
+            if POINTS_KEY in result:
+                tracker.add_points(tid, result[POINTS_KEY])
+            if result.get(ERROR_KEY):
+                tracker.errors[tid] = result[ERROR_KEY]
+            self._progress()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            tid = self._tid(trial)
+            tracker.end(tid, "FINISHED")
+            self.running.discard(tid)
+            self.done += 1
+            self._progress(force=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            tid = self._tid(trial)
+            err = tracker.errors.get(tid) or _error_text(trial)
+            tracker.end(tid, "FAILED", err)
+            self.running.discard(tid)
+            self.failed += 1
+            print(f"[overtok] trial {by_id[tid].run_name} FAILED: {err.splitlines()[-1] if err else '?'}", flush=True)
+            self._progress(force=True)
+
+        def _progress(self, force: bool = False):
+            finished = self.done + self.failed
+            left = total - skipped - finished
+            elapsed = time.time() - self.t0
+            eta = f"{elapsed / finished * left:.0f}s" if finished else "?"
+            line = (f"[overtok] sweep {tracker.sweep.name}: done {self.done + skipped}/{total} "
+                    f"(skipped {skipped}) | running {len(self.running)} | failed {self.failed} | "
+                    f"pending {max(left - len(self.running), 0)} | elapsed {elapsed:.0f}s | ETA {eta}")
+            if force or (line != self.last_line and time.time() - self.last_print > 2):
+                print(line, flush=True)
+                self.last_line, self.last_print = line, time.time()
+
+    return TrackingCallback()
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None) or getattr(trial.run_metadata, "error_filename", None)
+    try:
+        if path and os.path.exists(path):
+            return open(path, encoding="utf-8").read()[-4000:]
+    except OSError:
+        pass
+    return "trial failed (no error message recorded)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _init_ray(sweep: Sweep) -> None:
+    import ray
+
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # our trials write no result.json (auto loggers off); Tune's end-of-run analysis would warn about it
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    if sweep.ray_address:
+        ray.init(address=sweep.ray_address, logging_level="WARNING", log_to_driver=True)
+    else:
+        # local Ray; the dashboard stays off (nothing listens beyond what Ray itself needs)
+        ray.init(include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+
+
+def run_sweep(sweep: Sweep) -> dict:
+    """Run every unfinished trial of ``sweep``; return counts. Resumable: rerun the same command."""
+    uri = resolve_tracking_uri(sweep.tracking_uri)
+    tracker = SweepTracker(sweep, uri)
+    finished = tracker.finished()
+    todo = [t for t in sweep.trials if t.trial_id not in finished]
+    tracker.close_stale({t.trial_id for t in todo})
+    total, skipped = len(sweep.trials), len(sweep.trials) - len(todo)
+    print(f"[overtok] sweep {sweep.name}: {total} trials, {skipped} already finished, {len(todo)} to run; "
+          f"MLflow {uri} experiment {sweep.experiment!r}", flush=True)
+    if not todo:
+        tracker.end_parent("FINISHED", {"trials": total, "finished": total, "failed": 0})
+        return {"finished": skipped, "failed": 0, "skipped": skipped}
+
+    _init_ray(sweep)
+    from ray import tune
+
+    resources = dict(sweep.resources)
+    cpu, gpu = resources.pop("cpu", 1.0), resources.pop("gpu", 0.0)
+    trainable = tune.with_resources(trial_main, tune.PlacementGroupFactory([{"CPU": cpu, "GPU": gpu, **resources}]))
+    callback = _make_callback(tracker, {t.trial_id: t for t in sweep.trials}, total, skipped)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([t.to_json() for t in todo])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent or None, reuse_actors=False,
+                                    trial_name_creator=lambda tr: json.loads(tr.config["trial"])["trial_id"],
+                                    trial_dirname_creator=lambda tr: json.loads(tr.config["trial"])["trial_id"]),
+        run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=sweep.storage_path,
+                                  failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                  callbacks=[callback], verbose=0),
+    )
+    status = "FINISHED"
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:
+        status = "KILLED"
+    interrupted = set(callback.running)
+    for tid in interrupted:  # Ctrl-C: leave them resumable
+        tracker.end(tid, "KILLED")
+    if interrupted:
+        status = "KILLED"
+    counts = {"trials": total, "finished": callback.done + skipped, "failed": callback.failed, "skipped": skipped}
+    tracker.end_parent(status if not callback.failed else "FAILED", counts)
+    print(f"[overtok] sweep {sweep.name}: {counts['finished']}/{total} finished, {callback.failed} failed"
+          + (", interrupted (rerun to resume)" if status == "KILLED" else ""), flush=True)
+    import ray
+
+    ray.shutdown()
+    return counts
+
+
+__all__ = ["run_sweep", "trial_main", "ReportSink", "SweepTracker"]
