@@ -23,7 +23,9 @@ def cmd_train(args) -> int:
 
         print(describe_config(cfg))
         return 0
-    run_id, summary = tracked_train(cfg, args.tracking_uri)
+    from overtok.data import ensure_prepared
+
+    run_id, summary = tracked_train(ensure_prepared(cfg), args.tracking_uri)
     print(f"[overtok] finished run {run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items())
                                                             if k in ("train/loss", "val/loss", "val/gen_acc", "val/bpb")))
     return 0

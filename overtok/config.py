@@ -194,7 +194,16 @@ class DataConfig:
     grammar: str = "cfg3f"
     """Packaged grammar name (cfg3b..cfg3k) or a path to a Physics-of-LMs JSON rule table."""
     path: str = ""
-    """Directory written by `overtok data prepare` (kind: text)."""
+    """Directory written by `overtok data prepare` (kind: text); '' = prepared from ``corpus`` into a cache."""
+    corpus: str = ""
+    """kind: text without ``path``: raw files or a directory (e.g. ../shared/data/text), tokenized once into
+    results/data/<hash> before any training starts."""
+    tokenizer: str = ""
+    """With ``corpus``: an HF tokenizer.json path, or bpe:<V> to train a BPE on the corpus."""
+    max_docs: int = 0
+    """With ``corpus``: use only the first N documents (0 = all)."""
+    val_fraction: float = 0.01
+    """With ``corpus``: fraction of documents held out for validation."""
     batch_size: int = 16
     """Sequences per micro-batch."""
 
@@ -434,13 +443,19 @@ def build_config(data: dict, *, file: str | None = None, lines: dict[str, int] |
         raise ConfigError(e.problem, file=file, key=e.key, line=(lines or {}).get(e.key or "")) from None
 
 
-def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+def apply_overrides(data: dict, overrides: list[str] | None, flat_sections: tuple[str, ...] = ()) -> dict:
+    """Apply ``key=value`` items. Under a section in ``flat_sections`` (a sweep's ``grid``) the rest of the key
+    is one dotted name: ``grid.model.oe.n=[1, 2]`` sets ``grid["model.oe.n"]``."""
     data = copy.deepcopy(data)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}", file="--set")
-        key, val = item.split("=", 1)
-        set_dotted(data, key.strip(), parse_scalar(val))
+        key, val = (x.strip() for x in item.split("=", 1))
+        section, _, rest = key.partition(".")
+        if section in flat_sections and rest:
+            data.setdefault(section, {})[rest] = parse_scalar(val)
+        else:
+            set_dotted(data, key, parse_scalar(val))
     return data
 
 

@@ -108,7 +108,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     file = str(path)
     raw, lines = load_yaml(path)
     try:
-        raw = apply_overrides(raw, overrides)
+        raw = apply_overrides(raw, overrides, flat_sections=("grid",))
     except ConfigError as e:
         raise ConfigError(e.problem, file=file, key=e.key) from None
     for k in raw:
@@ -182,8 +182,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         if tid in seen:
             raise ConfigError(f"duplicate trials after expansion: {where} equals {seen[tid]}", file=file, key="grid")
         seen[tid] = point
-        if cfg.data.path:  # Ray workers run elsewhere; the id keeps the path as written
-            cfg.data.path = str(Path(cfg.data.path).resolve())
+        for attr in ("path", "corpus", "tokenizer"):  # Ray workers run elsewhere; the id keeps paths as written
+            val = getattr(cfg.data, attr)
+            if val and not val.startswith("bpe:"):
+                setattr(cfg.data, attr, str(Path(val).resolve()))
         varied = {k: point[k] for k in varied_keys}
         run_name = " ".join(_short(k, v) for k, v in varied.items()) or name
         cfg.name = name
@@ -210,19 +212,20 @@ def _fmt_count(n: float) -> str:
     return f"{n:.3g}"
 
 
-def trial_plan(trial: Trial) -> dict[str, Any]:
+def trial_plan(trial: Trial, on_gpu: bool = False) -> dict[str, Any]:
     cfg = trial.config
+    act_bytes = 2 if on_gpu and cfg.train.dtype != "float32" else 4  # bf16 autocast on CUDA
     groups = accounting.param_groups(cfg.model)
     tokens = cfg.train.max_steps * cfg.tokens_per_step
     positions = tokens // cfg.model.tokenizer_ngram
     return {"trial_id": trial.trial_id, **trial.varied, **{f"N_{k}": v for k, v in groups.items()},
             "flops_per_token": accounting.flops_per_token(cfg.model), "tokens": tokens,
             "total_flops": accounting.flops_per_token(cfg.model) * positions,
-            "memory_gb": accounting.memory_estimate_bytes(cfg.model, cfg.data.batch_size) / 2**30}
+            "memory_gb": accounting.memory_estimate_bytes(cfg.model, cfg.data.batch_size, act_bytes) / 2**30}
 
 
 def plan_table(sweep: Sweep) -> str:
-    rows = [trial_plan(t) for t in sweep.trials]
+    rows = [trial_plan(t, on_gpu=sweep.resources.get("gpu", 0) > 0) for t in sweep.trials]
     cols = ["trial_id", *sweep.varied_keys, "N_body", "N_embedding", "N_oe_tables", "N_oe_proj", "N_head",
             "N_extra_heads", "flops_per_token", "tokens", "memory_gb"]
     cells = [[c.split(".")[-1] if "." in c else c for c in cols]]

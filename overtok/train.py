@@ -144,7 +144,7 @@ def generation_accuracy(model: Transformer, batches: Batches, n_samples: int, de
 
 def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None = None) -> dict:
     """Train to cfg.train.max_steps (resuming if a checkpoint exists); return the final summary metrics."""
-    sink = sink or Sink()
+    sink = _HistorySink(sink or Sink())
     t = cfg.train
     device = device or pick_device(t.device)
     torch.manual_seed(cfg.seed)
@@ -167,6 +167,9 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         torch.set_rng_state(state["rng"])
         step, tokens_seen, resumed_from = state["step"], state["tokens_seen"], state["step"]
         print(f"[overtok] resumed from {ckpt_dir} at step {step}")
+        # re-send the curve up to the checkpoint: whatever the tracker missed (a driver killed before it
+        # wrote them) fills in, and what it has is dropped there by step, so curves have no gaps
+        sink.replay(state.get("history", []))
 
     flops_per_token = accounting.flops_per_token(cfg.model) / cfg.model.tokenizer_ngram  # per base token
     tokens_per_step = cfg.tokens_per_step
@@ -179,7 +182,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         last_step = step == t.max_steps
 
         # once in a while: evaluate (and on the last step)
-        if (step % t.eval_every == 0 and step > 0) or last_step:
+        if ((step % t.eval_every == 0 and step > 0) or last_step) and step != resumed_from:
             metrics = {"val/loss": eval_loss(model, val_data, t.eval_batches, device, autocast)}
             if cfg.data.kind == "text":
                 bpt = read_bytes_per_token(cfg)
@@ -193,7 +196,8 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         if step > 0 and (step % t.checkpoint_every == 0 or last_step) and step != resumed_from:
             save_checkpoint(ckpt_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                        "tokens_seen": tokens_seen, "data": train_data.state_dict(),
-                                       "rng": torch.get_rng_state(), "config": to_dict(cfg)})
+                                       "rng": torch.get_rng_state(), "config": to_dict(cfg),
+                                       "history": sink.history})
             sink.flush()
 
         if last_step:
@@ -243,6 +247,29 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     summary["tokens_seen"] = tokens_seen
     sink.flush()
     return summary
+
+
+class _HistorySink(Sink):
+    """Keeps every logged point (saved in checkpoints) and forwards to the real sink."""
+
+    def __init__(self, inner: Sink):
+        self.inner = inner
+        self.history: list[tuple[str, float, int]] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.history.extend((k, float(v), int(step)) for k, v in metrics.items())
+        self.inner.log(metrics, step)
+
+    def replay(self, history: list) -> None:
+        for k, v, step in history:
+            self.history.append((k, v, step))
+            self.inner.log({k: v}, step)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def read_bytes_per_token(cfg: RunConfig) -> float:

@@ -77,6 +77,7 @@ def trial_main(config: dict) -> None:
     spec = json.loads(config["trial"])
     cfg: RunConfig = build_config(spec["config"])
     sink = ReportSink(spec["trial_id"])
+    sink.report(node_id=_node_id())  # where it ran, recorded as a tag
     try:
         summary = train(cfg, sink)
     except Exception as e:
@@ -84,6 +85,12 @@ def trial_main(config: dict) -> None:
         sink.report(**{ERROR_KEY: f"{type(e).__name__}: {e}"[:4000]})
         raise
     sink.report(done_tokens=summary["tokens_seen"])
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,6 +204,8 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
             tid = self._tid(trial)
             if POINTS_KEY in result:
                 tracker.add_points(tid, result[POINTS_KEY])
+            if result.get("node_id"):
+                tracker.c.set_tag(tracker.buffers[tid].run_id, "overtok.node_id", result["node_id"])
             if result.get(ERROR_KEY):
                 tracker.errors[tid] = result[ERROR_KEY]
             self._progress()
@@ -275,6 +284,10 @@ def run_sweep(sweep: Sweep) -> dict:
         tracker.end_parent("FINISHED", {"trials": total, "finished": total, "failed": 0})
         return {"finished": skipped, "failed": 0, "skipped": skipped}
 
+    from overtok.data import ensure_prepared
+
+    for t in todo:  # tokenize text corpora once, here, before any trial starts
+        ensure_prepared(t.config)
     _init_ray(sweep)
     from ray import tune
 

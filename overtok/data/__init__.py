@@ -103,12 +103,13 @@ def resolve_vocab(cfg: RunConfig, file: str | None = None) -> RunConfig:
     try:
         if cfg.data.kind == "cfg":
             V = load_grammar(cfg.data.grammar).vocab_size
-        else:
-            if not cfg.data.path:
-                raise ConfigError("required for data.kind: text", key="data.path")
+        elif cfg.data.path:
             V = read_meta(cfg.data.path)["vocab_size"]
+        else:
+            V = corpus_vocab_size(cfg)
     except (FileNotFoundError, DataError) as e:
-        raise ConfigError(str(e), file=file, key="data.path" if cfg.data.kind == "text" else "data.grammar") from None
+        key = "data.grammar" if cfg.data.kind == "cfg" else ("data.path" if cfg.data.path else "data.corpus")
+        raise ConfigError(str(e), file=file, key=key) from None
     if cfg.model.vocab_size and cfg.model.vocab_size != V:
         raise ConfigError(f"{cfg.model.vocab_size} does not match the data's vocabulary ({V})", file=file, key="model.vocab_size")
     cfg.model.vocab_size = V
@@ -116,3 +117,46 @@ def resolve_vocab(cfg: RunConfig, file: str | None = None) -> RunConfig:
         return validate(cfg)
     except ConfigError as e:
         raise ConfigError(e.problem, file=file, key=e.key) from None
+
+
+def corpus_vocab_size(cfg: RunConfig) -> int:
+    """Vocabulary of a not-yet-prepared corpus, from its tokenizer alone (no tokenization at plan time)."""
+    from pathlib import Path
+
+    d = cfg.data
+    if not d.corpus:
+        raise DataError("data.kind: text needs data.path (prepared) or data.corpus + data.tokenizer")
+    if not Path(d.corpus).exists():
+        raise DataError(f"{d.corpus}: no such file or directory")
+    if d.tokenizer.startswith("bpe:"):
+        return int(d.tokenizer.split(":", 1)[1])
+    if not d.tokenizer or not Path(d.tokenizer).is_file():
+        raise DataError(f"{d.tokenizer or '(empty)'}: tokenizer file not found (data.tokenizer)")
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(d.tokenizer).get_vocab_size()
+
+
+def ensure_prepared(cfg: RunConfig, cache_root: str = "results/data") -> RunConfig:
+    """kind: text with a corpus: tokenize it once into ``cache_root/<hash>`` (reused) and point data.path there."""
+    import fcntl
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from overtok.data.text import prepare
+
+    d = cfg.data
+    if d.kind != "text" or d.path:
+        return cfg
+    # the split does not depend on the training seed: every seed of a sweep validates on the same documents
+    key = json.dumps([str(Path(d.corpus).resolve()), str(Path(d.tokenizer).resolve()) if not d.tokenizer.startswith('bpe:') else d.tokenizer, d.max_docs, d.val_fraction])
+    out = Path(cache_root).resolve() / hashlib.sha1(key.encode()).hexdigest()[:12]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent preparers wait for the first
+        if not (out / "meta.json").exists():
+            print(f"[overtok] tokenizing {d.corpus} with {d.tokenizer} into {out}", flush=True)
+            prepare([Path(d.corpus)], out, d.tokenizer, d.val_fraction, 0, max_docs=d.max_docs)
+    d.path = str(out)
+    return cfg

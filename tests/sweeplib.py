@@ -1,0 +1,68 @@
+"""Helpers for the end-to-end sweep tests (real Ray, real MLflow)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+SMALL = [  # shrink a sweep so a test takes seconds per trial
+    "base.train.max_steps=20", "base.train.eval_every=10", "base.train.log_every=5", "base.train.checkpoint_every=10",
+    "base.train.gen_samples=4", "base.train.eval_batches=2",
+]
+
+
+def env(extra=None):
+    e = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    e["PYTHONPATH"] = str(ROOT)
+    e.update(extra or {})
+    return e
+
+
+def overtok(cwd, *args, timeout=600, **kw):
+    return subprocess.run([sys.executable, "-m", "overtok", *map(str, args)], cwd=cwd, env=env(kw.pop("env", None)),
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def sweep_runs(uri, experiment):
+    from overtok.tracking import client
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return c, [], []
+    runs = c.search_runs([exp.experiment_id], max_results=10000)
+    parents = [r for r in runs if r.data.tags.get("overtok.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("overtok.role") == "trial"]
+    return c, parents, children
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout, every=0.5, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

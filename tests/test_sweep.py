@@ -1,0 +1,180 @@
+"""End-to-end sweeps: real local Ray, real MLflow (SQLite store and an `mlflow server`), real processes."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.sweeplib import SMALL, env, free_port, kill_group, overtok, sweep_runs, wait_for, write
+
+pytestmark = pytest.mark.slow
+
+FAIL_SWEEP = """
+name: failing
+base:
+  model: {d_model: 32, n_layers: 1, n_heads: 2, seq_len: 32}
+  data: {batch_size: 4}
+  train: {max_steps: 20, eval_every: 10, log_every: 5, checkpoint_every: 10, gen_samples: 0}
+grid:
+  train.fail_at_step: [-1, 7]
+  model.od_depth: [1, 2]
+max_concurrent: 2
+"""
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The shipped quickstart sweep, shrunk in steps, run once for several tests."""
+    work = tmp_path_factory.mktemp("qs")
+    shutil.copy(ROOT / "sweeps" / "quickstart.yaml", work / "quickstart.yaml")
+    t0 = time.time()
+    res = overtok(work, "sweep", "quickstart.yaml", *[f"--set={s}" for s in SMALL])
+    return work, res, time.time() - t0
+
+
+def test_quickstart_end_to_end(quickstart):
+    work, res, _ = quickstart
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    c, parents, children = sweep_runs(f"sqlite:///{work}/results/mlflow.db", "quickstart")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 12 and all(r.info.status == "FINISHED" for r in children)
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert len({r.data.tags["overtok.trial_id"] for r in children}) == 12
+    r = children[0]
+    assert {"varied.model.oe.n", "varied.model.od_depth", "varied.model.d_model"} <= set(r.data.params)
+    hist = sorted(c.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)
+    tps = int(r.data.params["tokens_per_step"])
+    assert [m.step for m in hist] == [tps * s for s in (5, 10, 15, 20)]
+    assert "val/gen_acc" in r.data.metrics and "done 12/12" in res.stdout
+
+
+def test_rerun_starts_nothing_new(quickstart):
+    work, _, _ = quickstart
+    res = overtok(work, "sweep", "quickstart.yaml", *[f"--set={s}" for s in SMALL])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "12 already finished, 0 to run" in res.stdout
+    _, parents, children = sweep_runs(f"sqlite:///{work}/results/mlflow.db", "quickstart")
+    assert len(parents) == 1 and len(children) == 12
+
+
+def test_added_seed_runs_only_new_trials(quickstart):
+    work, _, _ = quickstart
+    sets = [f"--set={s}" for s in SMALL] + ["--set=seeds=[0, 1]", "--set=grid.model.oe.n=[1]", "--set=grid.model.od_depth=[1]"]
+    res = overtok(work, "sweep", "quickstart.yaml", *sets)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "4 trials, 2 already finished, 2 to run" in res.stdout
+    _, parents, children = sweep_runs(f"sqlite:///{work}/results/mlflow.db", "quickstart")
+    assert len(parents) == 1 and len(children) == 14
+
+
+def test_failing_trial_is_failed_while_others_finish(tmp_path):
+    write(tmp_path / "failing.yaml", FAIL_SWEEP)
+    res = overtok(tmp_path, "sweep", "failing.yaml")
+    assert res.returncode == 1
+    _, parents, children = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "failing")
+    status = {(r.data.params["train.fail_at_step"], r.data.params["model.od_depth"]): r.info.status for r in children}
+    assert status == {("-1", "1"): "FINISHED", ("-1", "2"): "FINISHED", ("7", "1"): "FAILED", ("7", "2"): "FAILED"}
+    failed = [r for r in children if r.info.status == "FAILED"]
+    assert all("fail_at_step=7" in r.data.tags["overtok.error"] for r in failed)
+    assert parents[0].info.status == "FAILED"
+
+
+def test_sigkill_driver_then_rerun_finishes_each_trial_once(tmp_path):
+    sweep = write(tmp_path / "killme.yaml", """
+name: killme
+base:
+  model: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 64}
+  data: {batch_size: 8}
+  train: {max_steps: 400, eval_every: 100, log_every: 10, checkpoint_every: 40, gen_samples: 0}
+grid:
+  model.oe.n: [1, 2]
+  model.oe.m: [200]
+max_concurrent: 2
+""")
+    uri = f"sqlite:///{tmp_path}/results/mlflow.db"
+    proc = subprocess.Popen([sys.executable, "-m", "overtok", "sweep", str(sweep)], cwd=tmp_path, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    ckpts = tmp_path / "results" / "ray" / "killme" / "trials"
+    try:
+        wait_for(lambda: len(list(ckpts.glob("*/ckpt_*.pt"))) >= 2, 240, what="two checkpoints")
+        time.sleep(2)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only
+        proc.wait(10)
+    finally:
+        kill_group(proc)  # Ray processes the dead driver left behind
+    _, _, before = sweep_runs(uri, "killme")
+    assert before and all(r.info.status == "RUNNING" for r in before)
+
+    res = overtok(tmp_path, "sweep", str(sweep))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    c, parents, children = sweep_runs(uri, "killme")
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert {r.info.run_id for r in before} <= {r.info.run_id for r in children}  # resumed, not duplicated
+    assert "resumed from" in res.stdout + res.stderr
+    for r in children:
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "train/loss")]
+        tps = int(r.data.params["tokens_per_step"])
+        assert sorted(steps) == [tps * 10 * i for i in range(1, 41)]  # no gap, no duplicate step
+
+
+def test_sweep_through_mlflow_server(tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "art")],
+        env=env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        import urllib.request
+
+        def up():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_for(up, 120, what="mlflow server")
+        write(tmp_path / "failing.yaml", FAIL_SWEEP.replace("[-1, 7]", "[-1]"))
+        res = overtok(tmp_path, "sweep", "failing.yaml", "--tracking-uri", f"http://127.0.0.1:{port}")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        c, parents, children = sweep_runs(f"http://127.0.0.1:{port}", "failing")
+        assert len(parents) == 1 and len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+        assert not (tmp_path / "results" / "mlflow.db").exists()  # everything went to the server
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            kill_group(server)
+
+
+def test_sweep_joins_a_two_node_cluster(tmp_path):
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    port = free_port()
+    e = env({"RAY_AUTH_MODE": "token"})  # token auth stays on; same-machine nodes share ~/.ray/auth_token
+    try:
+        subprocess.run([*ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                        "--node-ip-address=127.0.0.1"], env=e, check=True, capture_output=True,
+                       timeout=120)
+        subprocess.run([*ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", '--resources={"worker_node": 2}',
+                        "--node-ip-address=127.0.0.1"], env=e, check=True, capture_output=True, timeout=120)
+        write(tmp_path / "failing.yaml", FAIL_SWEEP.replace("[-1, 7]", "[-1]").replace(
+            "max_concurrent: 2", "max_concurrent: 2\nresources: {cpu: 1, worker_node: 1}"))
+        res = overtok(tmp_path, "sweep", "failing.yaml", "--address", f"127.0.0.1:{port}", env=e)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        import json
+
+        probe = ("import json, ray; ray.init(address='127.0.0.1:%d', logging_level='ERROR'); "
+                 "print(json.dumps([n['NodeID'] for n in ray.nodes() if 'worker_node' in n['Resources']]))" % port)
+        out = subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True, text=True, timeout=120)
+        worker = json.loads(out.stdout.strip().splitlines()[-1])
+        _, _, children = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "failing")
+        assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+        assert {r.data.tags["overtok.node_id"] for r in children} == set(worker)
+    finally:
+        subprocess.run([*ray, "stop", "--force"], env=e, capture_output=True, timeout=120)
