@@ -178,3 +178,30 @@ def test_sweep_joins_a_two_node_cluster(tmp_path):
         assert {r.data.tags["overtok.node_id"] for r in children} == set(worker)
     finally:
         subprocess.run([*ray, "stop", "--force"], env=e, capture_output=True, timeout=120)
+
+
+def test_export_fit_plots_on_the_quickstart_sweep(quickstart):
+    import json
+
+    import pandas as pd
+
+    work, _, _ = quickstart
+    for cmd in ("export", "fit", "plots"):
+        res = overtok(work, cmd, "quickstart")
+        assert res.returncode == 0, (cmd, res.stdout[-2000:], res.stderr[-2000:])
+    out = work / "results" / "quickstart"
+    runs, curves = pd.read_parquet(out / "runs.parquet"), pd.read_parquet(out / "curves.parquet")
+    assert len(runs) == 12 and (runs.schema_version == 1).all() and (runs.status == "FINISHED").all()
+    assert {"trial_id", "variant", "input_vocab_size", "params.body", "params.oe_tables", "flops_per_token",
+            "tokens_seen", "final.train/loss", "best.val/loss", "tokens_per_s"} <= set(runs.columns)
+    assert set(runs.variant) >= {"Baseline", "OD-2", "OE-400", "OE-400 (3-gram)"}
+    assert set(runs.input_vocab_size) == {7, 7 + 400, 7 + 400 + 402}
+    assert {"trial_id", "step", "metric", "value"} <= set(curves.columns)
+    assert (curves[curves.metric == "train/loss"].groupby("trial_id").size() == 4).all()
+    fitted = json.loads((out / "fits.json").read_text())
+    assert set(fitted["loglinear"]["final_train_loss"]) == {"d32-L2", "d64-L3"}
+    assert "OE-400" in fitted["speedup"]["d32-L2"]
+    for name in ("fig1_loss_vs_size", "fig2_cfg_accuracy", "fig4_curves_speedup", "fig5_loss_vs_vocab", "fig9_loss_diff"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 10_000
+        assert (out / "figures" / f"{name}.pdf").exists()
+    assert "Baseline" in (out / "figures" / "table2.md").read_text()

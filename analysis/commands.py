@@ -1,0 +1,213 @@
+"""`overtok fit`, `overtok plots` and `overtok fit-law`: the only code here that writes files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import fits, plots
+from analysis.derive import curve, summarize
+from analysis.tables import TableError, load_export, read_table, require
+
+MIN_POINTS = {"chinchilla": 6, "loglinear": 3}
+
+
+def _clean(obj):
+    """JSON-safe: numpy scalars to Python, NaN/inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def fit_law_table(law: str, table: str, bootstrap: int = 100, seed: int = 0) -> dict:
+    df = read_table(table)
+    if law == "chinchilla":
+        t = require(df, ["N", "D", "loss"], positive=["N", "D", "loss"], min_rows=MIN_POINTS[law], name=table)
+        res = fits.fit_chinchilla(t.N, t.D, t.loss, bootstrap=bootstrap, seed=seed)
+    else:
+        t = require(df, ["vocab", "loss"], positive=["vocab", "loss"], min_rows=MIN_POINTS[law], name=table)
+        if t.vocab.nunique() < 2:
+            raise TableError(f"{table}: column 'vocab' needs at least 2 distinct values")
+        res = fits.fit_loglinear(t.vocab, t.loss, bootstrap=bootstrap, seed=seed)
+    return _clean(res.to_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# fits.json of a sweep
+
+
+def _loglinear_fits(s: pd.DataFrame, bootstrap: int) -> dict:
+    """Per model size, OD depth 1 and 1-gram tokenizer/output runs: loss vs log10(input vocab)."""
+    out = {}
+    base = s[(s["model.od_depth"] == 1) & (s["model.tokenizer_ngram"] == 1) & (s["model.output_ngram"] == 1)]
+    for metric in ("final_train_loss", "final_val_loss"):
+        per_size = {}
+        for size, g in base.groupby("size", sort=False):
+            g = g[np.isfinite(g[metric])]
+            if g.input_vocab_size.nunique() >= 2 and len(g) >= 2:
+                r = fits.fit_loglinear(g.input_vocab_size, g[metric], bootstrap=bootstrap)
+                r.notes.update({"tokens": int(g.tokens.max()), "N_body": int(g.N_body.iloc[0]),
+                                "vocab_axis": "V + OE table rows for OE runs, V for baselines"})
+                per_size[size] = r.to_dict()
+        out[metric] = per_size
+    return out
+
+
+def _chinchilla_fits(s: pd.DataFrame, curves: pd.DataFrame, bootstrap: int) -> dict:
+    """Per variant with >= 3 sizes: L(N, D) over the validation curve points, under each N convention."""
+    out = {}
+    for name, g in s.groupby("variant"):
+        if g.N_body.nunique() < 3:  # A and alpha are not identifiable from two sizes
+            continue
+        pts = []
+        for row in g.itertuples():
+            x, y = curve(curves, row.trial_id, "val/loss")
+            pts += [(row.trial_id, d, v) for d, v in zip(x, y) if d > 0]
+        if len(pts) < MIN_POINTS["chinchilla"]:
+            continue
+        p = pd.DataFrame(pts, columns=["trial_id", "D", "loss"]).merge(
+            g[["trial_id", "N_body", "N_body+embedding", "N_all"]], on="trial_id")
+        out[name] = {conv: fits.fit_chinchilla(p[f"N_{conv}"], p.D, p.loss, bootstrap=bootstrap).to_dict()
+                     | {"N_convention": conv, "points": "validation-loss curve points (D = tokens seen)"}
+                     for conv in ("body", "body+embedding", "all")}
+    return out
+
+
+def _speedups(s: pd.DataFrame, curves: pd.DataFrame) -> dict:
+    """Per size and variant: tokens-to-target speedup vs the same-seed baseline, mean and CI over seeds."""
+    out: dict[str, dict] = {}
+    for size, g in s.groupby("size", sort=False):
+        base = g[g.is_baseline]
+        if base.empty:
+            continue
+        for name, v in g[~g.is_baseline].groupby("variant"):
+            per_metric = {}
+            for metric, higher in (("train/loss", False), ("val/gen_acc", True)):
+                vals = []
+                for row in v.itertuples():
+                    b = base[base.seed == row.seed]
+                    b = b if len(b) else base
+                    bx, by = curve(curves, b.trial_id.iloc[0], metric)
+                    vx, vy = curve(curves, row.trial_id, metric)
+                    if len(bx) < 2 or len(vx) < 2 or (higher and by[-1] <= 0):
+                        continue
+                    vals.append(fits.speedup(bx, by, vx, vy, smooth=0.1 if not higher else None,
+                                             higher_is_better=higher)["speedup"])
+                if vals:
+                    per_metric[metric] = fits.mean_ci(vals) | {"per_seed": vals}
+            if per_metric:
+                out.setdefault(size, {})[name] = per_metric
+    return out
+
+
+def _equivalent_sizes(s: pd.DataFrame) -> dict:
+    base = s[s.is_baseline].groupby("N_body")["final_train_loss"].mean()
+    out = {}
+    if len(base) < 2:
+        return out
+    for row in s[~s.is_baseline].groupby(["size", "variant"], sort=False).agg(
+            N=("N_body", "first"), loss=("final_train_loss", "mean")).reset_index().itertuples():
+        eq = fits.equivalent_size(base.index, base.values, row.loss)
+        eq["ratio"] = eq["N_equivalent"] / row.N if eq.get("N_equivalent") else float("nan")
+        out.setdefault(row.size, {})[row.variant] = eq | {"N_body": int(row.N), "loss": row.loss}
+    return out
+
+
+def fit_sweep(results_dir: Path, bootstrap: int = 200) -> Path:
+    runs, curves = load_export(results_dir)
+    s = summarize(runs, curves)
+    if s.empty:
+        raise TableError(f"{results_dir}: no FINISHED trials to fit")
+    result = {
+        "sweep": str(runs.sweep.iloc[0]), "trials_finished": int(len(s)), "trials_total": int(len(runs)),
+        "loglinear": _loglinear_fits(s, bootstrap),
+        "chinchilla": _chinchilla_fits(s, curves, max(bootstrap // 4, 10)),
+        "speedup": _speedups(s, curves),
+        "equivalent_baseline_size": _equivalent_sizes(s),
+        "cfg_generation_accuracy": (s.groupby(["size", "variant"])["gen_acc"].mean().unstack().to_dict()
+                                    if s["gen_acc"].notna().any() else {}),
+        "notes": {"train loss": "final EMA(0.1) of train/loss (next-token loss)",
+                  "speedup": "tokens the baseline needs to reach its final EMA loss / tokens the variant needs "
+                             "(linear interpolation), same seed; CI = bootstrap over seeds"},
+    }
+    path = Path(results_dir) / "fits.json"
+    path.write_text(json.dumps(_clean(result), indent=2))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# figures
+
+
+def plot_sweep(results_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, curves = load_export(results_dir)
+    s = summarize(runs, curves)
+    if s.empty:
+        raise TableError(f"{results_dir}: no FINISHED trials to plot")
+    fit_path = Path(results_dir) / "fits.json"
+    fitted = json.loads(fit_path.read_text()) if fit_path.exists() else {}
+    out = Path(results_dir) / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def save(fig, name):
+        for ext in ("png", "pdf"):
+            fig.savefig(out / f"{name}.{ext}", bbox_inches="tight")
+            written.append(out / f"{name}.{ext}")
+        plt.close(fig)
+
+    with plt.rc_context(plots.PAPER_STYLE):
+        if s.N_body.nunique() >= 2:
+            fig, ax = plt.subplots(figsize=(6, 4.5))
+            save(plots.loss_vs_size(s, ax).figure, "fig1_loss_vs_size")
+        if s.gen_acc.notna().any():
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            save(plots.cfg_accuracy(s, ax).figure, "fig2_cfg_accuracy")
+        sizes = list(dict.fromkeys(s.sort_values("N_body")["size"]))
+        fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+        for ax, size in zip(axes[0], sizes):
+            plots.curves_with_speedup(s, curves, ax, size, {k: {n: m.get("train/loss", {}) for n, m in v.items()}
+                                                            for k, v in fitted.get("speedup", {}).items()})
+        save(fig, "fig4_curves_speedup")
+        ll = fitted.get("loglinear", {}).get("final_train_loss", {})
+        base = s[(s["model.od_depth"] == 1) & (s["model.tokenizer_ngram"] == 1) & (s["model.output_ngram"] == 1)]
+        if base.input_vocab_size.nunique() >= 2:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            save(plots.loss_vs_vocab(base, ax, ll).figure, "fig5_loss_vs_vocab")
+        fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+        for ax, size in zip(axes[0], sizes):
+            plots.loss_diff_vs_tokens(s, curves, ax, size)
+        save(fig, "fig9_loss_diff")
+    t2 = plots.table2(s)
+    t2.to_csv(out / "table2.csv", index=False)
+    (out / "table2.md").write_text(_markdown(t2))
+    written += [out / "table2.csv", out / "table2.md"]
+    return written
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return "" if not math.isfinite(v) else f"{v:.4f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"

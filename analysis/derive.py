@@ -1,0 +1,46 @@
+"""Derived columns, computed once: one summary row per finished trial from the export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis.fits import ema
+
+# Parameter-count conventions side by side: OE tables can be 10-100x the transformer body.
+N_CONVENTIONS = {
+    "body": ["params.body"],
+    "body+embedding": ["params.body", "params.embedding", "params.head", "params.oe_proj", "params.extra_heads"],
+    "all": ["params.body", "params.embedding", "params.head", "params.oe_proj", "params.extra_heads", "params.oe_tables"],
+}
+
+
+def size_label(row) -> str:
+    return f"d{int(row['model.d_model'])}-L{int(row['model.n_layers'])}"
+
+
+def curve(curves: pd.DataFrame, trial_id: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    c = curves[(curves.trial_id == trial_id) & (curves.metric == metric)].sort_values("step")
+    return c["step"].to_numpy(float), c["value"].to_numpy(float)
+
+
+def summarize(runs: pd.DataFrame, curves: pd.DataFrame, smooth: float = 0.1) -> pd.DataFrame:
+    """Finished trials with: size, N under each convention, tokens, final EMA train loss, final val loss,
+    generation accuracy, input vocabulary (V + OE rows, V for baselines) and the variant label."""
+    df = runs[runs.status == "FINISHED"].copy()
+    if df.empty:
+        return df
+    df["size"] = [size_label(r) for r in df.to_dict("records")]
+    for name, cols in N_CONVENTIONS.items():
+        df[f"N_{name}"] = sum(df[c] for c in cols if c in df.columns)
+    finals = []
+    for tid in df.trial_id:
+        _, v = curve(curves, tid, "train/loss")
+        finals.append(float(ema(v, smooth)[-1]) if len(v) else np.nan)
+    df["final_train_loss"] = finals
+    df["final_val_loss"] = df.get("final.val/loss", np.nan)
+    df["gen_acc"] = df.get("final.val/gen_acc", np.nan)
+    df["tokens"] = df["tokens_seen"]
+    df["seed"] = df.get("seed", 0)
+    df["is_baseline"] = df["variant"] == "Baseline"
+    return df.sort_values(["N_body", "input_vocab_size", "model.od_depth"]).reset_index(drop=True)

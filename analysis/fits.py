@@ -1,0 +1,229 @@
+"""Scaling-law fits: pure functions over DataFrames/arrays returning plain records with bootstrap CIs.
+
+- :func:`fit_loglinear`: L = a + b log10(vocab) (paper Fig. 5: L = 2.6754 - 0.0256 log10 m on OLMoE-1.3B).
+- :func:`fit_chinchilla`: L(N, D) = E + A/N^alpha + B/D^beta as Hoffmann et al. (2022) and Besiroglu et al.
+  (2024, "Chinchilla scaling: a replication attempt") fit it: the *sum* of Huber losses (delta 1e-3) between
+  the log-sum-exp prediction of log L and log L, L-BFGS from a grid of starts.
+- :func:`speedup`: tokens the baseline needs to reach its final smoothed loss / tokens the variant needs.
+- :func:`equivalent_size`: the baseline size whose L(N) fit matches a variant's loss.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import logsumexp
+
+CI_LEVEL = 0.95
+
+
+@dataclass
+class FitResult:
+    law: str
+    estimates: dict[str, float]
+    ci: dict[str, tuple[float, float]]
+    n_points: int
+    bootstrap: int
+    notes: dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ci"] = {k: list(v) for k, v in self.ci.items()}
+        d["ci_level"] = CI_LEVEL
+        return d
+
+
+def _percentile_ci(samples: np.ndarray) -> tuple[float, float]:
+    samples = samples[np.isfinite(samples)]
+    if samples.size < 2:
+        return (float("nan"), float("nan"))
+    lo, hi = np.percentile(samples, [50 * (1 - CI_LEVEL), 100 - 50 * (1 - CI_LEVEL)])
+    return (float(lo), float(hi))
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-linear law in the input vocabulary
+
+
+def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(intercept), float(slope)
+
+
+def fit_loglinear(vocab: np.ndarray, loss: np.ndarray, bootstrap: int = 1000, seed: int = 0) -> FitResult:
+    """L = intercept + slope * log10(vocab); CIs from a case-resampling bootstrap."""
+    x, y = np.log10(np.asarray(vocab, float)), np.asarray(loss, float)
+    a, b = _ols(x, y)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(bootstrap):
+        idx = rng.integers(0, len(x), len(x))
+        if np.ptp(x[idx]) > 0:
+            boots.append(_ols(x[idx], y[idx]))
+    boots = np.array(boots).reshape(-1, 2)
+    resid = y - (a + b * x)
+    return FitResult("loglinear", {"intercept": a, "slope": b},
+                     {"intercept": _percentile_ci(boots[:, 0]), "slope": _percentile_ci(boots[:, 1])},
+                     len(x), bootstrap, {"rmse": float(np.sqrt(np.mean(resid**2))), "x": "log10(vocab)"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Chinchilla L(N, D)
+
+HUBER_DELTA = 1e-3
+
+
+def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    a = np.abs(r)
+    quad = a <= delta
+    loss = np.where(quad, 0.5 * r**2, delta * (a - 0.5 * delta))
+    grad = np.where(quad, r, delta * np.sign(r))
+    return loss, grad
+
+
+def _chinchilla_objective(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray):
+    """Sum of Huber losses of LSE(a - alpha logN, b - beta logD, e) - log L, with its gradient."""
+    a, b, e, alpha, beta = theta
+    terms = np.stack([a - alpha * logN, b - beta * logD, np.full_like(logN, e)])  # (3, n)
+    lse = logsumexp(terms, axis=0)
+    w = np.exp(terms - lse)  # softmax weights, d lse / d term
+    loss, g = _huber(lse - logL, HUBER_DELTA)
+    grad = np.array([np.sum(g * w[0]), np.sum(g * w[1]), np.sum(g * w[2]),
+                     np.sum(g * w[0] * -logN), np.sum(g * w[1] * -logD)])
+    return float(loss.sum()), grad
+
+
+def _grid_objective(starts: np.ndarray, logN, logD, logL) -> np.ndarray:
+    """Objective at many starts at once: (S, 5) -> (S,)."""
+    a, b, e, alpha, beta = (starts[:, i : i + 1] for i in range(5))
+    terms = np.stack([a - alpha * logN, b - beta * logD, np.broadcast_to(e, (len(starts), len(logN)))])
+    r = logsumexp(terms, axis=0) - logL
+    return _huber(r, HUBER_DELTA)[0].sum(1)
+
+
+def default_start_grid() -> np.ndarray:
+    """Hoffmann et al.'s grid, 4,500 starts: a, b in {0, 5, ..., 25}, e in {-1, -.5, ..., 1}, alpha, beta in {0, .5, ..., 2}."""
+    axes = [np.arange(0, 30, 5), np.arange(0, 30, 5), np.arange(-1, 1.5, 0.5), np.arange(0, 2.5, 0.5), np.arange(0, 2.5, 0.5)]
+    return np.array(list(itertools.product(*axes)), float)
+
+
+def _fit_once(logN, logD, logL, starts: np.ndarray, n_local: int) -> np.ndarray:
+    """Rank every start by the objective (vectorised), then run L-BFGS from the n_local best; keep the best."""
+    vals = _grid_objective(starts, logN, logD, logL)
+    best_theta, best_val = None, np.inf
+    for i in np.argsort(vals)[:n_local]:
+        res = minimize(_chinchilla_objective, starts[i], args=(logN, logD, logL), jac=True, method="L-BFGS-B",
+                       options={"maxiter": 1000, "ftol": 1e-14, "gtol": 1e-10})
+        if res.fun < best_val:
+            best_theta, best_val = res.x, res.fun
+    return best_theta
+
+
+def fit_chinchilla(N, D, loss, bootstrap: int = 100, seed: int = 0, starts: np.ndarray | None = None,
+                   n_local: int = 64) -> FitResult:
+    """Fit L = E + A N^-alpha + B D^-beta; estimates E, A, B, alpha, beta with bootstrap CIs."""
+    logN, logD, logL = np.log(np.asarray(N, float)), np.log(np.asarray(D, float)), np.log(np.asarray(loss, float))
+    starts = default_start_grid() if starts is None else starts
+    theta = _fit_once(logN, logD, logL, starts, n_local)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(bootstrap):
+        idx = rng.integers(0, len(logN), len(logN))
+        # resamples start from the full-data optimum and the best few grid points (the optimum rarely moves far)
+        local = np.vstack([theta, starts])
+        boots.append(_fit_once(logN[idx], logD[idx], logL[idx], local, n_local=2))
+    boots = np.array(boots).reshape(-1, 5)
+
+    def natural(t):
+        return {"E": np.exp(t[..., 2]), "A": np.exp(t[..., 0]), "B": np.exp(t[..., 1]), "alpha": t[..., 3], "beta": t[..., 4]}
+
+    est = {k: float(v) for k, v in natural(theta).items()}
+    nb = natural(boots) if len(boots) else {k: np.array([]) for k in est}
+    return FitResult("chinchilla", est, {k: _percentile_ci(np.asarray(nb[k])) for k in est}, len(logN), bootstrap,
+                     {"objective": "sum of Huber(delta=1e-3) on log L", "starts": len(starts), "local_runs": n_local})
+
+
+def chinchilla_predict(est: dict[str, float], N, D) -> np.ndarray:
+    return est["E"] + est["A"] / np.asarray(N, float) ** est["alpha"] + est["B"] / np.asarray(D, float) ** est["beta"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Speedups
+
+
+def ema(values: np.ndarray, alpha: float = 0.1) -> np.ndarray:
+    """Exponential moving average (bias-corrected), for noisy training curves."""
+    out = np.empty(len(values))
+    m, w = 0.0, 0.0
+    for i, v in enumerate(values):
+        m = (1 - alpha) * m + alpha * v
+        w = (1 - alpha) * w + alpha
+        out[i] = m / w
+    return out
+
+
+def tokens_to_reach(steps: np.ndarray, values: np.ndarray, target: float, higher_is_better: bool = False) -> float:
+    """First (linearly interpolated) token count where the curve reaches target; nan if it never does."""
+    steps, values = np.asarray(steps, float), np.asarray(values, float)
+    reached = values >= target if higher_is_better else values <= target
+    if not reached.any():
+        return float("nan")
+    i = int(np.argmax(reached))
+    if i == 0:
+        return float(steps[0])
+    x0, x1, y0, y1 = steps[i - 1], steps[i], values[i - 1], values[i]
+    return float(x0 + (target - y0) * (x1 - x0) / (y1 - y0)) if y1 != y0 else float(x1)
+
+
+def speedup(base_steps, base_values, var_steps, var_values, smooth: float | None = 0.1,
+            higher_is_better: bool = False) -> dict[str, float]:
+    """Tokens the baseline needs to reach its final (smoothed) value / tokens the variant needs to reach it."""
+    bv = ema(np.asarray(base_values, float), smooth) if smooth else np.asarray(base_values, float)
+    vv = ema(np.asarray(var_values, float), smooth) if smooth else np.asarray(var_values, float)
+    target = float(bv[-1])
+    t_base = tokens_to_reach(base_steps, bv, target, higher_is_better)
+    t_var = tokens_to_reach(var_steps, vv, target, higher_is_better)
+    return {"target": target, "tokens_baseline": t_base, "tokens_variant": t_var, "speedup": t_base / t_var}
+
+
+def mean_ci(values: list[float], bootstrap: int = 1000, seed: int = 0) -> dict[str, object]:
+    """Mean over seeds with a bootstrap CI (nan bounds with a single seed)."""
+    v = np.array([x for x in values if np.isfinite(x)], float)
+    if v.size == 0:
+        return {"mean": float("nan"), "ci": [float("nan"), float("nan")], "n": 0}
+    rng = np.random.default_rng(seed)
+    boots = v[rng.integers(0, v.size, (bootstrap, v.size))].mean(1) if v.size > 1 else np.array([])
+    return {"mean": float(v.mean()), "ci": list(_percentile_ci(boots)), "n": int(v.size)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Equivalent baseline size
+
+
+def equivalent_size(base_N, base_loss, loss) -> dict[str, object]:
+    """The baseline size N whose loss equals ``loss``: from L(N) = E + A N^-alpha with >= 3 sizes, else from a
+    line in log N through 2 sizes (an extrapolation beyond the largest baseline is flagged)."""
+    N, L = np.asarray(base_N, float), np.asarray(base_loss, float)
+    order = np.argsort(N)
+    N, L = N[order], L[order]
+    if len(N) >= 3:
+        def obj(t):
+            E, logA, alpha = t
+            return float(np.sum((E + np.exp(logA) * N**-alpha - L) ** 2))
+
+        best = min((minimize(obj, [e0, np.log(max(L[0] - e0, 1e-3)) + a0 * np.log(N[0]), a0], method="Nelder-Mead",
+                             options={"maxiter": 5000, "xatol": 1e-10, "fatol": 1e-14})
+                    for e0 in (0.0, 0.5 * L.min(), 0.9 * L.min()) for a0 in (0.1, 0.3, 0.7)), key=lambda r: r.fun)
+        E, logA, alpha = best.x
+        n_eq = (np.exp(logA) / (loss - E)) ** (1 / alpha) if loss > E else float("inf")
+        method = "L(N) = E + A N^-alpha"
+    elif len(N) == 2:
+        slope = (L[1] - L[0]) / (np.log(N[1]) - np.log(N[0]))
+        n_eq = float(np.exp(np.log(N[0]) + (loss - L[0]) / slope)) if slope != 0 else float("nan")
+        method = "linear in log N through 2 baselines"
+    else:
+        return {"N_equivalent": float("nan"), "method": "needs >= 2 baseline sizes"}
+    return {"N_equivalent": float(n_eq), "method": method, "extrapolated": bool(n_eq > N.max() or n_eq < N.min())}

@@ -1,0 +1,130 @@
+"""Paper-style figures. Each takes DataFrames and an Axes and returns the Axes; only commands write files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis.derive import curve
+from analysis.fits import ema
+
+PAPER_STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9,
+               "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": 120}
+
+
+def _variant_order(summary: pd.DataFrame) -> list[str]:
+    order = summary.groupby("variant")["input_vocab_size"].first().sort_values(kind="stable")
+    names = list(order.index)
+    if "Baseline" in names:
+        names.remove("Baseline")
+        names.insert(0, "Baseline")
+    return names
+
+
+def loss_vs_size(summary: pd.DataFrame, ax, metric: str = "final_train_loss"):
+    """Paper Fig. 1: loss against model size (non-embedding parameters, log axis), one line per input vocabulary."""
+    for name in _variant_order(summary):
+        g = summary[summary.variant == name].groupby("N_body")[metric].mean()
+        ax.plot(g.index, g.values, marker="o", label=name, lw=2 if name == "Baseline" else 1.3,
+                color="k" if name == "Baseline" else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel("training loss" if "train" in metric else "validation loss")
+    ax.set_title("Loss vs model size")
+    ax.legend()
+    return ax
+
+
+def cfg_accuracy(summary: pd.DataFrame, ax):
+    """Paper Fig. 2: generation accuracy on the CFG by model size and variant (grouped bars)."""
+    sizes = list(dict.fromkeys(summary.sort_values("N_body")["size"]))
+    names = _variant_order(summary)
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        acc = [summary[(summary["size"] == s) & (summary.variant == name)]["gen_acc"].mean() for s in sizes]
+        x = np.arange(len(sizes)) + (i - (len(names) - 1) / 2) * width
+        ax.bar(x, np.nan_to_num(acc), width, label=name)
+    ax.set_xticks(np.arange(len(sizes)), sizes)
+    ax.set_ylim(0, 1.0)
+    ax.set_ylabel("generation accuracy")
+    ax.set_title("CFG generation accuracy")
+    ax.legend()
+    return ax
+
+
+def curves_with_speedup(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: str, speedups: dict,
+                        metric: str = "train/loss"):
+    """Paper Fig. 4: training curves at one model size, each variant annotated with its tokens-to-target speedup."""
+    sub = summary[summary["size"] == size]
+    for name in _variant_order(sub):
+        tid = sub[sub.variant == name].trial_id.iloc[0]
+        x, y = curve(curves, tid, metric)
+        label = name
+        sp = speedups.get(size, {}).get(name)
+        if sp and sp.get("mean") is not None and np.isfinite(sp["mean"]):
+            label += f" ({sp['mean']:.2f}x)"
+        ax.plot(x, ema(y, 0.1), label=label, color="k" if name == "Baseline" else None)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("training loss (EMA)")
+    ax.set_title(f"Training curves, {size}")
+    ax.legend()
+    return ax
+
+
+def loss_vs_vocab(summary: pd.DataFrame, ax, fits: dict, metric: str = "final_train_loss"):
+    """Paper Fig. 5: loss against input vocabulary (log axis) per model size, with the fitted line and equation."""
+    for size, g in summary.groupby("size", sort=False):
+        pts = g.groupby("input_vocab_size")[metric].mean()
+        line = ax.plot(pts.index, pts.values, "o", label=size)[0]
+        fit = fits.get(size)
+        if fit:
+            xs = np.logspace(np.log10(pts.index.min()), np.log10(pts.index.max()), 50)
+            a, b = fit["estimates"]["intercept"], fit["estimates"]["slope"]
+            lo, hi = fit["ci"]["slope"]
+            ax.plot(xs, a + b * np.log10(xs), "--", color=line.get_color(),
+                    label=f"L = {a:.4f} {'-' if b < 0 else '+'} {abs(b):.4f} log10(V+m)  [slope CI {lo:.4f}, {hi:.4f}]")
+    ax.set_xscale("log")
+    ax.set_xlabel("input vocabulary size (V + m)")
+    ax.set_ylabel("training loss" if "train" in metric else "validation loss")
+    ax.set_title("Loss vs input vocabulary")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def loss_diff_vs_tokens(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: str, metric: str = "train/loss"):
+    """Paper Fig. 9: loss difference to the baseline along training at one size (negative = better)."""
+    sub = summary[summary["size"] == size]
+    base = sub[sub.is_baseline]
+    if base.empty:
+        ax.set_title(f"{size}: no baseline")
+        return ax
+    bx, by = curve(curves, base.trial_id.iloc[0], metric)
+    by = ema(by, 0.1)
+    for name in _variant_order(sub):
+        if name == "Baseline":
+            continue
+        x, y = curve(curves, sub[sub.variant == name].trial_id.iloc[0], metric)
+        ax.plot(x, ema(y, 0.1) - np.interp(x, bx, by), label=name)
+    ax.axhline(0, color="k", lw=1)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss - baseline loss")
+    ax.set_title(f"Loss difference to baseline, {size}")
+    ax.legend()
+    return ax
+
+
+def table2(summary: pd.DataFrame) -> pd.DataFrame:
+    """Paper Table 2 style: per size and variant, final train/val loss and the difference to the baseline."""
+    rows = []
+    for size, g in summary.groupby("size", sort=False):
+        base = g[g.is_baseline]
+        b_train = base.final_train_loss.mean() if len(base) else np.nan
+        b_val = base.final_val_loss.mean() if len(base) else np.nan
+        for name in _variant_order(g):
+            v = g[g.variant == name]
+            rows.append({"size": size, "variant": name, "N_body": int(v.N_body.iloc[0]),
+                         "input_vocab_size": int(v.input_vocab_size.iloc[0]), "seeds": len(v),
+                         "train_loss": v.final_train_loss.mean(), "val_loss": v.final_val_loss.mean(),
+                         "delta_train": v.final_train_loss.mean() - b_train, "delta_val": v.final_val_loss.mean() - b_val,
+                         "gen_acc": v.gen_acc.mean()})
+    return pd.DataFrame(rows)

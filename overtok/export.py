@@ -1,0 +1,154 @@
+"""MLflow -> Parquet: the contract between training and analysis.
+
+``runs.parquet``: one row per trial (latest child run per trial id): ids, status, the flat resolved config
+(typed), parameters by group, FLOPs per token, tokens seen, final and best metrics, mean tokens/s, and the
+derived ``input_vocab_size`` (V for a baseline, V + sum of OE table rows with OE) and ``variant`` label.
+``curves.parquet``: long format (trial_id, run_id, metric, step, value), step = base tokens seen.
+Both carry ``schema_version``.
+
+Histories are fetched in bulk: with a SQL store, one query over MLflow's own ORM models for every run of
+the sweep; with a tracking server, per-(run, key) REST calls spread over a thread pool.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+
+from overtok.config import parse_scalar
+from overtok.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_ID_TAG, client, resolve_tracking_uri
+
+SCHEMA_VERSION = 1
+
+
+def _typed(value: str):
+    try:
+        v = parse_scalar(value)
+    except Exception:  # noqa: BLE001 - not YAML-parsable: keep the string
+        return value
+    return v if isinstance(v, (int, float, bool, str)) or v is None else value
+
+
+def fetch_histories(uri: str, run_ids: list[str], keys_by_run: dict[str, list[str]]) -> pd.DataFrame:
+    """All metric points of the given runs: columns run_id, metric, step, value, timestamp."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    store = _get_store(uri)
+    if hasattr(store, "ManagedSessionMaker"):  # SQL store: one query
+        from mlflow.store.tracking.dbmodels.models import SqlMetric
+
+        rows = []
+        with store.ManagedSessionMaker() as session:
+            for i in range(0, len(run_ids), 500):
+                q = session.query(SqlMetric.run_uuid, SqlMetric.key, SqlMetric.step, SqlMetric.value,
+                                  SqlMetric.timestamp).filter(SqlMetric.run_uuid.in_(run_ids[i : i + 500]))
+                rows.extend(q.all())
+        return pd.DataFrame(rows, columns=["run_id", "metric", "step", "value", "timestamp"])
+    c = client(uri)
+
+    def one(pair):
+        rid, key = pair
+        return [(rid, key, m.step, m.value, m.timestamp) for m in c.get_metric_history(rid, key)]
+
+    pairs = [(rid, k) for rid in run_ids for k in keys_by_run.get(rid, [])]
+    with ThreadPoolExecutor(16) as pool:
+        rows = [r for chunk in pool.map(one, pairs) for r in chunk]
+    return pd.DataFrame(rows, columns=["run_id", "metric", "step", "value", "timestamp"])
+
+
+def _fmt_rows(m: int) -> str:
+    for unit, div in (("M", 1e6), ("K", 1e3)):
+        if m >= div:
+            return f"{m / div:g}{unit}"
+    return str(m)
+
+
+def variant_label(row: dict) -> str:
+    """Paper-style names: Baseline, OE-12.8M, OD-2, MTP-DS-2, OT-1M (OE + MTP-DS), 3-gram tokenizer, ..."""
+    parts = []
+    if row.get("model.tokenizer_ngram", 1) > 1:
+        parts.append(f"{row['model.tokenizer_ngram']}-gram tokenizer")
+    if row.get("model.output_ngram", 1) > 1:
+        parts.append(f"{row['model.output_ngram']}-gram output")
+    n, depth, mode = row.get("model.oe.n", 1), row.get("model.od_depth", 1), row.get("model.od_mode", "linear")
+    if n > 1:
+        name = f"OE-{_fmt_rows(row['model.oe.m'])}" + (f" ({n}-gram)" if n != 2 else "")
+        if depth > 1 and mode == "mtp_ds":
+            return " + ".join(parts + [name.replace("OE-", "OT-", 1)])
+        parts.append(name)
+    if depth > 1:
+        parts.append({"linear": "OD", "mtp": "MTP", "mtp_ds": "MTP-DS"}[mode] + f"-{depth}")
+    return " + ".join(parts) or "Baseline"
+
+
+def build_tables(runs, hist: pd.DataFrame, sweep: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    records = []
+    for r in runs:
+        rec = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial_id": r.data.tags[TRIAL_ID_TAG],
+               "run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+               "error": r.data.tags.get("overtok.error", "")}
+        rec.update({k: _typed(v) for k, v in r.data.params.items()})
+        records.append(rec)
+    df = pd.DataFrame(records)
+    hist = hist[hist["run_id"].isin(df["run_id"])] if len(df) else hist
+    curves = hist.merge(df[["run_id", "trial_id"]], on="run_id")[["trial_id", "run_id", "metric", "step", "value"]]
+    curves = curves.sort_values(["trial_id", "metric", "step"]).reset_index(drop=True)
+    curves.insert(0, "schema_version", SCHEMA_VERSION)
+    if df.empty:
+        return df, curves
+    g = curves.groupby(["run_id", "metric"])
+    last = g.apply(lambda x: x.loc[x["step"].idxmax(), "value"], include_groups=False).unstack()
+    df["tokens_seen"] = df["run_id"].map(curves[curves.metric == "train/loss"].groupby("run_id")["step"].max())
+    for m in last.columns:
+        df[f"final.{m}"] = df["run_id"].map(last[m])
+    for m, how in (("val/loss", "min"), ("train/loss", "min"), ("val/gen_acc", "max"), ("val/bpb", "min")):
+        if m in last.columns:
+            df[f"best.{m}"] = df["run_id"].map(getattr(curves[curves.metric == m].groupby("run_id")["value"], how)())
+    tps = curves[curves.metric == "perf/tokens_per_s"].groupby("run_id")["value"].mean()
+    df["tokens_per_s"] = df["run_id"].map(tps)
+    v_in = df["model.vocab_size"] ** df.get("model.tokenizer_ngram", 1)
+    oe_rows = df["params.oe_tables"] / (df["model.d_model"] // (df["model.oe.k"] * (df["model.oe.n"] - 1)).clip(lower=1))
+    df["input_vocab_size"] = (v_in + oe_rows.where(df["model.oe.n"] > 1, 0)).astype("int64")
+    df["params.body_and_head"] = df["params.body"] + df["params.head"]
+    df["variant"] = [variant_label(row) for row in df.to_dict("records")]
+    return df, curves
+
+
+def export_sweep(sweep: str, tracking_uri: str = "", out: Path | None = None) -> list[Path]:
+    """Write runs.parquet and curves.parquet for a sweep (name or YAML path)."""
+    from overtok.config import ConfigError
+
+    if sweep.endswith((".yaml", ".yml")):
+        from overtok.sweep import load_sweep
+
+        s = load_sweep(sweep)
+        name, experiment, tracking_uri = s.name, s.experiment, tracking_uri or s.tracking_uri
+    else:
+        name = experiment = sweep
+    uri = resolve_tracking_uri(tracking_uri)
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"no MLflow experiment {experiment!r} at {uri} (run the sweep first)", file=sweep, key="name")
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}'", max_results=50000)
+    latest: dict[str, object] = {}
+    for r in runs:
+        if r.data.tags.get(ROLE_TAG) != "trial":
+            continue
+        tid = r.data.tags[TRIAL_ID_TAG]
+        prev = latest.get(tid)
+        if prev is None or (r.info.status == "FINISHED", r.info.start_time) > (prev.info.status == "FINISHED", prev.info.start_time):
+            latest[tid] = r
+    chosen = list(latest.values())
+    hist = fetch_histories(uri, [r.info.run_id for r in chosen], {r.info.run_id: list(r.data.metrics) for r in chosen})
+    df, curves = build_tables(chosen, hist, name)
+    out = out or Path("results") / name
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(out / "runs.parquet", index=False)
+    curves.to_parquet(out / "curves.parquet", index=False)
+    (out / "export.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "sweep": name, "tracking_uri": uri,
+                                                 "experiment": experiment, "trials": len(df)}, indent=2))
+    return [out / "runs.parquet", out / "curves.parquet"]

@@ -1,0 +1,122 @@
+"""Fits recover known parameters, speedups known ratios; bad tables exit 2; analysis never imports torch."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import fits
+from tests.conftest import ROOT
+
+
+def test_loglinear_recovers_known_law_within_ci():
+    rng = np.random.default_rng(1)
+    vocab = np.repeat([5e4, 2e5, 8e5, 3.2e6, 1.28e7], 3)
+    loss = 2.6754 - 0.0256 * np.log10(vocab) + rng.normal(0, 0.003, vocab.size)
+    r = fits.fit_loglinear(vocab, loss, bootstrap=500)
+    for k, true in (("intercept", 2.6754), ("slope", -0.0256)):
+        lo, hi = r.ci[k]
+        assert lo <= true <= hi, (k, r.estimates[k], r.ci[k])
+        assert hi - lo < 0.05
+    assert abs(r.estimates["slope"] + 0.0256) < 0.005
+
+
+def _chinchilla_data(seed=0, n=250):
+    rng = np.random.default_rng(seed)
+    N = np.exp(rng.uniform(np.log(1e7), np.log(1e10), n))
+    D = np.exp(rng.uniform(np.log(1e9), np.log(1e12), n))
+    true = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+    L = fits.chinchilla_predict(true, N, D) * np.exp(rng.normal(0, 0.005, n))
+    return N, D, L, true
+
+
+def test_chinchilla_recovers_known_parameters_within_ci():
+    N, D, L, true = _chinchilla_data()
+    r = fits.fit_chinchilla(N, D, L, bootstrap=30)
+    for k, v in true.items():
+        lo, hi = r.ci[k]
+        assert lo <= v <= hi, (k, r.estimates[k], r.ci[k])
+    assert r.notes["starts"] == 4500
+
+
+def test_chinchilla_same_optimum_from_different_start_grids():
+    N, D, L, _ = _chinchilla_data(seed=3)
+    a = fits.fit_chinchilla(N, D, L, bootstrap=0)
+    rng = np.random.default_rng(7)
+    other = np.column_stack([rng.uniform(0, 25, 3000), rng.uniform(0, 25, 3000), rng.uniform(-1, 1, 3000),
+                             rng.uniform(0, 2, 3000), rng.uniform(0, 2, 3000)])
+    b = fits.fit_chinchilla(N, D, L, bootstrap=0, starts=other)
+    for k in a.estimates:
+        assert a.estimates[k] == pytest.approx(b.estimates[k], rel=2e-3), k
+
+
+def test_speedup_on_constructed_curves_equals_known_ratio():
+    tokens = np.linspace(1e6, 1e8, 400)
+    base = 2.0 + 5.0 / np.sqrt(tokens / 1e6)
+    variant = 2.0 + 5.0 / np.sqrt(2.5 * tokens / 1e6)  # reaches any loss with 2.5x fewer tokens
+    r = fits.speedup(tokens, base, tokens, variant, smooth=None)
+    assert r["speedup"] == pytest.approx(2.5, rel=1e-3)
+    acc_b, acc_v = 1 - np.exp(-tokens / 3e7), 1 - np.exp(-tokens * 1.7 / 3e7)
+    r = fits.speedup(tokens, acc_b, tokens, acc_v, smooth=None, higher_is_better=True)
+    assert r["speedup"] == pytest.approx(1.7, rel=1e-3)
+    never = fits.speedup(tokens, base, tokens, base + 1.0, smooth=None)
+    assert np.isnan(never["speedup"])
+
+
+def test_mean_ci_over_seeds():
+    r = fits.mean_ci([2.0, 2.2, 2.4, 2.6])
+    assert r["mean"] == pytest.approx(2.3) and r["ci"][0] < 2.3 < r["ci"][1] and r["n"] == 4
+
+
+def test_equivalent_size_from_power_law():
+    N = np.array([1e7, 3e7, 1e8, 3e8, 1e9])
+    L = 1.8 + 50 * N**-0.3
+    r = fits.equivalent_size(N, L, 1.8 + 50 * 4e8**-0.3)
+    assert r["N_equivalent"] == pytest.approx(4e8, rel=1e-3) and not r["extrapolated"]
+
+
+@pytest.mark.parametrize("law,cols", [("chinchilla", ["N", "D", "loss"]), ("loglinear", ["vocab", "loss"])])
+def test_fit_law_command(cli, tmp_path, law, cols):
+    if law == "chinchilla":
+        N, D, L, _ = _chinchilla_data(n=60)
+        pd.DataFrame({"N": N, "D": D, "loss": L}).to_parquet(tmp_path / "t.parquet")
+    else:
+        v = np.array([5e4, 2e5, 8e5, 3.2e6])
+        pd.DataFrame({"vocab": v, "loss": 2.6754 - 0.0256 * np.log10(v)}).to_parquet(tmp_path / "t.parquet")
+    res = cli("fit-law", law, "t.parquet", "--json", "--bootstrap", "10")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    keys = {"E", "A", "B", "alpha", "beta"} if law == "chinchilla" else {"intercept", "slope"}
+    assert set(out["estimates"]) == keys and set(out["ci"]) == keys
+    if law == "loglinear":
+        assert out["estimates"]["slope"] == pytest.approx(-0.0256, abs=1e-9)
+
+
+BAD_TABLES = {
+    "missing.csv": ("N,D\n1,2\n", "chinchilla", "missing column 'loss'"),
+    "nonpos.csv": ("vocab,loss\n0,2.1\n10,2.0\n100,1.9\n", "loglinear", "must be > 0"),
+    "few.csv": ("vocab,loss\n10,2.0\n100,1.9\n", "loglinear", "need at least 3"),
+    "text.csv": ("vocab,loss\n10,abc\n100,1.9\n1000,1.8\n", "loglinear", "non-numeric"),
+    "same.csv": ("vocab,loss\n10,2.0\n10,1.9\n10,1.8\n", "loglinear", "2 distinct"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_TABLES)
+def test_bad_tables_exit_2(cli, tmp_path, name):
+    text, law, problem = BAD_TABLES[name]
+    (tmp_path / name).write_text(text)
+    res = cli("fit-law", law, name, "--json")
+    assert res.returncode == 2 and problem in res.stderr and name in res.stderr and "Traceback" not in res.stderr
+
+
+def test_analysis_never_imports_torch(tmp_path):
+    code = ("import sys, numpy as np, pandas as pd\n"
+            "import analysis.commands, analysis.plots, analysis.fits, analysis.derive, analysis.tables\n"
+            "from overtok.export import build_tables\n"
+            "analysis.fits.fit_loglinear(np.array([10., 100., 1000.]), np.array([2., 1.9, 1.8]), bootstrap=5)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
