@@ -67,9 +67,18 @@ def memory_estimate_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int = 
     Activations follow Korthikanti et al. 2022 (about 34*T*B*d + 5*H*T^2*B bytes per layer at 16-bit),
     scaled by dtype_bytes / 2, plus the fp32 logits (3 copies: logits, softmax, grad) of every output head.
     """
+    g = param_groups(cfg)
     n = num_params(cfg, "all")
+    if cfg.oe.sparse_update:  # table + two moments in table_dtype, no dense gradient
+        table_bytes = 3 * (2 if cfg.oe.table_dtype == "bfloat16" else 4)
+        n_dense = n - g["oe_tables"]
+        return 16 * n_dense + table_bytes * g["oe_tables"] + _activation_bytes(cfg, batch_size, dtype_bytes)
+    return 16 * n + _activation_bytes(cfg, batch_size, dtype_bytes)
+
+
+def _activation_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int) -> int:
     d, T, B, H = cfg.d_model, cfg.seq_len, batch_size, cfg.n_heads
     layers = cfg.n_layers + (cfg.od_depth - 1 if cfg.od_mode != "linear" else 0)
     act = layers * (34 * T * B * d + 5 * H * T * T * B) * dtype_bytes // 2
     logits = 3 * 4 * B * T * cfg.output_vocab_size * cfg.od_depth
-    return 16 * n + act + logits
+    return act + logits

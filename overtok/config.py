@@ -116,6 +116,11 @@ class OEConfig:
     """Round every modulus up to an odd number (avoids moduli sharing a factor 2 with V)."""
     stop_at_eos: bool = False
     """Do not look back across an EOS token (document boundary). Off in the paper."""
+    sparse_update: bool = False
+    """Row-sparse tables: gather, gradient and a lazy-Adam update only for the rows a batch touches
+    (overtok/sparse.py). False = an nn.Embedding updated by exact dense AdamW."""
+    table_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage dtype of row-sparse tables and their Adam moments (bfloat16 halves their memory)."""
 
 
 @dataclass
@@ -234,6 +239,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     checkpoint_dir: str = ""
     """Where checkpoints go; '' = results/checkpoints/<run name>. A run resumes from the latest one there."""
+    checkpoint_final: bool = True
+    """Also checkpoint at the last step (a finished trial whose status was lost resumes without retraining).
+    Turn off for runs with huge OE tables: a checkpoint holds the tables and their optimizer moments."""
     compile: bool = False
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -413,6 +421,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(0 < t.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
     need(t.gen_samples >= 0, "train.gen_samples", "must be >= 0")
+    need(oe.table_dtype == "float32" or oe.sparse_update, "model.oe.table_dtype",
+         "bfloat16 tables need model.oe.sparse_update: true (dense AdamW keeps fp32 master weights)")
     if oe.n > 1:
         slices = oe.k * (oe.n - 1)
         need(oe.m >= 1, "model.oe.m", f"must be >= 1 when oe.n > 1, got {oe.m}")

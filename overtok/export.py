@@ -62,7 +62,7 @@ def fetch_histories(uri: str, run_ids: list[str], keys_by_run: dict[str, list[st
 def _fmt_rows(m: int) -> str:
     for unit, div in (("M", 1e6), ("K", 1e3)):
         if m >= div:
-            return f"{m / div:g}{unit}"
+            return f"{m / div:.3g}{unit}"
     return str(m)
 
 

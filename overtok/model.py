@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from overtok.config import ModelConfig
 from overtok.ngram import hash_stacked, hash_weights, shifted_stack
+from overtok.sparse import RowSparseTable
 
 
 class RMSNorm(nn.Module):
@@ -111,7 +112,11 @@ class OverEncoding(nn.Module):
         self.register_buffer("hash_w", w, persistent=False)
         self.register_buffer("moduli", mods, persistent=False)
         self.register_buffer("offsets", offsets, persistent=False)
-        self.tables = nn.Embedding(int(mods.sum()), self.width)
+        if cfg.oe.sparse_update:
+            self.tables = RowSparseTable(int(mods.sum()), self.width, cfg.oe.table_dtype)
+            self.tables.reset_parameters()
+        else:
+            self.tables = nn.Embedding(int(mods.sum()), self.width)
         self.proj = nn.Linear(self.num_slices * self.width, d, bias=False)
 
     def slice_ids(self, idx: torch.Tensor) -> torch.Tensor:
@@ -192,6 +197,14 @@ class Transformer(nn.Module):
         T = tokens.shape[1] - L
         # embed once over every position any head needs; causal, so the first T rows equal embed(tokens[:, :T])
         emb = self.embed(tokens[:, : T + max(L - 1, 0)])
+        return self.body_and_loss(emb, tokens, T, targets)
+
+    def sparse_tables(self) -> list[RowSparseTable]:
+        return [m for m in self.modules() if isinstance(m, RowSparseTable)]
+
+    def body_and_loss(self, emb: torch.Tensor, tokens: torch.Tensor, T: int, targets: bool):
+        """Everything after the input embedding; the trainer compiles this part (the row-sparse lookup stays eager)."""
+        cfg = self.cfg
         h = self.trunk(emb[:, :T])
         logits = self.logits(self.norm(h))
         if not targets:

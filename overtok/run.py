@@ -17,7 +17,7 @@ def run_params(cfg: RunConfig) -> dict:
     params.update({f"params.{k}": v for k, v in accounting.param_groups(cfg.model).items()})
     params["flops_per_token"] = accounting.flops_per_token(cfg.model)
     params["tokens_per_step"] = cfg.tokens_per_step
-    params["optimizer"] = "adamw"
+    params["optimizer"] = "adamw+oe_lazy_row_adam" if cfg.model.oe.sparse_update and cfg.model.oe.n > 1 else "adamw"
     return params
 
 

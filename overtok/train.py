@@ -58,6 +58,8 @@ def make_optimizer(model: Transformer, t: TrainConfig, device: torch.device) -> 
     """AdamW; no weight decay on norms, and embed_weight_decay (default 0) on the token embedding and OE tables."""
     decay, no_decay, embed = [], [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # row-sparse OE tables update themselves (overtok/sparse.py)
+            continue
         if name.startswith(("embed.wte", "embed.tables")):
             embed.append(p)
         elif p.dim() < 2:
@@ -154,9 +156,12 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     train_data, val_data = Batches(cfg, "train"), Batches(cfg, "val")
-    model = Transformer(cfg.model, eos_id=train_data.eos_id).to(device)
+    with torch.device(device):  # build in place: OE tables can be tens of GB
+        model = Transformer(cfg.model, eos_id=train_data.eos_id)
     opt = make_optimizer(model, t, device)
-    step_fn = torch.compile(model) if t.compile else model
+    if t.compile:  # the body and loss; the OE lookup stays eager (row-sparse tables use autograd hooks)
+        model.body_and_loss = torch.compile(model.body_and_loss)
+    sparse_tables = model.sparse_tables()
     ckpt_dir = default_checkpoint_dir(cfg)
     step, tokens_seen, resumed_from = 0, 0, None
     state = load_latest_checkpoint(ckpt_dir)
@@ -193,7 +198,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             summary.update(metrics)
 
         # once in a while: checkpoint (not at step 0; always at the end so a finished run can be re-exported)
-        if step > 0 and (step % t.checkpoint_every == 0 or last_step) and step != resumed_from:
+        if step > 0 and (step % t.checkpoint_every == 0 or (last_step and t.checkpoint_final)) and step != resumed_from:
             save_checkpoint(ckpt_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                        "tokens_seen": tokens_seen, "data": train_data.state_dict(),
                                        "rng": torch.get_rng_state(), "config": to_dict(cfg),
@@ -213,13 +218,15 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         for _ in range(t.grad_accum):
             batch = train_data.next().to(device, non_blocking=True)
             with autocast():
-                _, losses = step_fn(batch)
+                _, losses = model(batch)
             (losses["total"] / t.grad_accum).backward()
             for k, v in losses.items():
                 parts[k] = parts.get(k, 0.0) + v.detach() / t.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        for table in sparse_tables:
+            table.apply_update(lr, t.beta1, t.beta2, weight_decay=t.embed_weight_decay)
         step += 1
         tokens_seen += tokens_per_step
 

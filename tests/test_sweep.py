@@ -62,16 +62,6 @@ def test_rerun_starts_nothing_new(quickstart):
     assert len(parents) == 1 and len(children) == 12
 
 
-def test_added_seed_runs_only_new_trials(quickstart):
-    work, _, _ = quickstart
-    sets = [f"--set={s}" for s in SMALL] + ["--set=seeds=[0, 1]", "--set=grid.model.oe.n=[1]", "--set=grid.model.od_depth=[1]"]
-    res = overtok(work, "sweep", "quickstart.yaml", *sets)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "4 trials, 2 already finished, 2 to run" in res.stdout
-    _, parents, children = sweep_runs(f"sqlite:///{work}/results/mlflow.db", "quickstart")
-    assert len(parents) == 1 and len(children) == 14
-
-
 def test_failing_trial_is_failed_while_others_finish(tmp_path):
     write(tmp_path / "failing.yaml", FAIL_SWEEP)
     res = overtok(tmp_path, "sweep", "failing.yaml")
@@ -205,3 +195,13 @@ def test_export_fit_plots_on_the_quickstart_sweep(quickstart):
         assert (out / "figures" / f"{name}.png").stat().st_size > 10_000
         assert (out / "figures" / f"{name}.pdf").exists()
     assert "Baseline" in (out / "figures" / "table2.md").read_text()
+
+
+def test_added_seed_runs_only_new_trials(quickstart):
+    work, _, _ = quickstart
+    sets = [f"--set={s}" for s in SMALL] + ["--set=seeds=[0, 1]", "--set=grid.model.oe.n=[1]", "--set=grid.model.od_depth=[1]"]
+    res = overtok(work, "sweep", "quickstart.yaml", *sets)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "4 trials, 2 already finished, 2 to run" in res.stdout
+    _, parents, children = sweep_runs(f"sqlite:///{work}/results/mlflow.db", "quickstart")
+    assert len(parents) == 1 and len(children) == 14

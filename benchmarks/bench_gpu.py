@@ -1,0 +1,93 @@
+"""GPU benchmarks for issue 6, side by side in one process:
+
+1. trainer throughput (MFU) of the baseline model at 25M / 124M / 350M body sizes, V = 50,304, seq 1024;
+2. Over-Encoding at paper scale (n = 3, k = 4, d = 768): step time and peak memory vs the same model without OE,
+   for dense nn.Embedding + AdamW and for row-sparse bf16 tables with lazy row-wise Adam.
+
+    python benchmarks/bench_gpu.py --out benchmarks/results/gpu.json [--only trainer|oe] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import dump, environment, time_training  # noqa: E402
+
+V = 50304
+SIZES = {"25M": (512, 8, 8), "124M": (768, 12, 12), "350M": (1024, 24, 16)}
+
+
+def body(d, L, H, T=1024, v=V):
+    return {"model.vocab_size": v, "model.d_model": d, "model.n_layers": L, "model.n_heads": H, "model.seq_len": T,
+            "model.tie_embeddings": False}
+
+
+def trainer(args, rows):
+    for name, (d, L, H) in SIZES.items():
+        r = time_training(body(d, L, H, T=args.seq), args.batch, args.steps, args.warmup)
+        r["name"] = f"baseline {name}"
+        rows.append(r)
+        print(f"{r['name']:>28}  {r['step_ms']:8.1f} ms  {r['tokens_per_s']:>10,.0f} tok/s  MFU {r['mfu']:.3f}  "
+              f"mem {r['peak_mem_gib']:.1f} GiB", flush=True)
+
+
+def oe(args, rows):
+    d, L, H = SIZES["124M"]
+    base = time_training(body(d, L, H, T=args.seq), args.oe_batch, args.steps, args.warmup)
+    base["name"] = "no OE"
+    rows.append(base)
+    print(f"{'no OE':>28}  {base['step_ms']:8.1f} ms  mem {base['peak_mem_gib']:.1f} GiB", flush=True)
+    variants = [(m, sparse) for m in args.m for sparse in (False, True) if sparse or m <= args.dense_max_m]
+    for m, sparse in variants:
+        sets = body(d, L, H, T=args.seq) | {"model.oe.n": 3, "model.oe.k": 4, "model.oe.m": m}
+        if sparse:
+            sets |= {"model.oe.sparse_update": True, "model.oe.table_dtype": "bfloat16"}
+        t0 = time.time()
+        try:
+            r = time_training(sets, args.oe_batch, args.steps, args.warmup)
+        except Exception as e:  # noqa: BLE001 - OOM of a naive variant is a result, not a crash
+            r = {"config": sets, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        r["name"] = f"OE-{m / 1e6:g}M {'row-sparse bf16' if sparse else 'dense AdamW'}"
+        r["ratio_vs_no_oe"] = r.get("step_ms", float("nan")) / base["step_ms"]
+        rows.append(r)
+        print(f"{r['name']:>28}  {r.get('step_ms', float('nan')):8.1f} ms  x{r['ratio_vs_no_oe']:.3f}  "
+              f"mem {r.get('peak_mem_gib', float('nan')):.1f} GiB  ({time.time() - t0:.0f}s) {r.get('error', '')}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/gpu.json")
+    ap.add_argument("--only", choices=["trainer", "oe"], default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--oe-batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--m", type=float, nargs="+", default=[1e6, 4e6, 12.8e6])
+    ap.add_argument("--dense-max-m", type=float, default=4.1e6)
+    args = ap.parse_args()
+    args.m = [int(m) + 1 if int(m) % 2 == 0 else int(m) for m in args.m]  # odd: never a multiple of V = 50,304
+    if args.smoke:
+        global SIZES
+        SIZES = {"tiny": (64, 2, 2)}
+        args.seq, args.batch, args.oe_batch, args.steps, args.warmup = 64, 2, 2, 2, 1
+        args.m, args.dense_max_m = [1001], 1001
+    rows: list[dict] = []
+    if args.only in (None, "trainer"):
+        trainer(args, rows)
+    if args.only in (None, "oe"):
+        if args.smoke:
+            SIZES["124M"] = (64, 2, 2)
+        oe(args, rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    dump(args.out, {"environment": environment(), "command": " ".join(sys.argv), "results": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Row-sparse Over-Encoding tables: only the rows a batch touches are read, get gradients and are updated.
+
+A dense ``nn.Embedding`` with AdamW pays for every row every step (a 9.8B-row-parameter table means a 39 GB
+fp32 gradient plus two 39 GB moments, and a full pass over all of them per step). Here:
+
+- the table (and its Adam moments) are stored in ``table_dtype`` (bf16 halves the memory of fp32);
+- forward gathers the rows of the batch (one gather over the fused table of all slices); backward captures the
+  gradient of exactly those rows with a tensor hook, so no dense gradient is ever allocated;
+- :meth:`RowSparseTable.apply_update` coalesces duplicate ids and applies Adam to the touched rows only.
+
+Optimizer semantics (recorded in every run as ``optimizer``): **lazy Adam**, as ``torch.optim.SparseAdam``:
+rows absent from a step keep their values and moments (dense AdamW would still move them by momentum and
+decay their moments); the bias correction uses the global step; decoupled weight decay, if any, applies to
+touched rows only; the table is not included in gradient clipping. With every row touched at every step and
+no weight decay it equals dense AdamW (tests/test_sparse.py). ``model.oe.sparse_update: false`` keeps exact
+dense AdamW.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class RowSparseTable(nn.Module):
+    def __init__(self, num_rows: int, width: int, dtype: str = "float32"):
+        super().__init__()
+        dt = DTYPES[dtype]
+        # a Parameter (so it is counted and saved) that autograd never sees
+        self.weight = nn.Parameter(torch.empty(num_rows, width, dtype=dt), requires_grad=False)
+        self.register_buffer("exp_avg", torch.zeros(num_rows, width, dtype=dt))
+        self.register_buffer("exp_avg_sq", torch.zeros(num_rows, width, dtype=dt))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        with torch.no_grad():
+            self.weight.normal_(0, std)  # normal_ works in place for bf16 storage too
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (..., S) -> rows (..., S, w) in float32; their gradient is kept for :meth:`apply_update`."""
+        rows = self.weight[ids].float()
+        if torch.is_grad_enabled():
+            rows.requires_grad_(True)
+            flat_ids = ids.reshape(-1)
+            rows.register_hook(lambda g: self._pending.append((flat_ids, g.reshape(-1, g.shape[-1]))))
+        return rows
+
+    @torch.no_grad()
+    def apply_update(self, lr: float, beta1: float, beta2: float, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        """Lazy Adam on the rows touched since the last call (sums over micro-batches and duplicate ids).
+
+        No host sync (``torch.unique`` would wait for the GPU to learn the number of distinct rows): ids are
+        sorted into segments of equal id, gradients summed per segment into N = len(ids) slots, and the slots
+        past the last segment repeat the last one, so every write is either unique or writes identical values.
+        """
+        if not self._pending:
+            return
+        ids = torch.cat([i for i, _ in self._pending])
+        grads = torch.cat([g for _, g in self._pending]).float()
+        self._pending.clear()
+        n = ids.numel()
+        sorted_ids, perm = ids.sort()
+        first = torch.ones(n, dtype=torch.bool, device=ids.device)
+        first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+        seg = torch.cumsum(first, 0) - 1  # segment of each sorted occurrence
+        g = torch.zeros(n, grads.shape[1], device=grads.device, dtype=torch.float32)
+        g.index_add_(0, seg, grads[perm])
+        slot_rows = torch.zeros(n, dtype=ids.dtype, device=ids.device).scatter_(0, seg, sorted_ids)
+        slot = torch.minimum(torch.arange(n, device=ids.device), seg[-1])  # slots past the last repeat it
+        rows, g = slot_rows[slot], g[slot]
+        self.step += 1
+        t = self.step.to(torch.float32)
+        m = self.exp_avg[rows].float().mul_(beta1).add_(g, alpha=1 - beta1)
+        v = self.exp_avg_sq[rows].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        p = self.weight[rows].float()
+        if weight_decay:
+            p.mul_(1 - lr * weight_decay)
+        denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
+        p.sub_(lr / (1 - beta1**t) * m / denom)
+        self.exp_avg[rows] = m.to(self.exp_avg.dtype)
+        self.exp_avg_sq[rows] = v.to(self.exp_avg_sq.dtype)
+        self.weight[rows] = p.to(self.weight.dtype)
+
+    def zero_pending(self) -> None:
+        self._pending.clear()
