@@ -10,7 +10,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4$(comma)<2.15,torch==2.13.0)
 comma := ,
 
-.PHONY: install dev demo test lint clean
+.PHONY: install dev demo test lint clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,12 +23,14 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/overtok sweep sweeps/quickstart.yaml
-	$(VENV)/bin/overtok export quickstart
-	$(VENV)/bin/overtok fit quickstart
-	$(VENV)/bin/overtok plots quickstart
+	$(VENV)/bin/overtok report quickstart
 
-test: install
+test: install chromium
 	$(PY) -m pytest -q -ra tests
+
+# the report test opens the dashboard in Debian's headless Chromium
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 lint: install
 	$(VENV)/bin/ruff check overtok analysis tests benchmarks

@@ -105,8 +105,11 @@ def _speedups(s: pd.DataFrame, curves: pd.DataFrame) -> dict:
                         continue
                     vals.append(fits.speedup(bx, by, vx, vy, smooth=0.1 if not higher else None,
                                              higher_is_better=higher)["speedup"])
-                if vals:
-                    per_metric[metric] = fits.mean_ci(vals) | {"per_seed": vals}
+                summary = fits.mean_ci(vals)
+                if summary["n"]:  # variants that never reach the baseline's final value are listed as such
+                    per_metric[metric] = summary | {"per_seed": vals}
+                elif vals:
+                    per_metric[metric] = {"not_reached": True, "per_seed": vals}
             if per_metric:
                 out.setdefault(size, {})[name] = per_metric
     return out

@@ -61,7 +61,7 @@ def curves_with_speedup(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: s
         x, y = curve(curves, tid, metric)
         label = name
         sp = speedups.get(size, {}).get(name)
-        if sp and sp.get("mean") is not None and np.isfinite(sp["mean"]):
+        if sp and sp.get("mean") is not None:
             label += f" ({sp['mean']:.2f}x)"
         ax.plot(x, ema(y, 0.1), label=label, color="k" if name == "Baseline" else None)
     ax.set_xlabel("tokens")

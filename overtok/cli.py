@@ -106,6 +106,35 @@ def cmd_fit_law(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from overtok.report import report_sweep
+
+    print(f"[overtok] wrote {report_sweep(args.sweep, args.tracking_uri, args.ui)}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    import os
+    import subprocess
+
+    from overtok.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if args.host not in ("127.0.0.1", "localhost") and not args.expose:
+        from overtok.config import ConfigError
+
+        raise ConfigError(f"binding {args.host} exposes every run to the network; add --expose to confirm",
+                          file="--host", key="host")
+    print(f"[overtok] MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port), "--workers", "1",
+           "--backend-store-uri", uri]
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
 def _results_dir(sweep: str) -> Path:
     """Accept a sweep name, a sweep YAML path or a results/<sweep> directory."""
     p = Path(sweep)
@@ -176,6 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_fit_law)
+    p = sub.add_parser("report", help="export, fit, plot and write dashboards/<sweep>/index.html (self-contained)")
+    p.add_argument("sweep", help="sweep name or YAML")
+    p.add_argument("--ui", default="http://127.0.0.1:5000", help="MLflow UI base URL for the run and compare links")
+    _add_tracking(p)
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on the project's store, bound to 127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs --expose")
+    p.add_argument("--expose", action="store_true", help="allow binding a non-loopback address (no authentication!)")
+    _add_tracking(p)
+    p.set_defaults(fn=cmd_ui)
     return ap
 
 

@@ -145,6 +145,7 @@ class SweepTracker:
         rid = run.info.run_id
         params = flat_params(trial)
         params.update({f"varied.{k}": v for k, v in trial.varied.items()})
+        params.update({f"resources.{k}": v for k, v in self.sweep.resources.items()})
         log_params(self.c, rid, params)
         self.c.log_text(rid, trial.to_json(), "trial.json")
         self.children[trial.trial_id] = self.c.get_run(rid)

@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,15 @@ def cli(tmp_path):
                               text=True, timeout=timeout, env=e)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory):
+    """The shipped quickstart sweep, shrunk in steps, run once for several tests."""
+    from tests.sweeplib import SMALL, overtok
+
+    work = tmp_path_factory.mktemp("qs")
+    shutil.copy(ROOT / "sweeps" / "quickstart.yaml", work / "quickstart.yaml")
+    t0 = time.time()
+    res = overtok(work, "sweep", "quickstart.yaml", *[f"--set={s}" for s in SMALL])
+    return work, res, time.time() - t0

@@ -1,7 +1,6 @@
 """End-to-end sweeps: real local Ray, real MLflow (SQLite store and an `mlflow server`), real processes."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,16 +24,6 @@ grid:
   model.od_depth: [1, 2]
 max_concurrent: 2
 """
-
-
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """The shipped quickstart sweep, shrunk in steps, run once for several tests."""
-    work = tmp_path_factory.mktemp("qs")
-    shutil.copy(ROOT / "sweeps" / "quickstart.yaml", work / "quickstart.yaml")
-    t0 = time.time()
-    res = overtok(work, "sweep", "quickstart.yaml", *[f"--set={s}" for s in SMALL])
-    return work, res, time.time() - t0
 
 
 def test_quickstart_end_to_end(quickstart):

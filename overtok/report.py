@@ -1,0 +1,201 @@
+"""`overtok report SWEEP`: one self-contained HTML page per sweep (dashboards/<sweep>/index.html).
+
+The page makes no network requests: figures are inlined as base64 PNG, the sort script is inline. It is
+rebuilt from MLflow each time (export -> fit -> figures), so it works while a sweep is still running: a
+rerun shows new trials. Every string from configs, run names or errors goes through ``html.escape``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pandas as pd
+
+DEFAULT_UI = "http://127.0.0.1:5000"
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{margin-bottom:4px} .muted{color:#666} table{border-collapse:collapse;margin:12px 0;font-size:13px}
+th,td{border:1px solid #ddd;padding:4px 8px;text-align:right} th{background:#f4f4f4;cursor:pointer;user-select:none}
+td.l,th.l{text-align:left} .FINISHED{color:#17702b} .FAILED{color:#b00020} .RUNNING{color:#8a6d00} .KILLED{color:#666}
+.cards{display:flex;gap:12px;flex-wrap:wrap} .card{border:1px solid #ddd;border-radius:6px;padding:8px 14px}
+.card b{display:block;font-size:20px} img{max-width:100%;border:1px solid #eee;margin:6px 0}
+.figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:12px}
+"""
+
+SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function(th, col){
+  th.addEventListener('click', function(){
+    var table = th.closest('table'), body = table.tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    var asc = th.getAttribute('data-dir') !== 'asc';
+    rows.sort(function(a, b){
+      var x = a.cells[col].getAttribute('data-v'), y = b.cells[col].getAttribute('data-v');
+      var nx = parseFloat(x), ny = parseFloat(y);
+      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : String(x).localeCompare(String(y));
+      return asc ? c : -c;
+    });
+    rows.forEach(function(r){ body.appendChild(r); });
+    table.querySelectorAll('th').forEach(function(h){ h.removeAttribute('data-dir'); });
+    th.setAttribute('data-dir', asc ? 'asc' : 'desc');
+  });
+});
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _num(v, digits=4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) >= 1e5 else f"{v:.{digits}f}"
+    return str(v)
+
+
+def _cell(v, left=False) -> str:
+    text = _num(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+    sort_v = v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else text
+    return f'<td{" class=l" if left else ""} data-v="{_e(sort_v)}">{_e(text)}</td>'
+
+
+def run_url(ui: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui}/#/experiments/{quote(str(experiment_id))}/runs/{quote(run_id)}"
+
+
+def compare_url(ui: str, experiment_id: str, run_ids: list[str]) -> str:
+    runs = quote(json.dumps(list(run_ids)), safe="")
+    exps = quote(json.dumps([str(experiment_id)]), safe="")
+    return f"{ui}/#/compare-runs?runs={runs}&experiments={exps}"
+
+
+def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, experiment_id: str,
+                 ui: str = DEFAULT_UI, varied: list[str] | None = None) -> Path:
+    """Write the page from an export (runs.parquet rows), fits.json and the figures directory."""
+    sweep = str(runs.sweep.iloc[0]) if len(runs) else out.parent.name
+    varied = varied or sorted(c for c in runs.columns if c.startswith("varied."))
+    status = runs.status.value_counts().to_dict() if len(runs) else {}
+    tokens = float(runs.get("tokens_seen", pd.Series(dtype=float)).fillna(0).sum())
+    gpu_h = 0.0  # trial wall time (tokens / mean tokens/s) x the GPU fraction it held
+    if {"tokens_seen", "tokens_per_s", "resources.gpu"} <= set(runs.columns):
+        secs = (runs.tokens_seen / runs.tokens_per_s).where(runs.tokens_per_s > 0, 0).fillna(0)
+        gpu_h = float((secs * pd.to_numeric(runs["resources.gpu"], errors="coerce").fillna(0)).sum() / 3600)
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>overtok: {_e(sweep)}</title>",
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>Sweep {_e(sweep)}</h1><p class=muted>built {_e(time.strftime('%Y-%m-%d %H:%M:%S'))} from MLflow; "
+             f"rebuild with <code>overtok report {_e(sweep)}</code> to see new trials</p>",
+             "<div class=cards>"]
+    for label, val in [("trials", len(runs)), ("finished", status.get("FINISHED", 0)), ("running", status.get("RUNNING", 0)),
+                       ("failed", status.get("FAILED", 0)), ("killed", status.get("KILLED", 0)),
+                       ("tokens", f"{tokens:,.0f}"), ("GPU-hours", f"{gpu_h:.2f}")]:
+        parts.append(f"<div class=card>{_e(label)}<b>{_e(val)}</b></div>")
+    parts.append("</div>")
+
+    # run table
+    cols = [("run", "run_name", True), ("status", "status", True), ("variant", "variant", True)]
+    cols += [(v.removeprefix("varied."), v, False) for v in varied]
+    cols += [("train loss", "final.train/loss", False), ("val loss", "final.val/loss", False),
+             ("gen acc", "final.val/gen_acc", False), ("tokens", "tokens_seen", False), ("tokens/s", "tokens_per_s", False)]
+    cols = [c for c in cols if c[1] in runs.columns or c[1] in ("run_name", "status")]
+    parts.append("<h2>Runs</h2><table class=sortable id=runs><thead><tr>")
+    parts += [f"<th class={'l' if left else 'r'}>{_e(name)}</th>" for name, _, left in cols]
+    parts.append("<th class=l>MLflow</th><th class=l>error</th></tr></thead><tbody>")
+    for row in runs.to_dict("records"):
+        parts.append("<tr>")
+        for name, key, left in cols:
+            v = row.get(key, "")
+            if name == "status":
+                parts.append(f'<td class="l {_e(v)}" data-v="{_e(v)}">{_e(v)}</td>')
+            else:
+                parts.append(_cell(v if v is not None else "", left))
+        parts.append(f'<td class=l><a href="{_e(run_url(ui, experiment_id, row["run_id"]))}">open</a></td>')
+        parts.append(f"<td class=l>{_e(str(row.get('error', '') or '')[:300])}</td></tr>")
+    parts.append("</tbody></table>")
+
+    # comparisons the paper makes: all variants at one model size
+    if "model.d_model" in runs.columns and len(runs):
+        parts.append("<h2>Compare in MLflow</h2><ul>")
+        for (d, L), g in runs.groupby(["model.d_model", "model.n_layers"]):
+            url = compare_url(ui, experiment_id, list(g.run_id))
+            parts.append(f'<li><a href="{_e(url)}">d{_e(d)}-L{_e(L)}: all {len(g)} input vocabularies / OD depths</a></li>')
+        parts.append(f"</ul><p class=muted>Links point at the MLflow UI at {_e(ui)} (start it with <code>overtok ui</code>).</p>")
+
+    # fits
+    parts.append("<h2>Fitted laws</h2>")
+    parts.append(_fits_html(fits))
+
+    # figures, inlined
+    pngs = sorted(Path(figures_dir).glob("*.png")) if Path(figures_dir).exists() else []
+    if pngs:
+        parts.append("<h2>Figures</h2><div class=figs>")
+        for p in pngs:
+            data = base64.b64encode(p.read_bytes()).decode()
+            parts.append(f'<figure><img alt="{_e(p.stem)}" src="data:image/png;base64,{data}"><figcaption>{_e(p.stem)}'
+                         "</figcaption></figure>")
+        parts.append("</div>")
+    parts.append(f"<script>{SORT_JS}</script></body></html>")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(parts), encoding="utf-8")
+    return out
+
+
+def _fits_html(fits: dict) -> str:
+    rows = []
+    for metric, per_size in (fits.get("loglinear") or {}).items():
+        for size, f in per_size.items():
+            est, ci = f["estimates"], f["ci"]
+            rows.append(("log-linear " + metric, size, f"L = {_num(est['intercept'])} + {_num(est['slope'])} log10(V+m)",
+                         f"slope CI [{_num(ci['slope'][0])}, {_num(ci['slope'][1])}]"))
+    for variant, per_conv in (fits.get("chinchilla") or {}).items():
+        for conv, f in per_conv.items():
+            est = f["estimates"]
+            rows.append((f"Chinchilla ({conv})", variant, ", ".join(f"{k}={_num(v)}" for k, v in est.items()),
+                         ", ".join(f"{k} [{_num(a)}, {_num(b)}]" for k, (a, b) in f["ci"].items())))
+    for size, per_variant in (fits.get("speedup") or {}).items():
+        for variant, per_metric in per_variant.items():
+            for metric, s in per_metric.items():
+                if s.get("not_reached"):
+                    rows.append(("speedup " + metric, f"{size} {variant}", "never reaches the baseline's final value", ""))
+                    continue
+                rows.append(("speedup " + metric, f"{size} {variant}", f"{_num(s.get('mean'))}x over {s.get('n')} seed(s)",
+                             f"CI [{_num(s['ci'][0])}, {_num(s['ci'][1])}]"))
+    if not rows:
+        return "<p class=muted>no fits yet (need finished trials)</p>"
+    out = ["<table class=sortable id=fits><thead><tr><th class=l>law</th><th class=l>group</th><th class=l>estimate</th>"
+           "<th class=l>95% CI</th></tr></thead><tbody>"]
+    for r in rows:
+        out.append("<tr>" + "".join(_cell(x, True) for x in r) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root: Path = Path(".")) -> Path:
+    """export -> fit -> figures -> dashboards/<sweep>/index.html."""
+    from analysis.commands import fit_sweep, plot_sweep
+    from analysis.tables import TableError
+    from overtok.export import export_sweep
+    from overtok.tracking import client, resolve_tracking_uri
+
+    paths = export_sweep(sweep, tracking_uri)
+    results = paths[0].parent
+    runs = pd.read_parquet(paths[0])
+    name = str(runs.sweep.iloc[0]) if len(runs) else results.name
+    fits: dict = {}
+    try:
+        fits = json.loads(fit_sweep(results, bootstrap=100).read_text())
+        plot_sweep(results)
+    except TableError:
+        pass  # nothing finished yet: the page shows the run table alone
+    exp_meta = json.loads((results / "export.json").read_text())
+    c = client(resolve_tracking_uri(tracking_uri or exp_meta["tracking_uri"]))
+    exp_id = c.get_experiment_by_name(exp_meta["experiment"]).experiment_id
+    return build_report(runs, fits, results / "figures", root / "dashboards" / name / "index.html", exp_id, ui)

@@ -1,0 +1,68 @@
+"""The sweep report opened in real headless Chromium: no console errors, one row per trial, every figure loaded,
+a run name with <script> shown as text. A screenshot is written next to the page and to tests/output/."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.sweeplib import overtok, sweep_runs
+
+pytestmark = pytest.mark.slow
+
+EVIL = '<script>document.title="pwned"</script><img src=x onerror=alert(1)>'
+
+# injected into a copy of the page only: records errors and the checks into the DOM for --dump-dom
+PROBE_HEAD = """<script>window.__errors=[];window.addEventListener('error',function(e){__errors.push(String(e.message||e))},true);
+var __ce=console.error;console.error=function(){__errors.push(Array.prototype.join.call(arguments,' '));__ce.apply(console,arguments)};</script>"""
+PROBE_TAIL = """<script>window.addEventListener('load',function(){setTimeout(function(){
+var imgs=Array.prototype.slice.call(document.images);
+var out={errors:__errors,title:document.title,rows:document.querySelectorAll('#runs tbody tr').length,
+images:imgs.length,loaded:imgs.filter(function(i){return i.complete&&i.naturalWidth>0}).length,
+evil_text:Array.prototype.some.call(document.querySelectorAll('#runs td'),function(td){return td.textContent.indexOf('<script>')>=0}),
+scripts:document.scripts.length};
+var pre=document.createElement('pre');pre.id='__check';pre.textContent=JSON.stringify(out);document.body.appendChild(pre);},300)});</script>"""
+
+CHROME = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+          "--disable-component-update", "--disable-sync", "--disable-quic"]
+
+
+def test_report_in_headless_chromium(quickstart, tmp_path):
+    assert shutil.which("chromium"), "Debian's chromium is installed by the Makefile's test target"
+    work, res, _ = quickstart
+    assert res.returncode == 0
+    c, _, children = sweep_runs(f"sqlite:///{work}/results/mlflow.db", "quickstart")
+    victim = children[0].info.run_id
+    c.set_tag(victim, "mlflow.runName", EVIL)
+    out = overtok(work, "report", "quickstart")
+    assert out.returncode == 0, out.stderr[-3000:]
+    page = work / "dashboards" / "quickstart" / "index.html"
+    text = page.read_text()
+    assert EVIL not in text and "&lt;script&gt;" in text
+    assert not re.search(r"""(src|href)=["']?(https?:)?//(?!127\.0\.0\.1)""", text.replace('href="http://127.0.0.1', ""))
+    assert not re.search(r"""<(img|script|link)[^>]+(src|href)=["']?https?:""", text)  # nothing fetched
+
+    probe = tmp_path / "probe.html"
+    probe.write_text(text.replace("<head>", "<head>" + PROBE_HEAD, 1).replace("</body>", PROBE_TAIL + "</body>"))
+    profile = tmp_path / "profile"
+    dom = subprocess.run(CHROME + [f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom",
+                                   probe.as_uri()], capture_output=True, text=True, timeout=120)
+    m = re.search(r'<pre id="__check">(.*?)</pre>', dom.stdout)
+    assert m, dom.stderr[-2000:]
+    check = json.loads(m.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
+    assert check["errors"] == [], check
+    assert check["rows"] == len(children) == 12
+    assert check["images"] >= 5 and check["loaded"] == check["images"]
+    assert check["evil_text"] and check["title"] != "pwned"
+
+    shot = page.with_name("screenshot.png")
+    subprocess.run(CHROME + [f"--user-data-dir={profile}2", "--window-size=1400,2400", f"--screenshot={shot}",
+                             page.as_uri()], capture_output=True, timeout=120)
+    assert shot.stat().st_size > 20_000
+    keep = ROOT / "tests" / "output"
+    keep.mkdir(exist_ok=True)
+    shutil.copy(shot, keep / "report_screenshot.png")
+    print(f"screenshot: {keep / 'report_screenshot.png'}")
