@@ -168,13 +168,14 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         for part in combo:
             point.update(part)
         data = json.loads(json.dumps(base))
-        for k, v in point.items():
-            set_dotted(data, k, v)
         where = ", ".join(f"{k}={v}" for k, v in point.items())
         try:
+            for k, v in point.items():
+                set_dotted(data, k, v)
             cfg = resolve_vocab(build_config(data))
         except ConfigError as e:
-            gkey = next((f"grid.{k}" for k in grid if k == e.key), None) or next(
+            gkey = next((f"grid.{k}" for k in grid if k == e.key or e.key.startswith(f"{k}.") or k.startswith(f"{e.key}.")),
+                        None) or next(
                 (f"zip[{i}].{e.key}" for i, g in enumerate(zips) if e.key in g), f"base.{e.key}")
             line = lines.get(gkey) or lines.get(f"grid.{e.key}") or lines.get(f"base.{e.key}")
             raise ConfigError(f"{e.problem} (trial {where})", file=file, key=gkey, line=line) from None

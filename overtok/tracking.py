@@ -102,8 +102,11 @@ class MetricBuffer:
         self.min_step = dict(min_step or {})
 
     def add(self, key: str, value: float, step: int, timestamp_ms: int | None = None) -> None:
+        # each key's points arrive in step order; anything at or below the last accepted step was sent again by
+        # a restarted trial (exact resume replays the same values)
         if step <= self.min_step.get(key, -1):
             return
+        self.min_step[key] = step
         if not math.isfinite(value):
             return  # MLflow rejects NaN/inf; the failure itself is recorded as the run's error
         self.points.append((key, float(value), int(step), timestamp_ms or int(time.time() * 1000)))
@@ -132,6 +135,38 @@ class MetricBuffer:
             time.sleep(delay)
             delay = min(delay * 2, 15.0)
         return True
+
+
+USER_ERROR_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST",
+                    "PERMISSION_DENIED", "INVALID_STATE"}
+
+
+class RetryingClient:
+    """An MlflowClient whose calls are retried with backoff while the store is unreachable (a restarting
+    tracking server, a locked file); errors that retrying cannot fix are raised at once."""
+
+    def __init__(self, c, timeout_s: float = 900.0):
+        self._c, self._timeout_s = c, timeout_s
+
+    def __getattr__(self, name):
+        fn = getattr(self._c, name)
+        if not callable(fn):
+            return fn
+
+        def call(*args, **kwargs):
+            deadline, delay = time.time() + self._timeout_s, 1.0
+            while True:
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - classify below
+                    if getattr(e, "error_code", None) in USER_ERROR_CODES or time.time() > deadline:
+                        raise
+                    print(f"[overtok] MLflow {name} failed ({type(e).__name__}); retrying in {delay:.0f}s",
+                          file=sys.stderr, flush=True)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 15.0)
+
+        return call
 
 
 def last_steps(c, run_id: str) -> dict[str, int]:

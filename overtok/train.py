@@ -76,14 +76,23 @@ def make_optimizer(model: Transformer, t: TrainConfig, device: torch.device) -> 
 # Checkpoints: written atomically (tmp + rename); a truncated newest file falls back to the previous one.
 
 
+class CheckpointError(RuntimeError):
+    """The checkpoint directory cannot be written (missing, not a directory, read-only, full)."""
+
+
 def save_checkpoint(ckpt_dir: Path, state: dict, keep: int = 2) -> Path:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"ckpt_{state['step']:09d}.pt"
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+    except (OSError, RuntimeError) as e:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {e}") from None
     for old in sorted(ckpt_dir.glob("ckpt_*.pt"))[:-keep]:
         old.unlink()
     return path

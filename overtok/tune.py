@@ -27,6 +27,7 @@ from overtok.tracking import (
     SWEEP_TAG,
     TRIAL_ID_TAG,
     MetricBuffer,
+    RetryingClient,
     Sink,
     client,
     experiment_id,
@@ -77,7 +78,7 @@ def trial_main(config: dict) -> None:
     spec = json.loads(config["trial"])
     cfg: RunConfig = build_config(spec["config"])
     sink = ReportSink(spec["trial_id"])
-    sink.report(node_id=_node_id())  # where it ran, recorded as a tag
+    sink.report(node_id=_node_id(), pid=os.getpid())  # where it ran, recorded as tags
     try:
         summary = train(cfg, sink)
     except Exception as e:
@@ -102,7 +103,7 @@ class SweepTracker:
 
     def __init__(self, sweep: Sweep, uri: str):
         self.sweep, self.uri = sweep, uri
-        self.c = client(uri)
+        self.c = RetryingClient(client(uri))
         self.exp = experiment_id(self.c, sweep.experiment)
         runs = self.c.search_runs([self.exp], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep.name}'", max_results=50000)
         parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "parent"]
@@ -206,7 +207,9 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
             if POINTS_KEY in result:
                 tracker.add_points(tid, result[POINTS_KEY])
             if result.get("node_id"):
-                tracker.c.set_tag(tracker.buffers[tid].run_id, "overtok.node_id", result["node_id"])
+                rid = tracker.buffers[tid].run_id
+                tracker.c.set_tag(rid, "overtok.node_id", result["node_id"])
+                tracker.c.set_tag(rid, "overtok.pid", str(result.get("pid", "")))
             if result.get(ERROR_KEY):
                 tracker.errors[tid] = result[ERROR_KEY]
             self._progress()

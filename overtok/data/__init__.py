@@ -126,8 +126,13 @@ def corpus_vocab_size(cfg: RunConfig) -> int:
     d = cfg.data
     if not d.corpus:
         raise DataError("data.kind: text needs data.path (prepared) or data.corpus + data.tokenizer")
-    if not Path(d.corpus).exists():
+    corpus = Path(d.corpus)
+    if not corpus.exists():
         raise DataError(f"{d.corpus}: no such file or directory")
+    if corpus.is_dir() and not any(f.is_file() and not f.name.startswith(".") for f in corpus.rglob("*")):
+        raise DataError(f"{d.corpus}: no input files")
+    if corpus.is_file() and corpus.stat().st_size == 0:
+        raise DataError(f"{d.corpus}: empty file")
     if d.tokenizer.startswith("bpe:"):
         return int(d.tokenizer.split(":", 1)[1])
     if not d.tokenizer or not Path(d.tokenizer).is_file():

@@ -67,7 +67,7 @@ def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[tupl
             if (p / "dataset_info.json").exists() or list(p.glob("*.arrow")):
                 files.extend(sorted(p.glob("*.arrow")))
             else:
-                files.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(("README", "MANIFEST"))))
+                files.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(("README", "MANIFEST", "."))))
         elif p.is_file():
             files.append(p)
         else:

@@ -1,0 +1,175 @@
+"""Fault injection with real processes: a killed trial worker, a tracking server that goes away for 30 s,
+checkpoints that cannot be written or were cut short, a loss that turns NaN."""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from overtok.train import CheckpointError, load_latest_checkpoint, save_checkpoint
+from tests.sweeplib import env, free_port, kill_group, overtok, sweep_runs, wait_for, write
+
+TWO_TRIALS = """
+name: {name}
+base:
+  model: {{d_model: 32, n_layers: 2, n_heads: 2, seq_len: 64}}
+  data: {{batch_size: 8}}
+  train: {{max_steps: {steps}, eval_every: 100, log_every: 10, checkpoint_every: 40, gen_samples: 0}}
+grid:
+  model.od_depth: [1, 2]
+max_concurrent: 2
+max_failures: 2
+"""
+
+
+def _complete_curve(c, run, steps):
+    got = sorted(m.step for m in c.get_metric_history(run.info.run_id, "train/loss"))
+    tps = int(run.data.params["tokens_per_step"])
+    return got == [tps * 10 * i for i in range(1, steps // 10 + 1)]
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_trial_worker_retries_it_from_its_checkpoint(tmp_path):
+    write(tmp_path / "wk.yaml", TWO_TRIALS.format(name="wk", steps=400))
+    uri = f"sqlite:///{tmp_path}/results/mlflow.db"
+    proc = subprocess.Popen([sys.executable, "-m", "overtok", "sweep", "wk.yaml"], cwd=tmp_path, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        ckpts = tmp_path / "results" / "ray" / "wk" / "trials"
+
+        def victim():
+            _, _, runs = sweep_runs(uri, "wk")
+            for r in runs:
+                pid = r.data.tags.get("overtok.pid")
+                if pid and list((ckpts / r.data.tags["overtok.trial_id"]).glob("ckpt_*.pt")):
+                    return r, int(pid)
+            return None
+
+        wait_for(lambda: victim() is not None, 240, what="a trial with a checkpoint")
+        run, pid = victim()
+        os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, out[-3000:]
+    c, parents, children = sweep_runs(uri, "wk")
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    killed = next(r for r in children if r.info.run_id == run.info.run_id)
+    assert killed.data.tags.get("overtok.retried") == "true"
+    other = next(r for r in children if r.info.run_id != run.info.run_id)
+    assert "overtok.retried" not in other.data.tags
+    assert all(_complete_curve(c, r, 400) for r in children)  # no gap, no duplicate step
+    assert "resumed from" in out
+
+
+@pytest.mark.slow
+def test_tracking_server_down_for_30s_loses_no_point(tmp_path):
+    port = free_port()
+    db = tmp_path / "server.db"
+
+    def start_server():
+        return subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{db}", "--default-artifact-root", str(tmp_path / "art")],
+            env=env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def up():
+        import urllib.request
+
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def stop(server):
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            kill_group(server)
+
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server()
+    sweep = None
+    try:
+        wait_for(up, 120, what="mlflow server")
+        write(tmp_path / "down.yaml", TWO_TRIALS.format(name="down", steps=600))
+        sweep = subprocess.Popen([sys.executable, "-m", "overtok", "sweep", "down.yaml", "--tracking-uri", uri],
+                                 cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+
+        def logging_started():
+            _, _, runs = sweep_runs(uri, "down")
+            return len(runs) == 2 and all("train/loss" in r.data.metrics for r in runs)
+
+        wait_for(logging_started, 240, every=2, what="first metric points")
+        stop(server)
+        time.sleep(30)
+        assert sweep.poll() is None, "the sweep must survive the outage"
+        server = start_server()
+        wait_for(up, 120, what="mlflow server restart")
+        out, _ = sweep.communicate(timeout=600)
+        assert sweep.returncode == 0, out[-3000:]
+        c, parents, children = sweep_runs(uri, "down")
+        assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+        assert all(_complete_curve(c, r, 600) for r in children)
+    finally:
+        if sweep is not None:
+            kill_group(sweep)
+        stop(server)
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    save_checkpoint(tmp_path, {"step": 10, "w": torch.ones(1000)})
+    newest = save_checkpoint(tmp_path, {"step": 20, "w": torch.full((1000,), 2.0)})
+    newest.write_bytes(newest.read_bytes()[:1500])  # power loss mid-write (of a non-atomic writer)
+    state = load_latest_checkpoint(tmp_path)
+    assert state["step"] == 10 and float(state["w"][0]) == 1.0
+
+
+def test_unwritable_checkpoint_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(CheckpointError, match="cannot write checkpoint"):
+        save_checkpoint(blocker / "ckpts", {"step": 1})
+
+
+def _limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
+
+
+@pytest.mark.parametrize("case", ["full", "unwritable", "nan"])
+def test_train_fails_cleanly(tmp_path, case):
+    sets = ["train.max_steps=30", "train.checkpoint_every=10", "train.gen_samples=0", "train.log_every=1"]
+    kw = {}
+    if case == "full":  # a 3M-parameter model's checkpoint (~40 MB) meets an 8 MB file-size limit
+        sets += ["model.d_model=256", "model.n_layers=4", "model.seq_len=32", "data.batch_size=2"]
+        kw["preexec_fn"] = _limit_file_size
+    elif case == "unwritable":
+        (tmp_path / "file").write_text("x")
+        sets += [f"train.checkpoint_dir={tmp_path / 'file' / 'ckpt'}"]
+    else:
+        sets += ["train.lr=1e12", "train.grad_clip=0", "train.warmup_steps=0"]
+    args = [a for s in sets for a in ("--set", s)]
+    t0 = time.time()
+    res = overtok(tmp_path, "train", *args, timeout=300, **kw)
+    assert res.returncode == 1 and time.time() - t0 < 300
+    c, runs = None, None
+    from overtok.tracking import client
+
+    c = client(f"sqlite:///{tmp_path}/results/mlflow.db")
+    run = c.search_runs([c.get_experiment_by_name("overtok").experiment_id])[0]
+    assert run.info.status == "FAILED"
+    err = run.data.tags["overtok.error"]
+    if case == "nan":
+        assert "TrainingDiverged" in err and ("nan at step" in err or "inf at step" in err)
+    else:
+        assert "CheckpointError: cannot write checkpoint" in err
+        assert not list((tmp_path / "results" / "checkpoints").rglob("*.tmp"))
