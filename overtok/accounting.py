@@ -82,3 +82,12 @@ def _activation_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int) -> in
     act = layers * (34 * T * B * d + 5 * H * T * T * B) * dtype_bytes // 2
     logits = 3 * 4 * B * T * cfg.output_vocab_size * cfg.od_depth
     return act + logits
+
+
+def checkpoint_bytes(cfg: ModelConfig) -> int:
+    """Size of one checkpoint: fp32 weights + two AdamW moments (row-sparse OE tables: table_dtype, 3 copies).
+    Two are kept per trial; with large OE tables this is what fills disks."""
+    g = param_groups(cfg)
+    dense = sum(g.values()) - (g["oe_tables"] if cfg.oe.sparse_update else 0)
+    tables = 3 * (2 if cfg.oe.table_dtype == "bfloat16" else 4) * g["oe_tables"] if cfg.oe.sparse_update else 0
+    return 12 * dense + tables

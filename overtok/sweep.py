@@ -222,19 +222,20 @@ def trial_plan(trial: Trial, on_gpu: bool = False) -> dict[str, Any]:
     return {"trial_id": trial.trial_id, **trial.varied, **{f"N_{k}": v for k, v in groups.items()},
             "flops_per_token": accounting.flops_per_token(cfg.model), "tokens": tokens,
             "total_flops": accounting.flops_per_token(cfg.model) * positions,
-            "memory_gb": accounting.memory_estimate_bytes(cfg.model, cfg.data.batch_size, act_bytes) / 2**30}
+            "memory_gb": accounting.memory_estimate_bytes(cfg.model, cfg.data.batch_size, act_bytes) / 2**30,
+            "ckpt_gb": accounting.checkpoint_bytes(cfg.model) / 2**30}
 
 
 def plan_table(sweep: Sweep) -> str:
     rows = [trial_plan(t, on_gpu=sweep.resources.get("gpu", 0) > 0) for t in sweep.trials]
     cols = ["trial_id", *sweep.varied_keys, "N_body", "N_embedding", "N_oe_tables", "N_oe_proj", "N_head",
-            "N_extra_heads", "flops_per_token", "tokens", "memory_gb"]
+            "N_extra_heads", "flops_per_token", "tokens", "memory_gb", "ckpt_gb"]
     cells = [[c.split(".")[-1] if "." in c else c for c in cols]]
     for r in rows:
         out = []
         for c in cols:
             v = r[c]
-            if c == "memory_gb":
+            if c in ("memory_gb", "ckpt_gb"):
                 out.append(f"{v:.2f}")
             elif c.startswith("N_") or c in ("flops_per_token", "tokens"):
                 out.append(_fmt_count(v))
@@ -248,7 +249,8 @@ def plan_table(sweep: Sweep) -> str:
     lines.append("")
     lines.append(f"sweep {sweep.name}: {len(rows)} trials, {_fmt_count(total_tokens)} tokens, "
                  f"{total_flops:.3g} training FLOPs, resources per trial {sweep.resources}, "
-                 f"peak memory per trial up to {max(r['memory_gb'] for r in rows):.2f} GiB (estimate)")
+                 f"peak memory per trial up to {max(r['memory_gb'] for r in rows):.2f} GiB (estimate); checkpoints "
+                 f"{2 * sum(r['ckpt_gb'] for r in rows):.1f} GiB on disk if every trial keeps its 2 newest")
     return "\n".join(lines)
 
 
