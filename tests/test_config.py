@@ -24,3 +24,8 @@ def test_every_subcommand_has_help(cli):
     for cmd in [["train"], ["data", "prepare"], ["plan"], ["sweep"], ["export"], ["fit"], ["plots"], ["fit-law"]]:
         res = cli(*cmd, "--help")
         assert res.returncode == 0 and "usage: overtok" in res.stdout
+
+
+def test_ui_refuses_a_wide_bind_without_expose(cli):
+    res = cli("ui", "--host", "0.0.0.0")
+    assert res.returncode == 2 and "--expose" in res.stderr and "Traceback" not in res.stderr
