@@ -78,7 +78,7 @@ def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
            "params": groups, "build_s": build_s, "warmup_s": warm_s,
            "optimizer": "adamw+oe_lazy_row_adam" if tables else "adamw"}
-    del model, opt, batches, step, tables
+    model = opt = batches = step = tables = None  # noqa: F841 - release before the next variant
     # compiled code keeps the module (and so its OE tables) alive; drop it before the next variant's peak is measured
     torch._dynamo.reset()
     gc.collect()

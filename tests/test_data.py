@@ -73,3 +73,28 @@ def test_prepare_rejects_bad_input(tmp_path):
         prepare([empty], tmp_path / "o2", "bpe:300")
     with pytest.raises(DataError, match="no such file"):
         prepare([tmp_path / "missing"], tmp_path / "o3", "bpe:300")
+
+
+def test_prepare_jsonl_parquet_and_hf_saved_dataset(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [f"Document number {i}. " + "The quick brown fox jumps over the lazy dog. " * (5 + i % 7) for i in range(60)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[:20]))
+    pq.write_table(pa.table({"text": docs[20:40]}), tmp_path / "b.parquet")
+    hf = tmp_path / "hf"  # the layout of datasets' save_to_disk: Arrow IPC stream files + dataset_info.json
+    hf.mkdir()
+    (hf / "dataset_info.json").write_text("{}")
+    table = pa.table({"text": docs[40:]})
+    with pa.OSFile(str(hf / "data-00000-of-00001.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+    res = prepare([tmp_path / "a.jsonl", tmp_path / "b.parquet", hf], tmp_path / "out", "bpe:300", val_fraction=0.1)
+    m = res.meta
+    assert m["train_documents"] + m["val_documents"] == 60
+    assert set(m["sources"]) == {"a.jsonl", "b.parquet", "data-00000-of-00001.arrow"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text field"}\n')
+    with pytest.raises(DataError, match="no field 'text'"):
+        prepare([bad], tmp_path / "o", "bpe:300")

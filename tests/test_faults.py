@@ -161,7 +161,6 @@ def test_train_fails_cleanly(tmp_path, case):
     t0 = time.time()
     res = overtok(tmp_path, "train", *args, timeout=300, **kw)
     assert res.returncode == 1 and time.time() - t0 < 300
-    c, runs = None, None
     from overtok.tracking import client
 
     c = client(f"sqlite:///{tmp_path}/results/mlflow.db")

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
 from tests.sweeplib import SMALL, env, free_port, kill_group, overtok, sweep_runs, wait_for, write
 
 pytestmark = pytest.mark.slow
@@ -148,8 +147,8 @@ def test_sweep_joins_a_two_node_cluster(tmp_path):
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         import json
 
-        probe = ("import json, ray; ray.init(address='127.0.0.1:%d', logging_level='ERROR'); "
-                 "print(json.dumps([n['NodeID'] for n in ray.nodes() if 'worker_node' in n['Resources']]))" % port)
+        probe = (f"import json, ray; ray.init(address='127.0.0.1:{port}', logging_level='ERROR'); "
+                 "print(json.dumps([n['NodeID'] for n in ray.nodes() if 'worker_node' in n['Resources']]))")
         out = subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True, text=True, timeout=120)
         worker = json.loads(out.stdout.strip().splitlines()[-1])
         _, _, children = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "failing")

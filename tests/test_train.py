@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from overtok.tracking import Sink
 from overtok.train import TrainingDiverged, lr_at, train

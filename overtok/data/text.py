@@ -16,9 +16,9 @@ import hashlib
 import json
 import lzma
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -85,8 +85,8 @@ def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[tupl
                         raise DataError(f"{f}:{ln}: no field {text_field!r}")
                     yield name, rec[text_field]
         elif name.endswith((".parquet", ".arrow")):
-            import pyarrow.parquet as pq
             import pyarrow as pa
+            import pyarrow.parquet as pq
 
             table = pq.read_table(f) if name.endswith(".parquet") else pa.ipc.open_stream(f).read_all()
             if text_field not in table.column_names:
@@ -100,7 +100,7 @@ def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[tupl
 
 def load_tokenizer(spec: str, train_files: list[Path] | None = None, vocab_size: int = 0):
     """An HF tokenizer.json path, or 'bpe:<V>' to train a byte-level BPE on train_files."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if spec.startswith("bpe:"):
         V = int(spec.split(":", 1)[1])
@@ -149,7 +149,7 @@ def prepare(inputs: list[Path], out_dir: Path, tokenizer: str, val_fraction: flo
     n_bytes = {"train": 0, "val": 0}
     threshold = int(val_fraction * 2**32)
     encoded = tok.encode_batch([d for _, d in docs], add_special_tokens=False)
-    for (source, doc), enc in zip(docs, encoded):
+    for (_source, doc), enc in zip(docs, encoded):
         h = int.from_bytes(hashlib.blake2b(f"{seed}:{doc}".encode(), digest_size=4).digest(), "little")
         split = "val" if h < threshold else "train"
         splits[split].append(np.asarray(enc.ids + [eos], dtype=dtype))
