@@ -137,6 +137,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     for k, v in resources.items():
         _expect(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "must be a number >= 0", file,
                 f"resources.{k}", lines)
+    if "workers" in resources:  # data-parallel workers per trial (each gets cpu and gpu / workers)
+        _expect(isinstance(resources["workers"], int) and resources["workers"] >= 1, "must be an integer >= 1", file,
+                "resources.workers", lines)
     for key in ("max_concurrent", "max_failures", "max_trials"):
         v = raw.get(key, 0)
         _expect(isinstance(v, int) and not isinstance(v, bool) and v >= 0, "must be an integer >= 0", file, key, lines)
@@ -194,6 +197,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         cfg.train.checkpoint_dir = str(storage / name / "trials" / tid)
         trials.append(Trial(tid, cfg.tracking.run_name, varied, cfg))
     _expect(len(trials) > 0, "expands to no trials", file, "grid", lines)
+    if resources.get("workers", 1) > 1 or resources.get("gpu", 0) >= 2:
+        _expect(not any(t.config.model.oe.sparse_update and t.config.model.oe.n > 1 for t in trials),
+                "row-sparse OE tables (model.oe.sparse_update) are not synchronised across data-parallel workers yet",
+                file, "resources.workers", lines)
 
     return Sweep(name=name, file=file, trials=trials, resources={k: float(v) for k, v in resources.items()},
                  max_concurrent=raw.get("max_concurrent", 0), max_failures=raw.get("max_failures", 0),

@@ -154,8 +154,19 @@ def generation_accuracy(model: Transformer, batches: Batches, n_samples: int, de
 
 
 def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None = None) -> dict:
-    """Train to cfg.train.max_steps (resuming if a checkpoint exists); return the final summary metrics."""
-    sink = _HistorySink(sink or Sink())
+    """Train to cfg.train.max_steps (resuming if a checkpoint exists); return the final summary metrics.
+
+    Data-parallel when torch.distributed is initialised (Ray Train sets it up for multi-worker trials): every
+    rank draws its own batches, gradients are averaged by DDP, rank 0 evaluates, checkpoints and logs.
+    """
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if distributed and cfg.model.oe.sparse_update and cfg.model.oe.n > 1:
+        raise ValueError("row-sparse OE tables are not synchronised across data-parallel ranks yet; "
+                         "use model.oe.sparse_update: false with several workers")
+    sink = _HistorySink(sink if (sink and rank == 0) else Sink())
     t = cfg.train
     device = device or pick_device(t.device)
     torch.manual_seed(cfg.seed)
@@ -164,20 +175,26 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    train_data, val_data = Batches(cfg, "train"), Batches(cfg, "val")
+    train_data, val_data = Batches(cfg, "train", rank=rank), Batches(cfg, "val")
     with torch.device(device):  # build in place: OE tables can be tens of GB
         model = Transformer(cfg.model, eos_id=train_data.eos_id)
     opt = make_optimizer(model, t, device)
     if t.compile:  # the body and loss; the OE lookup stays eager (row-sparse tables use autograd hooks)
         model.body_and_loss = torch.compile(model.body_and_loss)
     sparse_tables = model.sparse_tables()
+    step_model = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     ckpt_dir = default_checkpoint_dir(cfg)
     step, tokens_seen, resumed_from = 0, 0, None
     state = load_latest_checkpoint(ckpt_dir)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        train_data.load_state_dict(state["data"])
+        ranks = state.get("data_ranks") or [state["data"]]
+        train_data.load_state_dict(ranks[rank] if rank < len(ranks) else state["data"])
         torch.set_rng_state(state["rng"])
         step, tokens_seen, resumed_from = state["step"], state["tokens_seen"], state["step"]
         print(f"[overtok] resumed from {ckpt_dir} at step {step}")
@@ -186,7 +203,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         sink.replay(state.get("history", []))
 
     flops_per_token = accounting.flops_per_token(cfg.model) / cfg.model.tokenizer_ngram  # per base token
-    tokens_per_step = cfg.tokens_per_step
+    tokens_per_step = cfg.tokens_per_step * world  # global tokens
     summary: dict[str, float] = {}
     t_last, tokens_last = time.time(), tokens_seen
     if device.type == "cuda":
@@ -196,7 +213,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         last_step = step == t.max_steps
 
         # once in a while: evaluate (and on the last step)
-        if ((step % t.eval_every == 0 and step > 0) or last_step) and step != resumed_from:
+        if rank == 0 and ((step % t.eval_every == 0 and step > 0) or last_step) and step != resumed_from:
             metrics = {"val/loss": eval_loss(model, val_data, t.eval_batches, device, autocast)}
             if cfg.data.kind == "text":
                 bpt = read_bytes_per_token(cfg)
@@ -208,8 +225,14 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
 
         # once in a while: checkpoint (not at step 0; always at the end so a finished run can be re-exported)
         if step > 0 and (step % t.checkpoint_every == 0 or (last_step and t.checkpoint_final)) and step != resumed_from:
+            data_states = [train_data.state_dict()]
+            if distributed:  # every rank's stream position, so a resumed run continues each one exactly
+                data_states = [None] * world
+                dist.all_gather_object(data_states, train_data.state_dict())
+        if rank == 0 and step > 0 and (step % t.checkpoint_every == 0 or (last_step and t.checkpoint_final)) \
+                and step != resumed_from:
             save_checkpoint(ckpt_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                       "tokens_seen": tokens_seen, "data": train_data.state_dict(),
+                                       "tokens_seen": tokens_seen, "data": data_states[0], "data_ranks": data_states,
                                        "rng": torch.get_rng_state(), "config": to_dict(cfg),
                                        "history": sink.history})
             sink.flush()
@@ -227,7 +250,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         for _ in range(t.grad_accum):
             batch = train_data.next().to(device, non_blocking=True)
             with autocast():
-                _, losses = model(batch)
+                _, losses = step_model(batch)
             (losses["total"] / t.grad_accum).backward()
             for k, v in losses.items():
                 parts[k] = parts.get(k, 0.0) + v.detach() / t.grad_accum

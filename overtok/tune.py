@@ -71,7 +71,7 @@ class ReportSink(Sink):
 
 
 def trial_main(config: dict) -> None:
-    """Tune function trainable: one trial = one ``train()``."""
+    """Tune function trainable: one trial = one ``train()`` (or, with several workers, a data-parallel TorchTrainer)."""
     from overtok.config import RunConfig, build_config
     from overtok.train import train
 
@@ -80,12 +80,91 @@ def trial_main(config: dict) -> None:
     sink = ReportSink(spec["trial_id"])
     sink.report(node_id=_node_id(), pid=os.getpid())  # where it ran, recorded as tags
     try:
-        summary = train(cfg, sink)
+        if config.get("workers", 1) > 1:
+            summary = _data_parallel(config, spec, sink)
+        else:
+            summary = train(cfg, sink)
     except Exception as e:
         sink.points.append(["sys/failed", 1.0, 0, int(time.time() * 1000)])
         sink.report(**{ERROR_KEY: f"{type(e).__name__}: {e}"[:4000]})
         raise
     sink.report(done_tokens=summary["tokens_seen"])
+
+
+class QueueSink(Sink):
+    """Rank 0 of a data-parallel trial: points go through a Ray queue to the Tune trial, which reports them."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        self.queue.put([[k, float(v), int(step), ts] for k, v in metrics.items()])
+
+
+def _ddp_worker(config: dict) -> None:
+    """Ray Train worker loop: the process group is set up by TorchTrainer; train() wraps the model in DDP."""
+    import ray.train
+
+    from overtok.config import build_config
+    from overtok.train import pick_device, train
+
+    cfg = build_config(json.loads(config["trial"])["config"])
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device() if config["use_gpu"] else pick_device("cpu")
+    summary = train(cfg, QueueSink(config["queue"]) if rank == 0 else None, device=device)
+    if rank == 0:
+        config["queue"].put({"summary": summary})
+
+
+def _data_parallel(config: dict, spec: dict, sink: ReportSink) -> dict:
+    """Run the trial as a TorchTrainer with config['workers'] workers inside this Tune trial (Ray Train V2)."""
+    import threading
+
+    import ray.train
+    import ray.train.torch
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": "DEFAULT"})  # outside the trial's bundle
+    trainer = ray.train.torch.TorchTrainer(
+        _ddp_worker,
+        train_loop_config={"trial": config["trial"], "queue": queue, "use_gpu": config["worker_gpu"] > 0},
+        scaling_config=ray.train.ScalingConfig(num_workers=config["workers"], use_gpu=config["worker_gpu"] > 0,
+                                               resources_per_worker={"CPU": config["worker_cpu"],
+                                                                     **({"GPU": config["worker_gpu"]} if config["worker_gpu"] else {})}),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if config["worker_gpu"] > 0 else "gloo"),
+        run_config=ray.train.RunConfig(name=f"ddp-{spec['trial_id']}-{int(time.time())}",
+                                       storage_path=config["storage_path"]),
+    )
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - re-raised in the trial below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    summary: dict = {}
+    while thread.is_alive() or not queue.empty():
+        try:
+            item = queue.get(timeout=1.0)
+        except Empty:
+            continue
+        if isinstance(item, dict):
+            summary = item["summary"]
+        else:
+            sink.points.extend(item)
+            if time.time() - sink.last > sink.every_s:
+                sink.flush()
+    thread.join()
+    sink.flush()
+    if "error" in outcome:
+        raise outcome["error"]
+    if getattr(outcome.get("result"), "error", None):
+        raise RuntimeError(f"data-parallel trial failed: {outcome['result'].error}")
+    return summary
 
 
 def _node_id() -> str:
@@ -297,11 +376,19 @@ def run_sweep(sweep: Sweep) -> dict:
 
     resources = dict(sweep.resources)
     cpu, gpu = resources.pop("cpu", 1.0), resources.pop("gpu", 0.0)
-    trainable = tune.with_resources(trial_main, tune.PlacementGroupFactory([{"CPU": cpu, "GPU": gpu, **resources}]))
+    workers = int(resources.pop("workers", 0)) or (int(gpu) if gpu >= 2 else 1)
+    if workers > 1:  # the trial itself only coordinates; its TorchTrainer workers hold cpu/gpu each
+        trial_bundle = {"CPU": 0.01, **resources}
+        per_worker_gpu = gpu / workers if gpu else 0.0
+    else:
+        trial_bundle = {"CPU": cpu, "GPU": gpu, **resources}
+        per_worker_gpu = gpu
+    trainable = tune.with_resources(trial_main, tune.PlacementGroupFactory([trial_bundle]))
     callback = _make_callback(tracker, {t.trial_id: t for t in sweep.trials}, total, skipped)
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search([t.to_json() for t in todo])},
+        param_space={"trial": tune.grid_search([t.to_json() for t in todo]), "workers": workers,
+                     "worker_cpu": cpu, "worker_gpu": per_worker_gpu, "storage_path": sweep.storage_path},
         tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent or None, reuse_actors=False,
                                     trial_name_creator=lambda tr: json.loads(tr.config["trial"])["trial_id"],
                                     trial_dirname_creator=lambda tr: json.loads(tr.config["trial"])["trial_id"]),

@@ -193,3 +193,32 @@ def test_added_seed_runs_only_new_trials(quickstart):
     assert "4 trials, 2 already finished, 2 to run" in res.stdout
     _, parents, children = sweep_runs(f"sqlite:///{work}/results/mlflow.db", "quickstart")
     assert len(parents) == 1 and len(children) == 14
+
+
+def test_two_worker_gloo_ddp_trial(tmp_path):
+    """resources.workers: 2 trains the trial data-parallel through Ray Train's TorchTrainer (gloo on CPU)."""
+    import glob
+
+    import torch
+
+    write(tmp_path / "ddp.yaml", """
+name: ddp
+base:
+  model: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}
+  data: {batch_size: 4}
+  train: {max_steps: 30, eval_every: 10, log_every: 5, checkpoint_every: 10, gen_samples: 0}
+grid:
+  model.od_depth: [1]
+resources: {cpu: 0.9, workers: 2}
+""")
+    res = overtok(tmp_path, "sweep", "ddp.yaml")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "world_size=2" in res.stdout + res.stderr
+    c, _, children = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "ddp")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    hist = sorted(c.get_metric_history(children[0].info.run_id, "train/loss"), key=lambda m: m.step)
+    per_worker = int(children[0].data.params["tokens_per_step"])
+    assert [m.step for m in hist] == [2 * per_worker * 5 * i for i in range(1, 7)]  # global tokens: 2 workers
+    assert hist[-1].value < hist[0].value
+    state = torch.load(sorted(glob.glob(f"{tmp_path}/results/ray/ddp/trials/*/ckpt_*.pt"))[-1], weights_only=True)
+    assert len(state["data_ranks"]) == 2 and state["data_ranks"][0] != state["data_ranks"][1]  # one stream per rank

@@ -37,13 +37,14 @@ def split_ngrams(ids: torch.Tensor, vocab_size: int, n: int) -> torch.Tensor:
 class Batches:
     """Rows of (T + L) model tokens, L = lookahead. ``next()`` returns a LongTensor (B, T + L)."""
 
-    def __init__(self, cfg: RunConfig, split: str):
+    def __init__(self, cfg: RunConfig, split: str, rank: int = 0):
         self.cfg = cfg
         self.split = split
         m = cfg.model
         self.n = m.tokenizer_ngram
         self.row_len = (m.seq_len + m.lookahead) * self.n  # base tokens per row
-        seed = cfg.seed + (VAL_SEED_OFFSET if split == "val" else 0)
+        # each data-parallel rank draws its own training stream; validation is the same everywhere
+        seed = cfg.seed + (VAL_SEED_OFFSET if split == "val" else 7919 * rank)
         if cfg.data.kind == "cfg":
             self.grammar = load_grammar(cfg.data.grammar)
             self.vocab_size = self.grammar.vocab_size
