@@ -193,8 +193,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        ranks = state.get("data_ranks") or [state["data"]]
-        train_data.load_state_dict(ranks[rank] if rank < len(ranks) else state["data"])
+        train_data.load_state_dict(state["data_ranks"][rank])
         torch.set_rng_state(state["rng"])
         step, tokens_seen, resumed_from = state["step"], state["tokens_seen"], state["step"]
         print(f"[overtok] resumed from {ckpt_dir} at step {step}")
@@ -223,19 +222,18 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             sink.log(metrics, tokens_seen)
             summary.update(metrics)
 
-        # once in a while: checkpoint (not at step 0; always at the end so a finished run can be re-exported)
+        # once in a while: checkpoint (not at step 0; at the end too unless checkpoint_final is off)
         if step > 0 and (step % t.checkpoint_every == 0 or (last_step and t.checkpoint_final)) and step != resumed_from:
             data_states = [train_data.state_dict()]
             if distributed:  # every rank's stream position, so a resumed run continues each one exactly
                 data_states = [None] * world
                 dist.all_gather_object(data_states, train_data.state_dict())
-        if rank == 0 and step > 0 and (step % t.checkpoint_every == 0 or (last_step and t.checkpoint_final)) \
-                and step != resumed_from:
-            save_checkpoint(ckpt_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                       "tokens_seen": tokens_seen, "data": data_states[0], "data_ranks": data_states,
-                                       "rng": torch.get_rng_state(), "config": to_dict(cfg),
-                                       "history": sink.history})
-            sink.flush()
+            if rank == 0:
+                save_checkpoint(ckpt_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                           "tokens_seen": tokens_seen, "data_ranks": data_states,
+                                           "rng": torch.get_rng_state(), "config": to_dict(cfg),
+                                           "history": sink.history})
+                sink.flush()
 
         if last_step:
             break

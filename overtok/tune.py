@@ -54,7 +54,11 @@ class ReportSink(Sink):
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
-        self.points.extend([k, float(v), int(step), ts] for k, v in metrics.items())
+        self.add_points([[k, float(v), int(step), ts] for k, v in metrics.items()])
+
+    def add_points(self, points: list[list]) -> None:
+        """Buffer [key, value, step, timestamp_ms] points; report them every ``every_s`` seconds."""
+        self.points.extend(points)
         if time.time() - self.last > self.every_s:
             self.flush()
 
@@ -155,9 +159,7 @@ def _data_parallel(config: dict, spec: dict, sink: ReportSink) -> dict:
         if isinstance(item, dict):
             summary = item["summary"]
         else:
-            sink.points.extend(item)
-            if time.time() - sink.last > sink.every_s:
-                sink.flush()
+            sink.add_points(item)
     thread.join()
     sink.flush()
     if "error" in outcome:
