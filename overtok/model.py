@@ -143,6 +143,7 @@ class Transformer(nn.Module):
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size must be resolved before building the model")
         self.cfg = cfg
+        self.pack = 1  # > 1 after overtok.packed.pack_models: P models in one, losses of shape (P,)
         d = cfg.d_model
         self.embed = OverEncoding(cfg, eos_id)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -179,6 +180,10 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Shared output head (tied to the 1-gram embedding when vocabularies agree)."""
         w = self.embed.wte.weight if self.tied else self.head.weight
+        if w.dim() == 3:  # packed (P, V, d)
+            from overtok.packed import packed_linear
+
+            return packed_linear(h, w)
         return F.linear(h, w)
 
     def trunk(self, emb: torch.Tensor) -> torch.Tensor:
@@ -236,9 +241,12 @@ class Transformer(nn.Module):
             tgt = tgt + tokens[:, j + i : j + i + T] * V**i
         return tgt
 
-    @staticmethod
-    def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+    def _ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.pack == 1:
+            return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+        # packed: the batch is P slices stacked; one mean per slice
+        ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none")
+        return ce.view(self.pack, -1).mean(1)
 
     def next_token_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Marginal over the next token: for n-gram output, sum the joint distribution's probability mass."""

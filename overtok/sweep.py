@@ -12,6 +12,8 @@ A sweep YAML::
     resources: {cpu: 1, gpu: 0}  # per trial; fractions allowed; other keys are Ray custom resources
     max_concurrent: 2
     max_failures: 0              # retries of a failed trial, from its last checkpoint
+    pack: 1                      # up to this many trials differing only in seed / train.lr share one process
+                                 # and one model with stacked weights (overtok/packed.py); 1 = off
     tracking: {tracking_uri: "", experiment: ""}
     ray: {address: "", storage_path: results/ray}
 
@@ -41,7 +43,7 @@ from overtok.config import (
 )
 
 SWEEP_KEYS = {"name", "base", "grid", "zip", "seeds", "resources", "max_concurrent", "max_failures", "tracking", "ray",
-              "max_trials", "description"}
+              "max_trials", "description", "pack"}
 TRACKING_KEYS = {"tracking_uri", "experiment"}
 RAY_KEYS = {"address", "storage_path"}
 DEFAULT_MAX_TRIALS = 256
@@ -73,6 +75,25 @@ class Sweep:
     storage_path: str = ""
     max_trials: int = DEFAULT_MAX_TRIALS
     varied_keys: list[str] = field(default_factory=list)
+    pack: int = 1
+
+    def packs(self, trials: list[Trial] | None = None) -> list[list[Trial]]:
+        """Groups of trials that run as one process: packable trials (same config but seed / lr) in chunks of
+        at most ``pack``, in sweep order; every other trial alone."""
+        from overtok.packed import pack_key
+
+        groups: dict[str, list[Trial]] = {}
+        out: list[list[Trial]] = []
+        for t in self.trials if trials is None else trials:
+            key = pack_key(t.config) if self.pack > 1 else None
+            if key is None:
+                out.append([t])
+                continue
+            if key not in groups or len(groups[key]) == self.pack:
+                groups[key] = []
+                out.append(groups[key])
+            groups[key].append(t)
+        return out
 
     def check_size(self, yes: bool) -> None:
         if len(self.trials) > self.max_trials and not yes:
@@ -140,7 +161,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     if "workers" in resources:  # data-parallel workers per trial (each gets cpu and gpu / workers)
         _expect(isinstance(resources["workers"], int) and resources["workers"] >= 1, "must be an integer >= 1", file,
                 "resources.workers", lines)
-    for key in ("max_concurrent", "max_failures", "max_trials"):
+    for key in ("max_concurrent", "max_failures", "max_trials", "pack"):
         v = raw.get(key, 0)
         _expect(isinstance(v, int) and not isinstance(v, bool) and v >= 0, "must be an integer >= 0", file, key, lines)
     tracking, ray = raw.get("tracking", {}) or {}, raw.get("ray", {}) or {}
@@ -201,12 +222,15 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         _expect(not any(t.config.model.oe.sparse_update and t.config.model.oe.n > 1 for t in trials),
                 "row-sparse OE tables (model.oe.sparse_update) are not synchronised across data-parallel workers yet",
                 file, "resources.workers", lines)
+        _expect(raw.get("pack", 1) <= 1, "packed trials run in one process; data-parallel workers (resources.workers "
+                "or gpu >= 2) cannot be combined with pack > 1", file, "pack", lines)
 
     return Sweep(name=name, file=file, trials=trials, resources={k: float(v) for k, v in resources.items()},
                  max_concurrent=raw.get("max_concurrent", 0), max_failures=raw.get("max_failures", 0),
                  tracking_uri=tracking.get("tracking_uri", ""), experiment=tracking.get("experiment", "") or name,
                  ray_address=ray.get("address", ""), storage_path=str(storage),
-                 max_trials=raw.get("max_trials", 0) or DEFAULT_MAX_TRIALS, varied_keys=varied_keys)
+                 max_trials=raw.get("max_trials", 0) or DEFAULT_MAX_TRIALS, varied_keys=varied_keys,
+                 pack=raw.get("pack", 1) or 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +282,9 @@ def plan_table(sweep: Sweep) -> str:
                  f"{total_flops:.3g} training FLOPs, resources per trial {sweep.resources}, "
                  f"peak memory per trial up to {max(r['memory_gb'] for r in rows):.2f} GiB (estimate); checkpoints "
                  f"{2 * sum(r['ckpt_gb'] for r in rows):.1f} GiB on disk if every trial keeps its 2 newest")
+    if sweep.pack > 1:
+        sizes = [len(p) for p in sweep.packs()]
+        lines.append(f"packed (pack: {sweep.pack}): {len(sizes)} processes, trials per process {sizes}")
     return "\n".join(lines)
 
 

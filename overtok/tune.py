@@ -38,6 +38,7 @@ from overtok.tracking import (
 
 POINTS_KEY = "overtok_points"
 ERROR_KEY = "overtok_error"
+MEMBER_KEY = "overtok_trial"  # the sweep trial a result belongs to (Tune overwrites its own "trial_id" key)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,7 +66,7 @@ class ReportSink(Sink):
     def report(self, **extra: Any) -> None:
         from ray import tune
 
-        tune.report({POINTS_KEY: json.dumps(self.points), "trial_id": self.trial_id, **extra})
+        tune.report({POINTS_KEY: json.dumps(self.points), MEMBER_KEY: self.trial_id, **extra})
         self.points = []
         self.last = time.time()
 
@@ -75,11 +76,14 @@ class ReportSink(Sink):
 
 
 def trial_main(config: dict) -> None:
-    """Tune function trainable: one trial = one ``train()`` (or, with several workers, a data-parallel TorchTrainer)."""
+    """Tune function trainable: one trial = one ``train()`` (with several workers a data-parallel TorchTrainer;
+    for a pack, one ``train_packed()`` over its member trials)."""
     from overtok.config import RunConfig, build_config
     from overtok.train import train
 
     spec = json.loads(config["trial"])
+    if "pack" in spec:
+        return _packed_main(spec)
     cfg: RunConfig = build_config(spec["config"])
     sink = ReportSink(spec["trial_id"])
     sink.report(node_id=_node_id(), pid=os.getpid())  # where it ran, recorded as tags
@@ -89,10 +93,37 @@ def trial_main(config: dict) -> None:
         else:
             summary = train(cfg, sink)
     except Exception as e:
-        sink.points.append(["sys/failed", 1.0, 0, int(time.time() * 1000)])
-        sink.report(**{ERROR_KEY: f"{type(e).__name__}: {e}"[:4000]})
+        _report_failure(sink, f"{type(e).__name__}: {e}")
         raise
     sink.report(done_tokens=summary["tokens_seen"])
+
+
+def _report_failure(sink: ReportSink, error: str) -> None:
+    sink.points.append(["sys/failed", 1.0, 0, int(time.time() * 1000)])
+    sink.report(**{ERROR_KEY: error[:4000]})
+
+
+def _packed_main(spec: dict) -> None:
+    """Member trials trained as one packed model; each member reports under its own trial id."""
+    from overtok.config import build_config
+    from overtok.packed import train_packed
+
+    members = spec["pack"]
+    cfgs = [build_config(m["config"]) for m in members]
+    sinks = [ReportSink(m["trial_id"]) for m in members]
+    for s in sinks:
+        s.report(node_id=_node_id(), pid=os.getpid())
+    try:
+        summaries = train_packed(cfgs, sinks, spec["checkpoint_dir"])
+    except Exception as e:
+        for s in sinks:
+            _report_failure(s, f"{type(e).__name__}: {e}")
+        raise
+    for s, summary in zip(sinks, summaries):
+        if "error" in summary:  # this member diverged; the others trained on
+            _report_failure(s, summary["error"])
+        else:
+            s.report(done_tokens=summary["tokens_seen"])
 
 
 class QueueSink(Sink):
@@ -269,22 +300,24 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
             self.last_line = ""
             self.last_print = 0.0
 
-        def _tid(self, trial) -> str:
-            return json.loads(trial.config["trial"])["trial_id"]
+        def _tids(self, trial) -> list[str]:
+            """The sweep trials a Tune trial runs: one, or the members of a pack."""
+            spec = json.loads(trial.config["trial"])
+            return [m["trial_id"] for m in spec["pack"]] if "pack" in spec else [spec["trial_id"]]
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            tid = self._tid(trial)
-            if tid not in tracker.buffers:
-                tracker.start(by_id[tid])
-            self.running.add(tid)
+            for tid in self._tids(trial):
+                if tid not in tracker.buffers:
+                    tracker.start(by_id[tid])
+                self.running.add(tid)
             self._progress()
 
         def on_trial_recover(self, iteration, trials, trial, **info):
-            tid = self._tid(trial)
-            tracker.c.set_tag(tracker.buffers[tid].run_id, "overtok.retried", "true")
+            for tid in self._tids(trial):
+                tracker.c.set_tag(tracker.buffers[tid].run_id, "overtok.retried", "true")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            tid = self._tid(trial)
+            tid = result.get(MEMBER_KEY) or self._tids(trial)[0]  # a pack's results name their member
             if POINTS_KEY in result:
                 tracker.add_points(tid, result[POINTS_KEY])
             if result.get("node_id"):
@@ -296,20 +329,25 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
             self._progress()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            tid = self._tid(trial)
-            tracker.end(tid, "FINISHED")
-            self.running.discard(tid)
-            self.done += 1
+            for tid in self._tids(trial):
+                if tid in tracker.errors:  # a pack member that diverged while the others finished
+                    self._fail(tid, tracker.errors[tid])
+                    continue
+                tracker.end(tid, "FINISHED")
+                self.running.discard(tid)
+                self.done += 1
             self._progress(force=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            tid = self._tid(trial)
-            err = tracker.errors.get(tid) or _error_text(trial)
+            for tid in self._tids(trial):
+                self._fail(tid, tracker.errors.get(tid) or _error_text(trial))
+            self._progress(force=True)
+
+        def _fail(self, tid: str, err: str) -> None:
             tracker.end(tid, "FAILED", err)
             self.running.discard(tid)
             self.failed += 1
             print(f"[overtok] trial {by_id[tid].run_name} FAILED: {err.splitlines()[-1] if err else '?'}", flush=True)
-            self._progress(force=True)
 
         def _progress(self, force: bool = False):
             finished = self.done + self.failed
@@ -355,6 +393,17 @@ def _init_ray(sweep: Sweep) -> None:
                  runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
 
 
+def _pack_spec(sweep: Sweep, group: list[Trial]) -> str:
+    """A Tune trial for a pack: its members, and a checkpoint directory named by their ids (a rerun of the same
+    unfinished members finds it and resumes)."""
+    import hashlib
+
+    ids = sorted(t.trial_id for t in group)
+    pid = "pack-" + hashlib.sha1(",".join(ids).encode()).hexdigest()[:10]
+    return json.dumps({"trial_id": pid, "pack": [json.loads(t.to_json()) for t in group],
+                       "checkpoint_dir": os.path.join(sweep.storage_path, sweep.name, "packs", pid)})
+
+
 def run_sweep(sweep: Sweep) -> dict:
     """Run every unfinished trial of ``sweep``; return counts. Resumable: rerun the same command."""
     uri = resolve_tracking_uri(sweep.tracking_uri)
@@ -387,9 +436,12 @@ def run_sweep(sweep: Sweep) -> dict:
         per_worker_gpu = gpu
     trainable = tune.with_resources(trial_main, tune.PlacementGroupFactory([trial_bundle]))
     callback = _make_callback(tracker, {t.trial_id: t for t in sweep.trials}, total, skipped)
+    specs = [group[0].to_json() if len(group) == 1 else _pack_spec(sweep, group) for group in sweep.packs(todo)]
+    if len(specs) < len(todo):
+        print(f"[overtok] {len(todo)} trials packed into {len(specs)} processes (pack: {sweep.pack})", flush=True)
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search([t.to_json() for t in todo]), "workers": workers,
+        param_space={"trial": tune.grid_search(specs), "workers": workers,
                      "worker_cpu": cpu, "worker_gpu": per_worker_gpu, "storage_path": sweep.storage_path},
         tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent or None, reuse_actors=False,
                                     trial_name_creator=lambda tr: json.loads(tr.config["trial"])["trial_id"],

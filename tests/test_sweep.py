@@ -222,3 +222,39 @@ resources: {cpu: 0.9, workers: 2}
     assert hist[-1].value < hist[0].value
     state = torch.load(sorted(glob.glob(f"{tmp_path}/results/ray/ddp/trials/*/ckpt_*.pt"))[-1], weights_only=True)
     assert len(state["data_ranks"]) == 2 and state["data_ranks"][0] != state["data_ranks"][1]  # one stream per rank
+
+
+def test_packed_sweep_runs_same_shape_trials_in_one_process(tmp_path):
+    """pack: 3 puts trials differing only in seed / lr into one process; each still gets its own MLflow run."""
+    write(tmp_path / "packed.yaml", """
+name: packed
+base:
+  model: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}
+  data: {batch_size: 4}
+  train: {max_steps: 20, eval_every: 10, log_every: 5, checkpoint_every: 10, gen_samples: 4}
+grid:
+  train.lr: [3e-3, 1e-3]
+  model.d_model: [32, 48]
+seeds: [0, 1]
+pack: 3
+max_concurrent: 2
+""")
+    plan = overtok(tmp_path, "plan", "packed.yaml")
+    assert plan.returncode == 0 and "4 processes, trials per process [3, 3, 1, 1]" in plan.stdout, plan.stdout[-2000:]
+    res = overtok(tmp_path, "sweep", "packed.yaml")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "8 trials packed into 4 processes" in res.stdout
+    c, parents, children = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "packed")
+    assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
+    pids = {}
+    for r in children:
+        pids.setdefault(r.data.tags["overtok.pid"], []).append(r)
+        hist = sorted(c.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)
+        assert len(hist) == 4 and hist[-1].value < hist[0].value
+        assert "val/gen_acc" in r.data.metrics and r.data.params["train.lr"] in ("0.003", "0.001")
+    assert sorted(len(v) for v in pids.values()) == [1, 1, 3, 3]
+    for group in pids.values():  # a pack holds one d_model, several seeds / lrs
+        assert len({r.data.params["model.d_model"] for r in group}) == 1
+        assert [r.data.metrics.get("perf/pack_size") for r in group] == ([3.0] * 3 if len(group) == 3 else [None])
+    again = overtok(tmp_path, "sweep", "packed.yaml")
+    assert again.returncode == 0 and "8 already finished, 0 to run" in again.stdout

@@ -1,0 +1,381 @@
+"""Packed trials: P same-shape runs trained as one model in one process, sharing every kernel.
+
+Small models leave a big GPU idle: one tiny trial per process is launch-bound, and several processes on one GPU
+only time-slice. Here P trials whose configs differ only in ``seed`` and ``train.lr`` become one model whose
+parameters carry a leading pack dimension P; the batch is the P batches stacked along the batch dimension
+(slice-major), so every matmul is one batched matmul over the P slices and attention, norms and the loss run
+once over all of them. Nothing mixes between slices: each slice gets exactly the gradient it would get alone.
+
+- ``pack_models(models)``: turn P built ``Transformer``s into one packed ``Transformer`` (weights stacked;
+  nn.Linear -> PackedLinear, nn.Embedding -> PackedEmbedding, RMSNorm weights stacked). The model code is shared:
+  a packed model returns per-slice losses of shape (P,).
+- ``PackedAdamW``: AdamW with the same update as ``torch.optim.AdamW`` per slice, a learning rate per slice,
+  and gradient clipping by each slice's own norm.
+- ``train_packed(cfgs, sinks)``: the training loop (same schedule, evaluation, generation accuracy, checkpoints and
+  exact resume as ``overtok.train.train``) for P configs at once.
+
+Not packable (they run alone): row-sparse OE tables, data-parallel trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from overtok import accounting
+from overtok.config import RunConfig, to_dict
+from overtok.data import Batches
+from overtok.model import RMSNorm, Transformer
+from overtok.tracking import Sink
+from overtok.train import (
+    H100_BF16_PEAK,
+    TrainingDiverged,
+    _HistorySink,
+    generation_accuracy,
+    load_latest_checkpoint,
+    lr_at,
+    pick_device,
+    read_bytes_per_token,
+    save_checkpoint,
+)
+
+PACK_FREE_KEYS = ("seed", "train.lr")  # what may differ inside one pack
+
+
+def pack_key(cfg: RunConfig) -> str | None:
+    """Trials with equal keys can share a pack; None if this config cannot be packed."""
+    if cfg.model.oe.sparse_update and cfg.model.oe.n > 1:
+        return None
+    d = to_dict(cfg)
+    for k in ("tracking", "name", "seed"):
+        d.pop(k)
+    d["train"].pop("checkpoint_dir")
+    d["train"].pop("lr")
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed modules
+
+
+def packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (P*B, ..., in), w (P, out, in) -> (P*B, ..., out): slice p of the batch times w[p]."""
+    P = w.shape[0]
+    y = torch.bmm(x.reshape(P, -1, x.shape[-1]), w.transpose(1, 2))
+    return y.view(*x.shape[:-1], w.shape[1])
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)  # (P, out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.weight)
+
+
+class PackedEmbedding(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)  # (P, rows, d)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        P, rows, d = self.weight.shape
+        shift = (torch.arange(P, device=idx.device) * rows).view(P, *[1] * idx.dim())
+        flat = idx.view(P, -1, *idx.shape[1:]) + shift  # slice p reads its own rows
+        return F.embedding(flat.view(idx.shape), self.weight.view(P * rows, d))
+
+
+class PackedRMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(weight)  # (P, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        P, d = self.weight.shape
+        y = F.rms_norm(x, (d,), None, self.eps).view(P, -1, d) * self.weight[:, None, :]
+        return y.view(x.shape)
+
+
+def pack_models(models: list[Transformer]) -> Transformer:
+    """One packed Transformer holding the P models' weights (the first model's object is reused)."""
+    P = len(models)
+    packed = models[0]
+    if packed.sparse_tables():
+        raise ValueError("row-sparse OE tables cannot be packed")
+    for name, mod in list(packed.named_modules()):
+        if isinstance(mod, (nn.Linear, nn.Embedding, RMSNorm)):
+            w = torch.stack([m.get_submodule(name).weight.detach() for m in models])
+            if isinstance(mod, nn.Linear):
+                new = PackedLinear(w)
+            elif isinstance(mod, nn.Embedding):
+                new = PackedEmbedding(w)
+            else:
+                new = PackedRMSNorm(w, mod.eps)
+            parent, _, attr = name.rpartition(".")
+            setattr(packed.get_submodule(parent) if parent else packed, attr, new)
+    for name, p in packed.named_parameters():
+        if p.shape[0] != P:
+            raise ValueError(f"parameter {name} was not packed")
+    packed.pack = P
+    return packed
+
+
+def unpack_slice(packed: Transformer, p: int, into: Transformer) -> Transformer:
+    """Copy slice p of a packed model into a plain model of the same config."""
+    into.load_state_dict({k: v[p] for k, v in packed.state_dict().items()})
+    return into
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+
+
+class PackedAdamW:
+    """torch.optim.AdamW's update (decoupled decay, bias correction) on packed parameters, lr per slice.
+
+    Parameter groups as in ``overtok.train.make_optimizer``: weight decay on matrices, none on norms, the
+    embedding's own decay. ``clip_`` scales each slice's gradients by its own global norm, as
+    ``clip_grad_norm_`` would in a separate run.
+    """
+
+    def __init__(self, model: Transformer, t, compile_step: bool = False):
+        self.t = t
+        self.eps = 1e-8  # torch.optim.AdamW's default, as make_optimizer uses
+        self.groups: list[tuple[list[nn.Parameter], float]] = []
+        decay, no_decay, embed = [], [], []
+        for name, p in model.named_parameters():
+            if name.startswith(("embed.wte", "embed.tables")):
+                embed.append(p)
+            elif p.dim() < 3:  # packed vectors (norm weights) are (P, d)
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        for params, wd in ((decay, t.weight_decay), (no_decay, 0.0), (embed, t.embed_weight_decay)):
+            if params:
+                self.groups.append((params, wd))
+        self.params = [p for ps, _ in self.groups for p in ps]
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.step_count = 0
+        self._update = torch.compile(self._update_impl) if compile_step else self._update_impl
+
+    def clip_(self, max_norm: float) -> torch.Tensor:
+        """Per-slice gradient norm (P,), before clipping; clips each slice to max_norm (inf: no clipping)."""
+        sq = None
+        for p in self.params:
+            if p.grad is not None:
+                s = p.grad.float().pow(2).flatten(1).sum(1)
+                sq = s if sq is None else sq + s
+        norms = sq.sqrt()
+        if math.isfinite(max_norm):
+            coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)).to(p.grad.dtype))
+        return norms
+
+    @torch.no_grad()
+    def step(self, lrs: torch.Tensor) -> None:
+        self.step_count += 1
+        t = self.t
+        # tensors, not floats: a compiled update would otherwise recompile for every new step count
+        dev = self.params[0].device
+        bc1 = torch.tensor(1 - t.beta1**self.step_count, device=dev)
+        bc2_sqrt = torch.tensor(math.sqrt(1 - t.beta2**self.step_count), device=dev)
+        i = 0
+        for params, wd in self.groups:
+            n = len(params)
+            self._update([p for p in params], [p.grad for p in params], self.exp_avg[i : i + n],
+                         self.exp_avg_sq[i : i + n], lrs, wd, bc1, bc2_sqrt)
+            i += n
+
+    def _update_impl(self, params, grads, exp_avgs, exp_avg_sqs, lrs, wd: float, bc1, bc2_sqrt):
+        t = self.t
+        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+            if g is None:
+                continue
+            lr = lrs.view(-1, *[1] * (p.dim() - 1))
+            p.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - t.beta1)
+            v.mul_(t.beta2).addcmul_(g, g, value=1 - t.beta2)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            p.sub_(lr / bc1 * m / denom)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = state["step"]
+        for dst, src in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"]):
+            dst.copy_(src)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def check_packable(cfgs: list[RunConfig]) -> None:
+    keys = {pack_key(c) for c in cfgs}
+    if None in keys or len(keys) != 1:
+        raise ValueError(f"configs differ in more than {', '.join(PACK_FREE_KEYS)} or use row-sparse tables; "
+                         "they cannot share a pack")
+
+
+def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir: str | Path,
+                 device: torch.device | None = None) -> list[dict]:
+    """Train P packable configs as one packed model; returns one summary per config.
+
+    A slice whose loss becomes NaN/inf is reported (``TrainingDiverged`` in its summary under ``error``) and
+    dropped from logging; the other slices train on unaffected (slices never mix).
+    """
+    check_packable(cfgs)
+    P = len(cfgs)
+    cfg0, t = cfgs[0], cfgs[0].train
+    hsinks = [_HistorySink(s or Sink()) for s in sinks]
+    device = device or pick_device(t.device)
+    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    train_data = [Batches(c, "train") for c in cfgs]
+    val_data = [Batches(c, "val") for c in cfgs]
+    models = []
+    for c in cfgs:  # each slice starts exactly where a separate run with its seed would
+        torch.manual_seed(c.seed)
+        with torch.device(device):
+            models.append(Transformer(c.model, eos_id=train_data[0].eos_id))
+    model = pack_models(models)
+    del models
+    plain = None  # a plain model for generation, filled from one slice at a time
+    opt = PackedAdamW(model, t, compile_step=t.compile and device.type == "cuda")
+    if t.compile:
+        model.body_and_loss = torch.compile(model.body_and_loss)
+    ckpt_dir = Path(checkpoint_dir)
+    step, tokens_seen, resumed_from = 0, 0, None
+    state = load_latest_checkpoint(ckpt_dir)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        for d, s in zip(train_data, state["data"]):
+            d.load_state_dict(s)
+        torch.set_rng_state(state["rng"])
+        step, tokens_seen, resumed_from = state["step"], state["tokens_seen"], state["step"]
+        print(f"[overtok] resumed pack of {P} from {ckpt_dir} at step {step}")
+        for s, h in zip(hsinks, state["history"]):
+            s.replay(h)
+
+    flops_per_token = accounting.flops_per_token(cfg0.model) / cfg0.model.tokenizer_ngram
+    summaries: list[dict] = [{} for _ in range(P)]
+    alive = [True] * P
+    t_last, tokens_last = time.time(), tokens_seen
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def log(p: int, metrics: dict) -> None:
+        if alive[p]:
+            hsinks[p].log(metrics, tokens_seen)
+            summaries[p].update(metrics)
+
+    while True:
+        last_step = step == t.max_steps
+        if ((step % t.eval_every == 0 and step > 0) or last_step) and step != resumed_from:
+            model.eval()
+            total = torch.zeros(P, device=device)
+            with torch.no_grad():
+                for d in val_data:
+                    d.rewind()
+                for _ in range(t.eval_batches):
+                    batch = torch.cat([d.next() for d in val_data]).to(device)
+                    with autocast():
+                        _, losses = model(batch)
+                    total += losses["next"].float()
+            model.train()
+            val = (total / t.eval_batches).tolist()
+            for p, c in enumerate(cfgs):
+                metrics = {"val/loss": val[p]}
+                if c.data.kind == "text":
+                    metrics["val/bpb"] = val[p] / math.log(2) / read_bytes_per_token(c)
+                if c.data.kind == "cfg" and t.gen_samples and (last_step or (t.gen_every and step % t.gen_every == 0)) \
+                        and alive[p]:
+                    if plain is None:
+                        with torch.device(device):
+                            plain = Transformer(c.model, eos_id=train_data[0].eos_id)
+                    unpack_slice(model, p, plain)
+                    metrics["val/gen_acc"] = generation_accuracy(plain, val_data[p], t.gen_samples, device, c.seed)
+                log(p, metrics)
+
+        if step > 0 and (step % t.checkpoint_every == 0 or (last_step and t.checkpoint_final)) and step != resumed_from:
+            save_checkpoint(ckpt_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                       "tokens_seen": tokens_seen, "data": [d.state_dict() for d in train_data],
+                                       "rng": torch.get_rng_state(), "configs": [to_dict(c) for c in cfgs],
+                                       "history": [s.history for s in hsinks]})
+            for s in hsinks:
+                s.flush()
+        if last_step:
+            break
+
+        if step == t.fail_at_step:
+            raise RuntimeError(f"fail_at_step={step} (deliberate failure for testing)")
+        lr_list = [lr_at(step, c.train) for c in cfgs]
+        lrs = torch.tensor(lr_list, device=device)
+        parts: dict[str, torch.Tensor] = {}
+        for _ in range(t.grad_accum):
+            batch = torch.cat([d.next() for d in train_data]).to(device, non_blocking=True)
+            with autocast():
+                _, losses = model(batch)
+            (losses["total"].sum() / t.grad_accum).backward()  # sum over slices: each gets its own gradient
+            for k, v in losses.items():
+                parts[k] = parts.get(k, 0.0) + v.detach().float() / t.grad_accum
+        grad_norms = opt.clip_(t.grad_clip if t.grad_clip > 0 else float("inf"))
+        opt.step(lrs)
+        opt.zero_grad()
+        step += 1
+        tokens_seen += cfg0.tokens_per_step
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            totals = parts["total"].tolist()
+            now = time.time()
+            tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)  # per slice
+            t_last, tokens_last = now, tokens_seen
+            host = {k: v.tolist() for k, v in parts.items()}
+            norms = grad_norms.tolist()
+            for p in range(P):
+                if not alive[p]:
+                    continue
+                if not math.isfinite(totals[p]):
+                    err = TrainingDiverged(step, "nan" if math.isnan(totals[p]) else "inf")
+                    summaries[p]["error"] = f"{type(err).__name__}: {err}"
+                    hsinks[p].flush()
+                    alive[p] = False
+                    continue
+                metrics = {"train/loss": host["next"][p], "train/loss_total": totals[p], "train/lr": lr_list[p],
+                           "train/grad_norm": norms[p], "perf/tokens_per_s": tps, "perf/pack_size": P,
+                           "perf/pack_tokens_per_s": tps * P}
+                metrics.update({f"train/loss_{k}": v[p] for k, v in host.items() if k not in ("total", "next")})
+                if train_data[p].epoch_tokens:
+                    metrics["train/epochs"] = tokens_seen / train_data[p].epoch_tokens
+                if device.type == "cuda":
+                    metrics["perf/mfu"] = tps * P * flops_per_token / H100_BF16_PEAK
+                    metrics["perf/mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                log(p, metrics)
+            if not any(alive):
+                break
+    for p in range(P):
+        summaries[p]["tokens_seen"] = tokens_seen
+        hsinks[p].flush()
+    return summaries
