@@ -37,10 +37,10 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor
     return freqs.cos(), freqs.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, hd); rotate pairs (first half, second half)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0) -> torch.Tensor:
+    # x: (B, H, T, hd) at positions pos..pos+T-1; rotate pairs (first half, second half)
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[: x.shape[-2]].to(x.dtype), sin[: x.shape[-2]].to(x.dtype)
+    cos, sin = cos[pos : pos + x.shape[-2]].to(x.dtype), sin[pos : pos + x.shape[-2]].to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -51,11 +51,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        pos = cache["pos"] if cache is not None else 0
+        q, k = apply_rope(q, cos, sin, pos), apply_rope(k, cos, sin, pos)
+        if cache is not None:  # generation: keys/values of earlier positions are kept, not recomputed
+            cache["k"][:, :, pos : pos + T], cache["v"][:, :, pos : pos + T] = k, v
+            k, v = cache["k"][:, :, : pos + T], cache["v"][:, :, : pos + T]
+        # a single new query attends to every cached position; a prompt (pos 0) is causal as in training
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, H, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -79,8 +84,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -259,12 +264,25 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new: int, stop_id: int | None = None, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample continuations of (B, T0) prompts, window-cropped to seq_len; returns (B, T0 + max_new)."""
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Sample continuations of (B, T0) prompts; returns (B, T0 + max_new) (fewer if every row stopped).
+
+        With ``use_cache`` each new token costs one position (keys/values of earlier positions are kept) while the
+        sequence fits the context (seq_len); after that, and without the cache, every step re-runs the window of
+        the last seq_len tokens. Both give the same samples.
+        """
         out = prompt
         done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        max_pos = self.cfg.seq_len
+        caches = None
+        if use_cache and prompt.shape[1] <= max_pos and self.pack == 1:
+            caches = self._new_caches(prompt.shape[0], max_pos, prompt.device)
+            logits = self._cached_step(self.embed(prompt), caches)
+        # OE hashes the n-1 previous tokens: the embedding of a new token needs a window of n
+        window = max(self.cfg.oe.n, 1) if self.embed.num_slices else 1
         for _ in range(max_new):
-            logits, _ = self(out[:, -self.cfg.seq_len :], targets=False)
+            if caches is None:
+                logits, _ = self(out[:, -self.cfg.seq_len :], targets=False)
             lp = self.next_token_logits(logits[:, -1]).float() / temperature
             nxt = torch.multinomial(lp.softmax(-1), 1, generator=generator)
             if stop_id is not None:
@@ -273,7 +291,27 @@ class Transformer(nn.Module):
             out = torch.cat([out, nxt], dim=1)
             if stop_id is not None and bool(done.all()):
                 break
+            if caches is not None:
+                if caches[0]["pos"] >= max_pos:
+                    caches = None  # past the context: windowed recomputation from here on
+                else:
+                    logits = self._cached_step(self.embed(out[:, -window:])[:, -1:], caches)
         return out
+
+    def _new_caches(self, batch: int, max_pos: int, device) -> list[dict]:
+        H = self.cfg.n_heads
+        hd = self.cfg.d_model // H
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.rope_cos.dtype
+        return [{"k": torch.zeros(batch, H, max_pos, hd, device=device, dtype=dtype),
+                 "v": torch.zeros(batch, H, max_pos, hd, device=device, dtype=dtype), "pos": 0} for _ in self.blocks]
+
+    def _cached_step(self, emb: torch.Tensor, caches: list[dict]) -> torch.Tensor:
+        """Run new positions (B, T, d) through the trunk with KV caches; returns their logits."""
+        x = emb
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, self.rope_cos, self.rope_sin, cache)
+            cache["pos"] += emb.shape[1]
+        return self.logits(self.norm(x))
 
 
 class MTPModule(nn.Module):

@@ -130,9 +130,10 @@ def eval_loss(model: Transformer, batches: Batches, n_batches: int, device: torc
 
 @torch.no_grad()
 def generation_accuracy(model: Transformer, batches: Batches, n_samples: int, device: torch.device, seed: int,
-                        batch_size: int = 64, max_len: int = 1024) -> float:
+                        batch_size: int = 0, max_len: int = 1024) -> float:
     """Fraction of sampled sentences (prompt: EOS, stop at EOS) that the grammar accepts (paper sec. 3.1)."""
     model.eval()
+    batch_size = batch_size or (512 if device.type == "cuda" else 64)
     g, n = batches.grammar, model.cfg.tokenizer_ngram
     gen = torch.Generator(device=device).manual_seed(seed)
     ok = 0

@@ -93,3 +93,15 @@ def test_tiny_model_overfits_a_batch(name):
         opt.step()
         opt.zero_grad()
     assert losses["next"].item() < 0.1
+
+
+@pytest.mark.parametrize("sets", [{}, {"model.oe.n": 3, "model.oe.m": 401}, {"model.tokenizer_ngram": 2}])
+def test_kv_cached_generation_samples_the_same_tokens(sets):
+    """The KV cache changes the cost of sampling, not the samples (also past the RoPE table: windowed fallback)."""
+    cfg = tiny_config(**{"model.seq_len": 16, **sets})
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).eval()
+    prompt = torch.randint(0, cfg.model.input_vocab_size, (3, 2))
+    a = model.generate(prompt, 30, generator=torch.Generator().manual_seed(1), use_cache=True)
+    b = model.generate(prompt, 30, generator=torch.Generator().manual_seed(1), use_cache=False)
+    assert a.shape == (3, 32) and torch.equal(a, b)
