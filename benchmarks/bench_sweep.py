@@ -1,0 +1,166 @@
+"""Sweep-level GPU benchmarks for issue 6, each through the real CLI (`overtok sweep` / `overtok train`), side by side:
+
+- packed: 8 tiny trials (d 256, 4 layers, seq 512, 8 seeds) run one after another (pack: 1, max_concurrent: 1),
+  all at once as 8 processes sharing the GPU (pack: 1, max_concurrent: 8, gpu 0.125 each), and as one packed
+  process (pack: 8). Aggregate tokens/s: steady state from the runs' logged throughput (compilation excluded),
+  and end to end (all tokens / wall time of the `overtok sweep` command).
+- overhead: one trial of a few minutes run by `overtok train` and by `overtok sweep` (one trial, whole GPU);
+  ratio of wall times. Each command compiles cold (its own empty inductor cache), so neither gains from the other.
+
+    python benchmarks/bench_sweep.py --corpus data_cache/text --tokenizer data_cache/gpt-neox-olmo.json \
+        --out benchmarks/results/gpu_sweep.json [--only packed|overhead] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import dump, environment  # noqa: E402
+
+
+def base_config(args, d, layers, heads, seq, batch, steps) -> dict:
+    return {
+        "model": {"d_model": d, "n_layers": layers, "n_heads": heads, "seq_len": seq},
+        "data": {"kind": "text", "corpus": str(Path(args.corpus).resolve()), "tokenizer": str(Path(args.tokenizer).resolve()),
+                 "max_docs": args.max_docs, "val_fraction": 0.05, "batch_size": batch},
+        "train": {"lr": 1e-3, "max_steps": steps, "warmup_steps": 20, "eval_every": steps, "eval_batches": 2,
+                  "log_every": max(steps // 15, 1), "checkpoint_every": 10**9, "checkpoint_final": False,
+                  "compile": not args.smoke, "gen_samples": 0},
+    }
+
+
+def run_cli(work: Path, *cmd: str, tag: str) -> float:
+    """Run `python -m overtok ...` in work with a cold, private inductor cache; return wall seconds."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               TORCHINDUCTOR_CACHE_DIR=str(work / f"inductor-{tag}"), TRITON_CACHE_DIR=str(work / f"triton-{tag}"))
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "overtok", *cmd], cwd=work, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    (work / f"{tag}.log").write_text(res.stdout + res.stderr)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{(res.stdout + res.stderr)[-3000:]}")
+    return wall
+
+
+def runs(work: Path, experiment: str) -> list[dict]:
+    from overtok.tracking import client
+
+    c = client(f"sqlite:///{work}/results/mlflow.db")
+    exp = c.get_experiment_by_name(experiment)
+    out = []
+    for r in c.search_runs([exp.experiment_id], max_results=1000):
+        if r.data.tags.get("overtok.role") == "parent":
+            continue
+        tps = [m.value for m in sorted(c.get_metric_history(r.info.run_id, "perf/tokens_per_s"), key=lambda m: m.step)]
+        out.append({"status": r.info.status, "tokens_per_s": tps, "pid": r.data.tags.get("overtok.pid"),
+                    "tokens": int(r.data.metrics.get("tokens_seen", 0)) or None,
+                    "params": {k: r.data.params[k] for k in ("seed", "tokens_per_step", "train.max_steps")}})
+    return out
+
+
+def prepare(work: Path, cfg: dict) -> None:
+    from overtok.config import build_config
+    from overtok.data import ensure_prepared
+
+    ensure_prepared(build_config(json.loads(json.dumps(cfg))), cache_root=str(work / "results" / "data"))
+
+
+def steady(tps: list[float]) -> float:
+    """Median logged throughput without the first interval (which holds compilation)."""
+    return statistics.median(tps[1:] if len(tps) > 1 else tps)
+
+
+def packed(args, rows):
+    work = Path(tempfile.mkdtemp(prefix="bench-packed-"))
+    d, layers, heads, seq, batch = (32, 2, 2, 64, 4) if args.smoke else (256, 4, 4, 512, args.packed_batch)
+    variants = [("one after another", 1, 1, 1.0), ("8 processes at once", 1, 8, 0.125), ("packed (pack: 8)", 8, 1, 1.0)]
+    if args.skip_concurrent:
+        variants.pop(1)
+    prepare(work, base_config(args, d, layers, heads, seq, batch, args.packed_steps))
+    seq_tokens = None
+    for i, (name, pack, conc, gpu) in enumerate(variants):
+        sweep = {"name": f"packed{i}", "base": base_config(args, d, layers, heads, seq, batch, args.packed_steps),
+                 "seeds": list(range(8)), "pack": pack, "max_concurrent": conc,
+                 "resources": {"cpu": 1, "gpu": gpu if not args.smoke else 0}}
+        (work / f"packed{i}.yaml").write_text(json.dumps(sweep))
+        wall = run_cli(work, "sweep", f"packed{i}.yaml", tag=f"packed{i}")
+        rs = runs(work, f"packed{i}")
+        assert len(rs) == 8 and all(r["status"] == "FINISHED" for r in rs), rs
+        tokens = sum(int(r["params"]["tokens_per_step"]) * int(r["params"]["train.max_steps"]) for r in rs)
+        per_trial = [steady(r["tokens_per_s"]) for r in rs]
+        if pack > 1 or conc > 1:  # all 8 train at once: throughputs add up
+            agg = sum(per_trial)
+        else:  # one at a time: the aggregate is one trial's rate
+            agg = statistics.median(per_trial)
+        row = {"name": name, "pack": pack, "max_concurrent": conc, "gpu_per_trial": gpu, "wall_s": wall,
+               "tokens": tokens, "end_to_end_tokens_per_s": tokens / wall, "steady_tokens_per_s": agg,
+               "per_trial_steady_tokens_per_s": per_trial, "processes": len({r["pid"] for r in rs})}
+        if i == 0:
+            seq_tokens = row
+        row["steady_vs_one_after_another"] = agg / seq_tokens["steady_tokens_per_s"]
+        row["end_to_end_vs_one_after_another"] = row["end_to_end_tokens_per_s"] / seq_tokens["end_to_end_tokens_per_s"]
+        rows.append(row)
+        print(f"{name:>22}  wall {wall:7.1f} s  steady {agg:>12,.0f} tok/s (x{row['steady_vs_one_after_another']:.2f})  "
+              f"end-to-end {row['end_to_end_tokens_per_s']:>12,.0f} tok/s (x{row['end_to_end_vs_one_after_another']:.2f})  "
+              f"processes {row['processes']}", flush=True)
+
+
+def overhead(args, rows):
+    work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    d, layers, heads, seq, batch = (32, 2, 2, 64, 4) if args.smoke else (512, 8, 8, 1024, 16)
+    cfg = base_config(args, d, layers, heads, seq, batch, args.overhead_steps)
+    sweep = {"name": "overhead_sweep", "base": cfg, "seeds": [0], "resources": {"cpu": 1 if args.smoke else 4, "gpu": 0 if args.smoke else 1}}
+    (work / "train.yaml").write_text(json.dumps({"name": "overhead", **cfg}))
+    (work / "sweep.yaml").write_text(json.dumps(sweep))
+    prepare(work, cfg)  # both commands find the corpus tokenized; neither pays for it
+    walls = {}
+    for tag, cmd in (("train", ("train", "train.yaml")), ("sweep", ("sweep", "sweep.yaml"))):
+        walls[tag] = run_cli(work, *cmd, tag=tag)
+    row = {"name": "overtok sweep vs overtok train", "config": cfg, "train_wall_s": walls["train"],
+           "sweep_wall_s": walls["sweep"], "ratio": walls["sweep"] / walls["train"]}
+    rows.append(row)
+    print(f"overtok train {walls['train']:.1f} s | overtok sweep {walls['sweep']:.1f} s | ratio {row['ratio']:.3f}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/gpu_sweep.json")
+    ap.add_argument("--only", choices=["packed", "overhead"], default=None)
+    ap.add_argument("--corpus", default="../shared/data/text")
+    ap.add_argument("--tokenizer", default="../shared/data/tokenizers/gpt-neox-olmo.json")
+    ap.add_argument("--max-docs", type=int, default=400)
+    ap.add_argument("--packed-steps", type=int, default=1500)
+    ap.add_argument("--packed-batch", type=int, default=16)
+    ap.add_argument("--overhead-steps", type=int, default=6000)
+    ap.add_argument("--skip-concurrent", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script")
+    args = ap.parse_args()
+    if args.smoke:
+        args.packed_steps, args.overhead_steps, args.max_docs = 30, 30, 50
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    class Rows(list):  # saved after every row: a run stopped at its time limit keeps what it measured
+        def append(self, row):
+            super().append(row)
+            dump(args.out, {"environment": environment(), "command": " ".join(sys.argv), "results": list(self)})
+
+    rows = Rows()
+    if args.only in (None, "packed"):
+        packed(args, rows)
+    if args.only in (None, "overhead"):
+        overhead(args, rows)
+
+
+if __name__ == "__main__":
+    main()
