@@ -45,6 +45,7 @@ from overtok.train import (
     pick_device,
     read_bytes_per_token,
     save_checkpoint,
+    to_device,
 )
 
 PACK_FREE_KEYS = ("seed", "train.lr")  # what may differ inside one pack
@@ -332,10 +333,10 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
         if step == t.fail_at_step:
             raise RuntimeError(f"fail_at_step={step} (deliberate failure for testing)")
         lr_list = [lr_at(step, c.train) for c in cfgs]
-        lrs = torch.tensor(lr_list, device=device)
+        lrs = to_device(torch.tensor(lr_list), device)
         parts: dict[str, torch.Tensor] = {}
         for _ in range(t.grad_accum):
-            batch = torch.cat([d.next() for d in train_data]).to(device, non_blocking=True)
+            batch = to_device(torch.cat([d.next() for d in train_data]), device)
             with autocast():
                 _, losses = model(batch)
             (losses["total"].sum() / t.grad_accum).backward()  # sum over slices: each gets its own gradient

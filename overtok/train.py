@@ -37,6 +37,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch -> device without stalling the launch queue: a copy from pageable memory waits for the GPU to
+    finish all queued work first, so the next step's launches could not overlap this step's kernels."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
 def lr_at(step: int, t: TrainConfig) -> float:
     """Linear warmup, then cosine to min_lr_ratio*lr, WSD (constant then linear decay) or constant."""
     if step < t.warmup_steps:
@@ -247,7 +255,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             group["lr"] = lr
         parts: dict[str, float] = {}
         for _ in range(t.grad_accum):
-            batch = train_data.next().to(device, non_blocking=True)
+            batch = to_device(train_data.next(), device)
             with autocast():
                 _, losses = step_model(batch)
             (losses["total"] / t.grad_accum).backward()
