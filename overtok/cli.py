@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("export", help="write results/<sweep>/runs.parquet and curves.parquet from MLflow")
-    p.add_argument("sweep", help="sweep name or YAML")
+    p.add_argument("sweep", help="sweep name or YAML, or a results directory holding an export")
     p.add_argument("--out", default="", help="output directory (default results/<sweep>)")
     _add_tracking(p)
     p.set_defaults(fn=cmd_export)
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_fit_law)
     p = sub.add_parser("report", help="export, fit, plot and write dashboards/<sweep>/index.html (self-contained)")
-    p.add_argument("sweep", help="sweep name or YAML")
+    p.add_argument("sweep", help="sweep name or YAML, or a results directory holding an export")
     p.add_argument("--ui", default="http://127.0.0.1:5000", help="MLflow UI base URL for the run and compare links")
     _add_tracking(p)
     p.set_defaults(fn=cmd_report)

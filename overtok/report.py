@@ -77,9 +77,11 @@ def compare_url(ui: str, experiment_id: str, run_ids: list[str]) -> str:
     return f"{ui}/#/compare-runs?runs={runs}&experiments={exps}"
 
 
-def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, experiment_id: str,
+def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, experiment_id: str | None,
                  ui: str = DEFAULT_UI, varied: list[str] | None = None) -> Path:
-    """Write the page from an export (runs.parquet rows), fits.json and the figures directory."""
+    """Write the page from an export (runs.parquet rows), fits.json and the figures directory.
+
+    ``experiment_id`` None: built from a copied results directory (MLflow store elsewhere), no MLflow links."""
     sweep = str(runs.sweep.iloc[0]) if len(runs) else out.parent.name
     varied = varied or sorted(c for c in runs.columns if c.startswith("varied."))
     status = runs.status.value_counts().to_dict() if len(runs) else {}
@@ -91,8 +93,9 @@ def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, e
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>overtok: {_e(sweep)}</title>",
              f"<style>{CSS}</style></head><body>",
-             f"<h1>Sweep {_e(sweep)}</h1><p class=muted>built {_e(time.strftime('%Y-%m-%d %H:%M:%S'))} from MLflow; "
-             f"rebuild with <code>overtok report {_e(sweep)}</code> to see new trials</p>",
+             f"<h1>Sweep {_e(sweep)}</h1><p class=muted>built {_e(time.strftime('%Y-%m-%d %H:%M:%S'))} from "
+             + ("MLflow; rebuild with <code>overtok report " + _e(sweep) + "</code> to see new trials</p>" if experiment_id
+                else f"the exported results in <code>{_e(str(figures_dir.parent))}</code> (no MLflow store here)</p>"),
              "<div class=cards>"]
     for label, val in [("trials", len(runs)), ("finished", status.get("FINISHED", 0)), ("running", status.get("RUNNING", 0)),
                        ("failed", status.get("FAILED", 0)), ("killed", status.get("KILLED", 0)),
@@ -108,7 +111,7 @@ def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, e
     cols = [c for c in cols if c[1] in runs.columns or c[1] in ("run_name", "status")]
     parts.append("<h2>Runs</h2><table class=sortable id=runs><thead><tr>")
     parts += [f"<th class={'l' if left else 'r'}>{_e(name)}</th>" for name, _, left in cols]
-    parts.append("<th class=l>MLflow</th><th class=l>error</th></tr></thead><tbody>")
+    parts.append(("<th class=l>MLflow</th>" if experiment_id else "") + "<th class=l>error</th></tr></thead><tbody>")
     for row in runs.to_dict("records"):
         parts.append("<tr>")
         for name, key, left in cols:
@@ -117,12 +120,13 @@ def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, e
                 parts.append(f'<td class="l {_e(v)}" data-v="{_e(v)}">{_e(v)}</td>')
             else:
                 parts.append(_cell(v if v is not None else "", left))
-        parts.append(f'<td class=l><a href="{_e(run_url(ui, experiment_id, row["run_id"]))}">open</a></td>')
+        if experiment_id:
+            parts.append(f'<td class=l><a href="{_e(run_url(ui, experiment_id, row["run_id"]))}">open</a></td>')
         parts.append(f"<td class=l>{_e(str(row.get('error', '') or '')[:300])}</td></tr>")
     parts.append("</tbody></table>")
 
     # comparisons the paper makes: all variants at one model size
-    if "model.d_model" in runs.columns and len(runs):
+    if "model.d_model" in runs.columns and len(runs) and experiment_id:
         parts.append("<h2>Compare in MLflow</h2><ul>")
         for (d, L), g in runs.groupby(["model.d_model", "model.n_layers"]):
             url = compare_url(ui, experiment_id, list(g.run_id))
@@ -179,13 +183,16 @@ def _fits_html(fits: dict) -> str:
 
 
 def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root: Path = Path(".")) -> Path:
-    """export -> fit -> figures -> dashboards/<sweep>/index.html."""
+    """export -> fit -> figures -> dashboards/<sweep>/index.html. ``sweep`` may also be a results directory with an
+    export (runs.parquet, curves.parquet) made elsewhere, e.g. copied back from a GPU machine: then no export and
+    no MLflow links."""
     from analysis.commands import fit_sweep, plot_sweep
     from analysis.tables import TableError
     from overtok.export import export_sweep
     from overtok.tracking import client, resolve_tracking_uri
 
-    paths = export_sweep(sweep, tracking_uri)
+    offline = Path(sweep).is_dir() and (Path(sweep) / "runs.parquet").exists()
+    paths = [Path(sweep) / "runs.parquet"] if offline else export_sweep(sweep, tracking_uri)
     results = paths[0].parent
     runs = pd.read_parquet(paths[0])
     name = str(runs.sweep.iloc[0]) if len(runs) else results.name
@@ -195,6 +202,8 @@ def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root:
         plot_sweep(results)
     except TableError:
         pass  # nothing finished yet: the page shows the run table alone
+    if offline:
+        return build_report(runs, fits, results / "figures", root / "dashboards" / name / "index.html", None, ui)
     exp_meta = json.loads((results / "export.json").read_text())
     c = client(resolve_tracking_uri(tracking_uri or exp_meta["tracking_uri"]))
     exp_id = c.get_experiment_by_name(exp_meta["experiment"]).experiment_id

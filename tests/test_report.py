@@ -66,3 +66,19 @@ def test_report_in_headless_chromium(quickstart, tmp_path):
     keep.mkdir(exist_ok=True)
     shutil.copy(shot, keep / "report_screenshot.png")
     print(f"screenshot: {keep / 'report_screenshot.png'}")
+
+
+def test_report_from_a_copied_results_directory(quickstart, tmp_path):
+    """An export copied from another machine (no MLflow store here) still makes a page, without MLflow links."""
+    work, res, _ = quickstart
+    assert res.returncode == 0
+    assert overtok(work, "export", "quickstart").returncode == 0
+    copy = tmp_path / "copied"
+    copy.mkdir()
+    for f in ("runs.parquet", "curves.parquet"):
+        shutil.copy(work / "results" / "quickstart" / f, copy / f)
+    out = overtok(tmp_path, "report", str(copy))
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = (tmp_path / "dashboards" / "quickstart" / "index.html").read_text()
+    assert "no MLflow store here" in text and "#/experiments/" not in text
+    assert text.count("<tr>") >= 12 and (copy / "fits.json").exists() and list((copy / "figures").glob("*.png"))
