@@ -141,7 +141,7 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200) -> Path:
         "equivalent_baseline_size": _equivalent_sizes(s),
         "cfg_generation_accuracy": (s.groupby(["size", "variant"])["gen_acc"].mean().unstack().to_dict()
                                     if s["gen_acc"].notna().any() else {}),
-        "notes": {"train loss": "final EMA(0.1) of train/loss (next-token loss)",
+        "notes": {"train loss": "final EMA(0.1) of train/loss (next-token loss), per base token (divided by tokenizer_ngram x output_ngram)",
                   "speedup": "tokens the baseline needs to reach its final EMA loss / tokens the variant needs "
                              "(linear interpolation), same seed; CI = bootstrap over seeds"},
     }

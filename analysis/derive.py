@@ -24,6 +24,13 @@ def curve(curves: pd.DataFrame, trial_id: str, metric: str) -> tuple[np.ndarray,
     return c["step"].to_numpy(float), c["value"].to_numpy(float)
 
 
+def base_tokens_per_loss(runs: pd.DataFrame) -> np.ndarray:
+    """How many base tokens one unit of a run's logged loss covers (1 for plain next-token models)."""
+    n_tok = runs["model.tokenizer_ngram"] if "model.tokenizer_ngram" in runs.columns else 1
+    n_out = runs["model.output_ngram"] if "model.output_ngram" in runs.columns else 1
+    return (pd.Series(n_tok, index=runs.index).fillna(1) * pd.Series(n_out, index=runs.index).fillna(1)).to_numpy(float)
+
+
 def summarize(runs: pd.DataFrame, curves: pd.DataFrame, smooth: float = 0.1) -> pd.DataFrame:
     """Finished trials with: size, N under each convention, tokens, final EMA train loss, final val loss,
     generation accuracy, input vocabulary (V + OE rows, V for baselines) and the variant label."""
@@ -37,8 +44,11 @@ def summarize(runs: pd.DataFrame, curves: pd.DataFrame, smooth: float = 0.1) -> 
     for tid in df.trial_id:
         _, v = curve(curves, tid, "train/loss")
         finals.append(float(ema(v, smooth)[-1]) if len(v) else np.nan)
-    df["final_train_loss"] = finals
-    df["final_val_loss"] = df.get("final.val/loss", np.nan)
+    # per base token: an n-gram tokenizer's position holds n base tokens, an n-gram output head predicts the joint
+    # of the next n tokens (a sum of n next-token losses); dividing by both makes every variant comparable
+    per = base_tokens_per_loss(df)
+    df["final_train_loss"] = np.asarray(finals) / per
+    df["final_val_loss"] = df.get("final.val/loss", np.nan) / per
     df["gen_acc"] = df.get("final.val/gen_acc", np.nan)
     df["tokens"] = df["tokens_seen"]
     df["seed"] = df.get("seed", 0)

@@ -114,7 +114,8 @@ def loss_diff_vs_tokens(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: s
 
 
 def table2(summary: pd.DataFrame) -> pd.DataFrame:
-    """Paper Table 2 style: per size and variant, final train/val loss and the difference to the baseline."""
+    """Paper Table 2 style: per size and variant, final train/val loss (per base token) and the difference to the
+    baseline."""
     rows = []
     for size, g in summary.groupby("size", sort=False):
         base = g[g.is_baseline]

@@ -120,3 +120,21 @@ def test_analysis_never_imports_torch(tmp_path):
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_ngram_variants_losses_are_per_base_token():
+    """A 3-gram tokenizer's or 3-gram output's loss covers 3 base tokens; summaries divide it out."""
+    import pandas as pd
+
+    from analysis.derive import summarize
+
+    rows, curves = [], []
+    for i, (tok, out, loss) in enumerate([(1, 1, 0.8), (3, 1, 2.4), (1, 3, 2.1)]):
+        rows.append({"trial_id": f"t{i}", "status": "FINISHED", "model.d_model": 64, "model.n_layers": 2,
+                     "model.tokenizer_ngram": tok, "model.output_ngram": out, "model.od_depth": 1, "params.body": 1,
+                     "final.val/loss": loss, "tokens_seen": 100, "variant": "Baseline" if i == 0 else f"v{i}",
+                     "input_vocab_size": 7})
+        curves += [{"trial_id": f"t{i}", "metric": "train/loss", "step": s, "value": loss} for s in (10, 20)]
+    s = summarize(pd.DataFrame(rows), pd.DataFrame(curves)).set_index("trial_id")
+    assert s.final_val_loss.round(6).to_dict() == {"t0": 0.8, "t1": 0.8, "t2": 0.7}
+    assert s.final_train_loss.round(6).to_dict() == {"t0": 0.8, "t1": 0.8, "t2": 0.7}
