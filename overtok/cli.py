@@ -63,6 +63,7 @@ def cmd_sweep(args) -> int:
     if args.tracking_uri:
         sweep.tracking_uri = args.tracking_uri
     sweep.check_size(args.yes)
+    sweep.check_disk(args.yes)
     res = run_sweep(sweep)
     return 0 if res["failed"] == 0 else 1
 
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="", help="join an existing Ray cluster (ray start --head); default: local Ray")
     p.add_argument("--max-concurrent", type=int, default=0, help="override the sweep's max_concurrent")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep key")
-    p.add_argument("--yes", action="store_true", help="allow grids larger than the size limit")
+    p.add_argument("--yes", action="store_true", help="allow grids larger than the size limit and checkpoints larger than the free disk")
     _add_tracking(p)
     p.set_defaults(fn=cmd_sweep)
 

@@ -77,6 +77,31 @@ class Sweep:
     varied_keys: list[str] = field(default_factory=list)
     pack: int = 1
 
+    def checkpoint_bytes_needed(self) -> int:
+        """Disk the sweep's new checkpoints will take: the 2 newest per trial (a pack's file holds its members),
+        for trials whose checkpoint directory does not exist yet (existing ones are already on disk)."""
+        total = 0
+        for t in self.trials:
+            tr = t.config.train
+            saves = tr.max_steps // tr.checkpoint_every + int(tr.checkpoint_final)
+            if saves and not Path(tr.checkpoint_dir).exists():
+                total += min(saves, 2) * accounting.checkpoint_bytes(t.config.model)
+        return total
+
+    def check_disk(self, yes: bool) -> None:
+        """Refuse (before anything starts) a sweep whose checkpoints would not fit on the storage disk."""
+        import shutil
+
+        need = self.checkpoint_bytes_needed()
+        where = Path(self.storage_path)
+        while not where.exists():
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        if need > free and not yes:
+            raise ConfigError(f"checkpoints need about {need / 2**30:.1f} GiB (2 kept per trial) but {where} has "
+                              f"{free / 2**30:.1f} GiB free; raise train.checkpoint_every, set train.checkpoint_final: "
+                              "false, or pass --yes", file=self.file, key="base.train.checkpoint_every")
+
     def packs(self, trials: list[Trial] | None = None) -> list[list[Trial]]:
         """Groups of trials that run as one process: packable trials (same config but seed / lr) in chunks of
         at most ``pack``, in sweep order; every other trial alone."""

@@ -45,3 +45,21 @@ def test_oversized_grid_needs_yes(cli, tmp_path):
     res = cli("sweep", "big.yaml")
     assert res.returncode == 2 and "exceed max_trials=3" in res.stderr and "--yes" in res.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_checkpoints_larger_than_the_free_disk_are_refused(cli, tmp_path):
+    """A sweep whose checkpoints (OE tables + 2 Adam moments, 2 kept per trial) exceed the free disk exits 2 before
+    anything starts; --yes overrides. (A GPU machine was once lost to exactly this.)"""
+    (tmp_path / "huge.yaml").write_text("""
+name: huge
+base:
+  model: {d_model: 64, n_layers: 1, n_heads: 2, seq_len: 16, oe: {n: 2, k: 1, m: 400000000001}}
+  train: {max_steps: 10, checkpoint_every: 5}
+seeds: [0, 1]
+""")
+    res = cli("sweep", "huge.yaml")
+    assert res.returncode == 2 and "huge.yaml" in res.stderr and "base.train.checkpoint_every" in res.stderr
+    assert "GiB free" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "results" / "mlflow.db").exists()
+    ok = cli("plan", "huge.yaml")
+    assert ok.returncode == 0  # planning is always allowed
