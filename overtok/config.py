@@ -121,6 +121,9 @@ class OEConfig:
     (overtok/sparse.py). False = an nn.Embedding updated by exact dense AdamW."""
     table_dtype: Literal["float32", "bfloat16"] = "float32"
     """Storage dtype of row-sparse tables and their Adam moments (bfloat16 halves their memory)."""
+    shard: bool = False
+    """Data-parallel trials: split the table row-wise over the workers (paper sec. 3.3, overtok/sharded.py), ids
+    and rows exchanged all-to-all, so the table grows with the number of GPUs. A single process holds it whole."""
 
 
 @dataclass
@@ -423,6 +426,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.gen_samples >= 0, "train.gen_samples", "must be >= 0")
     need(oe.table_dtype == "float32" or oe.sparse_update, "model.oe.table_dtype",
          "bfloat16 tables need model.oe.sparse_update: true (dense AdamW keeps fp32 master weights)")
+    need(not (oe.shard and oe.sparse_update), "model.oe.shard",
+         "sharded tables use dense AdamW on each shard; turn model.oe.sparse_update off")
     if oe.n > 1:
         slices = oe.k * (oe.n - 1)
         need(oe.m >= 1, "model.oe.m", f"must be >= 1 when oe.n > 1, got {oe.m}")

@@ -117,11 +117,22 @@ class OverEncoding(nn.Module):
         self.register_buffer("hash_w", w, persistent=False)
         self.register_buffer("moduli", mods, persistent=False)
         self.register_buffer("offsets", offsets, persistent=False)
+        rows = int(mods.sum())
+        # dense and sharded tables are filled by init_table_rows from this seed (drawn from the global RNG, so it
+        # follows the run's seed and is the same on every rank)
+        self.table_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
         if cfg.oe.sparse_update:
-            self.tables = RowSparseTable(int(mods.sum()), self.width, cfg.oe.table_dtype)
+            self.tables = RowSparseTable(rows, self.width, cfg.oe.table_dtype)
             self.tables.reset_parameters()
+        elif cfg.oe.shard and _world_size() > 1:
+            from overtok.sharded import ShardedTable
+
+            self.tables = ShardedTable(rows, self.width)
         else:
-            self.tables = nn.Embedding(int(mods.sum()), self.width)
+            self.tables = nn.Embedding(rows, self.width, _weight=torch.empty(rows, self.width))
+        if not cfg.oe.sparse_update:
+            # seeded by row chunk, so a sharded table is the same table cut into pieces
+            init_table_rows(self.tables.weight, getattr(self.tables, "lo", 0), self.table_seed)
         self.proj = nn.Linear(self.num_slices * self.width, d, bias=False)
 
     def slice_ids(self, idx: torch.Tensor) -> torch.Tensor:
@@ -140,6 +151,29 @@ class OverEncoding(nn.Module):
         rows = self.tables(self.slice_ids(idx))  # (B, T, S, w)
         ngram = self.proj(rows.flatten(-2))  # (B, T, d) = sum of per-slice projections
         return (x + ngram) / (1 + self.num_slices)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def init_table_rows(weight: torch.Tensor, first_row: int, seed: int, std: float = 0.02, chunk: int = 1 << 16) -> None:
+    """Fill rows [first_row, first_row + len(weight)) of a virtual table from a seed, in fixed chunks of rows
+    that each have their own generator: a shard of a row-sharded table gets exactly the rows the whole table
+    would have, at the cost of its own rows only."""
+    n, w = weight.shape
+    with torch.no_grad():
+        row = first_row
+        while row < first_row + n:
+            c = row // chunk
+            lo, hi = c * chunk, (c + 1) * chunk
+            g = torch.Generator(device=weight.device).manual_seed(seed * 1_000_003 + c)
+            block = torch.randn(hi - lo, w, generator=g, device=weight.device) * std
+            end = min(hi, first_row + n)
+            weight[row - first_row : end - first_row].copy_(block[row - lo : end - lo])
+            row = end
 
 
 class Transformer(nn.Module):
@@ -170,7 +204,10 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.seq_len + cfg.lookahead, d // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init)
+        tables = getattr(self.embed, "tables", None)
+        for mod in self.modules():
+            if mod is not tables:  # OE tables were filled by OverEncoding (init_table_rows)
+                self._init(mod)
         for name, p in self.named_parameters():  # scaled init of residual projections (GPT-2)
             if name.endswith("proj.weight") and "embed" not in name or name.endswith("down.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
@@ -289,7 +326,7 @@ class Transformer(nn.Module):
                 nxt = torch.where(done[:, None], torch.full_like(nxt, stop_id), nxt)
                 done = done | (nxt[:, 0] == stop_id)
             out = torch.cat([out, nxt], dim=1)
-            if stop_id is not None and bool(done.all()):
+            if stop_id is not None and self._all_ranks(done.all()):
                 break
             if caches is not None:
                 if caches[0]["pos"] >= max_pos:
@@ -297,6 +334,16 @@ class Transformer(nn.Module):
                 else:
                     logits = self._cached_step(self.embed(out[:, -window:])[:, -1:], caches)
         return out
+
+    def _all_ranks(self, flag: torch.Tensor) -> bool:
+        """A stop decision every rank agrees on: with a row-sharded table each lookup is a collective, so all ranks
+        must run the same number of steps."""
+        if hasattr(getattr(self.embed, "tables", None), "rows_per_rank"):
+            import torch.distributed as dist
+
+            flag = flag.to(torch.int32).clone()
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag)
 
     def _new_caches(self, batch: int, max_pos: int, device) -> list[dict]:
         H = self.cfg.n_heads

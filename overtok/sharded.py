@@ -7,8 +7,11 @@ first), the owners gather those rows and send them back. The backward pass sends
 of its id, which sums them into its shard's gradient (duplicates add up, as in ``nn.Embedding``). The result and
 the shard gradients equal the unsharded lookup exactly (tests/test_sharded.py runs 2 and 3 gloo processes).
 
-Scope today: the module and its exchange; the trainer does not build it yet (a sharded run also needs every rank
-to evaluate and generate in lockstep and checkpoints per shard). Ids are not deduplicated before sending.
+Used by the trainer when ``model.oe.shard`` is on in a data-parallel run (``overtok/train.py``): DDP leaves the
+shards alone, shard gradients are divided by the world size (DDP's mean), clipping uses the global norm, every
+rank evaluates and samples in lockstep (each lookup is a collective), and each rank > 0 checkpoints its own rows
+and optimizer state next to rank 0's file. The table's initial values do not depend on the number of shards
+(``model.init_table_rows``). Ids are not deduplicated before sending.
 """
 
 from __future__ import annotations
@@ -66,8 +69,7 @@ class ShardedTable(nn.Module):
         self.rows_per_rank = -(-num_rows // world)
         self.lo = min(rank * self.rows_per_rank, num_rows)
         self.hi = min(self.lo + self.rows_per_rank, num_rows)
-        self.weight = nn.Parameter(torch.empty(self.hi - self.lo, width))
-        nn.init.normal_(self.weight, std=0.02)
+        self.weight = nn.Parameter(torch.empty(self.hi - self.lo, width))  # filled by model.init_table_rows
 
     @classmethod
     def from_full(cls, full: torch.Tensor, group=None) -> "ShardedTable":

@@ -191,17 +191,25 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     if t.compile:  # the body and loss; the OE lookup stays eager (row-sparse tables use autograd hooks)
         model.body_and_loss = torch.compile(model.body_and_loss)
     sparse_tables = model.sparse_tables()
+    # row-sharded OE tables (model.oe.shard with several ranks): each rank owns some rows; DDP must not average them
+    sharded = [(n, p) for n, p in model.named_parameters() if n.startswith("embed.tables.") and hasattr(
+        model.embed.tables, "rows_per_rank")]
     step_model = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
+        if sharded:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in sharded])
         step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     ckpt_dir = default_checkpoint_dir(cfg)
     step, tokens_seen, resumed_from = 0, 0, None
     state = load_latest_checkpoint(ckpt_dir)
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if sharded and state.get("world", world) != world:
+            raise CheckpointError(f"{ckpt_dir}: checkpoint of a table sharded over {state['world']} ranks, now {world}")
+        own = load_shard_state(ckpt_dir, state["step"], rank) if sharded and rank > 0 else state
+        model.load_state_dict(own["model"])
+        opt.load_state_dict(own["optimizer"])
         train_data.load_state_dict(state["data_ranks"][rank])
         torch.set_rng_state(state["rng"])
         step, tokens_seen, resumed_from = state["step"], state["tokens_seen"], state["step"]
@@ -220,16 +228,17 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     while True:
         last_step = step == t.max_steps
 
-        # once in a while: evaluate (and on the last step)
-        if rank == 0 and ((step % t.eval_every == 0 and step > 0) or last_step) and step != resumed_from:
+        # once in a while: evaluate (and on the last step); with sharded tables every rank takes part in the lookups
+        if (rank == 0 or sharded) and ((step % t.eval_every == 0 and step > 0) or last_step) and step != resumed_from:
             metrics = {"val/loss": eval_loss(model, val_data, t.eval_batches, device, autocast)}
             if cfg.data.kind == "text":
                 bpt = read_bytes_per_token(cfg)
                 metrics["val/bpb"] = metrics["val/loss"] / math.log(2) / bpt
             if cfg.data.kind == "cfg" and t.gen_samples and (last_step or (t.gen_every and step % t.gen_every == 0)):
                 metrics["val/gen_acc"] = generation_accuracy(model, val_data, t.gen_samples, device, cfg.seed)
-            sink.log(metrics, tokens_seen)
-            summary.update(metrics)
+            if rank == 0:
+                sink.log(metrics, tokens_seen)
+                summary.update(metrics)
 
         # once in a while: checkpoint (not at step 0; at the end too unless checkpoint_final is off)
         if step > 0 and (step % t.checkpoint_every == 0 or (last_step and t.checkpoint_final)) and step != resumed_from:
@@ -237,11 +246,15 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             if distributed:  # every rank's stream position, so a resumed run continues each one exactly
                 data_states = [None] * world
                 dist.all_gather_object(data_states, train_data.state_dict())
+            if sharded:  # ranks > 0 save their own rows and optimizer state first; rank 0's file completes the set
+                if rank > 0:
+                    save_shard_state(ckpt_dir, step, rank, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+                dist.barrier()
             if rank == 0:
                 save_checkpoint(ckpt_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                            "tokens_seen": tokens_seen, "data_ranks": data_states,
                                            "rng": torch.get_rng_state(), "config": to_dict(cfg),
-                                           "history": sink.history})
+                                           "history": sink.history, "world": world})
                 sink.flush()
 
         if last_step:
@@ -261,7 +274,10 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             (losses["total"] / t.grad_accum).backward()
             for k, v in losses.items():
                 parts[k] = parts.get(k, 0.0) + v.detach() / t.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        if sharded:
+            grad_norm = _clip_sharded(model, [p for _, p in sharded], world, t.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         for table in sparse_tables:
@@ -293,6 +309,51 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     summary["tokens_seen"] = tokens_seen
     sink.flush()
     return summary
+
+
+def _clip_sharded(model: Transformer, shards: list[torch.nn.Parameter], world: int, max_norm: float) -> torch.Tensor:
+    """Gradient clipping with row-sharded tables: the shard gradients (sums over every rank's batch) are divided
+    by the world size, as DDP averages the replicated ones; the norm is global (all-reduced over the shards)."""
+    import torch.distributed as dist
+
+    shard_ids = {id(p) for p in shards}
+    replicated = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in shard_ids]
+    for p in shards:
+        if p.grad is not None:
+            p.grad.div_(world)
+    own = [p.grad for p in shards if p.grad is not None]
+    sq_rep = sum((g.float().pow(2).sum() for g in replicated), torch.zeros((), device=shards[0].device))
+    sq_own = sum((g.float().pow(2).sum() for g in own), torch.zeros((), device=shards[0].device))
+    dist.all_reduce(sq_own)
+    norm = (sq_rep + sq_own).sqrt()
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in replicated + own:
+            g.mul_(coef.to(g.dtype))
+    return norm
+
+
+def save_shard_state(ckpt_dir: Path, step: int, rank: int, state: dict, keep: int = 2) -> None:
+    path = ckpt_dir / f"shard_{step:09d}_rank{rank}.pt"
+    tmp = path.with_suffix(".tmp")
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {e}") from None
+    for old in sorted(ckpt_dir.glob(f"shard_*_rank{rank}.pt"))[:-keep]:
+        old.unlink()
+
+
+def load_shard_state(ckpt_dir: Path, step: int, rank: int) -> dict:
+    path = ckpt_dir / f"shard_{step:09d}_rank{rank}.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: this rank's part of the step-{step} checkpoint is unreadable "
+                              f"({type(e).__name__})") from None
 
 
 class _HistorySink(Sink):

@@ -196,7 +196,8 @@ def test_added_seed_runs_only_new_trials(quickstart):
 
 
 def test_two_worker_gloo_ddp_trial(tmp_path):
-    """resources.workers: 2 trains the trial data-parallel through Ray Train's TorchTrainer (gloo on CPU)."""
+    """resources.workers: 2 trains the trial data-parallel through Ray Train's TorchTrainer (gloo on CPU), here with
+    the OE table sharded row-wise over the two workers (model.oe.shard)."""
     import glob
 
     import torch
@@ -204,7 +205,7 @@ def test_two_worker_gloo_ddp_trial(tmp_path):
     write(tmp_path / "ddp.yaml", """
 name: ddp
 base:
-  model: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}
+  model: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32, oe: {n: 2, m: 1009, shard: true}}
   data: {batch_size: 4}
   train: {max_steps: 30, eval_every: 10, log_every: 5, checkpoint_every: 10, gen_samples: 0}
 grid:
@@ -222,6 +223,7 @@ resources: {cpu: 0.9, workers: 2}
     assert hist[-1].value < hist[0].value
     state = torch.load(sorted(glob.glob(f"{tmp_path}/results/ray/ddp/trials/*/ckpt_*.pt"))[-1], weights_only=True)
     assert len(state["data_ranks"]) == 2 and state["data_ranks"][0] != state["data_ranks"][1]  # one stream per rank
+    assert state["world"] == 2 and glob.glob(f"{tmp_path}/results/ray/ddp/trials/*/shard_*_rank1.pt")  # rank 1's rows
 
 
 def test_packed_sweep_runs_same_shape_trials_in_one_process(tmp_path):
