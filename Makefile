@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/overtok sweep sweeps/quickstart.yaml
-	$(VENV)/bin/overtok report quickstart
+	$(VENV)/bin/overtok report sweeps/quickstart.yaml
 
 test: install chromium
 	$(PY) -m pytest -q -ra tests

@@ -71,7 +71,7 @@ def cmd_sweep(args) -> int:
 def cmd_export(args) -> int:
     from overtok.export import export_sweep
 
-    paths = export_sweep(args.sweep, args.tracking_uri, Path(args.out) if args.out else None)
+    paths = export_sweep(args.sweep, args.tracking_uri, Path(args.out) if args.out else None, args.set)
     for p in paths:
         print(f"[overtok] wrote {p}")
     return 0
@@ -110,7 +110,7 @@ def cmd_fit_law(args) -> int:
 def cmd_report(args) -> int:
     from overtok.report import report_sweep
 
-    print(f"[overtok] wrote {report_sweep(args.sweep, args.tracking_uri, args.ui)}")
+    print(f"[overtok] wrote {report_sweep(args.sweep, args.tracking_uri, args.ui, overrides=args.set)}")
     return 0
 
 
@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("export", help="write results/<sweep>/runs.parquet and curves.parquet from MLflow")
-    p.add_argument("sweep", help="sweep name or YAML, or a results directory holding an export")
+    p.add_argument("sweep", help="sweep name (every run logged under it) or YAML (only its current trials)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with a YAML: the same overrides the sweep ran with")
     p.add_argument("--out", default="", help="output directory (default results/<sweep>)")
     _add_tracking(p)
     p.set_defaults(fn=cmd_export)
@@ -207,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_fit_law)
     p = sub.add_parser("report", help="export, fit, plot and write dashboards/<sweep>/index.html (self-contained)")
-    p.add_argument("sweep", help="sweep name or YAML, or a results directory holding an export")
+    p.add_argument("sweep", help="sweep name or YAML (only its current trials), or a results directory holding an export")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with a YAML: the same overrides the sweep ran with")
     p.add_argument("--ui", default="http://127.0.0.1:5000", help="MLflow UI base URL for the run and compare links")
     _add_tracking(p)
     p.set_defaults(fn=cmd_report)

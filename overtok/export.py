@@ -117,15 +117,18 @@ def build_tables(runs, hist: pd.DataFrame, sweep: str) -> tuple[pd.DataFrame, pd
     return df, curves
 
 
-def export_sweep(sweep: str, tracking_uri: str = "", out: Path | None = None) -> list[Path]:
+def export_sweep(sweep: str, tracking_uri: str = "", out: Path | None = None,
+                 overrides: list[str] | None = None) -> list[Path]:
     """Write runs.parquet and curves.parquet for a sweep (name or YAML path)."""
     from overtok.config import ConfigError
 
+    keep: set[str] | None = None
     if sweep.endswith((".yaml", ".yml")):
         from overtok.sweep import load_sweep
 
-        s = load_sweep(sweep)
+        s = load_sweep(sweep, overrides)
         name, experiment, tracking_uri = s.name, s.experiment, tracking_uri or s.tracking_uri
+        keep = {t.trial_id for t in s.trials}  # a sweep file: only its current trials, not older grids' runs
     else:
         name = experiment = sweep
     uri = resolve_tracking_uri(tracking_uri)
@@ -143,6 +146,12 @@ def export_sweep(sweep: str, tracking_uri: str = "", out: Path | None = None) ->
         if prev is None or (r.info.status == "FINISHED", r.info.start_time) > (prev.info.status == "FINISHED", prev.info.start_time):
             latest[tid] = r
     chosen = list(latest.values())
+    if keep is not None:
+        left_out = [r for r in chosen if r.data.tags[TRIAL_ID_TAG] not in keep]
+        chosen = [r for r in chosen if r.data.tags[TRIAL_ID_TAG] in keep]
+        if left_out:
+            print(f"[overtok] {len(left_out)} runs of sweep {name!r} are not trials of {sweep} (an older grid or "
+                  "code version) and are left out; export by name to include them", flush=True)
     hist = fetch_histories(uri, [r.info.run_id for r in chosen], {r.info.run_id: list(r.data.metrics) for r in chosen})
     df, curves = build_tables(chosen, hist, name)
     out = out or Path("results") / name

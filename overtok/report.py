@@ -182,7 +182,8 @@ def _fits_html(fits: dict) -> str:
     return "".join(out)
 
 
-def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root: Path = Path(".")) -> Path:
+def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root: Path = Path("."),
+                 overrides: list[str] | None = None) -> Path:
     """export -> fit -> figures -> dashboards/<sweep>/index.html. ``sweep`` may also be a results directory with an
     export (runs.parquet, curves.parquet) made elsewhere, e.g. copied back from a GPU machine: then no export and
     no MLflow links."""
@@ -192,7 +193,7 @@ def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root:
     from overtok.tracking import client, resolve_tracking_uri
 
     offline = Path(sweep).is_dir() and (Path(sweep) / "runs.parquet").exists()
-    paths = [Path(sweep) / "runs.parquet"] if offline else export_sweep(sweep, tracking_uri)
+    paths = [Path(sweep) / "runs.parquet"] if offline else export_sweep(sweep, tracking_uri, overrides=overrides)
     results = paths[0].parent
     runs = pd.read_parquet(paths[0])
     name = str(runs.sweep.iloc[0]) if len(runs) else results.name

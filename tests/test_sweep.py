@@ -195,6 +195,23 @@ def test_added_seed_runs_only_new_trials(quickstart):
     assert len(parents) == 1 and len(children) == 14
 
 
+def test_export_by_yaml_keeps_only_the_current_trials(quickstart):
+    """After the grid changed (a seed was added, other runs exist), exporting by YAML + the same --set keeps exactly
+    the trials that file expands to; by name, every run of the sweep."""
+    import pandas as pd
+
+    work, _, _ = quickstart
+    sets = [f"--set={s}" for s in SMALL] + ["--set=grid.model.oe.n=[1]", "--set=grid.model.od_depth=[1]"]
+    res = overtok(work, "export", "quickstart.yaml", *sets)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "are not trials of quickstart.yaml" in res.stdout
+    runs = pd.read_parquet(work / "results" / "quickstart" / "runs.parquet")
+    assert len(runs) == 2 and set(runs["model.oe.n"]) == {1} and set(runs["model.od_depth"]) == {1}
+    everything = overtok(work, "export", "quickstart")
+    assert everything.returncode == 0
+    assert len(pd.read_parquet(work / "results" / "quickstart" / "runs.parquet")) >= 12
+
+
 def test_two_worker_gloo_ddp_trial(tmp_path):
     """resources.workers: 2 trains the trial data-parallel through Ray Train's TorchTrainer (gloo on CPU), here with
     the OE table sharded row-wise over the two workers (model.oe.shard)."""
