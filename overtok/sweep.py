@@ -168,6 +168,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     _expect(isinstance(grid, dict), "must be a mapping of dotted keys to lists", file, "grid", lines)
     for k, v in grid.items():
         _expect(isinstance(v, list) and len(v) > 0, "must be a non-empty list", file, f"grid.{k}", lines)
+        _expect(k != "seed", "seeds are an axis of their own: use the top-level key seeds: [...]", file, "grid.seed",
+                lines)
     zips = raw.get("zip", []) or []
     _expect(isinstance(zips, list), "must be a list of groups", file, "zip", lines)
     for i, group in enumerate(zips):
@@ -308,8 +310,12 @@ def plan_table(sweep: Sweep) -> str:
                  f"peak memory per trial up to {max(r['memory_gb'] for r in rows):.2f} GiB (estimate); checkpoints "
                  f"{2 * sum(r['ckpt_gb'] for r in rows):.1f} GiB on disk if every trial keeps its 2 newest")
     if sweep.pack > 1:
-        sizes = [len(p) for p in sweep.packs()]
-        lines.append(f"packed (pack: {sweep.pack}): {len(sizes)} processes, trials per process {sizes}")
+        packs = sweep.packs()
+        sizes = [len(p) for p in packs]
+        by_id = {r["trial_id"]: r for r in rows}
+        mem = max(sum(by_id[t.trial_id]["memory_gb"] for t in p) for p in packs)
+        lines.append(f"packed (pack: {sweep.pack}): {len(sizes)} processes, trials per process {sizes}, "
+                     f"peak memory per process up to {mem:.2f} GiB (estimate: its trials' sum)")
     return "\n".join(lines)
 
 
