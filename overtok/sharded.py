@@ -72,7 +72,7 @@ class ShardedTable(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.hi - self.lo, width))  # filled by model.init_table_rows
 
     @classmethod
-    def from_full(cls, full: torch.Tensor, group=None) -> "ShardedTable":
+    def from_full(cls, full: torch.Tensor, group=None) -> ShardedTable:
         """This rank's shard of a full table (tests, and converting an unsharded checkpoint)."""
         t = cls(full.shape[0], full.shape[1], group)
         with torch.no_grad():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from overtok.packed import PackedAdamW, check_packable, pack_key, pack_models, train_packed, unpack_slice
 from overtok.model import Transformer
+from overtok.packed import PackedAdamW, check_packable, pack_key, pack_models, train_packed, unpack_slice
 from overtok.tracking import Sink
 from overtok.train import train
 from tests.conftest import tiny_config
