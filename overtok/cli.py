@@ -148,13 +148,17 @@ def _results_dir(sweep: str) -> Path:
     return Path("results") / sweep
 
 
+def _add_set(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="overtok", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one model (one MLflow run)")
     p.add_argument("config", nargs="?", help="training config YAML (omit for the built-in defaults)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    _add_set(p, "override a config key (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved model; train nothing")
     _add_tracking(p)
     p.set_defaults(fn=cmd_train)
@@ -172,22 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="validate and expand a sweep; print one row per trial; run nothing")
     p.add_argument("sweep")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep key (e.g. base.data.path=...)")
+    _add_set(p, "override a sweep key (e.g. base.data.path=...)")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("sweep", help="run a sweep with Ray Tune, tracked in MLflow (resumable)")
     p.add_argument("sweep")
     p.add_argument("--address", default="", help="join an existing Ray cluster (ray start --head); default: local Ray")
     p.add_argument("--max-concurrent", type=int, default=0, help="override the sweep's max_concurrent")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep key")
+    _add_set(p, "override a sweep key")
     p.add_argument("--yes", action="store_true", help="allow grids larger than the size limit and checkpoints larger than the free disk")
     _add_tracking(p)
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("export", help="write results/<sweep>/runs.parquet and curves.parquet from MLflow")
     p.add_argument("sweep", help="sweep name (every run logged under it) or YAML (only its current trials)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="with a YAML: the same overrides the sweep ran with")
+    _add_set(p, "with a YAML: the same overrides the sweep ran with")
     p.add_argument("--out", default="", help="output directory (default results/<sweep>)")
     _add_tracking(p)
     p.set_defaults(fn=cmd_export)
@@ -210,8 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_fit_law)
     p = sub.add_parser("report", help="export, fit, plot and write dashboards/<sweep>/index.html (self-contained)")
     p.add_argument("sweep", help="sweep name or YAML (only its current trials), or a results directory holding an export")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="with a YAML: the same overrides the sweep ran with")
+    _add_set(p, "with a YAML: the same overrides the sweep ran with")
     p.add_argument("--ui", default="http://127.0.0.1:5000", help="MLflow UI base URL for the run and compare links")
     _add_tracking(p)
     p.set_defaults(fn=cmd_report)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from overtok.config import ModelConfig
 from overtok.ngram import hash_stacked, hash_weights, shifted_stack
+from overtok.sharded import ShardedTable
 from overtok.sparse import RowSparseTable
 
 
@@ -125,8 +126,6 @@ class OverEncoding(nn.Module):
             self.tables = RowSparseTable(rows, self.width, cfg.oe.table_dtype)
             self.tables.reset_parameters()
         elif cfg.oe.shard and _world_size() > 1:
-            from overtok.sharded import ShardedTable
-
             self.tables = ShardedTable(rows, self.width)
         else:
             self.tables = nn.Embedding(rows, self.width, _weight=torch.empty(rows, self.width))
@@ -249,6 +248,9 @@ class Transformer(nn.Module):
     def sparse_tables(self) -> list[RowSparseTable]:
         return [m for m in self.modules() if isinstance(m, RowSparseTable)]
 
+    def sharded_tables(self) -> list[ShardedTable]:
+        return [m for m in self.modules() if isinstance(m, ShardedTable)]
+
     def body_and_loss(self, emb: torch.Tensor, tokens: torch.Tensor, T: int, targets: bool):
         """Everything after the input embedding; the trainer compiles this part (the row-sparse lookup stays eager)."""
         cfg = self.cfg
@@ -338,7 +340,7 @@ class Transformer(nn.Module):
     def _all_ranks(self, flag: torch.Tensor) -> bool:
         """A stop decision every rank agrees on: with a row-sharded table each lookup is a collective, so all ranks
         must run the same number of steps."""
-        if hasattr(getattr(self.embed, "tables", None), "rows_per_rank"):
+        if self.sharded_tables():
             import torch.distributed as dist
 
             flag = flag.to(torch.int32).clone()

@@ -39,6 +39,7 @@ from overtok.train import (
     H100_BF16_PEAK,
     TrainingDiverged,
     _HistorySink,
+    decay_groups,
     generation_accuracy,
     load_latest_checkpoint,
     lr_at,
@@ -152,18 +153,7 @@ class PackedAdamW:
     def __init__(self, model: Transformer, t, compile_step: bool = False):
         self.t = t
         self.eps = 1e-8  # torch.optim.AdamW's default, as make_optimizer uses
-        self.groups: list[tuple[list[nn.Parameter], float]] = []
-        decay, no_decay, embed = [], [], []
-        for name, p in model.named_parameters():
-            if name.startswith(("embed.wte", "embed.tables")):
-                embed.append(p)
-            elif p.dim() < 3:  # packed vectors (norm weights) are (P, d)
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        for params, wd in ((decay, t.weight_decay), (no_decay, 0.0), (embed, t.embed_weight_decay)):
-            if params:
-                self.groups.append((params, wd))
+        self.groups = decay_groups(model, t, vector_dim=2)  # packed vectors (norm weights) are (P, d)
         self.params = [p for ps, _ in self.groups for p in ps]
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]

@@ -62,22 +62,28 @@ def lr_at(step: int, t: TrainConfig) -> float:
     return lo + 0.5 * (t.lr - lo) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def make_optimizer(model: Transformer, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms, and embed_weight_decay (default 0) on the token embedding and OE tables."""
+def decay_groups(model: Transformer, t: TrainConfig, vector_dim: int = 1) -> list[tuple[list, float]]:
+    """(params, weight_decay) groups: decay on matrices, none on vectors (norm weights: ``vector_dim`` dims, 2 in a
+    packed model), embed_weight_decay (default 0) on the token embedding and OE tables. Row-sparse tables, which
+    update themselves (overtok/sparse.py), are left out. Empty groups are dropped."""
     decay, no_decay, embed = [], [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:  # row-sparse OE tables update themselves (overtok/sparse.py)
+        if not p.requires_grad:
             continue
         if name.startswith(("embed.wte", "embed.tables")):
             embed.append(p)
-        elif p.dim() < 2:
+        elif p.dim() <= vector_dim:
             no_decay.append(p)
         else:
             decay.append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": embed, "weight_decay": t.embed_weight_decay}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=(t.beta1, t.beta2),
-                             fused=device.type == "cuda")
+    groups = [(decay, t.weight_decay), (no_decay, 0.0), (embed, t.embed_weight_decay)]
+    return [(params, wd) for params, wd in groups if params]
+
+
+def make_optimizer(model: Transformer, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over :func:`decay_groups`."""
+    return torch.optim.AdamW([{"params": params, "weight_decay": wd} for params, wd in decay_groups(model, t)],
+                             lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,19 +94,24 @@ class CheckpointError(RuntimeError):
     """The checkpoint directory cannot be written (missing, not a directory, read-only, full)."""
 
 
-def save_checkpoint(ckpt_dir: Path, state: dict, keep: int = 2) -> Path:
-    path = ckpt_dir / f"ckpt_{state['step']:09d}.pt"
+def _write_atomically(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, fsync, rename: a crash leaves the previous file intact."""
     tmp = path.with_suffix(".tmp")
     try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         if tmp.parent.is_dir():
             tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {path}: {e}") from None
+
+
+def save_checkpoint(ckpt_dir: Path, state: dict, keep: int = 2) -> Path:
+    path = ckpt_dir / f"ckpt_{state['step']:09d}.pt"
+    _write_atomically(path, state)
     for old in sorted(ckpt_dir.glob("ckpt_*.pt"))[:-keep]:
         old.unlink()
     return path
@@ -192,8 +203,8 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         model.body_and_loss = torch.compile(model.body_and_loss)
     sparse_tables = model.sparse_tables()
     # row-sharded OE tables (model.oe.shard with several ranks): each rank owns some rows; DDP must not average them
-    sharded = [(n, p) for n, p in model.named_parameters() if n.startswith("embed.tables.") and hasattr(
-        model.embed.tables, "rows_per_rank")]
+    shard_weights = {id(m.weight) for m in model.sharded_tables()}
+    sharded = [(n, p) for n, p in model.named_parameters() if id(p) in shard_weights]
     step_model = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -334,15 +345,8 @@ def _clip_sharded(model: Transformer, shards: list[torch.nn.Parameter], world: i
 
 
 def save_shard_state(ckpt_dir: Path, step: int, rank: int, state: dict, keep: int = 2) -> None:
-    path = ckpt_dir / f"shard_{step:09d}_rank{rank}.pt"
-    tmp = path.with_suffix(".tmp")
-    try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {e}") from None
+    """A rank's own part of a checkpoint with row-sharded tables (its rows and optimizer state)."""
+    _write_atomically(ckpt_dir / f"shard_{step:09d}_rank{rank}.pt", state)
     for old in sorted(ckpt_dir.glob(f"shard_*_rank{rank}.pt"))[:-keep]:
         old.unlink()
 
