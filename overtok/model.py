@@ -11,6 +11,7 @@ Pure torch: no tracking or orchestration imports.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -303,39 +304,68 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new: int, stop_id: int | None = None, temperature: float = 1.0,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 is_stop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Sample continuations of (B, T0) prompts; returns (B, T0 + max_new) (fewer if every row stopped).
 
+        A row stops at ``stop_id`` (or where ``is_stop`` of its new token is true, e.g. an n-gram id holding EOS);
+        after that it is padded with ``stop_id``. Stopped rows leave the batch (their caches are compacted once a
+        quarter of the rows has stopped), so a few long samples do not keep the whole batch running.
         With ``use_cache`` each new token costs one position (keys/values of earlier positions are kept) while the
         sequence fits the context (seq_len); after that, and without the cache, every step re-runs the window of
         the last seq_len tokens. Both give the same samples.
         """
-        out = prompt
-        done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        if is_stop is None and stop_id is not None:
+            is_stop = lambda t: t == stop_id  # noqa: E731
+        B, T0 = prompt.shape
+        out = torch.full((B, T0 + max_new), stop_id if stop_id is not None else 0, dtype=prompt.dtype,
+                         device=prompt.device)
+        out[:, :T0] = prompt
+        # rows still sampling (indices into out); compaction needs every rank to see the same batch when a
+        # row-sharded table makes each lookup a collective, so it is off there
+        rows = torch.arange(B, device=prompt.device)
+        compact = is_stop is not None and not self.sharded_tables()
         max_pos = self.cfg.seq_len
         caches = None
-        if use_cache and prompt.shape[1] <= max_pos and self.pack == 1:
-            caches = self._new_caches(prompt.shape[0], max_pos, prompt.device)
+        if use_cache and T0 <= max_pos and self.pack == 1:
+            caches = self._new_caches(B, max_pos, prompt.device)
             logits = self._cached_step(self.embed(prompt), caches)
         # OE hashes the n-1 previous tokens: the embedding of a new token needs a window of n
         window = max(self.cfg.oe.n, 1) if self.embed.num_slices else 1
-        for _ in range(max_new):
+        done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+        end = T0
+        for t in range(T0, T0 + max_new):
+            cur = out[rows, :t]
             if caches is None:
-                logits, _ = self(out[:, -self.cfg.seq_len :], targets=False)
+                logits, _ = self(cur[:, -self.cfg.seq_len :], targets=False)
             lp = self.next_token_logits(logits[:, -1]).float() / temperature
-            nxt = torch.multinomial(lp.softmax(-1), 1, generator=generator)
-            if stop_id is not None:
-                nxt = torch.where(done[:, None], torch.full_like(nxt, stop_id), nxt)
-                done = done | (nxt[:, 0] == stop_id)
-            out = torch.cat([out, nxt], dim=1)
-            if stop_id is not None and self._all_ranks(done.all()):
+            nxt = torch.multinomial(lp.softmax(-1), 1, generator=generator)[:, 0]
+            if is_stop is not None:
+                nxt = torch.where(done, out[rows, t], nxt)  # a stopped row keeps its padding
+                done = done | is_stop(nxt)
+            out[rows, t] = nxt
+            end = t + 1
+            if is_stop is None:
+                pass
+            elif compact:
+                n_done = int(done.sum())
+                if n_done == len(rows):
+                    break
+                if n_done * 4 >= len(rows):  # drop stopped rows from the batch and their caches
+                    keep = (~done).nonzero()[:, 0]
+                    rows, done, logits = rows[keep], done[keep], logits[keep]
+                    if caches is not None:
+                        for c in caches:
+                            c["k"], c["v"] = c["k"][keep], c["v"][keep]
+            elif self._all_ranks(done.all()):
                 break
             if caches is not None:
                 if caches[0]["pos"] >= max_pos:
                     caches = None  # past the context: windowed recomputation from here on
                 else:
-                    logits = self._cached_step(self.embed(out[:, -window:])[:, -1:], caches)
-        return out
+                    new = out[rows, max(0, t + 1 - window) : t + 1]
+                    logits = self._cached_step(self.embed(new)[:, -1:], caches)
+        return out[:, :end]
 
     def _all_ranks(self, flag: torch.Tensor) -> bool:
         """A stop decision every rank agrees on: with a row-sharded table each lookup is a collective, so all ranks

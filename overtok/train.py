@@ -149,19 +149,30 @@ def eval_loss(model: Transformer, batches: Batches, n_batches: int, device: torc
 
 @torch.no_grad()
 def generation_accuracy(model: Transformer, batches: Batches, n_samples: int, device: torch.device, seed: int,
-                        batch_size: int = 0, max_len: int = 1024) -> float:
-    """Fraction of sampled sentences (prompt: EOS, stop at EOS) that the grammar accepts (paper sec. 3.1)."""
+                        batch_size: int = 0) -> float:
+    """Fraction of sampled sentences (prompt: EOS, stop at EOS) that the grammar accepts (paper sec. 3.1).
+
+    Sampling stops at the grammar's longest sentence plus its EOS: a longer sample cannot be accepted.
+    """
     model.eval()
     batch_size = batch_size or (512 if device.type == "cuda" else 64)
     g, n = batches.grammar, model.cfg.tokenizer_ngram
+    V = g.vocab_size
+    # n-gram tokenizer: the prompt and the padding are the n-gram id made of EOS tokens; a row stops at the first
+    # n-gram that holds an EOS
+    eos = sum(g.eos_id * V**i for i in range(n))
+    digits = V ** torch.arange(n, device=device)
+
+    def is_stop(ids: torch.Tensor) -> torch.Tensor:
+        return (ids[:, None] // digits % V == g.eos_id).any(-1)
+
     gen = torch.Generator(device=device).manual_seed(seed)
     ok = 0
     for start in range(0, n_samples, batch_size):
         b = min(batch_size, n_samples - start)
-        # n-gram tokenizer: the prompt is one n-gram id made of EOS tokens
-        prompt = torch.full((b, 1), sum(g.eos_id * g.vocab_size**i for i in range(n)), dtype=torch.long, device=device)
-        out = model.generate(prompt, max_new=-(-max_len // n), stop_id=None if n > 1 else g.eos_id, generator=gen)
-        base = split_ngrams(out[:, 1:].cpu(), g.vocab_size, n)
+        prompt = torch.full((b, 1), eos, dtype=torch.long, device=device)
+        out = model.generate(prompt, max_new=-(-(g.max_len + 1) // n), stop_id=eos, is_stop=is_stop, generator=gen)
+        base = split_ngrams(out[:, 1:].cpu(), V, n)
         for row in base.tolist():
             sentence = row[: row.index(g.eos_id)] if g.eos_id in row else None
             ok += bool(sentence) and accepts(g, sentence)

@@ -1,3 +1,4 @@
+import functools
 import random
 
 import numpy as np
@@ -25,6 +26,26 @@ def test_cfg3f_samples_accepted_and_corruptions_mostly_rejected():
     assert rejected >= 80
     assert not accepts(g, sentences[0][:-1]) or not accepts(g, sentences[0][1:])
     assert not accepts(g, [])
+
+
+def test_cfg_longest_sentence_is_derivable_and_bounds_samples():
+    """Grammar.max_len is the length of a sentence the grammar accepts (each symbol expanded by its longest rule,
+    found top-down here) and no sample is longer."""
+    g = load_grammar("cfg3f")
+
+    @functools.cache
+    def longest(depth: int, sym: int) -> int:
+        if depth == g.depth:
+            return 1
+        return max(sum(longest(depth + 1, c) for c in rule) for rule in g.rules[depth][sym])
+
+    syms = [0]
+    for depth, level in enumerate(g.rules):
+        syms = [c for s in syms for c in max(level[s], key=lambda r: sum(longest(depth + 1, c) for c in r))]
+    sentence = [g.terminals[s] for s in syms]
+    assert len(sentence) == g.max_len and accepts(g, sentence)
+    rng = random.Random(1)
+    assert max(len(sample_sentence(g, rng)) for _ in range(500)) <= g.max_len
 
 
 def test_cfg_stream_is_seeded_and_resumable():

@@ -105,3 +105,22 @@ def test_kv_cached_generation_samples_the_same_tokens(sets):
     a = model.generate(prompt, 30, generator=torch.Generator().manual_seed(1), use_cache=True)
     b = model.generate(prompt, 30, generator=torch.Generator().manual_seed(1), use_cache=False)
     assert a.shape == (3, 32) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sets", [{}, {"model.oe.n": 3, "model.oe.m": 401}])
+def test_generation_stops_rows_and_drops_them_from_the_batch(sets):
+    """Rows stop at their own stop token and are padded; dropping stopped rows (and their caches) from the batch
+    keeps cached and windowed sampling identical, also past the context."""
+    cfg = tiny_config(**{"model.seq_len": 16, **sets})  # V = 7
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).eval()
+    prompt = torch.randint(1, 7, (40, 2))
+    a = model.generate(prompt, 40, stop_id=3, generator=torch.Generator().manual_seed(2), use_cache=True)
+    b = model.generate(prompt, 40, stop_id=3, generator=torch.Generator().manual_seed(2), use_cache=False)
+    assert torch.equal(a, b)
+    new = a[:, 2:]
+    stopped = (new == 3).any(1)
+    assert stopped.all() and 16 < a.shape[1] < 42  # all stopped early, some after the context (windowed steps)
+    for row in new[stopped]:
+        first = int((row == 3).nonzero()[0])
+        assert (row[first:] == 3).all()

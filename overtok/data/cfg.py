@@ -32,6 +32,14 @@ class Grammar:
     def depth(self) -> int:
         return len(self.rules)
 
+    @property
+    def max_len(self) -> int:
+        """Length of the longest sentence the grammar derives (no longer sample can be accepted)."""
+        longest = [1] * len(self.terminals)
+        for level in reversed(self.rules):
+            longest = [max(sum(longest[c] for c in rule) for rule in rules) for rules in level]
+        return longest[0]
+
 
 def load_grammar(name_or_path: str) -> Grammar:
     """A packaged grammar by name (cfg3b ... cfg3k) or a path to its JSON rule table."""
