@@ -2,9 +2,11 @@
 
 1. trainer throughput (MFU) of the baseline model at 25M / 124M / 350M body sizes, V = 50,304, seq 1024;
 2. Over-Encoding at paper scale (n = 3, k = 4, d = 768): step time and peak memory vs the same model without OE,
-   for dense nn.Embedding + AdamW and for row-sparse bf16 tables with lazy row-wise Adam.
+   for dense nn.Embedding + AdamW and for row-sparse bf16 tables with lazy row-wise Adam;
+3. packed trials at the step level: one tiny model (d 256, 4 layers, seq 512) vs 8 of them packed into one
+   (overtok.packed), with the per-slice clipping and update eager or compiled, plus a kernel profile.
 
-    python benchmarks/bench_gpu.py --out benchmarks/results/gpu.json [--only trainer|oe] [--smoke]
+    python benchmarks/bench_gpu.py --out benchmarks/results/gpu.json [--only trainer|oe|packed] [--smoke]
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import dump, environment, time_training  # noqa: E402
+from benchmarks.common import dump, environment, time_packed, time_training  # noqa: E402
 
 V = 50304
 SIZES = {"25M": (512, 8, 8), "124M": (768, 12, 12), "350M": (1024, 24, 16)}
@@ -59,10 +61,32 @@ def oe(args, rows):
               f"mem {r.get('peak_mem_gib', float('nan')):.1f} GiB  ({time.time() - t0:.0f}s) {r.get('error', '')}", flush=True)
 
 
+def packed(args, rows):
+    """Step-level packing: 8 one-trial steps vs one packed step of the same 8 models (the compute side of target 3)."""
+    d, L, H = (64, 2, 2) if args.smoke else (256, 4, 4)
+    sets = body(d, L, H, T=args.packed_seq, v=args.packed_vocab)
+    single = time_training(sets, args.packed_batch, args.steps * 5, args.warmup)
+    single["name"] = "one tiny model"
+    rows.append(single)
+    print(f"{'one tiny model':>36}  {single['step_ms']:8.2f} ms  {single['tokens_per_s']:>12,.0f} tok/s  "
+          f"MFU {single['mfu']:.3f}", flush=True)
+    for compiled in (False, True):
+        r = time_packed(sets, 8, args.packed_batch, args.steps * 2, args.warmup, compile_opt=compiled,
+                        profile=compiled)
+        r["name"] = f"8 packed, {'compiled' if compiled else 'eager'} clip+update"
+        r["vs_one_model"] = r["tokens_per_s"] / single["tokens_per_s"]
+        rows.append(r)
+        print(f"{r['name']:>36}  {r['step_ms']:8.2f} ms  {r['tokens_per_s']:>12,.0f} tok/s  MFU {r['mfu']:.3f}  "
+              f"x{r['vs_one_model']:.2f} vs one model  host issue {r['host_issue_ms']:.1f} ms  "
+              f"mem {r['peak_mem_gib']:.1f} GiB", flush=True)
+        if "profile_top_kernels" in r:
+            print(r["profile_top_kernels"], flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gpu.json")
-    ap.add_argument("--only", choices=["trainer", "oe"], default=None)
+    ap.add_argument("--only", choices=["trainer", "oe", "packed"], default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--oe-batch", type=int, default=16)
@@ -71,6 +95,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--m", type=float, nargs="+", default=[1e6, 4e6, 12.8e6])
     ap.add_argument("--dense-max-m", type=float, default=4.1e6)
+    ap.add_argument("--packed-batch", type=int, default=16)
+    ap.add_argument("--packed-seq", type=int, default=512)
+    ap.add_argument("--packed-vocab", type=int, default=50280)  # the OLMo tokenizer's, as in bench_sweep.py
     args = ap.parse_args()
     args.m = [int(m) + 1 if int(m) % 2 == 0 else int(m) for m in args.m]  # odd: never a multiple of V = 50,304
     if args.smoke:
@@ -78,6 +105,7 @@ def main():
         SIZES = {"tiny": (64, 2, 2)}
         args.seq, args.batch, args.oe_batch, args.steps, args.warmup = 64, 2, 2, 2, 1
         args.m, args.dense_max_m = [1001], 1001
+        args.packed_batch, args.packed_seq, args.packed_vocab = 2, 64, 512
     rows: list[dict] = []
     if args.only in (None, "trainer"):
         trainer(args, rows)
@@ -85,6 +113,8 @@ def main():
         if args.smoke:
             SIZES["124M"] = (64, 2, 2)
         oe(args, rows)
+    if args.only in (None, "packed"):
+        packed(args, rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     dump(args.out, {"environment": environment(), "command": " ".join(sys.argv), "results": rows})
 

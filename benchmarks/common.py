@@ -87,6 +87,81 @@ def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_
     return out
 
 
+def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, compile_opt: bool = True,
+                profile: bool = False) -> dict:
+    """Median step time of P same-shape models packed into one (overtok.packed), as ``time_training`` does for one
+    model: compiled body, bf16 autocast, PackedAdamW with per-slice clipping (compiled or eager). Also the host time
+    to issue a step (if it is close to the step time, the loop is launch-bound) and, with ``profile``, the top
+    CUDA kernels of a few steps."""
+    from overtok.packed import PackedAdamW, pack_models
+
+    cfg = config(sets)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    models = []
+    for seed in range(P):
+        torch.manual_seed(seed)
+        with torch.device(dev):
+            models.append(Transformer(cfg.model))
+    model = pack_models(models)
+    del models
+    opt = PackedAdamW(model, cfg.train, compile_step=compile_opt)
+    model.body_and_loss = torch.compile(model.body_and_loss)
+    T = cfg.model.seq_len + cfg.model.lookahead
+    batches = [torch.randint(0, cfg.model.input_vocab_size, (P * batch_size, T), device=dev) for _ in range(4)]
+    lrs = torch.full((P,), 1e-3, device=dev)
+
+    def step(i):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            _, losses = model(batches[i % 4])
+        losses["total"].sum().backward()
+        opt.clip_(1.0)
+        opt.step(lrs)
+        opt.zero_grad()
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    t0 = time.time()
+    for i in range(warmup):
+        step(i)
+    sync()
+    warm_s = time.time() - t0
+    times, host = [], []
+    for i in range(steps):
+        t = time.perf_counter()
+        step(i)
+        host.append(time.perf_counter() - t)  # issuing only: kernels run asynchronously
+        sync()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    host.sort()
+    med = times[len(times) // 2]
+    tokens = P * batch_size * cfg.model.seq_len
+    out = {"config": sets, "pack": P, "batch_size_per_slice": batch_size, "step_ms": med * 1000,
+           "host_issue_ms": host[len(host) // 2] * 1000, "tokens_per_s": tokens / med,
+           "mfu": tokens / med * accounting.flops_per_token(cfg.model) / H100_BF16_PEAK,
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
+           "warmup_s": warm_s, "optimizer": f"packed_adamw ({'compiled' if compile_opt else 'eager'} clip+update)"}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with prof(activities=acts) as pr:
+            for i in range(3):
+                step(i)
+            sync()
+        key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        out["profile_top_kernels"] = pr.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60)
+    model = opt = batches = step = None  # noqa: F841
+    torch._dynamo.reset()
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 def environment() -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
     if torch.cuda.is_available():

@@ -158,21 +158,22 @@ class PackedAdamW:
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.step_count = 0
+        # compiled, the per-slice norms and the update are a few fused kernels instead of ~10 launches per tensor
         self._update = torch.compile(self._update_impl) if compile_step else self._update_impl
+        self._clip = torch.compile(self._clip_impl) if compile_step else self._clip_impl
 
     def clip_(self, max_norm: float) -> torch.Tensor:
         """Per-slice gradient norm (P,), before clipping; clips each slice to max_norm (inf: no clipping)."""
-        sq = None
-        for p in self.params:
-            if p.grad is not None:
-                s = p.grad.float().pow(2).flatten(1).sum(1)
-                sq = s if sq is None else sq + s
-        norms = sq.sqrt()
+        return self._clip([p.grad for p in self.params if p.grad is not None], max_norm)
+
+    @staticmethod
+    @torch.no_grad()
+    def _clip_impl(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        norms = sum(g.float().pow(2).flatten(1).sum(1) for g in grads).sqrt()
         if math.isfinite(max_norm):
             coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)).to(p.grad.dtype))
+            for g in grads:
+                g.mul_(coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
         return norms
 
     @torch.no_grad()
