@@ -6,7 +6,7 @@
 3. packed trials at the step level: one tiny model (d 256, 4 layers, seq 512) vs 8 of them packed into one
    (overtok.packed), with the per-slice clipping and update eager or compiled, plus a kernel profile.
 
-    python benchmarks/bench_gpu.py --out benchmarks/results/gpu.json [--only trainer|oe|packed] [--smoke]
+    python benchmarks/bench_gpu.py --out benchmarks/results/gpu.json [--only trainer oe packed] [--sizes 25M 124M 350M] [--smoke]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import dump, environment, time_packed, time_training  # noqa: E402
+from benchmarks.common import Rows, time_packed, time_training  # noqa: E402
 
 V = 50304
 SIZES = {"25M": (512, 8, 8), "124M": (768, 12, 12), "350M": (1024, 24, 16)}
@@ -31,6 +31,8 @@ def body(d, L, H, T=1024, v=V):
 
 def trainer(args, rows):
     for name, (d, L, H) in SIZES.items():
+        if name not in args.sizes and not args.smoke:
+            continue
         r = time_training(body(d, L, H, T=args.seq), args.batch, args.steps, args.warmup)
         r["name"] = f"baseline {name}"
         rows.append(r)
@@ -70,7 +72,7 @@ def packed(args, rows):
     rows.append(single)
     print(f"{'one tiny model':>36}  {single['step_ms']:8.2f} ms  {single['tokens_per_s']:>12,.0f} tok/s  "
           f"MFU {single['mfu']:.3f}", flush=True)
-    for compiled in (False, True):
+    for compiled in ((False, True) if args.packed_eager else (True,)):
         r = time_packed(sets, 8, args.packed_batch, args.steps * 2, args.warmup, compile_opt=compiled,
                         profile=compiled)
         r["name"] = f"8 packed, {'compiled' if compiled else 'eager'} clip+update"
@@ -84,9 +86,12 @@ def packed(args, rows):
 
 
 def main():
+    global SIZES
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gpu.json")
-    ap.add_argument("--only", choices=["trainer", "oe", "packed"], default=None)
+    ap.add_argument("--only", choices=["trainer", "oe", "packed"], nargs="+", default=["trainer", "oe", "packed"])
+    ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES), help="trainer sizes to time")
+    ap.add_argument("--packed-eager", action="store_true", help="also time the packed step with an eager optimizer")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--oe-batch", type=int, default=16)
@@ -101,22 +106,20 @@ def main():
     args = ap.parse_args()
     args.m = [int(m) + 1 if int(m) % 2 == 0 else int(m) for m in args.m]  # odd: never a multiple of V = 50,304
     if args.smoke:
-        global SIZES
         SIZES = {"tiny": (64, 2, 2)}
         args.seq, args.batch, args.oe_batch, args.steps, args.warmup = 64, 2, 2, 2, 1
         args.m, args.dense_max_m = [1001], 1001
         args.packed_batch, args.packed_seq, args.packed_vocab = 2, 64, 512
-    rows: list[dict] = []
-    if args.only in (None, "trainer"):
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    rows = Rows(args.out, " ".join(sys.argv))
+    if "trainer" in args.only:
         trainer(args, rows)
-    if args.only in (None, "oe"):
+    if "oe" in args.only:
         if args.smoke:
             SIZES["124M"] = (64, 2, 2)
         oe(args, rows)
-    if args.only in (None, "packed"):
+    if "packed" in args.only:
         packed(args, rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    dump(args.out, {"environment": environment(), "command": " ".join(sys.argv), "results": rows})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import dump, environment  # noqa: E402
+from benchmarks.common import Rows  # noqa: E402
 
 
 def base_config(args, d, layers, heads, seq, batch, steps) -> dict:
@@ -155,12 +155,7 @@ def main():
         args.packed_steps, args.overhead_steps, args.max_docs = 30, 30, 50
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
-    class Rows(list):  # saved after every row: a run stopped at its time limit keeps what it measured
-        def append(self, row):
-            super().append(row)
-            dump(args.out, {"environment": environment(), "command": " ".join(sys.argv), "results": list(self)})
-
-    rows = Rows()
+    rows = Rows(args.out, " ".join(sys.argv))
     if args.only in (None, "packed"):
         packed(args, rows)
     if args.only in (None, "overhead"):

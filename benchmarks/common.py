@@ -172,3 +172,16 @@ def environment() -> dict:
 def dump(path, payload):
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
+
+
+class Rows(list):
+    """Result rows, written to ``path`` after every append: a run stopped at its time limit keeps what it measured."""
+
+    def __init__(self, path, command: str):
+        super().__init__()
+        self.path, self.command = path, command
+
+    def append(self, row):
+        super().append(row)
+        dump(self.path, {"environment": environment(), "command": self.command, "results": list(self)})
+
