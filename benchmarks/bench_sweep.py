@@ -122,20 +122,24 @@ def overhead(args, rows):
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     d, layers, heads, seq, batch = (32, 2, 2, 64, 4) if args.smoke else (256, 4, 4, 512, args.packed_batch)
     cfg = base_config(args, d, layers, heads, seq, batch, args.overhead_steps)
-    sweep = {"name": "overhead_sweep", "base": cfg, "seeds": [0], "resources": {"cpu": 1 if args.smoke else 4, "gpu": 0 if args.smoke else 1}}
-    (work / "train.yaml").write_text(json.dumps({"name": "overhead", **cfg}))
-    (work / "sweep.yaml").write_text(json.dumps(sweep))
     prepare(work, cfg)  # both commands find the corpus tokenized; neither pays for it
-    walls = {}
-    for tag, cmd in (("train", ("train", "train.yaml")), ("sweep", ("sweep", "sweep.yaml"))):
-        walls[tag] = run_cli(work, *cmd, tag=tag)
-    tps = {tag: steady(runs(work, exp)[0]["tokens_per_s"]) for tag, exp in (("train", "overtok"), ("sweep", "overhead_sweep"))}
-    row = {"name": "overtok sweep vs overtok train", "config": cfg, "train_wall_s": walls["train"],
-           "sweep_wall_s": walls["sweep"], "ratio": walls["sweep"] / walls["train"],
-           "train_steady_tokens_per_s": tps["train"], "sweep_steady_tokens_per_s": tps["sweep"]}
-    rows.append(row)
-    print(f"overtok train {walls['train']:.1f} s ({tps['train']:,.0f} tok/s) | overtok sweep {walls['sweep']:.1f} s "
-          f"({tps['sweep']:,.0f} tok/s) | ratio {row['ratio']:.3f}", flush=True)
+    for i in range(args.repeats):  # alternating, so a drift of the machine's speed hits both commands alike
+        train_exp, sweep_name = f"overhead_train_{i}", f"overhead_sweep_{i}"
+        trial_cpu = args.trial_cpu[i % len(args.trial_cpu)] if args.trial_cpu else (1 if args.smoke else 4)
+        (work / f"train{i}.yaml").write_text(json.dumps({"name": "overhead", **cfg, "tracking": {"experiment": train_exp}}))
+        sweep = {"name": sweep_name, "base": cfg, "seeds": [0],
+                 "resources": {"cpu": trial_cpu, "gpu": 0 if args.smoke else 1}}
+        (work / f"sweep{i}.yaml").write_text(json.dumps(sweep))
+        walls = {"train": run_cli(work, "train", f"train{i}.yaml", tag=f"train{i}"),
+                 "sweep": run_cli(work, "sweep", f"sweep{i}.yaml", tag=f"sweep{i}")}
+        tps = {tag: steady(runs(work, exp)[0]["tokens_per_s"]) for tag, exp in (("train", train_exp), ("sweep", sweep_name))}
+        row = {"name": f"overtok sweep vs overtok train (pair {i})", "config": cfg, "train_wall_s": walls["train"],
+               "sweep_wall_s": walls["sweep"], "ratio": walls["sweep"] / walls["train"],
+               "train_steady_tokens_per_s": tps["train"], "sweep_steady_tokens_per_s": tps["sweep"],
+               "sweep_trial_cpu": trial_cpu}
+        rows.append(row)
+        print(f"pair {i} (trial cpu {trial_cpu:g}): overtok train {walls['train']:.1f} s ({tps['train']:,.0f} tok/s) | overtok sweep "
+              f"{walls['sweep']:.1f} s ({tps['sweep']:,.0f} tok/s) | ratio {row['ratio']:.3f}", flush=True)
 
 
 def main():
@@ -149,6 +153,9 @@ def main():
     ap.add_argument("--packed-batch", type=int, default=16)
     ap.add_argument("--overhead-steps", type=int, default=6000)
     ap.add_argument("--skip-concurrent", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2, help="train/sweep pairs of the overhead benchmark")
+    ap.add_argument("--trial-cpu", type=float, nargs="+", default=None,
+                    help="CPUs of the overhead sweep's trial, one per pair, cycled (default 4; 1 with --smoke)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script")
     args = ap.parse_args()
     if args.smoke:
