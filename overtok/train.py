@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from overtok import accounting
 from overtok.config import RunConfig, TrainConfig, to_dict
 from overtok.data import Batches, split_ngrams
-from overtok.data.cfg import accepts
+from overtok.data.cfg import Grammar, accepts, sample_sentence
 from overtok.model import Transformer
 from overtok.tracking import Sink
 
@@ -147,10 +148,26 @@ def eval_loss(model: Transformer, batches: Batches, n_batches: int, device: torc
     return total / n_batches
 
 
+def generation_prompts(g: Grammar, n: int, count: int, seed: int) -> torch.Tensor:
+    """(count, 1) prompts for sampling sentences: one model token that ends a sentence, as in the training stream.
+
+    With the 1-gram tokenizer that is EOS. With an n-gram tokenizer it is the n-gram (last n-1 tokens of a sentence,
+    EOS), drawn from held-out sentences: a sentence starts after exactly such a token in the training stream, while
+    an n-gram of n EOS tokens never occurs there (its embedding is untrained).
+    """
+    rng = random.Random(seed)
+    V = g.vocab_size
+    ids = []
+    for _ in range(count):
+        tokens = (sample_sentence(g, rng)[-(n - 1):] if n > 1 else []) + [g.eos_id]
+        ids.append(sum(t * V**i for i, t in enumerate(tokens)))  # first token the least significant digit
+    return torch.tensor(ids, dtype=torch.long)[:, None]
+
+
 @torch.no_grad()
 def generation_accuracy(model: Transformer, batches: Batches, n_samples: int, device: torch.device, seed: int,
                         batch_size: int = 0) -> float:
-    """Fraction of sampled sentences (prompt: EOS, stop at EOS) that the grammar accepts (paper sec. 3.1).
+    """Fraction of sampled sentences (prompt: a sentence end, stop at EOS) that the grammar accepts (paper sec. 3.1).
 
     Sampling stops at the grammar's longest sentence plus its EOS: a longer sample cannot be accepted.
     """
@@ -158,20 +175,19 @@ def generation_accuracy(model: Transformer, batches: Batches, n_samples: int, de
     batch_size = batch_size or (512 if device.type == "cuda" else 64)
     g, n = batches.grammar, model.cfg.tokenizer_ngram
     V = g.vocab_size
-    # n-gram tokenizer: the prompt and the padding are the n-gram id made of EOS tokens; a row stops at the first
-    # n-gram that holds an EOS
-    eos = sum(g.eos_id * V**i for i in range(n))
+    # n-gram tokenizer: a row stops at the first n-gram that holds an EOS and is padded with the all-EOS n-gram
+    pad = sum(g.eos_id * V**i for i in range(n))
     digits = V ** torch.arange(n, device=device)
 
     def is_stop(ids: torch.Tensor) -> torch.Tensor:
         return (ids[:, None] // digits % V == g.eos_id).any(-1)
 
+    prompts = generation_prompts(g, n, n_samples, seed + 1).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     ok = 0
     for start in range(0, n_samples, batch_size):
-        b = min(batch_size, n_samples - start)
-        prompt = torch.full((b, 1), eos, dtype=torch.long, device=device)
-        out = model.generate(prompt, max_new=-(-(g.max_len + 1) // n), stop_id=eos, is_stop=is_stop, generator=gen)
+        prompt = prompts[start : start + batch_size]
+        out = model.generate(prompt, max_new=-(-(g.max_len + 1) // n), stop_id=pad, is_stop=is_stop, generator=gen)
         base = split_ngrams(out[:, 1:].cpu(), V, n)
         for row in base.tolist():
             sentence = row[: row.index(g.eos_id)] if g.eos_id in row else None

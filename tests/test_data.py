@@ -119,3 +119,20 @@ def test_prepare_jsonl_parquet_and_hf_saved_dataset(tmp_path):
     bad.write_text('{"body": "no text field"}\n')
     with pytest.raises(DataError, match="no field 'text'"):
         prepare([bad], tmp_path / "o", "bpe:300")
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_generation_prompts_end_a_sentence_as_in_training(n):
+    """Sampling starts from a model token that precedes a sentence in the training stream (for n = 1: EOS; for an
+    n-gram tokenizer: (end of a sentence, EOS)), never from the all-EOS n-gram, which training never shows."""
+    from overtok.train import generation_prompts
+
+    cfg = tiny_config(**{"model.tokenizer_ngram": n, "model.seq_len": 64, "data.batch_size": 32})
+    data = Batches(cfg, "train")
+    g, V = data.grammar, data.grammar.vocab_size
+    seen = set(torch.cat([data.next() for _ in range(20)]).flatten().tolist())
+    prompts = generation_prompts(g, n, 50, seed=1)[:, 0].tolist()
+    assert all(p // V ** (n - 1) % V == g.eos_id for p in prompts)  # the last token is EOS
+    assert set(prompts) <= seen
+    if n > 1:
+        assert sum(g.eos_id * V**i for i in range(n)) not in seen and len(set(prompts)) > 1
