@@ -128,6 +128,19 @@ def _equivalent_sizes(s: pd.DataFrame) -> dict:
     return out
 
 
+def _generation_cis(s: pd.DataFrame) -> dict:
+    """Accepted samples pooled over seeds, with a 95% Wilson interval: {variant: {size: {...}}}."""
+    if not s["gen_acc"].notna().any() or "train.gen_samples" not in s.columns:
+        return {}
+    out: dict = {}
+    for (size, variant), g in s[s.gen_acc.notna()].groupby(["size", "variant"]):
+        n = int(g["train.gen_samples"].sum())
+        k = int(round(float((g.gen_acc * g["train.gen_samples"]).sum())))
+        out.setdefault(variant, {})[size] = {"accuracy": k / n, "accepted": k, "samples": n,
+                                             "ci95": fits.wilson_ci(k, n), "seeds": int(len(g))}
+    return out
+
+
 def fit_sweep(results_dir: Path, bootstrap: int = 200) -> Path:
     runs, curves = load_export(results_dir)
     s = summarize(runs, curves)
@@ -141,7 +154,10 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200) -> Path:
         "equivalent_baseline_size": _equivalent_sizes(s),
         "cfg_generation_accuracy": (s.groupby(["size", "variant"])["gen_acc"].mean().unstack().to_dict()
                                     if s["gen_acc"].notna().any() else {}),
+        "cfg_generation_accuracy_ci": _generation_cis(s),
         "notes": {"train loss": "final EMA(0.1) of train/loss (next-token loss), per base token (divided by tokenizer_ngram x output_ngram)",
+                  "generation accuracy": "accepted / sampled sentences (prompt: a sentence end), pooled over "
+                                         "seeds; 95% Wilson interval",
                   "speedup": "tokens the baseline needs to reach its final EMA loss / tokens the variant needs "
                              "(linear interpolation), same seed; CI = bootstrap over seeds"},
     }

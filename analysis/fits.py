@@ -199,6 +199,17 @@ def mean_ci(values: list[float], bootstrap: int = 1000, seed: int = 0) -> dict[s
     return {"mean": float(v.mean()), "ci": list(_percentile_ci(boots)), "n": int(v.size)}
 
 
+def wilson_ci(successes: int, trials: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a binomial proportion (sensible at 0 or a few successes, unlike p +- z se)."""
+    if trials <= 0:
+        return [float("nan"), float("nan")]
+    p = successes / trials
+    centre = p + z * z / (2 * trials)
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    denom = 1 + z * z / trials
+    return [float(max((centre - half) / denom, 0.0)), float(min((centre + half) / denom, 1.0))]
+
+
 # ----------------------------------------------------------------------------------------------
 # Equivalent baseline size
 

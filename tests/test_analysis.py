@@ -71,6 +71,14 @@ def test_mean_ci_over_seeds():
     assert r["mean"] == pytest.approx(2.3) and r["ci"][0] < 2.3 < r["ci"][1] and r["n"] == 4
 
 
+def test_wilson_interval_known_values():
+    """Reference values of the 95% Wilson interval (Newcombe 1998, table I: 0/10 -> [0, 0.2775], 1/29 -> ...)."""
+    assert fits.wilson_ci(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert fits.wilson_ci(81, 263) == pytest.approx([0.2553, 0.3662], abs=1e-4)
+    lo, hi = fits.wilson_ci(7, 2000)
+    assert lo < 7 / 2000 < hi and np.isnan(fits.wilson_ci(5, 0)).all()  # nan without trials
+
+
 def test_equivalent_size_from_power_law():
     N = np.array([1e7, 3e7, 1e8, 3e8, 1e9])
     L = 1.8 + 50 * N**-0.3

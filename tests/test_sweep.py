@@ -179,6 +179,8 @@ def test_export_fit_plots_on_the_quickstart_sweep(quickstart):
     fitted = json.loads((out / "fits.json").read_text())
     assert set(fitted["loglinear"]["final_train_loss"]) == {"d32-L2", "d64-L3"}
     assert "OE-400" in fitted["speedup"]["d32-L2"]
+    acc = fitted["cfg_generation_accuracy_ci"]["Baseline"]["d32-L2"]
+    assert acc["samples"] > 0 and acc["ci95"][0] <= acc["accuracy"] <= acc["ci95"][1]
     for name in ("fig1_loss_vs_size", "fig2_cfg_accuracy", "fig4_curves_speedup", "fig5_loss_vs_vocab", "fig9_loss_diff"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 10_000
         assert (out / "figures" / f"{name}.pdf").exists()
