@@ -95,21 +95,22 @@ def _speedups(s: pd.DataFrame, curves: pd.DataFrame) -> dict:
         for name, v in g[~g.is_baseline].groupby("variant"):
             per_metric = {}
             for metric, higher in (("train/loss", False), ("val/gen_acc", True)):
-                vals = []
-                for row in v.itertuples():
+                per_seed: dict[str, float] = {}
+                for row in v.sort_values("seed").itertuples():
                     b = base[base.seed == row.seed]
                     b = b if len(b) else base
                     bx, by = curve(curves, b.trial_id.iloc[0], metric)
                     vx, vy = curve(curves, row.trial_id, metric)
                     if len(bx) < 2 or len(vx) < 2 or (higher and by[-1] <= 0):
                         continue
-                    vals.append(fits.speedup(bx, by, vx, vy, smooth=0.1 if not higher else None,
-                                             higher_is_better=higher)["speedup"])
-                summary = fits.mean_ci(vals)
-                if summary["n"]:  # variants that never reach the baseline's final value are listed as such
-                    per_metric[metric] = summary | {"per_seed": vals}
-                elif vals:
-                    per_metric[metric] = {"not_reached": True, "per_seed": vals}
+                    per_seed[str(row.seed)] = fits.speedup(bx, by, vx, vy, smooth=0.1 if not higher else None,
+                                                           higher_is_better=higher)["speedup"]
+                # mean and CI over the seeds that reach the target; how many do not is kept next to them
+                summary = fits.mean_ci(list(per_seed.values()))
+                if summary["n"]:
+                    per_metric[metric] = summary | {"seeds": len(per_seed), "per_seed": per_seed}
+                elif per_seed:  # variants that never reach the baseline's final value are listed as such
+                    per_metric[metric] = {"not_reached": True, "seeds": len(per_seed), "per_seed": per_seed}
             if per_metric:
                 out.setdefault(size, {})[name] = per_metric
     return out
@@ -159,7 +160,8 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200) -> Path:
                   "generation accuracy": "accepted / sampled sentences (prompt: a sentence end), pooled over "
                                          "seeds; 95% Wilson interval",
                   "speedup": "tokens the baseline needs to reach its final EMA loss / tokens the variant needs "
-                             "(linear interpolation), same seed; CI = bootstrap over seeds"},
+                             "(linear interpolation), same seed; per_seed keyed by seed (NaN/null: never reached); "
+                             "mean and bootstrap CI over the seeds that reach it (n of seeds)"},
     }
     path = Path(results_dir) / "fits.json"
     path.write_text(json.dumps(_clean(result), indent=2))

@@ -170,7 +170,9 @@ def _fits_html(fits: dict) -> str:
                 if s.get("not_reached"):
                     rows.append(("speedup " + metric, f"{size} {variant}", "never reaches the baseline's final value", ""))
                     continue
-                rows.append(("speedup " + metric, f"{size} {variant}", f"{_num(s.get('mean'))}x over {s.get('n')} seed(s)",
+                missed = (s.get("seeds") or s.get("n") or 0) - (s.get("n") or 0)
+                rows.append(("speedup " + metric, f"{size} {variant}", f"{_num(s.get('mean'))}x over {s.get('n')} seed(s)"
+                             + (f"; {missed} seed(s) never reach it" if missed else ""),
                              f"CI [{_num(s['ci'][0])}, {_num(s['ci'][1])}]"))
     if not rows:
         return "<p class=muted>no fits yet (need finished trials)</p>"

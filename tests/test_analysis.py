@@ -146,3 +146,21 @@ def test_ngram_variants_losses_are_per_base_token():
     s = summarize(pd.DataFrame(rows), pd.DataFrame(curves)).set_index("trial_id")
     assert s.final_val_loss.round(6).to_dict() == {"t0": 0.8, "t1": 0.8, "t2": 0.7}
     assert s.final_train_loss.round(6).to_dict() == {"t0": 0.8, "t1": 0.8, "t2": 0.7}
+
+
+def test_speedups_are_keyed_by_seed_and_count_seeds_that_miss():
+    """A variant listed seed 1 first, reaching the baseline's final loss in seed 1 only: per_seed is keyed by seed and
+    the mean covers 1 of 2 seeds, so a seed that never gets there is not silently dropped."""
+    from analysis.commands import _speedups
+
+    tokens = np.arange(1, 21) * 1000.0
+    base = 5.0 - 0.1 * np.arange(20)  # final 3.1
+    rows = [("b0", "Baseline", 0, base), ("b1", "Baseline", 1, base),
+            ("v1", "OE", 1, base - 0.2), ("v0", "OE", 0, base + 0.5)]
+    s = pd.DataFrame([{"trial_id": t, "variant": v, "seed": sd, "size": "d8", "is_baseline": v == "Baseline"}
+                      for t, v, sd, _ in rows])
+    curves = pd.DataFrame([{"trial_id": t, "metric": "train/loss", "step": x, "value": y}
+                           for t, _, _, ys in rows for x, y in zip(tokens, ys)])
+    r = _speedups(s, curves)["d8"]["OE"]["train/loss"]
+    assert set(r["per_seed"]) == {"0", "1"} and np.isnan(r["per_seed"]["0"]) and r["per_seed"]["1"] > 1
+    assert r["n"] == 1 and r["seeds"] == 2 and r["mean"] == pytest.approx(r["per_seed"]["1"])
