@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import fits, plots
-from analysis.derive import curve, summarize
+from analysis.derive import loss_curve, summarize
 from analysis.tables import TableError, load_export, read_table, require
 
 MIN_POINTS = {"chinchilla": 6, "loglinear": 3}
@@ -73,7 +73,7 @@ def _chinchilla_fits(s: pd.DataFrame, curves: pd.DataFrame, bootstrap: int) -> d
             continue
         pts = []
         for row in g.itertuples():
-            x, y = curve(curves, row.trial_id, "val/loss")
+            x, y = loss_curve(curves, s, row.trial_id, "val/loss")
             pts += [(row.trial_id, d, v) for d, v in zip(x, y) if d > 0]
         if len(pts) < MIN_POINTS["chinchilla"]:
             continue
@@ -99,8 +99,8 @@ def _speedups(s: pd.DataFrame, curves: pd.DataFrame) -> dict:
                 for row in v.sort_values("seed").itertuples():
                     b = base[base.seed == row.seed]
                     b = b if len(b) else base
-                    bx, by = curve(curves, b.trial_id.iloc[0], metric)
-                    vx, vy = curve(curves, row.trial_id, metric)
+                    bx, by = loss_curve(curves, s, b.trial_id.iloc[0], metric)
+                    vx, vy = loss_curve(curves, s, row.trial_id, metric)
                     if len(bx) < 2 or len(vx) < 2 or (higher and by[-1] <= 0):
                         continue
                     per_seed[str(row.seed)] = fits.speedup(bx, by, vx, vy, smooth=0.1 if not higher else None,

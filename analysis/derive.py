@@ -24,6 +24,15 @@ def curve(curves: pd.DataFrame, trial_id: str, metric: str) -> tuple[np.ndarray,
     return c["step"].to_numpy(float), c["value"].to_numpy(float)
 
 
+def loss_curve(curves: pd.DataFrame, summary: pd.DataFrame, trial_id: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """A trial's curve; loss metrics per base token (divided by the trial's ``loss_scale``, see ``summarize``), so
+    n-gram tokenizer / n-gram output variants are on the baseline's scale."""
+    x, y = curve(curves, trial_id, metric)
+    if "loss" in metric:
+        y = y / float(summary.loc[summary.trial_id == trial_id, "loss_scale"].iloc[0])
+    return x, y
+
+
 def base_tokens_per_loss(runs: pd.DataFrame) -> np.ndarray:
     """How many base tokens one unit of a run's logged loss covers (1 for plain next-token models)."""
     n_tok = runs["model.tokenizer_ngram"] if "model.tokenizer_ngram" in runs.columns else 1
@@ -47,6 +56,7 @@ def summarize(runs: pd.DataFrame, curves: pd.DataFrame, smooth: float = 0.1) -> 
     # per base token: an n-gram tokenizer's position holds n base tokens, an n-gram output head predicts the joint
     # of the next n tokens (a sum of n next-token losses); dividing by both makes every variant comparable
     per = base_tokens_per_loss(df)
+    df["loss_scale"] = per
     df["final_train_loss"] = np.asarray(finals) / per
     df["final_val_loss"] = df.get("final.val/loss", np.nan) / per
     df["gen_acc"] = df.get("final.val/gen_acc", np.nan)

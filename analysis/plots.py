@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.derive import curve
+from analysis.derive import loss_curve
 from analysis.fits import ema
 
 PAPER_STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9,
@@ -58,14 +58,14 @@ def curves_with_speedup(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: s
     sub = summary[summary["size"] == size]
     for name in _variant_order(sub):
         tid = sub[sub.variant == name].trial_id.iloc[0]
-        x, y = curve(curves, tid, metric)
+        x, y = loss_curve(curves, sub, tid, metric)
         label = name
         sp = speedups.get(size, {}).get(name)
         if sp and sp.get("mean") is not None:
             label += f" ({sp['mean']:.2f}x)"
         ax.plot(x, ema(y, 0.1), label=label, color="k" if name == "Baseline" else None)
     ax.set_xlabel("tokens")
-    ax.set_ylabel("training loss (EMA)")
+    ax.set_ylabel("training loss per base token (EMA)")
     ax.set_title(f"Training curves, {size}")
     ax.legend()
     return ax
@@ -98,12 +98,12 @@ def loss_diff_vs_tokens(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: s
     if base.empty:
         ax.set_title(f"{size}: no baseline")
         return ax
-    bx, by = curve(curves, base.trial_id.iloc[0], metric)
+    bx, by = loss_curve(curves, sub, base.trial_id.iloc[0], metric)
     by = ema(by, 0.1)
     for name in _variant_order(sub):
         if name == "Baseline":
             continue
-        x, y = curve(curves, sub[sub.variant == name].trial_id.iloc[0], metric)
+        x, y = loss_curve(curves, sub, sub[sub.variant == name].trial_id.iloc[0], metric)
         ax.plot(x, ema(y, 0.1) - np.interp(x, bx, by), label=name)
     ax.axhline(0, color="k", lw=1)
     ax.set_xlabel("tokens")

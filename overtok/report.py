@@ -174,6 +174,11 @@ def _fits_html(fits: dict) -> str:
                 rows.append(("speedup " + metric, f"{size} {variant}", f"{_num(s.get('mean'))}x over {s.get('n')} seed(s)"
                              + (f"; {missed} seed(s) never reach it" if missed else ""),
                              f"CI [{_num(s['ci'][0])}, {_num(s['ci'][1])}]"))
+    for variant, per_size in (fits.get("cfg_generation_accuracy_ci") or {}).items():
+        for size, a in per_size.items():
+            rows.append(("CFG generation accuracy", f"{size} {variant}",
+                         f"{_num(a['accuracy'])} ({a['accepted']} of {a['samples']} samples)",
+                         f"[{_num(a['ci95'][0])}, {_num(a['ci95'][1])}]"))
     if not rows:
         return "<p class=muted>no fits yet (need finished trials)</p>"
     out = ["<table class=sortable id=fits><thead><tr><th class=l>law</th><th class=l>group</th><th class=l>estimate</th>"

@@ -157,10 +157,26 @@ def test_speedups_are_keyed_by_seed_and_count_seeds_that_miss():
     base = 5.0 - 0.1 * np.arange(20)  # final 3.1
     rows = [("b0", "Baseline", 0, base), ("b1", "Baseline", 1, base),
             ("v1", "OE", 1, base - 0.2), ("v0", "OE", 0, base + 0.5)]
-    s = pd.DataFrame([{"trial_id": t, "variant": v, "seed": sd, "size": "d8", "is_baseline": v == "Baseline"}
+    s = pd.DataFrame([{"trial_id": t, "variant": v, "seed": sd, "size": "d8", "is_baseline": v == "Baseline", "loss_scale": 1.0}
                       for t, v, sd, _ in rows])
     curves = pd.DataFrame([{"trial_id": t, "metric": "train/loss", "step": x, "value": y}
                            for t, _, _, ys in rows for x, y in zip(tokens, ys)])
     r = _speedups(s, curves)["d8"]["OE"]["train/loss"]
     assert set(r["per_seed"]) == {"0", "1"} and np.isnan(r["per_seed"]["0"]) and r["per_seed"]["1"] > 1
     assert r["n"] == 1 and r["seeds"] == 2 and r["mean"] == pytest.approx(r["per_seed"]["1"])
+
+
+def test_speedups_compare_ngram_variants_per_base_token():
+    """A 3-gram output head logs a loss over 3 tokens: its curve is divided by 3 before it is compared with the
+    baseline's, so a variant at the same loss per base token is at 1x, not "never reached"."""
+    from analysis.commands import _speedups
+
+    tokens = np.arange(1, 21) * 1000.0
+    base = 2.0 - 0.05 * np.arange(20)
+    s = pd.DataFrame([{"trial_id": "b", "variant": "Baseline", "seed": 0, "size": "d8", "is_baseline": True, "loss_scale": 1.0},
+                      {"trial_id": "v", "variant": "3-gram output", "seed": 0, "size": "d8", "is_baseline": False,
+                       "loss_scale": 3.0}])
+    curves = pd.DataFrame([{"trial_id": t, "metric": "train/loss", "step": x, "value": y * k}
+                           for t, k in (("b", 1.0), ("v", 3.0)) for x, y in zip(tokens, base)])
+    r = _speedups(s, curves)["d8"]["3-gram output"]["train/loss"]
+    assert r["mean"] == pytest.approx(1.0)

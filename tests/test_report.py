@@ -42,6 +42,7 @@ def test_report_in_headless_chromium(quickstart, tmp_path):
     page = work / "dashboards" / "quickstart" / "index.html"
     text = page.read_text()
     assert EVIL not in text and "&lt;script&gt;" in text
+    assert "CFG generation accuracy" in text and "samples)" in text  # accuracy with its interval in the fits table
     assert not re.search(r"""(src|href)=["']?(https?:)?//(?!127\.0\.0\.1)""", text.replace('href="http://127.0.0.1', ""))
     assert not re.search(r"""<(img|script|link)[^>]+(src|href)=["']?https?:""", text)  # nothing fetched
 
