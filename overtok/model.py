@@ -335,9 +335,8 @@ class Transformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         end = T0
         for t in range(T0, T0 + max_new):
-            cur = out[rows, :t]
             if caches is None:
-                logits, _ = self(cur[:, -self.cfg.seq_len :], targets=False)
+                logits, _ = self(out[rows, max(0, t - self.cfg.seq_len) : t], targets=False)
             lp = self.next_token_logits(logits[:, -1]).float() / temperature
             nxt = torch.multinomial(lp.softmax(-1), 1, generator=generator)[:, 0]
             if is_stop is not None:
