@@ -344,9 +344,7 @@ class Transformer(nn.Module):
                 done = done | is_stop(nxt)
             out[rows, t] = nxt
             end = t + 1
-            if is_stop is None:
-                pass
-            elif compact:
+            if compact:
                 n_done = int(done.sum())
                 if n_done == len(rows):
                     break
@@ -356,7 +354,7 @@ class Transformer(nn.Module):
                     if caches is not None:
                         for c in caches:
                             c["k"], c["v"] = c["k"][keep], c["v"][keep]
-            elif self._all_ranks(done.all()):
+            elif is_stop is not None and self._all_ranks(done.all()):
                 break
             if caches is not None:
                 if caches[0]["pos"] >= max_pos:
