@@ -18,7 +18,7 @@ import torch
 
 from overtok import accounting
 from overtok.config import RunConfig, TrainConfig, to_dict
-from overtok.data import Batches, split_ngrams
+from overtok.data import Batches, group_ngrams, split_ngrams
 from overtok.data.cfg import Grammar, accepts, sample_sentence
 from overtok.model import Transformer
 from overtok.tracking import Sink
@@ -156,12 +156,8 @@ def generation_prompts(g: Grammar, n: int, count: int, seed: int) -> torch.Tenso
     an n-gram of n EOS tokens never occurs there (its embedding is untrained).
     """
     rng = random.Random(seed)
-    V = g.vocab_size
-    ids = []
-    for _ in range(count):
-        tokens = (sample_sentence(g, rng)[-(n - 1):] if n > 1 else []) + [g.eos_id]
-        ids.append(sum(t * V**i for i, t in enumerate(tokens)))  # first token the least significant digit
-    return torch.tensor(ids, dtype=torch.long)[:, None]
+    rows = [(sample_sentence(g, rng)[-(n - 1):] if n > 1 else []) + [g.eos_id] for _ in range(count)]
+    return group_ngrams(torch.tensor(rows, dtype=torch.long), g.vocab_size, n)
 
 
 @torch.no_grad()
@@ -176,11 +172,10 @@ def generation_accuracy(model: Transformer, batches: Batches, n_samples: int, de
     g, n = batches.grammar, model.cfg.tokenizer_ngram
     V = g.vocab_size
     # n-gram tokenizer: a row stops at the first n-gram that holds an EOS and is padded with the all-EOS n-gram
-    pad = sum(g.eos_id * V**i for i in range(n))
-    digits = V ** torch.arange(n, device=device)
+    pad = int(group_ngrams(torch.full((1, n), g.eos_id, dtype=torch.long), V, n))
 
     def is_stop(ids: torch.Tensor) -> torch.Tensor:
-        return (ids[:, None] // digits % V == g.eos_id).any(-1)
+        return (split_ngrams(ids[:, None], V, n) == g.eos_id).any(-1)
 
     prompts = generation_prompts(g, n, n_samples, seed + 1).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
