@@ -21,14 +21,29 @@ def config(sets: dict):
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
 
 
-def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_body: bool = True) -> dict:
-    """Median step time (CUDA events) of forward+backward+AdamW(+row-sparse update) on random tokens, bf16 autocast."""
-    cfg = config(sets)
+def fresh_device() -> torch.device:
+    """The GPU (else the CPU) with cached blocks freed and the peak-memory counter reset, before a variant."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    return dev
+
+
+def release(dev: torch.device) -> None:
+    """After a variant (its references dropped by the caller): compiled code keeps the module (and so its OE tables)
+    alive, so reset it before the next variant's peak is measured."""
+    torch._dynamo.reset()
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_body: bool = True) -> dict:
+    """Median step time (CUDA events) of forward+backward+AdamW(+row-sparse update) on random tokens, bf16 autocast."""
+    cfg = config(sets)
+    dev = fresh_device()
+    torch.manual_seed(0)
     t0 = time.time()
     with torch.device(dev):
         model = Transformer(cfg.model)
@@ -79,11 +94,7 @@ def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_
            "params": groups, "build_s": build_s, "warmup_s": warm_s,
            "optimizer": "adamw+oe_lazy_row_adam" if tables else "adamw"}
     model = opt = batches = step = tables = None  # noqa: F841 - release before the next variant
-    # compiled code keeps the module (and so its OE tables) alive; drop it before the next variant's peak is measured
-    torch._dynamo.reset()
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    release(dev)
     return out
 
 
@@ -96,10 +107,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, co
     from overtok.packed import PackedAdamW, pack_models
 
     cfg = config(sets)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    dev = fresh_device()
     models = []
     for seed in range(P):
         torch.manual_seed(seed)
@@ -154,11 +162,8 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, co
             sync()
         key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
         out["profile_top_kernels"] = pr.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60)
-    model = opt = batches = step = None  # noqa: F841
-    torch._dynamo.reset()
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    model = opt = batches = step = None  # noqa: F841 - release before the next variant
+    release(dev)
     return out
 
 
