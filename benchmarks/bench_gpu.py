@@ -29,15 +29,36 @@ def body(d, L, H, T=1024, v=V):
             "model.tie_embeddings": False}
 
 
+# trainer variants, timed side by side per size: the loss kernel, the attention backend, inductor's mode
+VARIANTS = {
+    "stock": {"loss_kernel": "torch"},
+    "fused": {"loss_kernel": "auto"},
+    "fused+cudnn": {"loss_kernel": "auto", "sdpa": "cudnn"},
+    "fused+flash": {"loss_kernel": "auto", "sdpa": "flash"},
+    "fused+autotune": {"loss_kernel": "auto", "compile_mode": "max-autotune-no-cudagraphs"},
+}
+
+
 def trainer(args, rows):
     for name, (d, L, H) in SIZES.items():
         if name not in args.sizes and not args.smoke:
             continue
-        r = time_training(body(d, L, H, T=args.seq), args.batch, args.steps, args.warmup)
-        r["name"] = f"baseline {name}"
-        rows.append(r)
-        print(f"{r['name']:>28}  {r['step_ms']:8.1f} ms  {r['tokens_per_s']:>10,.0f} tok/s  MFU {r['mfu']:.3f}  "
-              f"mem {r['peak_mem_gib']:.1f} GiB", flush=True)
+        for variant in args.variants:
+            profile = args.profile and name == args.sizes[0]
+            try:
+                r = time_training(body(d, L, H, T=args.seq), args.batch, args.steps, args.warmup, profile=profile,
+                                  **VARIANTS[variant])
+            except Exception as e:  # noqa: BLE001 - a backend this GPU lacks is a result, not a crash
+                r = {"config": body(d, L, H, T=args.seq), "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            r["name"], r["variant"] = f"baseline {name}", variant
+            rows.append(r)
+            if "error" in r:
+                print(f"{r['name']:>16} {variant:>15}  {r['error']}", flush=True)
+                continue
+            print(f"{r['name']:>16} {variant:>15}  {r['step_ms']:8.1f} ms  {r['tokens_per_s']:>10,.0f} tok/s  "
+                  f"MFU {r['mfu']:.3f}  loss0 {r['first_loss']:.4f}  mem {r['peak_mem_gib']:.1f} GiB  (warm-up {r['warmup_s']:.0f} s)", flush=True)
+            if "profile_top_kernels" in r:
+                print(r["profile_top_kernels"], flush=True)
 
 
 def oe(args, rows):
@@ -67,19 +88,24 @@ def packed(args, rows):
     """Step-level packing: 8 one-trial steps vs one packed step of the same 8 models (the compute side of target 3)."""
     d, L, H = (64, 2, 2) if args.smoke else (256, 4, 4)
     sets = body(d, L, H, T=args.packed_seq, v=args.packed_vocab)
-    single = time_training(sets, args.packed_batch, args.steps * 5, args.warmup)
-    single["name"] = "one tiny model"
-    rows.append(single)
-    print(f"{'one tiny model':>36}  {single['step_ms']:8.2f} ms  {single['tokens_per_s']:>12,.0f} tok/s  "
-          f"MFU {single['mfu']:.3f}", flush=True)
-    for compiled in ((False, True) if args.packed_eager else (True,)):
+    singles = {}
+    for kernel in args.loss_kernels:
+        single = time_training(sets, args.packed_batch, args.steps * 5, args.warmup, loss_kernel=kernel)
+        single["name"] = f"one tiny model, loss {single['loss']}"
+        singles[kernel] = single
+        rows.append(single)
+        print(f"{single['name']:>36}  {single['step_ms']:8.2f} ms  {single['tokens_per_s']:>12,.0f} tok/s  "
+              f"MFU {single['mfu']:.3f}", flush=True)
+    best = max(s["tokens_per_s"] for s in singles.values())
+    for kernel, compiled in [(k, c) for k in args.loss_kernels for c in ((False, True) if args.packed_eager else (True,))]:
         r = time_packed(sets, 8, args.packed_batch, args.steps * 2, args.warmup, compile_opt=compiled,
-                        profile=compiled)
-        r["name"] = f"8 packed, {'compiled' if compiled else 'eager'} clip+update"
-        r["vs_one_model"] = r["tokens_per_s"] / single["tokens_per_s"]
+                        profile=compiled and args.profile, loss_kernel=kernel)
+        r["name"] = f"8 packed, {'compiled' if compiled else 'eager'} clip+update, loss {r['loss']}"
+        r["vs_one_model"] = r["tokens_per_s"] / singles[kernel]["tokens_per_s"]
+        r["vs_fastest_one_model"] = r["tokens_per_s"] / best
         rows.append(r)
         print(f"{r['name']:>36}  {r['step_ms']:8.2f} ms  {r['tokens_per_s']:>12,.0f} tok/s  MFU {r['mfu']:.3f}  "
-              f"x{r['vs_one_model']:.2f} vs one model  host issue {r['host_issue_ms']:.1f} ms  "
+              f"x{r['vs_one_model']:.2f} vs one model (x{r['vs_fastest_one_model']:.2f} vs the fastest)  host issue {r['host_issue_ms']:.1f} ms  "
               f"mem {r['peak_mem_gib']:.1f} GiB", flush=True)
         if "profile_top_kernels" in r:
             print(r["profile_top_kernels"], flush=True)
@@ -92,6 +118,11 @@ def main():
     ap.add_argument("--only", choices=["trainer", "oe", "packed"], nargs="+", default=["trainer", "oe", "packed"])
     ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES), help="trainer sizes to time")
     ap.add_argument("--packed-eager", action="store_true", help="also time the packed step with an eager optimizer")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["stock", "fused"],
+                    help="trainer variants timed side by side for each size")
+    ap.add_argument("--loss-kernels", nargs="+", choices=["torch", "auto"], default=["torch", "auto"],
+                    help="loss kernels for the packed comparison (auto = the fused triton kernel where it runs)")
+    ap.add_argument("--profile", action="store_true", help="kernel profile of the first size / the packed step")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--oe-batch", type=int, default=16)

@@ -12,7 +12,7 @@ import torch
 from overtok import accounting
 from overtok.config import load_config
 from overtok.model import Transformer
-from overtok.train import make_optimizer
+from overtok.train import make_optimizer, use_fused_loss
 
 H100_BF16_PEAK = 989e12
 
@@ -39,8 +39,37 @@ def release(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_body: bool = True) -> dict:
-    """Median step time (CUDA events) of forward+backward+AdamW(+row-sparse update) on random tokens, bf16 autocast."""
+def sdpa_context(backend: str | None):
+    """Restrict scaled_dot_product_attention to one backend ('flash', 'cudnn', 'efficient'); None = torch's choice."""
+    import contextlib
+
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+    return sdpa_kernel([getattr(SDPBackend, names[backend])])
+
+
+def profile_steps(step, sync, dev: torch.device, n: int = 3) -> str:
+    """The top kernels of n steps (CUDA time on a GPU), as torch.profiler's table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as pr:
+        for i in range(n):
+            step(i)
+        sync()
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    return pr.key_averages().table(sort_by=key, row_limit=24, max_name_column_width=60)
+
+
+def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_body: bool = True,
+                  loss_kernel: str = "auto", compile_mode: str | None = None, sdpa: str | None = None,
+                  profile: bool = False) -> dict:
+    """Median step time (CUDA events) of forward+backward+AdamW(+row-sparse update) on random tokens, bf16 autocast.
+
+    loss_kernel as train.loss_kernel; compile_mode as torch.compile's mode; sdpa pins the attention backend."""
     cfg = config(sets)
     dev = fresh_device()
     torch.manual_seed(0)
@@ -49,15 +78,16 @@ def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_
         model = Transformer(cfg.model)
     build_s = time.time() - t0
     opt = make_optimizer(model, cfg.train, dev)
+    model.fused_loss = use_fused_loss(loss_kernel, dev)
     if compile_body:
-        model.body_and_loss = torch.compile(model.body_and_loss)
+        model.body_and_loss = torch.compile(model.body_and_loss, mode=compile_mode)
     tables = model.sparse_tables()
     T = cfg.model.seq_len + cfg.model.lookahead
     V = cfg.model.input_vocab_size
     batches = [torch.randint(0, V, (batch_size, T), device=dev) for _ in range(4)]
 
     def step(i):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"), sdpa_context(sdpa):
             _, losses = model(batches[i % 4])
         losses["total"].backward()
         opt.step()
@@ -65,6 +95,8 @@ def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_
         for t in tables:
             t.apply_update(1e-3, 0.9, 0.95)
 
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        first_loss = model(batches[0])[1]["total"].item()  # the same model and batch for every variant of a size
     t0 = time.time()
     for i in range(warmup):
         step(i)
@@ -88,18 +120,23 @@ def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_
     med = times[len(times) // 2]
     tokens = batch_size * cfg.model.seq_len
     groups = accounting.param_groups(cfg.model)
-    out = {"config": sets, "batch_size": batch_size, "step_ms": med * 1000, "tokens_per_s": tokens / med,
+    out = {"config": sets, "batch_size": batch_size, "first_loss": first_loss, "step_ms": med * 1000, "tokens_per_s": tokens / med,
            "mfu": tokens / med * accounting.flops_per_token(cfg.model) / H100_BF16_PEAK,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
            "params": groups, "build_s": build_s, "warmup_s": warm_s,
-           "optimizer": "adamw+oe_lazy_row_adam" if tables else "adamw"}
+           "optimizer": "adamw+oe_lazy_row_adam" if tables else "adamw",
+           "loss": "fused triton" if model.fused_loss else "torch", "compile_mode": compile_mode or "default",
+           "sdpa": sdpa or "auto"}
+    if profile:
+        out["profile_top_kernels"] = profile_steps(step, torch.cuda.synchronize if dev.type == "cuda" else lambda: None,
+                                                   dev)
     model = opt = batches = step = tables = None  # noqa: F841 - release before the next variant
     release(dev)
     return out
 
 
 def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, compile_opt: bool = True,
-                profile: bool = False) -> dict:
+                profile: bool = False, loss_kernel: str = "auto") -> dict:
     """Median step time of P same-shape models packed into one (overtok.packed), as ``time_training`` does for one
     model: compiled body, bf16 autocast, PackedAdamW with per-slice clipping (compiled or eager). Also the host time
     to issue a step (if it is close to the step time, the loop is launch-bound) and, with ``profile``, the top
@@ -116,6 +153,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, co
     model = pack_models(models)
     del models
     opt = PackedAdamW(model, cfg.train, compile_step=compile_opt)
+    model.fused_loss = use_fused_loss(loss_kernel, dev)
     model.body_and_loss = torch.compile(model.body_and_loss)
     T = cfg.model.seq_len + cfg.model.lookahead
     batches = [torch.randint(0, cfg.model.input_vocab_size, (P * batch_size, T), device=dev) for _ in range(4)]
@@ -150,18 +188,10 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, co
            "host_issue_ms": host[len(host) // 2] * 1000, "tokens_per_s": tokens / med,
            "mfu": tokens / med * accounting.flops_per_token(cfg.model) / H100_BF16_PEAK,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
-           "warmup_s": warm_s, "optimizer": f"packed_adamw ({'compiled' if compile_opt else 'eager'} clip+update)"}
+           "warmup_s": warm_s, "optimizer": f"packed_adamw ({'compiled' if compile_opt else 'eager'} clip+update)",
+           "loss": "fused triton" if model.fused_loss else "torch"}
     if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as prof
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-        with prof(activities=acts) as pr:
-            for i in range(3):
-                step(i)
-            sync()
-        key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-        out["profile_top_kernels"] = pr.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60)
+        out["profile_top_kernels"] = profile_steps(step, sync, dev)
     model = opt = batches = step = None  # noqa: F841 - release before the next variant
     release(dev)
     return out

@@ -246,6 +246,10 @@ class TrainConfig:
     """Also checkpoint at the last step (a finished trial whose status was lost resumes without retraining).
     Turn off for runs with huge OE tables: a checkpoint holds the tables and their optimizer moments."""
     compile: bool = False
+    loss_kernel: Literal["auto", "triton", "torch"] = "auto"
+    """Output head + cross-entropy. 'triton': overtok.kernels, one pass over the logits that leaves their gradient in
+    place (needs triton: CUDA, or the CPU under TRITON_INTERPRET=1); 'torch': the stock loss; 'auto': triton on
+    CUDA where it imports, else torch. Same loss and gradients up to summation order (not part of the trial id)."""
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """'auto' = bf16 autocast on CUDA, float32 on CPU."""

@@ -183,6 +183,8 @@ class Transformer(nn.Module):
             raise ValueError("model.vocab_size must be resolved before building the model")
         self.cfg = cfg
         self.pack = 1  # > 1 after overtok.packed.pack_models: P models in one, losses of shape (P,)
+        # the trainer turns this on where overtok.kernels runs (train.loss_kernel); training then returns no logits
+        self.fused_loss = False
         d = cfg.d_model
         self.embed = OverEncoding(cfg, eos_id)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -256,10 +258,10 @@ class Transformer(nn.Module):
         """Everything after the input embedding; the trainer compiles this part (the row-sparse lookup stays eager)."""
         cfg = self.cfg
         h = self.trunk(emb[:, :T])
-        logits = self.logits(self.norm(h))
         if not targets:
-            return logits, None
-        losses = {"next": self._ce(logits, self._target(tokens, T, 1))}
+            return self.logits(self.norm(h)), None
+        logits, loss = self._head_loss(self.norm(h), self._target(tokens, T, 1))
+        losses = {"next": loss}
         total = losses["next"]
         h_prev = h
         for j, head in enumerate(self.extra, start=2):
@@ -270,7 +272,7 @@ class Transformer(nn.Module):
             else:
                 h_prev = head(h_prev, emb[:, j - 1 : j - 1 + T], self.rope_cos, self.rope_sin)
                 hj = self.extra_norms[j - 2](h_prev)
-            losses[f"head{j}"] = self._ce(self.logits(hj), self._target(tokens, T, j))
+            losses[f"head{j}"] = self._head_loss(hj, self._target(tokens, T, j))[1]
             total = total + cfg.extra_head_lambda * losses[f"head{j}"]
         losses["total"] = total
         return logits, losses
@@ -285,6 +287,19 @@ class Transformer(nn.Module):
         for i in range(n):  # id = sum_i x_{t+1+i} * V^i, first token the least significant digit
             tgt = tgt + tokens[:, j + i : j + i + T] * V**i
         return tgt
+
+    def _head_loss(self, h: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(logits, mean cross-entropy) of the shared head on normed states h; with ``fused_loss`` the logits are
+        never materialised for the caller (None) and the loss comes from overtok.kernels."""
+        if not self.fused_loss:
+            logits = self.logits(h)
+            return logits, self._ce(logits, target)
+        from overtok.kernels import linear_cross_entropy
+
+        w = self.embed.wte.weight if self.tied else self.head.weight
+        P = self.pack
+        loss = linear_cross_entropy(h.reshape(P, -1, h.shape[-1]), w if w.dim() == 3 else w[None], target.reshape(P, -1))
+        return None, loss if P > 1 else loss[0]
 
     def _ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.pack == 1:

@@ -47,6 +47,7 @@ from overtok.train import (
     read_bytes_per_token,
     save_checkpoint,
     to_device,
+    use_fused_loss,
 )
 
 PACK_FREE_KEYS = ("seed", "train.lr")  # what may differ inside one pack
@@ -255,6 +256,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     del models
     plain = None  # a plain model for generation, filled from one slice at a time
     opt = PackedAdamW(model, t, compile_step=t.compile and device.type == "cuda")
+    model.fused_loss = use_fused_loss(t.loss_kernel, device)
     if t.compile:
         model.body_and_loss = torch.compile(model.body_and_loss)
     ckpt_dir = Path(checkpoint_dir)

@@ -136,6 +136,16 @@ def default_checkpoint_dir(cfg: RunConfig) -> Path:
 
 
 @torch.no_grad()
+def use_fused_loss(loss_kernel: str, device: torch.device) -> bool:
+    """Resolve train.loss_kernel on this device (overtok.kernels)."""
+    from overtok import kernels
+
+    if loss_kernel == "triton" and not kernels.available(device):
+        raise RuntimeError(f"train.loss_kernel=triton: the fused loss cannot run on {device.type} here "
+                           "(needs triton, and on the CPU TRITON_INTERPRET=1); use 'auto' or 'torch'")
+    return loss_kernel == "triton" or (loss_kernel == "auto" and device.type == "cuda" and kernels.available(device))
+
+
 def eval_loss(model: Transformer, batches: Batches, n_batches: int, device: torch.device, autocast) -> float:
     model.eval()
     batches.rewind()
@@ -221,6 +231,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     with torch.device(device):  # build in place: OE tables can be tens of GB
         model = Transformer(cfg.model, eos_id=train_data.eos_id)
     opt = make_optimizer(model, t, device)
+    model.fused_loss = use_fused_loss(t.loss_kernel, device)
     if t.compile:  # the body and loss; the OE lookup stays eager (row-sparse tables use autograd hooks)
         model.body_and_loss = torch.compile(model.body_and_loss)
     sparse_tables = model.sparse_tables()

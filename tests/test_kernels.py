@@ -1,0 +1,124 @@
+"""The fused head + cross-entropy kernel (overtok.kernels) against the stock loss, on the CPU under Triton's
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1): losses and gradients, in a model, compiled, packed, and
+through the trainer."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from overtok import kernels
+from overtok.model import Transformer
+from overtok.packed import pack_models, train_packed
+from overtok.train import train, use_fused_loss
+from tests.conftest import tiny_config
+from tests.test_packed import Collect, _assert_same, _configs
+
+pytestmark = pytest.mark.skipif(not kernels.available(torch.device("cpu")), reason="needs triton (interpreter)")
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("P,N,d,V", [(1, 12, 8, 37), (3, 5, 16, 1000), (2, 7, 8, 5000)])
+def test_loss_and_gradients_equal_the_stock_loss(P, N, d, V):
+    torch.manual_seed(P * V)
+    h = torch.randn(P, N, d, requires_grad=True)
+    w = torch.randn(P, V, d, requires_grad=True)
+    t = torch.randint(0, V, (P, N))
+    t[0, 0] = V - 1  # the last class (the kernel's final, masked block)
+    g = torch.randn(P)  # an upstream gradient per slice, as lambda-weighted extra heads give
+    loss = kernels.linear_cross_entropy(h, w, t)
+    (loss * g).sum().backward()
+    got = loss.detach(), h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = torch.stack([F.cross_entropy(h[p] @ w[p].T, t[p]) for p in range(P)])
+    (ref * g).sum().backward()
+    for a, b in zip(got, (ref.detach(), h.grad, w.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_gradient_work_without_grad():
+    h, w, t = torch.randn(1, 4, 8), torch.randn(1, 50, 8), torch.randint(0, 50, (1, 4))
+    with torch.no_grad():
+        loss = kernels.linear_cross_entropy(h.requires_grad_(), w, t)
+    torch.testing.assert_close(loss, F.cross_entropy(h[0] @ w[0].T, t[0])[None])
+    assert not loss.requires_grad
+
+
+def _grads(model, x):
+    model.zero_grad(set_to_none=True)
+    _, losses = model(x)
+    losses["total"].sum().backward()
+    return {k: v.detach() for k, v in losses.items()}, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("extra", [{}, {"model.od_depth": 3, "model.od_mode": "mtp_ds", "model.oe.n": 2, "model.oe.m": 61},
+                                   {"model.tie_embeddings": True, "model.od_depth": 2}])
+def test_model_with_fused_loss_equals_stock_loss(extra):
+    cfg = tiny_config(**extra)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    x = torch.randint(0, cfg.model.input_vocab_size, (3, cfg.model.seq_len + cfg.model.lookahead))
+    stock = _grads(model, x)
+    model.fused_loss = True
+    logits, _ = model(x)
+    assert logits is None  # the fused path never hands the logits out
+    fused = _grads(model, x)
+    for a, b in zip(stock, fused):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    # inference still returns logits
+    assert model(x[:, : cfg.model.seq_len], targets=False)[0].shape[-1] == cfg.model.output_vocab_size
+
+
+def test_compiled_and_packed_models_with_fused_loss():
+    cfg = tiny_config()
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(Transformer(cfg.model))
+    x = torch.randint(0, cfg.model.input_vocab_size, (4, cfg.model.seq_len + cfg.model.lookahead))
+    packed = pack_models(models)
+    stock = _grads(packed, x)
+    packed.fused_loss = True
+    packed.body_and_loss = torch.compile(packed.body_and_loss, backend="aot_eager", fullgraph=True)
+    fused = _grads(packed, x)
+    assert fused[0]["total"].shape == (2,)
+    for a, b in zip(stock, fused):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_trainer_with_fused_loss_follows_the_stock_curve(tmp_path):
+    curves = {}
+    for kernel in ("torch", "triton"):
+        cfg = tiny_config(**{"train.max_steps": 8, "train.eval_every": 4, "train.log_every": 2,
+                             "train.loss_kernel": kernel})
+        cfg.train.checkpoint_dir = str(tmp_path / kernel)
+        sink = Collect()
+        train(cfg, sink, device=CPU)
+        curves[kernel] = sink.points
+    _assert_same([curves["torch"]], [curves["triton"]])
+
+
+def test_packed_trainer_with_fused_loss(tmp_path):
+    cfgs = _configs(tmp_path, **{"train.max_steps": 6, "train.eval_every": 3})
+    stock = [Collect() for _ in cfgs]
+    train_packed(cfgs, stock, tmp_path / "stock", device=CPU)
+    for c in cfgs:
+        c.train.loss_kernel = "triton"
+    fused = [Collect() for _ in cfgs]
+    train_packed(cfgs, fused, tmp_path / "fused", device=CPU)
+    _assert_same([s.points for s in stock], [s.points for s in fused])
+
+
+def test_loss_kernel_resolution(monkeypatch):
+    assert use_fused_loss("triton", CPU) and not use_fused_loss("auto", CPU) and not use_fused_loss("torch", CPU)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="train.loss_kernel=triton"):
+        use_fused_loss("triton", CPU)
+
+
+def test_loss_kernel_is_not_part_of_the_trial_id():
+    from overtok.sweep import trial_id
+
+    assert trial_id(tiny_config(**{"train.loss_kernel": "torch"})) == trial_id(tiny_config())
