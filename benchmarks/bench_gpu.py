@@ -31,9 +31,8 @@ def body(d, L, H, T=1024, v=V):
 
 # trainer variants, timed side by side per size: the loss kernel, the attention backend, inductor's mode
 VARIANTS = {
-    "stock": {"loss_kernel": "torch", "compile_embed": False},  # before this session's changes
-    "fused-eager-embed": {"loss_kernel": "auto", "compile_embed": False},
-    "fused": {"loss_kernel": "auto"},  # the trainer's default on CUDA: fused loss, compiled embedding
+    "stock": {"loss_kernel": "torch"},
+    "fused": {"loss_kernel": "auto"},
     "fused+cudnn": {"loss_kernel": "auto", "sdpa": "cudnn"},
     "fused+flash": {"loss_kernel": "auto", "sdpa": "flash"},
     "fused+autotune": {"loss_kernel": "auto", "compile_mode": "max-autotune-no-cudagraphs"},
@@ -89,25 +88,23 @@ def packed(args, rows):
     """Step-level packing: 8 one-trial steps vs one packed step of the same 8 models (the compute side of target 3)."""
     d, L, H = (64, 2, 2) if args.smoke else (256, 4, 4)
     sets = body(d, L, H, T=args.packed_seq, v=args.packed_vocab)
-    combos = [(k, e) for k in args.loss_kernels for e in args.embed]
     singles = {}
-    for kernel, embed in combos:
-        single = time_training(sets, args.packed_batch, args.steps * 5, args.warmup, loss_kernel=kernel,
-                               compile_embed=embed == "compiled")
-        single["name"] = f"one tiny model, loss {single['loss']}, {embed} embedding"
-        singles[kernel, embed] = single
+    for kernel in args.loss_kernels:
+        single = time_training(sets, args.packed_batch, args.steps * 5, args.warmup, loss_kernel=kernel)
+        single["name"] = f"one tiny model, loss {single['loss']}"
+        singles[kernel] = single
         rows.append(single)
-        print(f"{single['name']:>56}  {single['step_ms']:8.2f} ms  {single['tokens_per_s']:>12,.0f} tok/s  "
+        print(f"{single['name']:>36}  {single['step_ms']:8.2f} ms  {single['tokens_per_s']:>12,.0f} tok/s  "
               f"MFU {single['mfu']:.3f}", flush=True)
     best = max(s["tokens_per_s"] for s in singles.values())
-    for (kernel, embed), compiled in [(c, o) for c in combos for o in ((False, True) if args.packed_eager else (True,))]:
+    for kernel, compiled in [(k, c) for k in args.loss_kernels for c in ((False, True) if args.packed_eager else (True,))]:
         r = time_packed(sets, 8, args.packed_batch, args.steps * 2, args.warmup, compile_opt=compiled,
-                        profile=compiled and args.profile, loss_kernel=kernel, compile_embed=embed == "compiled")
-        r["name"] = f"8 packed, {'compiled' if compiled else 'eager'} clip+update, loss {r['loss']}, {embed} embedding"
-        r["vs_one_model"] = r["tokens_per_s"] / singles[kernel, embed]["tokens_per_s"]
+                        profile=compiled and args.profile, loss_kernel=kernel)
+        r["name"] = f"8 packed, {'compiled' if compiled else 'eager'} clip+update, loss {r['loss']}"
+        r["vs_one_model"] = r["tokens_per_s"] / singles[kernel]["tokens_per_s"]
         r["vs_fastest_one_model"] = r["tokens_per_s"] / best
         rows.append(r)
-        print(f"{r['name']:>56}  {r['step_ms']:8.2f} ms  {r['tokens_per_s']:>12,.0f} tok/s  MFU {r['mfu']:.3f}  "
+        print(f"{r['name']:>36}  {r['step_ms']:8.2f} ms  {r['tokens_per_s']:>12,.0f} tok/s  MFU {r['mfu']:.3f}  "
               f"x{r['vs_one_model']:.2f} vs one model (x{r['vs_fastest_one_model']:.2f} vs the fastest)  host issue {r['host_issue_ms']:.1f} ms  "
               f"mem {r['peak_mem_gib']:.1f} GiB", flush=True)
         if "profile_top_kernels" in r:
@@ -125,8 +122,6 @@ def main():
                     help="trainer variants timed side by side for each size")
     ap.add_argument("--loss-kernels", nargs="+", choices=["torch", "auto"], default=["torch", "auto"],
                     help="loss kernels for the packed comparison (auto = the fused triton kernel where it runs)")
-    ap.add_argument("--embed", nargs="+", choices=["eager", "compiled"], default=["compiled"],
-                    help="input embedding modes for the packed comparison")
     ap.add_argument("--profile", action="store_true", help="kernel profile of the first size / the packed step")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
     ap.add_argument("--batch", type=int, default=32)

@@ -12,7 +12,7 @@ import torch
 from overtok import accounting
 from overtok.config import load_config
 from overtok.model import Transformer
-from overtok.train import compile_model, make_optimizer, use_fused_loss
+from overtok.train import make_optimizer, use_fused_loss
 
 H100_BF16_PEAK = 989e12
 
@@ -66,11 +66,10 @@ def profile_steps(step, sync, dev: torch.device, n: int = 3) -> str:
 
 def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_body: bool = True,
                   loss_kernel: str = "auto", compile_mode: str | None = None, sdpa: str | None = None,
-                  profile: bool = False, compile_embed: bool = True) -> dict:
+                  profile: bool = False) -> dict:
     """Median step time (CUDA events) of forward+backward+AdamW(+row-sparse update) on random tokens, bf16 autocast.
 
-    loss_kernel as train.loss_kernel; compile_mode as torch.compile's mode; sdpa pins the attention backend;
-    compile_embed=False keeps the input embedding eager (as before overtok.train.compile_model compiled it)."""
+    loss_kernel as train.loss_kernel; compile_mode as torch.compile's mode; sdpa pins the attention backend."""
     cfg = config(sets)
     dev = fresh_device()
     torch.manual_seed(0)
@@ -80,9 +79,7 @@ def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_
     build_s = time.time() - t0
     opt = make_optimizer(model, cfg.train, dev)
     model.fused_loss = use_fused_loss(loss_kernel, dev)
-    if compile_body and compile_embed:
-        compile_model(model, compile_mode)
-    elif compile_body:
+    if compile_body:
         model.body_and_loss = torch.compile(model.body_and_loss, mode=compile_mode)
     tables = model.sparse_tables()
     T = cfg.model.seq_len + cfg.model.lookahead
@@ -129,7 +126,7 @@ def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_
            "params": groups, "build_s": build_s, "warmup_s": warm_s,
            "optimizer": "adamw+oe_lazy_row_adam" if tables else "adamw",
            "loss": "fused triton" if model.fused_loss else "torch", "compile_mode": compile_mode or "default",
-           "sdpa": sdpa or "auto", "compiled_embedding": compile_body and compile_embed and not tables}
+           "sdpa": sdpa or "auto"}
     if profile:
         out["profile_top_kernels"] = profile_steps(step, torch.cuda.synchronize if dev.type == "cuda" else lambda: None,
                                                    dev)
@@ -139,7 +136,7 @@ def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_
 
 
 def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, compile_opt: bool = True,
-                profile: bool = False, loss_kernel: str = "auto", compile_embed: bool = True) -> dict:
+                profile: bool = False, loss_kernel: str = "auto") -> dict:
     """Median step time of P same-shape models packed into one (overtok.packed), as ``time_training`` does for one
     model: compiled body, bf16 autocast, PackedAdamW with per-slice clipping (compiled or eager). Also the host time
     to issue a step (if it is close to the step time, the loop is launch-bound) and, with ``profile``, the top
@@ -157,10 +154,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, co
     del models
     opt = PackedAdamW(model, cfg.train, compile_step=compile_opt)
     model.fused_loss = use_fused_loss(loss_kernel, dev)
-    if compile_embed:
-        compile_model(model)
-    else:
-        model.body_and_loss = torch.compile(model.body_and_loss)
+    model.body_and_loss = torch.compile(model.body_and_loss)
     T = cfg.model.seq_len + cfg.model.lookahead
     batches = [torch.randint(0, cfg.model.input_vocab_size, (P * batch_size, T), device=dev) for _ in range(4)]
     lrs = torch.full((P,), 1e-3, device=dev)
@@ -195,7 +189,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, co
            "mfu": tokens / med * accounting.flops_per_token(cfg.model) / H100_BF16_PEAK,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
            "warmup_s": warm_s, "optimizer": f"packed_adamw ({'compiled' if compile_opt else 'eager'} clip+update)",
-           "loss": "fused triton" if model.fused_loss else "torch", "compiled_embedding": compile_embed}
+           "loss": "fused triton" if model.fused_loss else "torch"}
     if profile:
         out["profile_top_kernels"] = profile_steps(step, sync, dev)
     model = opt = batches = step = None  # noqa: F841 - release before the next variant

@@ -39,7 +39,6 @@ from overtok.train import (
     H100_BF16_PEAK,
     TrainingDiverged,
     _HistorySink,
-    compile_model,
     decay_groups,
     generation_accuracy,
     load_latest_checkpoint,
@@ -259,7 +258,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     opt = PackedAdamW(model, t, compile_step=t.compile and device.type == "cuda")
     model.fused_loss = use_fused_loss(t.loss_kernel, device)
     if t.compile:
-        compile_model(model)
+        model.body_and_loss = torch.compile(model.body_and_loss)
     ckpt_dir = Path(checkpoint_dir)
     step, tokens_seen, resumed_from = 0, 0, None
     state = load_latest_checkpoint(ckpt_dir)

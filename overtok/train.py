@@ -136,15 +136,6 @@ def default_checkpoint_dir(cfg: RunConfig) -> Path:
 
 
 @torch.no_grad()
-def compile_model(model: Transformer, mode: str | None = None) -> None:
-    """torch.compile the body and loss, and the input embedding unless its tables are row-sparse (autograd hooks) or
-    row-sharded (collectives), which stay eager. A compiled embedding also has a compiled backward: the eager dense
-    embedding backward reads a segment count back to the host every step, which stalls the launch queue."""
-    model.body_and_loss = torch.compile(model.body_and_loss, mode=mode)
-    if not model.sparse_tables() and not model.sharded_tables():
-        model.embed.forward = torch.compile(model.embed.forward, mode=mode)
-
-
 def use_fused_loss(loss_kernel: str, device: torch.device) -> bool:
     """Resolve train.loss_kernel on this device (overtok.kernels)."""
     from overtok import kernels
@@ -241,8 +232,8 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         model = Transformer(cfg.model, eos_id=train_data.eos_id)
     opt = make_optimizer(model, t, device)
     model.fused_loss = use_fused_loss(t.loss_kernel, device)
-    if t.compile:
-        compile_model(model)
+    if t.compile:  # the body and loss; the OE lookup stays eager (row-sparse tables use autograd hooks)
+        model.body_and_loss = torch.compile(model.body_and_loss)
     sparse_tables = model.sparse_tables()
     # row-sharded OE tables (model.oe.shard with several ranks): each rank owns some rows; DDP must not average them
     shard_weights = {id(m.weight) for m in model.sharded_tables()}
