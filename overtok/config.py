@@ -247,7 +247,7 @@ class TrainConfig:
     Turn off for runs with huge OE tables: a checkpoint holds the tables and their optimizer moments."""
     compile: bool = False
     loss_kernel: Literal["auto", "triton", "torch"] = "auto"
-    """Output head + cross-entropy. 'triton': overtok.kernels, one pass over the logits that leaves their gradient in
+    """Output head + cross-entropy. 'triton': overtok.kernels, one kernel over the logits that leaves their gradient in
     place (needs triton: CUDA, or the CPU under TRITON_INTERPRET=1); 'torch': the stock loss; 'auto': triton on
     CUDA where it imports, else torch. Same loss and gradients up to summation order (not part of the trial id)."""
     device: str = "auto"
