@@ -359,7 +359,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
                     continue
                 metrics = {"train/loss": host["next"][p], "train/loss_total": totals[p], "train/lr": lr_list[p],
                            "train/grad_norm": norms[p], "perf/tokens_per_s": tps, "perf/pack_size": P,
-                           "perf/pack_tokens_per_s": tps * P}
+                           "perf/pack_tokens_per_s": tps * P, "perf/fused_loss": float(model.fused_loss)}
                 metrics.update({f"train/loss_{k}": v[p] for k, v in host.items() if k not in ("total", "next")})
                 if train_data[p].epoch_tokens:
                     metrics["train/epochs"] = tokens_seen / train_data[p].epoch_tokens

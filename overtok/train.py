@@ -340,7 +340,8 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             # train/loss is the next-token loss in every variant (comparable across OD depths);
             # the objective with the extra heads is train/loss_total
             metrics = {"train/loss": parts["next"].item(), "train/loss_total": total, "train/lr": lr,
-                       "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tps}
+                       "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tps,
+                       "perf/fused_loss": float(model.fused_loss)}  # which loss kernel ran (train.loss_kernel)
             metrics.update({f"train/loss_{k}": v.item() for k, v in parts.items() if k not in ("total", "next")})
             epoch_tokens = train_data.epoch_tokens
             if epoch_tokens:

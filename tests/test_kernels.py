@@ -98,6 +98,9 @@ def test_trainer_with_fused_loss_follows_the_stock_curve(tmp_path):
         train(cfg, sink, device=CPU)
         curves[kernel] = sink.points
     _assert_same([curves["torch"]], [curves["triton"]])
+    # every run records which kernel it used
+    assert set(curves["torch"]["perf/fused_loss"].values()) == {0.0}
+    assert set(curves["triton"]["perf/fused_loss"].values()) == {1.0}
 
 
 def test_packed_trainer_with_fused_loss(tmp_path):
@@ -109,6 +112,7 @@ def test_packed_trainer_with_fused_loss(tmp_path):
     fused = [Collect() for _ in cfgs]
     train_packed(cfgs, fused, tmp_path / "fused", device=CPU)
     _assert_same([s.points for s in stock], [s.points for s in fused])
+    assert {v for s in fused for v in s.points["perf/fused_loss"].values()} == {1.0}
 
 
 def test_loss_kernel_resolution(monkeypatch):
