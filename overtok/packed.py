@@ -20,8 +20,6 @@ Not packable (they run alone): row-sparse OE tables, data-parallel trials.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -32,8 +30,9 @@ import torch.nn.functional as F
 
 from overtok import accounting
 from overtok.config import RunConfig, to_dict
-from overtok.data import Batches
+from overtok.data.batches import Batches
 from overtok.model import RMSNorm, Transformer
+from overtok.sweep import PACK_FREE_KEYS, pack_key
 from overtok.tracking import Sink
 from overtok.train import (
     H100_BF16_PEAK,
@@ -49,21 +48,6 @@ from overtok.train import (
     to_device,
     use_fused_loss,
 )
-
-PACK_FREE_KEYS = ("seed", "train.lr")  # what may differ inside one pack
-
-
-def pack_key(cfg: RunConfig) -> str | None:
-    """Trials with equal keys can share a pack; None if this config cannot be packed."""
-    if cfg.model.oe.sparse_update and cfg.model.oe.n > 1:
-        return None
-    d = to_dict(cfg)
-    for k in ("tracking", "name", "seed"):
-        d.pop(k)
-    d["train"].pop("checkpoint_dir")
-    d["train"].pop("lr")
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
-
 
 # ----------------------------------------------------------------------------------------------
 # Packed modules

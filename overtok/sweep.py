@@ -105,8 +105,6 @@ class Sweep:
     def packs(self, trials: list[Trial] | None = None) -> list[list[Trial]]:
         """Groups of trials that run as one process: packable trials (same config but seed / lr) in chunks of
         at most ``pack``, in sweep order; every other trial alone."""
-        from overtok.packed import pack_key
-
         groups: dict[str, list[Trial]] = {}
         out: list[list[Trial]] = []
         for t in self.trials if trials is None else trials:
@@ -124,6 +122,21 @@ class Sweep:
         if len(self.trials) > self.max_trials and not yes:
             raise ConfigError(f"{len(self.trials)} trials exceed max_trials={self.max_trials}; pass --yes to run them",
                               file=self.file, key="grid")
+
+
+PACK_FREE_KEYS = ("seed", "train.lr")  # what may differ inside one pack (overtok/packed.py)
+
+
+def pack_key(cfg: RunConfig) -> str | None:
+    """Trials with equal keys can share a pack; None if this config cannot be packed (row-sparse OE tables)."""
+    if cfg.model.oe.sparse_update and cfg.model.oe.n > 1:
+        return None
+    d = to_dict(cfg)
+    for k in ("tracking", "name", "seed"):
+        d.pop(k)
+    d["train"].pop("checkpoint_dir")
+    d["train"].pop("lr")
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def trial_id(cfg: RunConfig) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from overtok import accounting
 from overtok.config import RunConfig, TrainConfig, to_dict
-from overtok.data import Batches, group_ngrams, split_ngrams
+from overtok.data.batches import Batches, group_ngrams, split_ngrams
 from overtok.data.cfg import Grammar, accepts, sample_sentence
 from overtok.model import Transformer
 from overtok.tracking import Sink

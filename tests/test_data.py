@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from overtok.data import Batches, group_ngrams, split_ngrams
+from overtok.data.batches import Batches, group_ngrams, split_ngrams
 from overtok.data.cfg import accepts, load_grammar, sample_sentence
 from overtok.data.text import DataError, prepare, read_meta
 from tests.conftest import SHARED, tiny_config

@@ -1,100 +1,12 @@
-"""Batches for training and evaluation, with state for exact resume.
-
-Every source yields rows of *base* tokens; the n-gram tokenizer variant groups them into V^n ids here,
-so the model only ever sees its own vocabulary.
+"""Data for training: vocabulary resolution and one-time corpus preparation (here, torch-free, so the sweep driver
+validates and prepares without importing torch) and batches (``overtok.data.batches``).
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
 from overtok.config import ConfigError, RunConfig
-from overtok.data.cfg import CFGStream, load_grammar
-from overtok.data.text import DataError, open_tokens, read_meta
-
-VAL_SEED_OFFSET = 1_000_003
-
-
-def group_ngrams(tokens: torch.Tensor, vocab_size: int, n: int) -> torch.Tensor:
-    """(B, n*T) base tokens -> (B, T) n-gram ids ``sum_i x_{n t + i} V^i``."""
-    if n == 1:
-        return tokens
-    B, L = tokens.shape
-    digits = tokens.view(B, L // n, n)
-    weights = torch.tensor([vocab_size**i for i in range(n)], dtype=torch.long)
-    return (digits * weights).sum(-1)
-
-
-def split_ngrams(ids: torch.Tensor, vocab_size: int, n: int) -> torch.Tensor:
-    """Inverse of group_ngrams."""
-    if n == 1:
-        return ids
-    digits = [(ids // vocab_size**i) % vocab_size for i in range(n)]
-    return torch.stack(digits, dim=-1).flatten(-2)
-
-
-class Batches:
-    """Rows of (T + L) model tokens, L = lookahead. ``next()`` returns a LongTensor (B, T + L)."""
-
-    def __init__(self, cfg: RunConfig, split: str, rank: int = 0):
-        self.cfg = cfg
-        self.split = split
-        m = cfg.model
-        self.n = m.tokenizer_ngram
-        self.row_len = (m.seq_len + m.lookahead) * self.n  # base tokens per row
-        # each data-parallel rank draws its own training stream; validation is the same everywhere
-        seed = cfg.seed + (VAL_SEED_OFFSET if split == "val" else 7919 * rank)
-        if cfg.data.kind == "cfg":
-            self.grammar = load_grammar(cfg.data.grammar)
-            self.vocab_size = self.grammar.vocab_size
-            self.eos_id = self.grammar.eos_id
-            self.stream = CFGStream(self.grammar, seed)
-        else:
-            meta = read_meta(cfg.data.path)
-            self.vocab_size, self.eos_id = meta["vocab_size"], meta["eos_id"]
-            self.tokens = open_tokens(cfg.data.path, split, meta)
-            if len(self.tokens) <= self.row_len:
-                raise DataError(f"{cfg.data.path}/{split}.bin: {len(self.tokens)} tokens, fewer than one row ({self.row_len})")
-            self.gen = torch.Generator().manual_seed(seed)
-            self.cursor = 0  # val: sequential windows
-
-    def next(self, batch_size: int | None = None) -> torch.Tensor:
-        B = batch_size or self.cfg.data.batch_size
-        if self.cfg.data.kind == "cfg":
-            rows = torch.tensor(self.stream.take(B * self.row_len), dtype=torch.long).view(B, self.row_len)
-        elif self.split == "train":
-            starts = torch.randint(0, len(self.tokens) - self.row_len, (B,), generator=self.gen).tolist()
-            rows = torch.from_numpy(np.stack([self.tokens[s : s + self.row_len].astype(np.int64) for s in starts]))
-        else:
-            span = len(self.tokens) - self.row_len
-            starts = [(self.cursor + i * self.row_len) % span for i in range(B)]
-            self.cursor = (self.cursor + B * self.row_len) % span
-            rows = torch.from_numpy(np.stack([self.tokens[s : s + self.row_len].astype(np.int64) for s in starts]))
-        return group_ngrams(rows, self.vocab_size, self.n)
-
-    def rewind(self) -> None:
-        """Validation restarts at the same windows each evaluation (comparable numbers across steps)."""
-        if self.cfg.data.kind == "cfg":
-            self.stream = CFGStream(self.grammar, self.cfg.seed + VAL_SEED_OFFSET)
-        else:
-            self.cursor = 0
-
-    def state_dict(self) -> dict:
-        if self.cfg.data.kind == "cfg":
-            return {"cfg": self.stream.state_dict()}
-        return {"gen": self.gen.get_state(), "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.cfg.data.kind == "cfg":
-            self.stream.load_state_dict(state["cfg"])
-        else:
-            self.gen.set_state(state["gen"])
-            self.cursor = state["cursor"]
-
-    @property
-    def epoch_tokens(self) -> int | None:
-        return None if self.cfg.data.kind == "cfg" else len(self.tokens)
+from overtok.data.cfg import load_grammar
+from overtok.data.text import DataError, read_meta
 
 
 def resolve_vocab(cfg: RunConfig, file: str | None = None) -> RunConfig:
