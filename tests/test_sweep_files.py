@@ -1,5 +1,7 @@
 """Sweep files: every shipped one expands; malformed ones exit 2 before Ray or MLflow start."""
 
+import os
+
 import pytest
 
 from overtok.sweep import load_sweep, plan_table
@@ -63,3 +65,23 @@ seeds: [0, 1]
     assert not (tmp_path / "results" / "mlflow.db").exists()
     ok = cli("plan", "huge.yaml")
     assert ok.returncode == 0  # planning is always allowed
+
+
+def test_the_sweep_driver_does_not_import_torch(tmp_path):
+    """The driver validates, plans, packs and tracks; only trials import torch (seconds per sweep otherwise)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from overtok.sweep import load_sweep, plan_table\n"
+        "from overtok.tune import SweepTracker, resolve_tracking_uri\n"
+        f"s = load_sweep({str(ROOT / 'sweeps' / 'quickstart.yaml')!r}, ['pack=4'])\n"
+        "assert s.packs() and plan_table(s)\n"
+        f"SweepTracker(s, resolve_tracking_uri('sqlite:///{tmp_path}/mlflow.db'))\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
