@@ -50,7 +50,10 @@ def test_sigkill_of_one_trial_worker_retries_it_from_its_checkpoint(tmp_path):
                     return r, int(pid)
             return None
 
-        wait_for(lambda: victim() is not None, 240, what="a trial with a checkpoint")
+        # files first: opening the store while the driver creates it would race two schema migrations of one
+        # fresh SQLite file (MLflow's alembic), which the driver may lose
+        wait_for(lambda: any(ckpts.glob("*/ckpt_*.pt")), 240, what="a checkpoint")
+        wait_for(lambda: victim() is not None, 60, what="a trial with a checkpoint and its pid")
         run, pid = victim()
         os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=400)
