@@ -38,7 +38,21 @@ def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     # never mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI, which child processes would inherit
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    # a SQLite store is created (or migrated) when first opened; processes that open one fresh file at once (a sweep
+    # and the dashboard, runs started together) would each run MLflow's schema migration and all but one fail
+    import fcntl
+
+    try:
+        lock = open(uri[len("sqlite:///") :] + ".lock", "a")
+    except OSError:  # a read-only place: nobody creates the store there
+        return MlflowClient(tracking_uri=uri)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)
+    return c
 
 
 def experiment_id(c, name: str) -> str:
