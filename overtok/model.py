@@ -221,9 +221,13 @@ class Transformer(nn.Module):
         elif isinstance(mod, nn.Embedding):
             nn.init.normal_(mod.weight, std=0.02)
 
+    def head_weight(self) -> torch.Tensor:
+        """The shared output head's weight (V, d), or (P, V, d) packed: the 1-gram embedding when tied."""
+        return self.embed.wte.weight if self.tied else self.head.weight
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Shared output head (tied to the 1-gram embedding when vocabularies agree)."""
-        w = self.embed.wte.weight if self.tied else self.head.weight
+        w = self.head_weight()
         if w.dim() == 3:  # packed (P, V, d)
             from overtok.packed import packed_linear
 
@@ -296,7 +300,7 @@ class Transformer(nn.Module):
             return logits, self._ce(logits, target)
         from overtok.kernels import linear_cross_entropy
 
-        w = self.embed.wte.weight if self.tied else self.head.weight
+        w = self.head_weight()
         P = self.pack
         loss = linear_cross_entropy(h.reshape(P, -1, h.shape[-1]), w if w.dim() == 3 else w[None], target.reshape(P, -1))
         return None, loss if P > 1 else loss[0]

@@ -131,21 +131,24 @@ def pack_key(cfg: RunConfig) -> str | None:
     """Trials with equal keys can share a pack; None if this config cannot be packed (row-sparse OE tables)."""
     if cfg.model.oe.sparse_update and cfg.model.oe.n > 1:
         return None
-    d = to_dict(cfg)
-    for k in ("tracking", "name", "seed"):
-        d.pop(k)
-    d["train"].pop("checkpoint_dir")
-    d["train"].pop("lr")
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    return _config_hash(cfg, ("tracking", "name", "seed", "train.checkpoint_dir", "train.lr"))
 
 
 def trial_id(cfg: RunConfig) -> str:
-    """Hash of what determines the result: the resolved config minus naming, tracking and where files go."""
+    """Hash of what determines the result: the resolved config minus naming, tracking and where files go, and the
+    loss kernel (the same loss up to summation order)."""
+    return _config_hash(cfg, ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel"))
+
+
+def _config_hash(cfg: RunConfig, drop: tuple[str, ...]) -> str:
+    """Short hash of the resolved config without the dotted keys in ``drop``."""
     d = to_dict(cfg)
-    d.pop("tracking")
-    d.pop("name")
-    d["train"].pop("checkpoint_dir")
-    d["train"].pop("loss_kernel")  # a kernel choice: the same loss up to summation order
+    for key in drop:
+        *parents, leaf = key.split(".")
+        node = d
+        for p in parents:
+            node = node[p]
+        node.pop(leaf)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
