@@ -84,31 +84,48 @@ def oe(args, rows):
               f"mem {r.get('peak_mem_gib', float('nan')):.1f} GiB  ({time.time() - t0:.0f}s) {r.get('error', '')}", flush=True)
 
 
+def _kernel_variants(args):
+    """(label, loss_kernel, row alignment of the fused kernel's logits) for the packed comparison."""
+    out = []
+    for k in args.loss_kernels:
+        if k == "torch":
+            out.append(("torch", "torch", None))
+        else:
+            out += [(f"fused, rows padded to {a}" if a > 1 else "fused, rows unpadded", "auto", a) for a in args.row_aligns]
+    return out
+
+
 def packed(args, rows):
     """Step-level packing: 8 one-trial steps vs one packed step of the same 8 models (the compute side of target 3)."""
+    from overtok import kernels
+
     d, L, H = (64, 2, 2) if args.smoke else (256, 4, 4)
     sets = body(d, L, H, T=args.packed_seq, v=args.packed_vocab)
     singles = {}
-    for kernel in args.loss_kernels:
+    for label, kernel, align in _kernel_variants(args):
+        kernels.ROW_ALIGN = align or kernels.ROW_ALIGN
         single = time_training(sets, args.packed_batch, args.steps * 5, args.warmup, loss_kernel=kernel)
-        single["name"] = f"one tiny model, loss {single['loss']}"
-        singles[kernel] = single
+        single["name"], single["row_align"] = f"one tiny model, loss {label}", align
+        singles[label] = single
         rows.append(single)
-        print(f"{single['name']:>36}  {single['step_ms']:8.2f} ms  {single['tokens_per_s']:>12,.0f} tok/s  "
+        print(f"{single['name']:>44}  {single['step_ms']:8.2f} ms  {single['tokens_per_s']:>12,.0f} tok/s  "
               f"MFU {single['mfu']:.3f}", flush=True)
     best = max(s["tokens_per_s"] for s in singles.values())
-    for kernel, compiled in [(k, c) for k in args.loss_kernels for c in ((False, True) if args.packed_eager else (True,))]:
+    for (label, kernel, align), compiled in [(v, c) for v in _kernel_variants(args)
+                                             for c in ((False, True) if args.packed_eager else (True,))]:
+        kernels.ROW_ALIGN = align or kernels.ROW_ALIGN
         r = time_packed(sets, 8, args.packed_batch, args.steps * 2, args.warmup, compile_opt=compiled,
                         profile=compiled and args.profile, loss_kernel=kernel)
-        r["name"] = f"8 packed, {'compiled' if compiled else 'eager'} clip+update, loss {r['loss']}"
-        r["vs_one_model"] = r["tokens_per_s"] / singles[kernel]["tokens_per_s"]
+        r["name"], r["row_align"] = f"8 packed, {'compiled' if compiled else 'eager'} clip+update, loss {label}", align
+        r["vs_one_model"] = r["tokens_per_s"] / singles[label]["tokens_per_s"]
         r["vs_fastest_one_model"] = r["tokens_per_s"] / best
         rows.append(r)
-        print(f"{r['name']:>36}  {r['step_ms']:8.2f} ms  {r['tokens_per_s']:>12,.0f} tok/s  MFU {r['mfu']:.3f}  "
+        print(f"{r['name']:>44}  {r['step_ms']:8.2f} ms  {r['tokens_per_s']:>12,.0f} tok/s  MFU {r['mfu']:.3f}  "
               f"x{r['vs_one_model']:.2f} vs one model (x{r['vs_fastest_one_model']:.2f} vs the fastest)  host issue {r['host_issue_ms']:.1f} ms  "
-              f"mem {r['peak_mem_gib']:.1f} GiB", flush=True)
+              f"mem {r['peak_mem_gib']:.1f} GiB  loss0 {r.get('first_loss', float('nan')):.4f}", flush=True)
         if "profile_top_kernels" in r:
             print(r["profile_top_kernels"], flush=True)
+    kernels.ROW_ALIGN = 64
 
 
 def main():
@@ -122,6 +139,8 @@ def main():
                     help="trainer variants timed side by side for each size")
     ap.add_argument("--loss-kernels", nargs="+", choices=["torch", "auto"], default=["torch", "auto"],
                     help="loss kernels for the packed comparison (auto = the fused triton kernel where it runs)")
+    ap.add_argument("--row-aligns", type=int, nargs="+", default=[64],
+                    help="fused kernel: pad the logits' rows to a multiple of this (1 = unpadded, the kernel before)")
     ap.add_argument("--profile", action="store_true", help="kernel profile of the first size / the packed step")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
     ap.add_argument("--batch", type=int, default=32)

@@ -158,6 +158,8 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, co
     T = cfg.model.seq_len + cfg.model.lookahead
     batches = [torch.randint(0, cfg.model.input_vocab_size, (P * batch_size, T), device=dev) for _ in range(4)]
     lrs = torch.full((P,), 1e-3, device=dev)
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        first_loss = model(batches[0])[1]["total"].tolist()  # per slice: the same models and batch in every variant
 
     def step(i):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -189,7 +191,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, co
            "mfu": tokens / med * accounting.flops_per_token(cfg.model) / H100_BF16_PEAK,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
            "warmup_s": warm_s, "optimizer": f"packed_adamw ({'compiled' if compile_opt else 'eager'} clip+update)",
-           "loss": "fused triton" if model.fused_loss else "torch"}
+           "loss": "fused triton" if model.fused_loss else "torch", "first_loss": first_loss[0], "first_losses": first_loss}
     if profile:
         out["profile_top_kernels"] = profile_steps(step, sync, dev)
     model = opt = batches = step = None  # noqa: F841 - release before the next variant

@@ -6,7 +6,11 @@ N x V logits: an fp32 log-softmax forward, then a reduction and an elementwise p
 (online max / sum of exponentials), writes the row's loss, then reads the row again and overwrites the logits with
 their gradient ``softmax - onehot`` in place (H200, 124M model: 2.35 ms per step against 4.9 ms for the stock loss's
 two largest kernels; benchmarks/RESULTS.md). The head's backward is then just the two matmuls, with the upstream
-scale (1/N times the loss's gradient) applied to their small outputs instead of to the N x V gradient. Same loss and gradients as the stock path up to summation order; the logits are never returned.
+scale (1/N times the loss's gradient) applied to their small outputs instead of to the N x V gradient.
+The logits' rows are padded to a multiple of 64 columns (zero rows appended to w; the padding is left out of the
+softmax): with a real vocabulary such as the OLMo tokenizer's 50,280, unpadded rows start at addresses Triton cannot
+prove 16-byte aligned, and the kernel's loads are no longer vectorised. Same loss and gradients as the stock path
+up to summation order; the logits are never returned.
 
 ``linear_cross_entropy(h, w, target)`` takes h (P, N, d), w (P, V, d), target (P, N) and returns the mean loss of
 each of the P slices (P = 1 for one model, P > 1 for packed trials). It runs the Triton kernel on CUDA, and on the
@@ -36,14 +40,18 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _ce_rows(logits_ptr, target_ptr, loss_ptr, V, stride, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    def _ce_rows(logits_ptr, target_ptr, loss_ptr, V, VP, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr):
+        # rows are VP apart, VP a multiple of ROW_ALIGN (Triton then knows every row start is 16-byte aligned and
+        # vectorises the loads); columns V..VP are padding: left out of the softmax, given a zero gradient
         row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride
+        base = logits_ptr + row * VP
         offs = tl.arange(0, BLOCK)
         m = float("-inf")  # running max and sum of exp(x - m) over the row (online softmax)
         s = 0.0
-        for start in range(0, V, BLOCK):
-            x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
+        for start in range(0, VP, BLOCK):
+            col = start + offs
+            x = tl.load(base + col, mask=col < VP, other=float("-inf")).to(tl.float32)
+            x = tl.where(col < V, x, float("-inf"))
             m_new = tl.maximum(m, tl.max(x, 0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
             m = m_new
@@ -51,42 +59,54 @@ if triton is not None:
         t = tl.load(target_ptr + row)
         tl.store(loss_ptr + row, lse - tl.load(base + t).to(tl.float32))
         if WRITE_GRAD:
-            for start in range(0, V, BLOCK):
-                mask = start + offs < V
-                x = tl.load(base + start + offs, mask=mask, other=0.0).to(tl.float32)
-                g = tl.exp(x - lse) - tl.where(start + offs == t, 1.0, 0.0)
-                tl.store(base + start + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
+            for start in range(0, VP, BLOCK):
+                col = start + offs
+                x = tl.load(base + col, mask=col < VP, other=0.0).to(tl.float32)
+                g = tl.where(col < V, tl.exp(x - lse) - tl.where(col == t, 1.0, 0.0), 0.0)
+                tl.store(base + col, g.to(logits_ptr.dtype.element_ty), mask=col < VP)
 
 
-def _launch(logits: torch.Tensor, target: torch.Tensor, write_grad: bool) -> torch.Tensor:
-    """logits (R, V) contiguous, target (R,) -> per-row loss (R,) fp32; with write_grad, logits become the gradient."""
-    R, V = logits.shape
+ROW_ALIGN = 64  # the logits' row length is padded to a multiple of this (a real vocabulary, e.g. 50,280, is not)
+
+
+def _launch(logits: torch.Tensor, target: torch.Tensor, V: int, write_grad: bool) -> torch.Tensor:
+    """logits (R, VP) contiguous with V real columns, target (R,) -> per-row loss (R,) fp32; with write_grad,
+    logits become the gradient (zero in the padding columns)."""
+    R, VP = logits.shape
+    assert V <= VP and logits.is_contiguous()
     loss = torch.empty(R, dtype=torch.float32, device=logits.device)
-    block = min(4096, triton.next_power_of_2(V))
-    _ce_rows[(R,)](logits, target, loss, V, logits.stride(0), BLOCK=block, WRITE_GRAD=write_grad,
+    block = min(4096, triton.next_power_of_2(VP))
+    _ce_rows[(R,)](logits, target, loss, V, VP, BLOCK=block, WRITE_GRAD=write_grad,
                    num_warps=8 if block >= 2048 else 4)
     return loss
 
 
+def _pad_rows(w: torch.Tensor, align: int) -> torch.Tensor:
+    """w (P, V, d) with zero rows appended up to a multiple of align (the padded logits are then exactly 0)."""
+    pad = -w.shape[1] % align
+    return torch.nn.functional.pad(w, (0, 0, 0, pad)) if pad else w
+
+
 @torch.library.custom_op("overtok::linear_ce", mutates_args=())
-def _linear_ce(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear_ce(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, need_grad: bool,
+               align: int) -> tuple[torch.Tensor, torch.Tensor]:
     """h (P, N, d), w (P, V, d), target (P, N) -> (mean loss per slice (P,) fp32, d(sum of row losses)/d logits
-    (P, N, V) in h's dtype, or an empty tensor without need_grad)."""
+    (P, N, VP) in h's dtype with V padded to a multiple of align, or an empty tensor without need_grad)."""
     P, N, _ = h.shape
-    logits = torch.bmm(h, w.transpose(1, 2))
-    loss = _launch(logits.view(P * N, -1), target.reshape(-1).contiguous(), need_grad).view(P, N).mean(1)
+    logits = torch.bmm(h, _pad_rows(w, align).transpose(1, 2))
+    loss = _launch(logits.view(P * N, -1), target.reshape(-1).contiguous(), w.shape[1], need_grad).view(P, N).mean(1)
     return loss, logits if need_grad else logits.new_empty(0)
 
 
 @_linear_ce.register_fake
-def _(h, w, target, need_grad):
+def _(h, w, target, need_grad, align):
     P, N, _ = h.shape
-    grad = h.new_empty(P, N, w.shape[1]) if need_grad else h.new_empty(0)
+    grad = h.new_empty(P, N, w.shape[1] + -w.shape[1] % align) if need_grad else h.new_empty(0)
     return h.new_empty(P, dtype=torch.float32), grad
 
 
 def _setup(ctx, inputs, output):
-    h, w, _, _ = inputs
+    h, w, _, _, ctx.align = inputs
     ctx.save_for_backward(h, w, output[1])
     ctx.mark_non_differentiable(output[1])
 
@@ -94,9 +114,10 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, g_loss, _g_grad):
     h, w, grad = ctx.saved_tensors
     scale = (g_loss / h.shape[1])[:, None, None]  # d mean / d row loss, times the upstream gradient, per slice
-    gh = (torch.bmm(grad, w).float() * scale).to(h.dtype)
-    gw = (torch.bmm(grad.transpose(1, 2), h).float() * scale).to(w.dtype)
-    return gh, gw, None, None
+    V = w.shape[1]  # the gradient's padding columns are zero: they add nothing to gh, and gw drops their rows
+    gh = (torch.bmm(grad, _pad_rows(w, ctx.align)).float() * scale).to(h.dtype)
+    gw = (torch.bmm(grad.transpose(1, 2), h)[:, :V].float() * scale).to(w.dtype)
+    return gh, gw, None, None, None
 
 
 _linear_ce.register_autograd(_backward, setup_context=_setup)
@@ -112,4 +133,4 @@ def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor)
     else:
         w = w.to(h.dtype)
     need_grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
-    return _linear_ce(h.contiguous(), w.contiguous(), target, need_grad)[0]
+    return _linear_ce(h.contiguous(), w.contiguous(), target, need_grad, ROW_ALIGN)[0]
