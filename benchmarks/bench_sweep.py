@@ -40,9 +40,10 @@ def base_config(args, d, layers, heads, seq, batch, steps) -> dict:
     }
 
 
-def run_cli(work: Path, *cmd: str, tag: str) -> float:
-    """Run `python -m overtok ...` in work with a cold, private inductor cache; return wall seconds."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+def run_cli(work: Path, *cmd: str, tag: str, tree: Path = ROOT) -> float:
+    """Run `python -m overtok ...` (of the source tree ``tree``) in work with a cold, private inductor cache;
+    return wall seconds."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]),
                TORCHINDUCTOR_CACHE_DIR=str(work / f"inductor-{tag}"), TRITON_CACHE_DIR=str(work / f"triton-{tag}"))
     t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "overtok", *cmd], cwd=work, env=env, capture_output=True, text=True)
@@ -64,6 +65,7 @@ def runs(work: Path, experiment: str) -> list[dict]:
             continue
         tps = [m.value for m in sorted(c.get_metric_history(r.info.run_id, "perf/tokens_per_s"), key=lambda m: m.step)]
         out.append({"status": r.info.status, "tokens_per_s": tps, "pid": r.data.tags.get("overtok.pid"),
+                    "setup_s": r.data.metrics.get("perf/setup_s"), "first_step_s": r.data.metrics.get("perf/first_step_s"),
                     "tokens": int(r.data.metrics.get("tokens_seen", 0)) or None,
                     "params": {k: r.data.params[k] for k in ("seed", "tokens_per_step", "train.max_steps")}})
     return out
@@ -132,14 +134,41 @@ def overhead(args, rows):
         (work / f"sweep{i}.yaml").write_text(json.dumps(sweep))
         walls = {"train": run_cli(work, "train", f"train{i}.yaml", tag=f"train{i}"),
                  "sweep": run_cli(work, "sweep", f"sweep{i}.yaml", tag=f"sweep{i}")}
-        tps = {tag: steady(runs(work, exp)[0]["tokens_per_s"]) for tag, exp in (("train", train_exp), ("sweep", sweep_name))}
+        if args.compare_tree:  # the same sweep by another checkout of overtok (e.g. the previous commit)
+            (work / f"sweepold{i}.yaml").write_text(json.dumps({**sweep, "name": f"{sweep_name}_old"}))
+            walls["sweep_old"] = run_cli(work, "sweep", f"sweepold{i}.yaml", tag=f"sweepold{i}", tree=Path(args.compare_tree).resolve())
+        got = {tag: runs(work, exp)[0] for tag, exp in (("train", train_exp), ("sweep", sweep_name))}
+        tps = {tag: steady(r["tokens_per_s"]) for tag, r in got.items()}
         row = {"name": f"overtok sweep vs overtok train (pair {i})", "config": cfg, "train_wall_s": walls["train"],
                "sweep_wall_s": walls["sweep"], "ratio": walls["sweep"] / walls["train"],
                "train_steady_tokens_per_s": tps["train"], "sweep_steady_tokens_per_s": tps["sweep"],
-               "sweep_trial_cpu": trial_cpu}
+               "sweep_trial_cpu": trial_cpu, "sweep_driver": driver_phases(work / f"sweep{i}.log")}
+        for tag, r in got.items():  # the trainer's own clock: setup (data, model) and first step (compilation)
+            row[f"{tag}_setup_s"], row[f"{tag}_first_step_s"] = r["setup_s"], r["first_step_s"]
+        if "sweep_old" in walls:
+            row.update(compare_tree=args.compare_tree, sweep_old_wall_s=walls["sweep_old"],
+                       ratio_old=walls["sweep_old"] / walls["train"],
+                       sweep_old_steady_tokens_per_s=steady(runs(work, f"{sweep_name}_old")[0]["tokens_per_s"]))
+            print(f"    {args.compare_tree}: overtok sweep {walls['sweep_old']:.1f} s "
+                  f"({row['sweep_old_steady_tokens_per_s']:,.0f} tok/s) | ratio {row['ratio_old']:.3f}", flush=True)
         rows.append(row)
         print(f"pair {i} (trial cpu {trial_cpu:g}): overtok train {walls['train']:.1f} s ({tps['train']:,.0f} tok/s) | overtok sweep "
               f"{walls['sweep']:.1f} s ({tps['sweep']:,.0f} tok/s) | ratio {row['ratio']:.3f}", flush=True)
+        print(f"    setup / first step: train {row['train_setup_s']:.1f} / {row['train_first_step_s']:.1f} s, "
+              f"sweep's trial {row['sweep_setup_s']:.1f} / {row['sweep_first_step_s']:.1f} s; sweep driver {row['sweep_driver']}", flush=True)
+
+
+def driver_phases(log: Path) -> dict[str, float]:
+    """The phases `overtok sweep` prints at its end ('... s in all: tracking and data 1.2 s, Ray start ...')."""
+    import re
+
+    for line in log.read_text().splitlines():
+        if " s in all: " in line:
+            total, rest = line.split(" s in all: ")
+            out = {"in all": float(total.rsplit(" ", 1)[1])}
+            out.update({k.strip(): float(v) for k, v in re.findall(r"([A-Za-z ]+?) ([0-9.]+) s", rest)})
+            return out
+    return {}
 
 
 def main():
@@ -156,6 +185,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="train/sweep pairs of the overhead benchmark")
     ap.add_argument("--trial-cpu", type=float, nargs="+", default=None,
                     help="CPUs of the overhead sweep's trial, one per pair, cycled (default 4; 1 with --smoke)")
+    ap.add_argument("--compare-tree", default="", help="overhead: also time the sweep with this checkout of overtok")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script")
     args = ap.parse_args()
     if args.smoke:

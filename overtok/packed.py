@@ -38,6 +38,7 @@ from overtok.train import (
     H100_BF16_PEAK,
     TrainingDiverged,
     _HistorySink,
+    _synced_since,
     decay_groups,
     generation_accuracy,
     load_latest_checkpoint,
@@ -219,6 +220,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     A slice whose loss becomes NaN/inf is reported (``TrainingDiverged`` in its summary under ``error``) and
     dropped from logging; the other slices train on unaffected (slices never mix).
     """
+    t_enter = time.time()
     check_packable(cfgs)
     P = len(cfgs)
     cfg0, t = cfgs[0], cfgs[0].train
@@ -261,6 +263,8 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     summaries: list[dict] = [{} for _ in range(P)]
     alive = [True] * P
     t_last, tokens_last = time.time(), tokens_seen
+    startup = {"perf/setup_s": t_last - t_enter}
+    first_step = step + 1
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -324,6 +328,10 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
         opt.zero_grad()
         step += 1
         tokens_seen += cfg0.tokens_per_step
+        if step == first_step:
+            startup["perf/first_step_s"] = _synced_since(t_last, device)
+            print(f"[overtok] pack of {P}: setup {startup['perf/setup_s']:.1f} s, first step "
+                  f"{startup['perf/first_step_s']:.1f} s" + (" (compilation included)" if t.compile else ""), flush=True)
 
         if step % t.log_every == 0 or step == t.max_steps:
             totals = parts["total"].tolist()
@@ -345,12 +353,14 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
                            "train/grad_norm": norms[p], "perf/tokens_per_s": tps, "perf/pack_size": P,
                            "perf/pack_tokens_per_s": tps * P, "perf/fused_loss": float(model.fused_loss)}
                 metrics.update({f"train/loss_{k}": v[p] for k, v in host.items() if k not in ("total", "next")})
+                metrics.update(startup)
                 if train_data[p].epoch_tokens:
                     metrics["train/epochs"] = tokens_seen / train_data[p].epoch_tokens
                 if device.type == "cuda":
                     metrics["perf/mfu"] = tps * P * flops_per_token / H100_BF16_PEAK
                     metrics["perf/mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 log(p, metrics)
+            startup = {}
             if not any(alive):
                 break
     for p in range(P):

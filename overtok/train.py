@@ -213,6 +213,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     """
     import torch.distributed as dist
 
+    t_enter = time.time()
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if distributed and cfg.model.oe.sparse_update and cfg.model.oe.n > 1:
@@ -266,6 +267,8 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     tokens_per_step = cfg.tokens_per_step * world  # global tokens
     summary: dict[str, float] = {}
     t_last, tokens_last = time.time(), tokens_seen
+    startup = {"perf/setup_s": t_last - t_enter}  # data, model, optimizer, checkpoint; then the first step
+    first_step = step + 1
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -328,6 +331,11 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             table.apply_update(lr, t.beta1, t.beta2, weight_decay=t.embed_weight_decay)
         step += 1
         tokens_seen += tokens_per_step
+        if step == first_step:  # compilation happens here: worth knowing apart from the steady rate
+            startup["perf/first_step_s"] = _synced_since(t_last, device)
+            if rank == 0:
+                print(f"[overtok] setup {startup['perf/setup_s']:.1f} s, first step {startup['perf/first_step_s']:.1f} s"
+                      + (" (compilation included)" if t.compile else ""), flush=True)
 
         # logging (the .item() syncs only here)
         if step % t.log_every == 0 or step == t.max_steps:
@@ -343,6 +351,8 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
                        "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tps,
                        "perf/fused_loss": float(model.fused_loss)}  # which loss kernel ran (train.loss_kernel)
             metrics.update({f"train/loss_{k}": v.item() for k, v in parts.items() if k not in ("total", "next")})
+            metrics.update(startup)  # once, with the first logged step
+            startup = {}
             epoch_tokens = train_data.epoch_tokens
             if epoch_tokens:
                 metrics["train/epochs"] = tokens_seen / epoch_tokens
@@ -354,6 +364,13 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     summary["tokens_seen"] = tokens_seen
     sink.flush()
     return summary
+
+
+def _synced_since(t0: float, device: torch.device) -> float:
+    """Seconds since t0 once the device has finished the work issued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time() - t0
 
 
 def _clip_sharded(model: Transformer, shards: list[torch.nn.Parameter], world: int, max_norm: float) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """End-to-end sweeps: real local Ray, real MLflow (SQLite store and an `mlflow server`), real processes."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 
 import pytest
 
+from tests.conftest import SHARED
 from tests.sweeplib import SMALL, env, free_port, kill_group, overtok, sweep_runs, wait_for, write
 
 pytestmark = pytest.mark.slow
@@ -39,6 +41,10 @@ def test_quickstart_end_to_end(quickstart):
     tps = int(r.data.params["tokens_per_step"])
     assert [m.step for m in hist] == [tps * s for s in (5, 10, 15, 20)]
     assert "val/gen_acc" in r.data.metrics and "done 12/12" in res.stdout
+    # where the time went: the trainer's setup and first step per run, the driver's phases at the end
+    assert r.data.metrics["perf/setup_s"] > 0 and r.data.metrics["perf/first_step_s"] > 0
+    assert [m.step for m in c.get_metric_history(r.info.run_id, "perf/setup_s")] == [tps * 5]
+    assert re.search(r"quickstart: [0-9.]+ s in all: setup [0-9.]+ s, trials [0-9.]+ s, Ray stop [0-9.]+ s", res.stdout)
 
 
 def test_rerun_starts_nothing_new(quickstart):
@@ -48,6 +54,26 @@ def test_rerun_starts_nothing_new(quickstart):
     assert "12 already finished, 0 to run" in res.stdout
     _, parents, children = sweep_runs(f"sqlite:///{work}/results/mlflow.db", "quickstart")
     assert len(parents) == 1 and len(children) == 12
+
+
+def test_a_bad_corpus_found_while_ray_starts_exits_2_and_starts_no_trial(tmp_path):
+    """The driver tokenizes corpora in a thread while Ray starts: a data error still ends the command with one
+    line and exit 2, before any trial."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_bytes(b"fine text\n\xff\xfe not text\n")
+    write(tmp_path / "bad.yaml", f"""
+name: badcorpus
+base:
+  model: {{d_model: 32, n_layers: 1, n_heads: 2, seq_len: 32}}
+  data: {{kind: text, corpus: corpus, tokenizer: {SHARED / "tokenizers" / "gpt-neox-olmo.json"}, batch_size: 4}}
+  train: {{max_steps: 5, eval_every: 5, log_every: 5, gen_samples: 0}}
+seeds: [0]
+""")
+    res = overtok(tmp_path, "sweep", "bad.yaml")
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == f"overtok: error: {tmp_path}/corpus/a.txt: not UTF-8 text (invalid byte at offset 10)"
+    _, _, children = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "badcorpus")
+    assert children == []
 
 
 def test_failing_trial_is_failed_while_others_finish(tmp_path):
@@ -277,5 +303,6 @@ max_concurrent: 2
     for group in pids.values():  # a pack holds one d_model, several seeds / lrs
         assert len({r.data.params["model.d_model"] for r in group}) == 1
         assert [r.data.metrics.get("perf/pack_size") for r in group] == ([3.0] * 3 if len(group) == 3 else [None])
+        assert len({r.data.metrics["perf/first_step_s"] for r in group}) == 1  # one process, one first step
     again = overtok(tmp_path, "sweep", "packed.yaml")
     assert again.returncode == 0 and "8 already finished, 0 to run" in again.stdout
