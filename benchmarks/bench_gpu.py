@@ -66,21 +66,22 @@ def oe(args, rows):
     base = time_training(body(d, L, H, T=args.seq), args.oe_batch, args.steps, args.warmup)
     base["name"] = "no OE"
     rows.append(base)
-    print(f"{'no OE':>28}  {base['step_ms']:8.1f} ms  mem {base['peak_mem_gib']:.1f} GiB", flush=True)
-    variants = [(m, sparse) for m in args.m for sparse in (False, True) if sparse or m <= args.dense_max_m]
-    for m, sparse in variants:
+    print(f"{'no OE':>44}  {base['step_ms']:8.1f} ms  mem {base['peak_mem_gib']:.1f} GiB", flush=True)
+    variants = [(m, None) for m in args.m if m <= args.dense_max_m]  # dense tables, dense AdamW
+    variants += [(m, upd) for m in args.m for upd in args.oe_updates]  # row-sparse, the update eager / compiled
+    for m, update in variants:
         sets = body(d, L, H, T=args.seq) | {"model.oe.n": 3, "model.oe.k": 4, "model.oe.m": m}
-        if sparse:
+        if update:
             sets |= {"model.oe.sparse_update": True, "model.oe.table_dtype": "bfloat16"}
         t0 = time.time()
         try:
-            r = time_training(sets, args.oe_batch, args.steps, args.warmup)
+            r = time_training(sets, args.oe_batch, args.steps, args.warmup, compile_update=update == "compiled")
         except Exception as e:  # noqa: BLE001 - OOM of a naive variant is a result, not a crash
             r = {"config": sets, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-        r["name"] = f"OE-{m / 1e6:g}M {'row-sparse bf16' if sparse else 'dense AdamW'}"
+        r["name"] = f"OE-{m / 1e6:g}M " + (f"row-sparse bf16, {update} row update" if update else "dense AdamW")
         r["ratio_vs_no_oe"] = r.get("step_ms", float("nan")) / base["step_ms"]
         rows.append(r)
-        print(f"{r['name']:>28}  {r.get('step_ms', float('nan')):8.1f} ms  x{r['ratio_vs_no_oe']:.3f}  "
+        print(f"{r['name']:>44}  {r.get('step_ms', float('nan')):8.1f} ms  x{r['ratio_vs_no_oe']:.3f}  "
               f"mem {r.get('peak_mem_gib', float('nan')):.1f} GiB  ({time.time() - t0:.0f}s) {r.get('error', '')}", flush=True)
 
 
@@ -150,6 +151,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--m", type=float, nargs="+", default=[1e6, 4e6, 12.8e6])
     ap.add_argument("--dense-max-m", type=float, default=4.1e6)
+    ap.add_argument("--oe-updates", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
+                    help="row-sparse variants: the tables' row update eager and/or compiled (the trainer compiles on CUDA)")
     ap.add_argument("--packed-batch", type=int, default=16)
     ap.add_argument("--packed-seq", type=int, default=512)
     ap.add_argument("--packed-vocab", type=int, default=50280)  # the OLMo tokenizer's, as in bench_sweep.py

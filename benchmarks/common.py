@@ -12,6 +12,7 @@ import torch
 from overtok import accounting
 from overtok.config import load_config
 from overtok.model import Transformer
+from overtok.sparse import _adam_rows as sparse_rows_eager
 from overtok.train import make_optimizer, use_fused_loss
 
 H100_BF16_PEAK = 989e12
@@ -66,10 +67,11 @@ def profile_steps(step, sync, dev: torch.device, n: int = 3) -> str:
 
 def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_body: bool = True,
                   loss_kernel: str = "auto", compile_mode: str | None = None, sdpa: str | None = None,
-                  profile: bool = False) -> dict:
+                  profile: bool = False, compile_update: bool | None = None) -> dict:
     """Median step time (CUDA events) of forward+backward+AdamW(+row-sparse update) on random tokens, bf16 autocast.
 
-    loss_kernel as train.loss_kernel; compile_mode as torch.compile's mode; sdpa pins the attention backend."""
+    loss_kernel as train.loss_kernel; compile_mode as torch.compile's mode; sdpa pins the attention backend;
+    compile_update: compile the row-sparse tables' update (default: as the trainer, with the body on CUDA)."""
     cfg = config(sets)
     dev = fresh_device()
     torch.manual_seed(0)
@@ -82,6 +84,9 @@ def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_
     if compile_body:
         model.body_and_loss = torch.compile(model.body_and_loss, mode=compile_mode)
     tables = model.sparse_tables()
+    if compile_update if compile_update is not None else (compile_body and dev.type == "cuda"):
+        for t in tables:
+            t.compile_update()
     T = cfg.model.seq_len + cfg.model.lookahead
     V = cfg.model.input_vocab_size
     batches = [torch.randint(0, V, (batch_size, T), device=dev) for _ in range(4)]
@@ -125,6 +130,7 @@ def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
            "params": groups, "build_s": build_s, "warmup_s": warm_s,
            "optimizer": "adamw+oe_lazy_row_adam" if tables else "adamw",
+           "row_update": ("compiled" if tables[0]._adam is not sparse_rows_eager else "eager") if tables else None,
            "loss": "fused triton" if model.fused_loss else "torch", "compile_mode": compile_mode or "default",
            "sdpa": sdpa or "auto"}
     if profile:

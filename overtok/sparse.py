@@ -34,6 +34,7 @@ class RowSparseTable(nn.Module):
         self.register_buffer("exp_avg_sq", torch.zeros(num_rows, width, dtype=dt))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._adam = _adam_rows
 
     def reset_parameters(self, std: float = 0.02) -> None:
         with torch.no_grad():
@@ -47,6 +48,11 @@ class RowSparseTable(nn.Module):
             flat_ids = ids.reshape(-1)
             rows.register_hook(lambda g: self._pending.append((flat_ids, g.reshape(-1, g.shape[-1]))))
         return rows
+
+    def compile_update(self) -> None:
+        """Fuse the row gathers and the Adam arithmetic into compiled kernels (the trainer does this on CUDA
+        with ``train.compile``); the writes back into the table stay eager, in place."""
+        self._adam = torch.compile(_adam_rows)
 
     @torch.no_grad()
     def apply_update(self, lr: float, beta1: float, beta2: float, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
@@ -66,23 +72,33 @@ class RowSparseTable(nn.Module):
         first = torch.ones(n, dtype=torch.bool, device=ids.device)
         first[1:] = sorted_ids[1:] != sorted_ids[:-1]
         seg = torch.cumsum(first, 0) - 1  # segment of each sorted occurrence
-        g = torch.zeros(n, grads.shape[1], device=grads.device, dtype=torch.float32)
-        g.index_add_(0, seg, grads[perm])
+        seg_of = torch.empty_like(seg).scatter_(0, perm, seg)  # ... and of each occurrence in batch order
+        g = torch.zeros(n, grads.shape[1], device=grads.device, dtype=torch.float32).index_add_(0, seg_of, grads)
         slot_rows = torch.zeros(n, dtype=ids.dtype, device=ids.device).scatter_(0, seg, sorted_ids)
         slot = torch.minimum(torch.arange(n, device=ids.device), seg[-1])  # slots past the last repeat it
-        rows, g = slot_rows[slot], g[slot]
+        rows = slot_rows[slot]
         self.step += 1
-        t = self.step.to(torch.float32)
-        m = self.exp_avg[rows].float().mul_(beta1).add_(g, alpha=1 - beta1)
-        v = self.exp_avg_sq[rows].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        p = self.weight[rows].float()
-        if weight_decay:
-            p.mul_(1 - lr * weight_decay)
-        denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
-        p.sub_(lr / (1 - beta1**t) * m / denom)
-        self.exp_avg[rows] = m.to(self.exp_avg.dtype)
-        self.exp_avg_sq[rows] = v.to(self.exp_avg_sq.dtype)
-        self.weight[rows] = p.to(self.weight.dtype)
+        lr_t = torch.full((), lr, device=ids.device)  # a tensor: a new lr each step never recompiles
+        p, m, v = self._adam(self.weight, self.exp_avg, self.exp_avg_sq, rows, g, slot, self.step, lr_t,
+                             beta1, beta2, eps, weight_decay)
+        self.exp_avg[rows] = m
+        self.exp_avg_sq[rows] = v
+        self.weight[rows] = p
 
     def zero_pending(self) -> None:
         self._pending.clear()
+
+
+def _adam_rows(weight, exp_avg, exp_avg_sq, rows, g, slot, step, lr, beta1: float, beta2: float, eps: float,
+               weight_decay: float):
+    """Adam on the gathered rows: (param, exp_avg, exp_avg_sq) of ``rows`` after one step, in the table's dtype;
+    ``g[slot]`` are their summed gradients. Math in float32."""
+    g = g[slot]
+    m = exp_avg[rows].float() * beta1 + g * (1 - beta1)
+    v = exp_avg_sq[rows].float() * beta2 + g * g * (1 - beta2)
+    p = weight[rows].float()
+    if weight_decay:
+        p = p * (1 - lr * weight_decay)
+    t = step.to(torch.float32)
+    p = p - lr / (1 - beta1**t) * m / ((v / (1 - beta2**t)).sqrt() + eps)
+    return p.to(weight.dtype), m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)

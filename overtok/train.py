@@ -236,6 +236,9 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     if t.compile:  # the body and loss; the OE lookup stays eager (row-sparse tables use autograd hooks)
         model.body_and_loss = torch.compile(model.body_and_loss)
     sparse_tables = model.sparse_tables()
+    if t.compile and device.type == "cuda":
+        for table in sparse_tables:
+            table.compile_update()
     # row-sharded OE tables (model.oe.shard with several ranks): each rank owns some rows; DDP must not average them
     shard_weights = {id(m.weight) for m in model.sharded_tables()}
     sharded = [(n, p) for n, p in model.named_parameters() if id(p) in shard_weights]

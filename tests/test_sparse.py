@@ -67,3 +67,34 @@ def test_bf16_tables_train_and_resume(tmp_path):
     state = torch.load(sorted(tmp_path.glob("ckpt_*.pt"))[-1], weights_only=True)
     assert state["model"]["embed.tables.weight"].dtype == torch.bfloat16
     assert int(state["model"]["embed.tables.step"]) == 12
+
+
+def test_compiled_row_update_equals_the_eager_one_and_compiles_once():
+    """The trainer compiles the row update on CUDA (RowSparseTable.compile_update); same numbers as eager, and a
+    new learning rate each step must not recompile it."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny_config(**{**OE, "model.oe.m": 1000, "model.oe.sparse_update": True})
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(Transformer(cfg.model))
+    models[1].embed.tables.compile_update()
+    init = models[0].embed.tables.weight.clone()
+    torch._dynamo.reset()
+    counters.clear()
+    opts = [make_optimizer(m, cfg.train, torch.device("cpu")) for m in models]
+    torch.manual_seed(1)
+    for lr, wd in [(1e-2, 0.0), (5e-3, 0.1), (2e-3, 0.1)]:
+        x = torch.randint(0, 7, (4, cfg.model.seq_len + 1))
+        for m, o in zip(models, opts):
+            _, losses = m(x)
+            losses["total"].backward()
+            o.step()
+            o.zero_grad()
+            m.embed.tables.apply_update(lr, 0.9, 0.95, weight_decay=wd)
+    eager, compiled = (m.embed.tables for m in models)
+    for name in ("weight", "exp_avg", "exp_avg_sq", "step"):
+        torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=1e-5, atol=1e-7, msg=name)
+    assert int(eager.step) == 3 and (eager.weight != init).any(1).sum() > 10  # rows were touched and moved
+    assert counters["stats"]["unique_graphs"] == 2  # one per weight-decay branch, none per learning rate
