@@ -12,7 +12,6 @@ import torch
 from overtok import accounting
 from overtok.config import load_config
 from overtok.model import Transformer
-from overtok.sparse import _adam_rows as sparse_rows_eager
 from overtok.train import make_optimizer, use_fused_loss
 
 H100_BF16_PEAK = 989e12
@@ -130,7 +129,7 @@ def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
            "params": groups, "build_s": build_s, "warmup_s": warm_s,
            "optimizer": "adamw+oe_lazy_row_adam" if tables else "adamw",
-           "row_update": ("compiled" if tables[0]._adam is not sparse_rows_eager else "eager") if tables else None,
+           "row_update": ("compiled" if tables[0].update_compiled else "eager") if tables else None,
            "loss": "fused triton" if model.fused_loss else "torch", "compile_mode": compile_mode or "default",
            "sdpa": sdpa or "auto"}
     if profile:

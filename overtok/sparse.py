@@ -6,7 +6,9 @@ fp32 gradient plus two 39 GB moments, and a full pass over all of them per step)
 - the table (and its Adam moments) are stored in ``table_dtype`` (bf16 halves the memory of fp32);
 - forward gathers the rows of the batch (one gather over the fused table of all slices); backward captures the
   gradient of exactly those rows with a tensor hook, so no dense gradient is ever allocated;
-- :meth:`RowSparseTable.apply_update` coalesces duplicate ids and applies Adam to the touched rows only.
+- :meth:`RowSparseTable.apply_update` coalesces duplicate ids and applies Adam to the touched rows only; on CUDA
+  the trainer compiles its gathers and arithmetic (:meth:`RowSparseTable.compile_update`, H200: OE-12.8M step
+  1.062 -> 1.036x of no OE in one run, benchmarks/RESULTS.md).
 
 Optimizer semantics (recorded in every run as ``optimizer``): **lazy Adam**, as ``torch.optim.SparseAdam``:
 rows absent from a step keep their values and moments (dense AdamW would still move them by momentum and
@@ -53,6 +55,10 @@ class RowSparseTable(nn.Module):
         """Fuse the row gathers and the Adam arithmetic into compiled kernels (the trainer does this on CUDA
         with ``train.compile``); the writes back into the table stay eager, in place."""
         self._adam = torch.compile(_adam_rows)
+
+    @property
+    def update_compiled(self) -> bool:
+        return self._adam is not _adam_rows
 
     @torch.no_grad()
     def apply_update(self, lr: float, beta1: float, beta2: float, eps: float = 1e-8, weight_decay: float = 0.0) -> None:

@@ -80,6 +80,7 @@ def test_compiled_row_update_equals_the_eager_one_and_compiles_once():
         torch.manual_seed(0)
         models.append(Transformer(cfg.model))
     models[1].embed.tables.compile_update()
+    assert models[1].embed.tables.update_compiled and not models[0].embed.tables.update_compiled
     init = models[0].embed.tables.weight.clone()
     torch._dynamo.reset()
     counters.clear()
