@@ -36,4 +36,4 @@ lint: install
 	$(VENV)/bin/ruff check overtok analysis tests benchmarks
 
 clean:
-	rm -rf results/mlflow.db results/mlflow.db.lock results/checkpoints results/ray
+	rm -rf results/mlflow.db results/mlflow.db.lock results/mlartifacts results/checkpoints results/ray

@@ -27,7 +27,7 @@ def tracked_train(cfg: RunConfig, tracking_uri: str = "") -> tuple[str, dict]:
 
     uri = resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
     c = client(uri)
-    exp = experiment_id(c, cfg.tracking.experiment)
+    exp = experiment_id(c, cfg.tracking.experiment, uri)
     run = c.create_run(exp, run_name=cfg.tracking.run_name or cfg.name)
     rid = run.info.run_id
     log_params(c, rid, run_params(cfg))

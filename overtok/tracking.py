@@ -55,14 +55,22 @@ def client(uri: str):
     return c
 
 
-def experiment_id(c, name: str) -> str:
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment's artifacts go: next to a SQLite store's file (MLflow's own default is ./mlruns
+    under whatever directory the command ran in); None lets a server or other store decide."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+
+
+def experiment_id(c, name: str, uri: str = "") -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=artifact_root(uri))
     except Exception:  # created concurrently by another process
         return c.get_experiment_by_name(name).experiment_id
 

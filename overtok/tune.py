@@ -217,7 +217,7 @@ class SweepTracker:
     def __init__(self, sweep: Sweep, uri: str):
         self.sweep, self.uri = sweep, uri
         self.c = RetryingClient(client(uri))
-        self.exp = experiment_id(self.c, sweep.experiment)
+        self.exp = experiment_id(self.c, sweep.experiment, uri)
         runs = self.c.search_runs([self.exp], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep.name}'", max_results=50000)
         parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "parent"]
         if parents:

@@ -69,6 +69,9 @@ def test_train_cli_logs_a_falling_curve_to_mlflow(cli, tmp_path):
     assert "val/gen_acc" in run.data.metrics
     arts = [a.path for a in c.list_artifacts(run.info.run_id)]
     assert "config.json" in arts
+    # artifacts live next to the SQLite store, not in ./mlruns of whatever directory the command ran in
+    assert (tmp_path / "results" / "mlartifacts" / run.info.run_id / "artifacts" / "config.json").is_file()
+    assert not (tmp_path / "mlruns").exists()
 
 
 def tiny_tokens(run):
