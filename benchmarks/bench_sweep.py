@@ -41,12 +41,13 @@ def base_config(args, d, layers, heads, seq, batch, steps) -> dict:
 
 
 def run_cli(work: Path, *cmd: str, tag: str, tree: Path = ROOT) -> float:
-    """Run `python -m overtok ...` (of the source tree ``tree``) in work with a cold, private inductor cache;
-    return wall seconds."""
+    """Run `python -m overtok ...` (of the source tree ``tree``) in work with a cold, private inductor cache and
+    its own fresh MLflow store (results/<tag>.db: every command pays for creating one); return wall seconds."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]),
                TORCHINDUCTOR_CACHE_DIR=str(work / f"inductor-{tag}"), TRITON_CACHE_DIR=str(work / f"triton-{tag}"))
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "overtok", *cmd], cwd=work, env=env, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "overtok", *cmd, "--tracking-uri", store(work, tag)], cwd=work, env=env,
+                         capture_output=True, text=True)
     wall = time.time() - t0
     (work / f"{tag}.log").write_text(res.stdout + res.stderr)
     if res.returncode != 0:
@@ -54,10 +55,14 @@ def run_cli(work: Path, *cmd: str, tag: str, tree: Path = ROOT) -> float:
     return wall
 
 
-def runs(work: Path, experiment: str) -> list[dict]:
+def store(work: Path, tag: str) -> str:
+    return f"sqlite:///{work}/results/{tag}.db"
+
+
+def runs(work: Path, tag: str, experiment: str) -> list[dict]:
     from overtok.tracking import client
 
-    c = client(f"sqlite:///{work}/results/mlflow.db")
+    c = client(store(work, tag))
     exp = c.get_experiment_by_name(experiment)
     out = []
     for r in c.search_runs([exp.experiment_id], max_results=1000):
@@ -97,7 +102,7 @@ def packed(args, rows):
                  "resources": {"cpu": 1, "gpu": gpu if not args.smoke else 0}}
         (work / f"packed{i}.yaml").write_text(json.dumps(sweep))
         wall = run_cli(work, "sweep", f"packed{i}.yaml", tag=f"packed{i}")
-        rs = runs(work, f"packed{i}")
+        rs = runs(work, f"packed{i}", f"packed{i}")
         assert len(rs) == 8 and all(r["status"] == "FINISHED" for r in rs), rs
         tokens = sum(int(r["params"]["tokens_per_step"]) * int(r["params"]["train.max_steps"]) for r in rs)
         per_trial = [steady(r["tokens_per_s"]) for r in rs]
@@ -137,7 +142,7 @@ def overhead(args, rows):
         if args.compare_tree:  # the same sweep by another checkout of overtok (e.g. the previous commit)
             (work / f"sweepold{i}.yaml").write_text(json.dumps({**sweep, "name": f"{sweep_name}_old"}))
             walls["sweep_old"] = run_cli(work, "sweep", f"sweepold{i}.yaml", tag=f"sweepold{i}", tree=Path(args.compare_tree).resolve())
-        got = {tag: runs(work, exp)[0] for tag, exp in (("train", train_exp), ("sweep", sweep_name))}
+        got = {tag: runs(work, f"{tag}{i}", exp)[0] for tag, exp in (("train", train_exp), ("sweep", sweep_name))}
         tps = {tag: steady(r["tokens_per_s"]) for tag, r in got.items()}
         row = {"name": f"overtok sweep vs overtok train (pair {i})", "config": cfg, "train_wall_s": walls["train"],
                "sweep_wall_s": walls["sweep"], "ratio": walls["sweep"] / walls["train"],
@@ -148,7 +153,7 @@ def overhead(args, rows):
         if "sweep_old" in walls:
             row.update(compare_tree=args.compare_tree, sweep_old_wall_s=walls["sweep_old"],
                        ratio_old=walls["sweep_old"] / walls["train"],
-                       sweep_old_steady_tokens_per_s=steady(runs(work, f"{sweep_name}_old")[0]["tokens_per_s"]))
+                       sweep_old_steady_tokens_per_s=steady(runs(work, f"sweepold{i}", f"{sweep_name}_old")[0]["tokens_per_s"]))
             print(f"    {args.compare_tree}: overtok sweep {walls['sweep_old']:.1f} s "
                   f"({row['sweep_old_steady_tokens_per_s']:,.0f} tok/s) | ratio {row['ratio_old']:.3f}", flush=True)
         rows.append(row)
