@@ -427,6 +427,29 @@ def _prepare(sweep: Sweep, uri: str, out: dict) -> None:
         out["error"] = e
 
 
+def _probably_all_finished(sweep: Sweep, uri: str) -> bool:
+    """A quick read-only look into a local SQLite store, without importing MLflow: is every trial of the sweep
+    FINISHED already? Only decides whether Ray starts before or after the MLflow bookkeeping (which then decides
+    what runs); any doubt (another store, a schema this query does not know, a locked file) answers False."""
+    if not uri.startswith("sqlite:///") or not os.path.exists(uri[len("sqlite:///"):]):
+        return False
+    import sqlite3
+
+    query = ("SELECT t.value FROM runs r JOIN experiments e ON e.experiment_id = r.experiment_id "
+             "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = ? "
+             "JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = ? AND s.value = ? "
+             "WHERE e.name = ? AND r.status = 'FINISHED' AND r.lifecycle_stage = 'active'")
+    try:
+        con = sqlite3.connect(f"file:{uri[len('sqlite:///'):]}?mode=ro", uri=True, timeout=1.0)
+        try:
+            done = {row[0] for row in con.execute(query, (TRIAL_ID_TAG, SWEEP_TAG, sweep.name, sweep.experiment))}
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+    return {t.trial_id for t in sweep.trials} <= done
+
+
 def _shutdown_ray() -> None:
     import ray
 
@@ -437,26 +460,36 @@ def run_sweep(sweep: Sweep) -> dict:
     """Run every unfinished trial of ``sweep``; return counts. Resumable: rerun the same command."""
     clock = [("start", time.time())]  # where the driver's own time goes, printed at the end
     uri = resolve_tracking_uri(sweep.tracking_uri)
-    # MLflow bookkeeping and data preparation run in a thread while Ray starts here: both take seconds, and on a
-    # machine with several cores they overlap (ray.init itself must stay in the main thread)
     prep: dict[str, Any] = {}
-    thread = threading.Thread(target=_prepare, args=(sweep, uri, prep), name="overtok-prepare", daemon=True)
-    thread.start()
-    try:
-        _init_ray(sweep)
-        from ray import tune
-    finally:
-        thread.join()
-    clock.append(("setup", time.time()))  # Ray start, with MLflow and data alongside
+    ray_started = False
+    if _probably_all_finished(sweep, uri):  # a rerun of a finished sweep: answer without starting Ray
+        _prepare(sweep, uri, prep)
+    else:
+        # MLflow bookkeeping and data preparation run in a thread while Ray starts here: both take seconds, and on
+        # a machine with several cores they overlap (ray.init itself must stay in the main thread)
+        thread = threading.Thread(target=_prepare, args=(sweep, uri, prep), name="overtok-prepare", daemon=True)
+        thread.start()
+        try:
+            _init_ray(sweep)
+            ray_started = True
+        finally:
+            thread.join()
     if "error" in prep:
-        _shutdown_ray()
+        if ray_started:
+            _shutdown_ray()
         raise prep["error"]
     tracker, todo = prep["tracker"], prep["todo"]
     total, skipped = len(sweep.trials), len(sweep.trials) - len(todo)
     if not todo:
         tracker.end_parent("FINISHED", {"trials": total, "finished": total, "failed": 0})
-        _shutdown_ray()
+        if ray_started:
+            _shutdown_ray()
         return {"finished": skipped, "failed": 0, "skipped": skipped}
+    if not ray_started:
+        _init_ray(sweep)
+    from ray import tune
+
+    clock.append(("setup", time.time()))  # Ray start, with MLflow and data alongside
     resources = dict(sweep.resources)
     cpu, gpu = resources.pop("cpu", 1.0), resources.pop("gpu", 0.0)
     workers = int(resources.pop("workers", 0)) or (int(gpu) if gpu >= 2 else 1)

@@ -49,9 +49,11 @@ def test_quickstart_end_to_end(quickstart):
 
 def test_rerun_starts_nothing_new(quickstart):
     work, _, _ = quickstart
-    res = overtok(work, "sweep", "quickstart.yaml", *[f"--set={s}" for s in SMALL])
+    ray_tmp = work / "raytmp"  # where Ray would put its session, had it started
+    res = overtok(work, "sweep", "quickstart.yaml", *[f"--set={s}" for s in SMALL], env={"RAY_TMPDIR": str(ray_tmp)})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "12 already finished, 0 to run" in res.stdout
+    assert not ray_tmp.exists()  # a finished sweep is answered from the store without starting Ray
     _, parents, children = sweep_runs(f"sqlite:///{work}/results/mlflow.db", "quickstart")
     assert len(parents) == 1 and len(children) == 12
 
@@ -74,6 +76,21 @@ seeds: [0]
     assert res.stderr.strip().splitlines()[-1] == f"overtok: error: {tmp_path}/corpus/a.txt: not UTF-8 text (invalid byte at offset 10)"
     _, _, children = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "badcorpus")
     assert children == []
+
+
+def test_the_finished_sweep_probe_reads_the_store_as_mlflow_does(quickstart):
+    """The driver's quick SQLite probe (no MLflow import) only says "all finished" when MLflow would."""
+    from overtok.sweep import load_sweep
+    from overtok.tune import _probably_all_finished
+
+    work, _, _ = quickstart
+    uri = f"sqlite:///{work}/results/mlflow.db"
+    sets = list(SMALL)
+    assert _probably_all_finished(load_sweep(str(work / "quickstart.yaml"), sets), uri)
+    assert not _probably_all_finished(load_sweep(str(work / "quickstart.yaml"), sets + ["seeds=[0,7]"]), uri)
+    assert not _probably_all_finished(load_sweep(str(work / "quickstart.yaml"), sets + ["name=other"]), uri)
+    assert not _probably_all_finished(load_sweep(str(work / "quickstart.yaml"), sets), f"sqlite:///{work}/none.db")
+    assert not _probably_all_finished(load_sweep(str(work / "quickstart.yaml"), sets), "http://127.0.0.1:1")
 
 
 def test_failing_trial_is_failed_while_others_finish(tmp_path):
