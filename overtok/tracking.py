@@ -33,19 +33,25 @@ def resolve_tracking_uri(uri: str = "") -> str:
     return f"sqlite:///{path}"
 
 
+def sqlite_path(uri: str) -> str | None:
+    """The database file of a ``sqlite:///`` tracking URI; None for any other store."""
+    return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+
+
 def client(uri: str):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
 
     # never mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI, which child processes would inherit
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if db is None:
         return MlflowClient(tracking_uri=uri)
     # a SQLite store is created (or migrated) when first opened; processes that open one fresh file at once (a sweep
     # and the dashboard, runs started together) would each run MLflow's schema migration and all but one fail
     import fcntl
 
     try:
-        lock = open(uri[len("sqlite:///") :] + ".lock", "a")
+        lock = open(db + ".lock", "a")
     except OSError:  # a read-only place: nobody creates the store there
         return MlflowClient(tracking_uri=uri)
     with lock:
@@ -58,9 +64,8 @@ def client(uri: str):
 def artifact_root(uri: str) -> str | None:
     """Where a new experiment's artifacts go: next to a SQLite store's file (MLflow's own default is ./mlruns
     under whatever directory the command ran in); None lets a server or other store decide."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    db = sqlite_path(uri)
+    return None if db is None else (Path(db).parent / "mlartifacts").resolve().as_uri()
 
 
 def experiment_id(c, name: str, uri: str = "") -> str:

@@ -35,6 +35,7 @@ from overtok.tracking import (
     last_steps,
     log_params,
     resolve_tracking_uri,
+    sqlite_path,
 )
 
 POINTS_KEY = "overtok_points"
@@ -431,7 +432,8 @@ def _probably_all_finished(sweep: Sweep, uri: str) -> bool:
     """A quick read-only look into a local SQLite store, without importing MLflow: is every trial of the sweep
     FINISHED already? Only decides whether Ray starts before or after the MLflow bookkeeping (which then decides
     what runs); any doubt (another store, a schema this query does not know, a locked file) answers False."""
-    if not uri.startswith("sqlite:///") or not os.path.exists(uri[len("sqlite:///"):]):
+    db = sqlite_path(uri)
+    if db is None or not os.path.exists(db):
         return False
     import sqlite3
 
@@ -440,7 +442,7 @@ def _probably_all_finished(sweep: Sweep, uri: str) -> bool:
              "JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = ? AND s.value = ? "
              "WHERE e.name = ? AND r.status = 'FINISHED' AND r.lifecycle_stage = 'active'")
     try:
-        con = sqlite3.connect(f"file:{uri[len('sqlite:///'):]}?mode=ro", uri=True, timeout=1.0)
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
         try:
             done = {row[0] for row in con.execute(query, (TRIAL_ID_TAG, SWEEP_TAG, sweep.name, sweep.experiment))}
         finally:
