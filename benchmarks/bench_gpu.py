@@ -100,11 +100,12 @@ def packed(args, rows):
     """Step-level packing: 8 one-trial steps vs one packed step of the same 8 models (the compute side of target 3)."""
     from overtok import kernels
 
+    default_align = kernels.ROW_ALIGN
     d, L, H = (64, 2, 2) if args.smoke else (256, 4, 4)
     sets = body(d, L, H, T=args.packed_seq, v=args.packed_vocab)
     singles = {}
     for label, kernel, align in _kernel_variants(args):
-        kernels.ROW_ALIGN = align or kernels.ROW_ALIGN
+        kernels.ROW_ALIGN = align or default_align
         single = time_training(sets, args.packed_batch, args.steps * 5, args.warmup, loss_kernel=kernel)
         single["name"], single["row_align"] = f"one tiny model, loss {label}", align
         singles[label] = single
@@ -114,7 +115,7 @@ def packed(args, rows):
     best = max(s["tokens_per_s"] for s in singles.values())
     for (label, kernel, align), compiled in [(v, c) for v in _kernel_variants(args)
                                              for c in ((False, True) if args.packed_eager else (True,))]:
-        kernels.ROW_ALIGN = align or kernels.ROW_ALIGN
+        kernels.ROW_ALIGN = align or default_align
         r = time_packed(sets, 8, args.packed_batch, args.steps * 2, args.warmup, compile_opt=compiled,
                         profile=compiled and args.profile, loss_kernel=kernel)
         r["name"], r["row_align"] = f"8 packed, {'compiled' if compiled else 'eager'} clip+update, loss {label}", align
@@ -126,7 +127,7 @@ def packed(args, rows):
               f"mem {r['peak_mem_gib']:.1f} GiB  loss0 {r.get('first_loss', float('nan')):.4f}", flush=True)
         if "profile_top_kernels" in r:
             print(r["profile_top_kernels"], flush=True)
-    kernels.ROW_ALIGN = 64
+    kernels.ROW_ALIGN = default_align
 
 
 def main():

@@ -164,7 +164,7 @@ def overhead(args, rows):
 
 
 def driver_phases(log: Path) -> dict[str, float]:
-    """The phases `overtok sweep` prints at its end ('... s in all: tracking and data 1.2 s, Ray start ...')."""
+    """The phases `overtok sweep` prints at its end ('... s in all: setup 8.0 s, trials 85.3 s, Ray stop 1.4 s')."""
     import re
 
     for line in log.read_text().splitlines():

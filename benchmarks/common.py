@@ -83,7 +83,9 @@ def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_
     if compile_body:
         model.body_and_loss = torch.compile(model.body_and_loss, mode=compile_mode)
     tables = model.sparse_tables()
-    if compile_update if compile_update is not None else (compile_body and dev.type == "cuda"):
+    if compile_update is None:  # as the trainer
+        compile_update = compile_body and dev.type == "cuda"
+    if compile_update:
         for t in tables:
             t.compile_update()
     T = cfg.model.seq_len + cfg.model.lookahead
