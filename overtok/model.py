@@ -185,6 +185,9 @@ class Transformer(nn.Module):
         self.pack = 1  # > 1 after overtok.packed.pack_models: P models in one, losses of shape (P,)
         # the trainer turns this on where overtok.kernels runs (train.loss_kernel); training then returns no logits
         self.fused_loss = False
+        # None: the residual stream keeps the embedding's dtype (float32); bfloat16 (train.residual_dtype) casts it
+        # under autocast only (``_residual``)
+        self.residual_dtype: torch.dtype | None = None
         d = cfg.d_model
         self.embed = OverEncoding(cfg, eos_id)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -234,6 +237,12 @@ class Transformer(nn.Module):
             return packed_linear(h, w)
         return F.linear(h, w)
 
+    def _residual(self, emb: torch.Tensor) -> torch.Tensor:
+        """The embedding in the residual stream's dtype: ``residual_dtype`` under autocast, else unchanged."""
+        if self.residual_dtype is None or not torch.is_autocast_enabled(emb.device.type):
+            return emb
+        return emb.to(self.residual_dtype)
+
     def trunk(self, emb: torch.Tensor) -> torch.Tensor:
         x = emb
         for block in self.blocks:
@@ -261,6 +270,7 @@ class Transformer(nn.Module):
     def body_and_loss(self, emb: torch.Tensor, tokens: torch.Tensor, T: int, targets: bool):
         """Everything after the input embedding; the trainer compiles this part (the row-sparse lookup stays eager)."""
         cfg = self.cfg
+        emb = self._residual(emb)
         h = self.trunk(emb[:, :T])
         if not targets:
             return self.logits(self.norm(h)), None
@@ -402,7 +412,7 @@ class Transformer(nn.Module):
 
     def _cached_step(self, emb: torch.Tensor, caches: list[dict]) -> torch.Tensor:
         """Run new positions (B, T, d) through the trunk with KV caches; returns their logits."""
-        x = emb
+        x = self._residual(emb)
         for block, cache in zip(self.blocks, caches):
             x = block(x, self.rope_cos, self.rope_sin, cache)
             cache["pos"] += emb.shape[1]

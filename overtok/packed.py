@@ -243,6 +243,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     plain = None  # a plain model for generation, filled from one slice at a time
     opt = PackedAdamW(model, t, compile_step=t.compile and device.type == "cuda")
     model.fused_loss = use_fused_loss(t.loss_kernel, device)
+    model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
     if t.compile:
         model.body_and_loss = torch.compile(model.body_and_loss)
     ckpt_dir = Path(checkpoint_dir)
@@ -351,7 +352,8 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
                     continue
                 metrics = {"train/loss": host["next"][p], "train/loss_total": totals[p], "train/lr": lr_list[p],
                            "train/grad_norm": norms[p], "perf/tokens_per_s": tps, "perf/pack_size": P,
-                           "perf/pack_tokens_per_s": tps * P, "perf/fused_loss": float(model.fused_loss)}
+                           "perf/pack_tokens_per_s": tps * P, "perf/fused_loss": float(model.fused_loss),
+                           "perf/residual_bf16": float(model.residual_dtype is not None)}
                 metrics.update({f"train/loss_{k}": v[p] for k, v in host.items() if k not in ("total", "next")})
                 metrics.update(startup)
                 if train_data[p].epoch_tokens:

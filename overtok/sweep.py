@@ -134,21 +134,31 @@ def pack_key(cfg: RunConfig) -> str | None:
     return _config_hash(cfg, ("tracking", "name", "seed", "train.checkpoint_dir", "train.lr"))
 
 
+# Fields added after trial ids were first handed out, with the value that reproduces what ran before them: at that
+# value they are left out of the id, so the trials of existing sweeps keep their ids (and stay finished). Changing
+# such a default would silently reuse old results: give the field a new name instead.
+ADDED_FIELDS = {"train.residual_dtype": "float32"}
+
+
 def trial_id(cfg: RunConfig) -> str:
     """Hash of what determines the result: the resolved config minus naming, tracking and where files go, and the
     loss kernel (the same loss up to summation order)."""
-    return _config_hash(cfg, ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel"))
+    drop = ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel")
+    return _config_hash(cfg, drop + tuple(k for k, v in ADDED_FIELDS.items() if _get(to_dict(cfg), k) == v))
+
+
+def _get(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        d = d[part]
+    return d
 
 
 def _config_hash(cfg: RunConfig, drop: tuple[str, ...]) -> str:
     """Short hash of the resolved config without the dotted keys in ``drop``."""
     d = to_dict(cfg)
     for key in drop:
-        *parents, leaf = key.split(".")
-        node = d
-        for p in parents:
-            node = node[p]
-        node.pop(leaf)
+        parent, _, leaf = key.rpartition(".")
+        (_get(d, parent) if parent else d).pop(leaf)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -233,6 +233,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         model = Transformer(cfg.model, eos_id=train_data.eos_id)
     opt = make_optimizer(model, t, device)
     model.fused_loss = use_fused_loss(t.loss_kernel, device)
+    model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
     if t.compile:  # the body and loss; the OE lookup stays eager (row-sparse tables use autograd hooks)
         model.body_and_loss = torch.compile(model.body_and_loss)
     sparse_tables = model.sparse_tables()
@@ -352,7 +353,8 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             # the objective with the extra heads is train/loss_total
             metrics = {"train/loss": parts["next"].item(), "train/loss_total": total, "train/lr": lr,
                        "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tps,
-                       "perf/fused_loss": float(model.fused_loss)}  # which loss kernel ran (train.loss_kernel)
+                       "perf/fused_loss": float(model.fused_loss),  # which loss kernel ran (train.loss_kernel)
+                       "perf/residual_bf16": float(model.residual_dtype is not None)}  # which loss kernel ran (train.loss_kernel)
             metrics.update({f"train/loss_{k}": v.item() for k, v in parts.items() if k not in ("total", "next")})
             metrics.update(startup)  # once, with the first logged step
             startup = {}

@@ -124,3 +124,29 @@ def test_generation_stops_rows_and_drops_them_from_the_batch(sets):
     for row in new[stopped]:
         first = int((row == 3).nonzero()[0])
         assert (row[first:] == 3).all()
+
+
+@pytest.mark.parametrize("name", ["baseline", "mtp_ds"])
+def test_bf16_residual_stream_applies_under_autocast_only(name):
+    """train.residual_dtype: bfloat16 carries the stream between blocks in bf16 under autocast (every block then
+    sees bf16 input); without autocast (CPU float32 runs, generation) nothing changes."""
+    cfg = tiny_config(**VARIANTS[name])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    tokens = torch.randint(0, cfg.model.input_vocab_size, (2, cfg.model.seq_len + cfg.model.lookahead))
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype)) for b in model.blocks]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(tokens)[1]["total"].item()
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    model.residual_dtype = torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(tokens)[1]["total"].item()
+    assert set(seen) == {torch.bfloat16}
+    assert got == pytest.approx(ref, rel=2e-2)
+    seen.clear()
+    plain = model(tokens)[1]["total"]  # no autocast: float32 throughout
+    assert set(seen) == {torch.float32} and plain.dtype == torch.float32
+    for h in hooks:
+        h.remove()

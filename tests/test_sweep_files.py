@@ -41,6 +41,18 @@ def test_trial_ids_are_stable_and_ignore_paths(tmp_path):
     assert not {t.trial_id for t in a.trials} & {t.trial_id for t in c.trials}
 
 
+def test_fields_added_later_keep_existing_trial_ids():
+    # the quickstart's first ids as every earlier release computed them: a new config field must not change them
+    # while it holds the value that reproduces the old behaviour (overtok.sweep.ADDED_FIELDS)
+    before = ["147c8405f905", "b78f1ae3dfa7", "e5631978cb83"]
+    a = load_sweep(ROOT / "sweeps" / "quickstart.yaml")
+    assert [t.trial_id for t in a.trials[:3]] == before
+    b = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.train.residual_dtype=float32"])
+    assert [t.trial_id for t in b.trials[:3]] == before
+    c = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.train.residual_dtype=bfloat16"])
+    assert not {t.trial_id for t in a.trials} & {t.trial_id for t in c.trials}
+
+
 BASE = "name: bad\nbase:\n  model: {d_model: 32, n_heads: 2, seq_len: 16}\n  train: {max_steps: 2}\n"
 def test_oversized_grid_needs_yes(cli, tmp_path):
     (tmp_path / "big.yaml").write_text(BASE + "max_trials: 3\ngrid:\n  train.lr: [1e-3, 2e-3, 3e-3, 4e-3]\n")

@@ -43,6 +43,18 @@ def test_nan_loss_raises_with_step(tmp_path):
     assert e.value.step >= 1 and ("nan" in str(e.value) or "inf" in str(e.value))
 
 
+@pytest.mark.parametrize("dtype, residual, expect", [("bfloat16", "bfloat16", 1.0), ("float32", "bfloat16", 0.0),
+                                                     ("bfloat16", "float32", 0.0)])
+def test_bf16_residual_runs_and_is_recorded(tmp_path, dtype, residual, expect):
+    """train.residual_dtype takes effect under bf16 autocast only (here the CPU's), and every run says which ran."""
+    rec = Recorder()
+    train(tiny_config(**{"train.max_steps": 6, "train.log_every": 3, "train.dtype": dtype, "train.residual_dtype": residual,
+                         "train.checkpoint_dir": str(tmp_path)}), rec)
+    assert [v for _, v in rec.curve("perf/residual_bf16")] == [expect, expect]
+    losses = [v for _, v in rec.curve("train/loss")]
+    assert len(losses) == 2 and all(0 < v < 20 for v in losses)
+
+
 def test_schedules():
     t = tiny_config(**{"train.max_steps": 100, "train.warmup_steps": 10, "train.lr": 1.0, "train.min_lr_ratio": 0.1}).train
     assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
