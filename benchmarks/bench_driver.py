@@ -1,12 +1,14 @@
 """The sweep driver's fixed costs (issue 6, target 4), through the real CLI, side by side on one machine:
 
-1. a fresh 2-trial tiny CFG sweep with its own local Ray (the default);
-2. the same sweep while a Ray instance started by `ray start --head` runs on the machine (the sweep attaches);
-3. rerunning the finished sweep (nothing to do), for this tree and for any other checkouts given with --tree.
+1. a fresh 2-trial tiny CFG sweep with its own local Ray (the default), then rerunning the finished sweep (nothing
+   to do), for this tree and for any other checkouts given with --tree (alternating within each repeat);
+2. the same sweep while a Ray instance started by `ray start --head` runs on the machine (the sweep attaches).
 
 Every variant runs in its own fresh directory (own MLflow store); each is repeated --repeats times.
+With --ray-init, first the bare `ray.init` of a local instance is timed in fresh processes (import, init, a first
+trivial task, shutdown), for Ray's defaults and for the variants in RAY_INIT.
 
-    python benchmarks/bench_driver.py --out benchmarks/results/cpu_driver.json [--tree OTHER_CHECKOUT ...]
+    python benchmarks/bench_driver.py --out benchmarks/results/cpu_driver.json [--tree OTHER_CHECKOUT ...] [--ray-init]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ SWEEP = {
 
 def sweep(work: Path, tree: Path) -> float:
     """`overtok sweep driver.yaml` of source tree ``tree`` in ``work``; wall seconds."""
-    env = dict(os.environ, PYTHONPATH=str(tree))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
     t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "overtok", "sweep", "driver.yaml"], cwd=work, env=env,
                          capture_output=True, text=True)
@@ -53,7 +55,51 @@ def fresh_dir() -> Path:
 
 
 def ray_cli(*args: str) -> None:
-    subprocess.run([str(Path(sys.executable).parent / "ray"), *args], check=True, capture_output=True)
+    # through the interpreter: where Ray is unpacked onto PYTHONPATH (the GPU machine) there is no `ray` script
+    main = "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"
+    subprocess.run([sys.executable, "-c", main, *args], check=True, capture_output=True)
+
+
+# (label, ray.init keywords as Python source) for the bare-start timing; the first row runs first, on whatever
+# caches the machine has (a fresh machine: the first start of the day)
+RAY_INIT = [
+    ("as overtok sweep (first start)", "include_dashboard=False"),
+    ("as overtok sweep", "include_dashboard=False"),
+    ("no worker prestart", "include_dashboard=False, _system_config={'enable_worker_prestart': False}"),
+    ("num_cpus=1 (one prestarted worker)", "include_dashboard=False, num_cpus=1"),
+]
+
+CHILD = """
+import json, time
+t0 = time.time()
+import ray
+t1 = time.time()
+ray.init(logging_level="WARNING", {kwargs})
+t2 = time.time()
+ray.get(ray.remote(lambda: 1).options(num_cpus=0).remote())
+t3 = time.time()
+ray.shutdown()
+t4 = time.time()
+print("RESULT", json.dumps({{"import_s": t1 - t0, "init_s": t2 - t1, "first_task_s": t3 - t2, "shutdown_s": t4 - t3}}))
+"""
+
+
+def ray_init_times(rows, repeats: int) -> None:
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    for i in range(repeats):
+        for j, (label, kwargs) in enumerate(RAY_INIT):
+            if j == 0 and i > 0:
+                continue
+            res = subprocess.run([sys.executable, "-c", CHILD.format(kwargs=kwargs)], env=env, capture_output=True, text=True)
+            line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                row = {"ray_init": label, "kwargs": kwargs, "error": (res.stdout + res.stderr)[-1500:]}
+                print(f"ray.init {label}: failed\n{row['error']}", flush=True)
+            else:
+                row = {"ray_init": label, "kwargs": kwargs, "repeat": i, **json.loads(line[7:])}
+                print(f"ray.init {label:>36}: import {row['import_s']:.1f} s, init {row['init_s']:.1f} s, first task "
+                      f"{row['first_task_s']:.2f} s, shutdown {row['shutdown_s']:.1f} s", flush=True)
+            rows.append(row)
 
 
 def main():
@@ -61,13 +107,18 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/cpu_driver.json")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tree", nargs="*", default=[], help="other checkouts of overtok whose no-op rerun is timed too")
+    ap.add_argument("--ray-init", action="store_true", help="first time a bare ray.init in fresh processes")
     args = ap.parse_args()
     rows = Rows(args.out, " ".join(sys.argv))
+    if args.ray_init:
+        ray_init_times(rows, args.repeats)
     trees = [ROOT] + [Path(t).resolve() for t in args.tree]
     for i in range(args.repeats):
-        work = fresh_dir()
-        fresh = sweep(work, ROOT)
-        reruns = {str(t): sweep(work, t) for t in trees}  # the store now holds the finished sweep
+        fresh, reruns = {}, {}
+        for t in trees:
+            work = fresh_dir()
+            fresh[str(t)] = sweep(work, t)
+            reruns[str(t)] = sweep(work, t)  # the store now holds the finished sweep
         ray_cli("start", "--head", "--include-dashboard=false")
         try:
             attached = sweep(fresh_dir(), ROOT)
@@ -76,9 +127,10 @@ def main():
         row = {"repeat": i, "fresh_sweep_local_ray_s": fresh, "fresh_sweep_attached_to_running_ray_s": attached,
                "noop_rerun_s": reruns}
         rows.append(row)
-        print(f"repeat {i}: fresh sweep {fresh:.1f} s (own Ray) / {attached:.1f} s (attached to a running Ray); "
-              + "no-op rerun " + ", ".join(f"{Path(t).name or t}: {s:.1f} s" for t, s in reruns.items()), flush=True)
-
+        name = lambda t: Path(t).name or t  # noqa: E731
+        print(f"repeat {i}: fresh sweep (own Ray) " + ", ".join(f"{name(t)}: {s:.1f} s" for t, s in fresh.items())
+              + f" / {attached:.1f} s attached to a running Ray; no-op rerun "
+              + ", ".join(f"{name(t)}: {s:.1f} s" for t, s in reruns.items()), flush=True)
 
 if __name__ == "__main__":
     main()

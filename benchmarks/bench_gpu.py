@@ -12,13 +12,16 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Rows, time_packed, time_training  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import Bench, Rows, format_categories, interleaved, time_packed, time_training  # noqa: E402
 
 V = 50304
 SIZES = {"25M": (512, 8, 8), "124M": (768, 12, 12), "350M": (1024, 24, 16)}
@@ -36,7 +39,15 @@ VARIANTS = {
     "fused+cudnn": {"loss_kernel": "auto", "sdpa": "cudnn"},
     "fused+flash": {"loss_kernel": "auto", "sdpa": "flash"},
     "fused+autotune": {"loss_kernel": "auto", "compile_mode": "max-autotune-no-cudagraphs"},
+    "fused+bf16res": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16},
 }
+
+
+def show_profile(r: dict) -> None:
+    if "profile_top_kernels" in r:
+        print(r["profile_top_kernels"], flush=True)
+    if "profile_categories_ms" in r:
+        print(format_categories(r["profile_categories_ms"]), flush=True)
 
 
 def trainer(args, rows):
@@ -56,29 +67,89 @@ def trainer(args, rows):
                 print(f"{r['name']:>16} {variant:>15}  {r['error']}", flush=True)
                 continue
             print(f"{r['name']:>16} {variant:>15}  {r['step_ms']:8.1f} ms  {r['tokens_per_s']:>10,.0f} tok/s  "
-                  f"MFU {r['mfu']:.3f}  loss0 {r['first_loss']:.4f}  mem {r['peak_mem_gib']:.1f} GiB  (warm-up {r['warmup_s']:.0f} s)", flush=True)
-            if "profile_top_kernels" in r:
-                print(r["profile_top_kernels"], flush=True)
+                  f"MFU {r['mfu']:.3f} (back to back {r['step_ms_back_to_back']:.1f} ms, MFU {r['mfu_back_to_back']:.3f})  loss0 {r['first_loss']:.4f}  mem {r['peak_mem_gib']:.1f} GiB  (warm-up {r['warmup_s']:.0f} s)", flush=True)
+            show_profile(r)
+
+
+def oe_variants(args) -> list[tuple[int, str | None]]:
+    """(m, row update) of each OE variant: dense tables with dense AdamW (update None) up to --dense-max-m, then
+    row-sparse tables with the row update eager and/or compiled."""
+    return [(m, None) for m in args.m if m <= args.dense_max_m] + [(m, upd) for m in args.m for upd in args.oe_updates]
+
+
+def oe_sets(args, m: int, update: str | None) -> dict:
+    d, L, H = SIZES["124M"]
+    sets = body(d, L, H, T=args.seq) | {"model.oe.n": 3, "model.oe.k": 4, "model.oe.m": m}
+    if update:
+        sets |= {"model.oe.sparse_update": True, "model.oe.table_dtype": "bfloat16"}
+    return sets
+
+
+def oe_name(m: int, update: str | None) -> str:
+    return f"OE-{m / 1e6:g}M " + (f"row-sparse bf16, {update} row update" if update else "dense AdamW")
+
+
+def oe_rounds(args, rows):
+    """The model without OE stays alive next to each OE variant in turn; their timed blocks alternate for
+    ``--rounds`` rounds, and the ratio is taken within each round (a drift of the machine hits both alike)."""
+    d, L, H = SIZES["124M"]
+    base = Bench(body(d, L, H, T=args.seq), args.oe_batch)
+    base.warm(args.warmup)
+    base.opt.zero_grad(set_to_none=True)
+    resident = torch.cuda.memory_allocated() if base.dev.type == "cuda" else 0  # the base's weights and moments
+    profiled = False
+    for m, update in oe_variants(args):
+        t0 = time.time()
+        try:
+            v = Bench(oe_sets(args, m, update), args.oe_batch, compile_update=update == "compiled")
+            v.warm(args.warmup)
+            per_round = interleaved({"base": base, "oe": v}, args.steps, args.rounds)
+            r = v.result(v.time(1), profile=args.profile)
+            v.close()
+        except Exception as e:  # noqa: BLE001 - OOM of a naive variant is a result, not a crash
+            r, per_round = {"config": oe_sets(args, m, update), "error": f"{type(e).__name__}: {str(e)[:200]}"}, None
+        r["name"] = oe_name(m, update)
+        if per_round:
+            r.update(peak_mem_gib=r["peak_mem_gib"] - resident / 2**30,
+                     peak_mem_note="peak while both models were alive, minus the no-OE model's resident memory")
+            for how, key in (("per_step", ""), ("back_to_back", "_back_to_back")):
+                oe_s, base_s = per_round["oe"][how], per_round["base"][how]
+                ratios = [o / b for o, b in zip(oe_s, base_s)]
+                r.update({f"step_ms{key}": statistics.median(oe_s) * 1000, f"round_step_ms{key}": [x * 1000 for x in oe_s],
+                          f"base_round_step_ms{key}": [x * 1000 for x in base_s], f"round_ratios{key}": ratios,
+                          f"ratio_vs_no_oe{key}": statistics.median(ratios)})
+        rows.append(r)
+        for key, label in (("", "per step"), ("_back_to_back", "back to back")):
+            print(f"{r['name']:>44}  {label:>12} {r.get('step_ms' + key, float('nan')):8.2f} ms  "
+                  f"x{r.get('ratio_vs_no_oe' + key, float('nan')):.3f} (rounds "
+                  f"{' '.join(f'{x:.3f}' for x in r.get('round_ratios' + key, []))})  "
+                  f"mem {r.get('peak_mem_gib', float('nan')):.1f} GiB  ({time.time() - t0:.0f}s) {r.get('error', '')}", flush=True)
+        show_profile(r)
+        if args.profile and not profiled:
+            b = base.result(base.time(args.steps), profile=True)
+            b["name"] = "no OE (profile, alongside the OE variants)"
+            rows.append(b)
+            show_profile(b)
+            profiled = True
+    base.close()
 
 
 def oe(args, rows):
+    if args.rounds > 1:
+        return oe_rounds(args, rows)
     d, L, H = SIZES["124M"]
     base = time_training(body(d, L, H, T=args.seq), args.oe_batch, args.steps, args.warmup)
     base["name"] = "no OE"
     rows.append(base)
     print(f"{'no OE':>44}  {base['step_ms']:8.1f} ms  mem {base['peak_mem_gib']:.1f} GiB", flush=True)
-    variants = [(m, None) for m in args.m if m <= args.dense_max_m]  # dense tables, dense AdamW
-    variants += [(m, upd) for m in args.m for upd in args.oe_updates]  # row-sparse, the update eager / compiled
-    for m, update in variants:
-        sets = body(d, L, H, T=args.seq) | {"model.oe.n": 3, "model.oe.k": 4, "model.oe.m": m}
-        if update:
-            sets |= {"model.oe.sparse_update": True, "model.oe.table_dtype": "bfloat16"}
+    for m, update in oe_variants(args):
+        sets = oe_sets(args, m, update)
         t0 = time.time()
         try:
             r = time_training(sets, args.oe_batch, args.steps, args.warmup, compile_update=update == "compiled")
         except Exception as e:  # noqa: BLE001 - OOM of a naive variant is a result, not a crash
             r = {"config": sets, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-        r["name"] = f"OE-{m / 1e6:g}M " + (f"row-sparse bf16, {update} row update" if update else "dense AdamW")
+        r["name"] = oe_name(m, update)
         r["ratio_vs_no_oe"] = r.get("step_ms", float("nan")) / base["step_ms"]
         rows.append(r)
         print(f"{r['name']:>44}  {r.get('step_ms', float('nan')):8.1f} ms  x{r['ratio_vs_no_oe']:.3f}  "
@@ -125,8 +196,7 @@ def packed(args, rows):
         print(f"{r['name']:>44}  {r['step_ms']:8.2f} ms  {r['tokens_per_s']:>12,.0f} tok/s  MFU {r['mfu']:.3f}  "
               f"x{r['vs_one_model']:.2f} vs one model (x{r['vs_fastest_one_model']:.2f} vs the fastest)  host issue {r['host_issue_ms']:.1f} ms  "
               f"mem {r['peak_mem_gib']:.1f} GiB  loss0 {r.get('first_loss', float('nan')):.4f}", flush=True)
-        if "profile_top_kernels" in r:
-            print(r["profile_top_kernels"], flush=True)
+        show_profile(r)
     kernels.ROW_ALIGN = default_align
 
 
@@ -154,6 +224,8 @@ def main():
     ap.add_argument("--dense-max-m", type=float, default=4.1e6)
     ap.add_argument("--oe-updates", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
                     help="row-sparse variants: the tables' row update eager and/or compiled (the trainer compiles on CUDA)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="oe: keep the no-OE model alive and alternate timed blocks with each OE variant for this many rounds")
     ap.add_argument("--packed-batch", type=int, default=16)
     ap.add_argument("--packed-seq", type=int, default=512)
     ap.add_argument("--packed-vocab", type=int, default=50280)  # the OLMo tokenizer's, as in bench_sweep.py

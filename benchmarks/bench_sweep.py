@@ -5,7 +5,8 @@
   process (pack: 8). Aggregate tokens/s: steady state from the runs' logged throughput (compilation excluded),
   and end to end (all tokens / wall time of the `overtok sweep` command).
 - overhead: one tiny trial of a few minutes run by `overtok train` and by `overtok sweep` (one trial, whole GPU);
-  ratio of wall times, and each run's steady tokens/s. Each command compiles cold (its own empty inductor cache), so neither gains from the other.
+  ratio of wall times, and each run's steady tokens/s; with --attach also by `overtok sweep` attached to a Ray
+  instance that is already running (`ray start --head`, as on a cluster). Each command compiles cold (its own empty inductor cache), so neither gains from the other.
 
     python benchmarks/bench_sweep.py --corpus data_cache/text --tokenizer data_cache/gpt-neox-olmo.json \
         --out benchmarks/results/gpu_sweep.json [--only packed|overhead] [--smoke]
@@ -139,6 +140,15 @@ def overhead(args, rows):
         (work / f"sweep{i}.yaml").write_text(json.dumps(sweep))
         walls = {"train": run_cli(work, "train", f"train{i}.yaml", tag=f"train{i}"),
                  "sweep": run_cli(work, "sweep", f"sweep{i}.yaml", tag=f"sweep{i}")}
+        if args.attach:  # the same sweep attached to a Ray instance that already runs (as on a cluster)
+            from benchmarks.bench_driver import ray_cli
+
+            (work / f"sweepatt{i}.yaml").write_text(json.dumps({**sweep, "name": f"{sweep_name}_attached"}))
+            ray_cli("start", "--head", "--include-dashboard=false")
+            try:
+                walls["sweep_attached"] = run_cli(work, "sweep", f"sweepatt{i}.yaml", tag=f"sweepatt{i}")
+            finally:
+                ray_cli("stop")
         if args.compare_tree:  # the same sweep by another checkout of overtok (e.g. the previous commit)
             (work / f"sweepold{i}.yaml").write_text(json.dumps({**sweep, "name": f"{sweep_name}_old"}))
             walls["sweep_old"] = run_cli(work, "sweep", f"sweepold{i}.yaml", tag=f"sweepold{i}", tree=Path(args.compare_tree).resolve())
@@ -150,6 +160,15 @@ def overhead(args, rows):
                "sweep_trial_cpu": trial_cpu, "sweep_driver": driver_phases(work / f"sweep{i}.log")}
         for tag, r in got.items():  # the trainer's own clock: setup (data, model) and first step (compilation)
             row[f"{tag}_setup_s"], row[f"{tag}_first_step_s"] = r["setup_s"], r["first_step_s"]
+        if "sweep_attached" in walls:
+            att = runs(work, f"sweepatt{i}", f"{sweep_name}_attached")[0]
+            row.update(sweep_attached_wall_s=walls["sweep_attached"], ratio_attached=walls["sweep_attached"] / walls["train"],
+                       sweep_attached_steady_tokens_per_s=steady(att["tokens_per_s"]),
+                       sweep_attached_setup_s=att["setup_s"], sweep_attached_first_step_s=att["first_step_s"],
+                       sweep_attached_driver=driver_phases(work / f"sweepatt{i}.log"))
+            print(f"    attached to a running Ray: overtok sweep {walls['sweep_attached']:.1f} s "
+                  f"({row['sweep_attached_steady_tokens_per_s']:,.0f} tok/s) | ratio {row['ratio_attached']:.3f} | "
+                  f"driver {row['sweep_attached_driver']}", flush=True)
         if "sweep_old" in walls:
             row.update(compare_tree=args.compare_tree, sweep_old_wall_s=walls["sweep_old"],
                        ratio_old=walls["sweep_old"] / walls["train"],
@@ -190,6 +209,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="train/sweep pairs of the overhead benchmark")
     ap.add_argument("--trial-cpu", type=float, nargs="+", default=None,
                     help="CPUs of the overhead sweep's trial, one per pair, cycled (default 4; 1 with --smoke)")
+    ap.add_argument("--attach", action="store_true",
+                    help="overhead: also time the sweep attached to a Ray instance started by `ray start --head`")
     ap.add_argument("--compare-tree", default="", help="overhead: also time the sweep with this checkout of overtok")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script")
     args = ap.parse_args()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -51,8 +52,9 @@ def sdpa_context(backend: str | None):
     return sdpa_kernel([getattr(SDPBackend, names[backend])])
 
 
-def profile_steps(step, sync, dev: torch.device, n: int = 3) -> str:
-    """The top kernels of n steps (CUDA time on a GPU), as torch.profiler's table."""
+def profile_steps(step, sync, dev: torch.device, n: int = 3) -> dict:
+    """Profile n steps: the top kernels as torch.profiler's table, and every kernel's time per step summed into
+    categories (``kernel_categories``), so the whole step is accounted for, not just its largest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -61,84 +63,188 @@ def profile_steps(step, sync, dev: torch.device, n: int = 3) -> str:
             step(i)
         sync()
     key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-    return pr.key_averages().table(sort_by=key, row_limit=24, max_name_column_width=60)
+    out = {"profile_top_kernels": pr.key_averages().table(sort_by=key, row_limit=24, max_name_column_width=60)}
+    if dev.type == "cuda":
+        out["profile_categories_ms"] = kernel_categories(pr.key_averages(), n)
+    return out
 
 
-def time_training(sets: dict, batch_size: int, steps: int, warmup: int, compile_body: bool = True,
-                  loss_kernel: str = "auto", compile_mode: str | None = None, sdpa: str | None = None,
-                  profile: bool = False, compile_update: bool | None = None) -> dict:
-    """Median step time (CUDA events) of forward+backward+AdamW(+row-sparse update) on random tokens, bf16 autocast.
+CATEGORIES = [  # (category, substrings of a lower-cased kernel name), first match wins
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "bmm")),
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("fused loss", ("_ce_rows",)),
+    ("optimizer (fused/foreach)", ("adam", "multi_tensor", "foreach")),
+    ("inductor reductions", ("triton_red", "triton_per")),
+    ("inductor pointwise", ("triton_poi", "triton_")),
+    ("sort/index/scatter", ("sort", "radix", "scan", "index", "scatter", "gather", "embedding", "unique", "cumsum")),
+    ("aten elementwise/copy/fill", ("elementwise", "vectorized", "reduce", "fill", "copy", "cat")),
+    ("memcpy/memset", ("memcpy", "memset")),
+]
 
-    loss_kernel as train.loss_kernel; compile_mode as torch.compile's mode; sdpa pins the attention backend;
-    compile_update: compile the row-sparse tables' update (default: as the trainer, with the body on CUDA)."""
-    cfg = config(sets)
-    dev = fresh_device()
-    torch.manual_seed(0)
-    t0 = time.time()
-    with torch.device(dev):
-        model = Transformer(cfg.model)
-    build_s = time.time() - t0
-    opt = make_optimizer(model, cfg.train, dev)
-    model.fused_loss = use_fused_loss(loss_kernel, dev)
-    if compile_body:
-        model.body_and_loss = torch.compile(model.body_and_loss, mode=compile_mode)
-    tables = model.sparse_tables()
-    if compile_update is None:  # as the trainer
-        compile_update = compile_body and dev.type == "cuda"
-    if compile_update:
-        for t in tables:
-            t.compile_update()
-    T = cfg.model.seq_len + cfg.model.lookahead
-    V = cfg.model.input_vocab_size
-    batches = [torch.randint(0, V, (batch_size, T), device=dev) for _ in range(4)]
 
-    def step(i):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"), sdpa_context(sdpa):
-            _, losses = model(batches[i % 4])
+def kernel_categories(averages, n_steps: int) -> dict:
+    """Milliseconds per step of every CUDA kernel, by category, with each category's five largest kernels."""
+    from torch.autograd import DeviceType
+
+    cats: dict[str, dict] = {}
+    for e in averages:
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue  # CPU ops also report the device time of the kernels they launched: count kernels once
+        ms = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)) / 1000 / n_steps
+        if ms <= 0:
+            continue
+        name = e.key.lower()
+        cat = next((c for c, subs in CATEGORIES if any(s in name for s in subs)), "other")
+        c = cats.setdefault(cat, {"ms": 0.0, "kernels": {}})
+        c["ms"] += ms
+        c["kernels"][e.key[:80]] = c["kernels"].get(e.key[:80], 0.0) + ms
+    for c in cats.values():
+        c["kernels"] = dict(sorted(c["kernels"].items(), key=lambda kv: -kv[1])[:5])
+    cats = dict(sorted(cats.items(), key=lambda kv: -kv[1]["ms"]))
+    cats["all kernels"] = {"ms": sum(c["ms"] for c in cats.values())}
+    return cats
+
+
+def format_categories(cats: dict) -> str:
+    return "\n".join(f"    {name:>28} {c['ms']:7.2f} ms/step" + ("" if "kernels" not in c else "   " + "; ".join(
+        f"{k[:48]} {v:.2f}" for k, v in list(c["kernels"].items())[:3])) for name, c in cats.items())
+
+
+class Bench:
+    """One model built as the trainer builds it (optimizer, loss kernel, compiled body and row update), with a
+    training step on random tokens, bf16 autocast. ``time`` measures blocks of steps; several benches can be alive
+    at once so that their blocks interleave (``interleaved``)."""
+
+    def __init__(self, sets: dict, batch_size: int, compile_body: bool = True, loss_kernel: str = "auto",
+                 compile_mode: str | None = None, sdpa: str | None = None, compile_update: bool | None = None,
+                 residual_dtype: torch.dtype | None = None):
+        cfg = self.cfg = config(sets)
+        self.sets, self.batch_size = sets, batch_size
+        dev = self.dev = fresh_device()
+        torch.manual_seed(0)
+        t0 = time.time()
+        with torch.device(dev):
+            model = self.model = Transformer(cfg.model)
+        self.build_s = time.time() - t0
+        self.opt = make_optimizer(model, cfg.train, dev)
+        model.fused_loss = use_fused_loss(loss_kernel, dev)
+        model.residual_dtype = residual_dtype  # applies under autocast (here: on CUDA)
+        if compile_body:
+            model.body_and_loss = torch.compile(model.body_and_loss, mode=compile_mode)
+        self.tables = model.sparse_tables()
+        if compile_update is None:  # as the trainer
+            compile_update = compile_body and dev.type == "cuda"
+        if compile_update:
+            for t in self.tables:
+                t.compile_update()
+        T = cfg.model.seq_len + cfg.model.lookahead
+        self.batches = [torch.randint(0, cfg.model.input_vocab_size, (batch_size, T), device=dev) for _ in range(4)]
+        self.sdpa = sdpa
+        self.meta = {"loss": "fused triton" if model.fused_loss else "torch", "compile_mode": compile_mode or "default",
+                     "sdpa": sdpa or "auto", "residual_dtype": str(residual_dtype or "float32 (embedding's)").replace("torch.", "")}
+        with torch.no_grad(), self.autocast():
+            self.first_loss = model(self.batches[0])[1]["total"].item()  # the same model and batch for every variant
+        self.warmup_s = None
+
+    def autocast(self):
+        return torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda")
+
+    def step(self, i: int) -> None:
+        with self.autocast(), sdpa_context(self.sdpa):
+            _, losses = self.model(self.batches[i % 4])
         losses["total"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for t in tables:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        for t in self.tables:
             t.apply_update(1e-3, 0.9, 0.95)
 
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        first_loss = model(batches[0])[1]["total"].item()  # the same model and batch for every variant of a size
-    t0 = time.time()
-    for i in range(warmup):
-        step(i)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    warm_s = time.time() - t0
-    times = []
-    for i in range(steps):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step(i)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1000)
-        else:
-            t = time.time()
-            step(i)
-            times.append(time.time() - t)
-    times.sort()
-    med = times[len(times) // 2]
-    tokens = batch_size * cfg.model.seq_len
-    groups = accounting.param_groups(cfg.model)
-    out = {"config": sets, "batch_size": batch_size, "first_loss": first_loss, "step_ms": med * 1000, "tokens_per_s": tokens / med,
-           "mfu": tokens / med * accounting.flops_per_token(cfg.model) / H100_BF16_PEAK,
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
-           "params": groups, "build_s": build_s, "warmup_s": warm_s,
-           "optimizer": "adamw+oe_lazy_row_adam" if tables else "adamw",
-           "row_update": ("compiled" if tables[0].update_compiled else "eager") if tables else None,
-           "loss": "fused triton" if model.fused_loss else "torch", "compile_mode": compile_mode or "default",
-           "sdpa": sdpa or "auto"}
-    if profile:
-        out["profile_top_kernels"] = profile_steps(step, torch.cuda.synchronize if dev.type == "cuda" else lambda: None,
-                                                   dev)
-    model = opt = batches = step = tables = None  # noqa: F841 - release before the next variant
-    release(dev)
+    def sync(self) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def warm(self, steps: int) -> None:
+        t0 = time.time()
+        for i in range(steps):
+            self.step(i)
+        self.sync()
+        self.warmup_s = time.time() - t0
+
+    def time(self, steps: int) -> list[float]:
+        """Seconds of each step (CUDA events on a GPU)."""
+        times = []
+        for i in range(steps):
+            if self.dev.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                self.step(i)
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1000)
+            else:
+                t = time.time()
+                self.step(i)
+                times.append(time.time() - t)
+        return times
+
+    def time_block(self, steps: int) -> float:
+        """Mean seconds per step over ``steps`` steps issued back to back, synchronised only at the ends, as the
+        trainer runs them (the host issues the next step while the GPU works; ``time`` waits after every step)."""
+        self.sync()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            self.step(i)
+        self.sync()
+        return (time.perf_counter() - t0) / steps
+
+    def result(self, times: list[float], profile: bool = False, block: float | None = None) -> dict:
+        """Summary of per-step times (``time``); ``block``: seconds per step of a back-to-back block (``time_block``)."""
+        med = statistics.median(times)
+        cfg = self.cfg
+        tokens = self.batch_size * cfg.model.seq_len
+        flops = accounting.flops_per_token(cfg.model)
+        out = {"config": self.sets, "batch_size": self.batch_size, "first_loss": self.first_loss, "step_ms": med * 1000,
+               "tokens_per_s": tokens / med, "mfu": tokens / med * flops / H100_BF16_PEAK,
+               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.dev.type == "cuda" else float("nan"),
+               "params": accounting.param_groups(cfg.model), "build_s": self.build_s, "warmup_s": self.warmup_s,
+               "optimizer": "adamw+oe_lazy_row_adam" if self.tables else "adamw",
+               "row_update": ("compiled" if self.tables[0].update_compiled else "eager") if self.tables else None,
+               **self.meta}
+        if block is not None:
+            out.update(step_ms_back_to_back=block * 1000, tokens_per_s_back_to_back=tokens / block,
+                       mfu_back_to_back=tokens / block * flops / H100_BF16_PEAK)
+        if profile:
+            out.update(profile_steps(self.step, self.sync, self.dev))
+        return out
+
+    def close(self) -> None:
+        dev = self.dev
+        self.model = self.opt = self.batches = self.tables = None
+        release(dev)
+
+
+def time_training(sets: dict, batch_size: int, steps: int, warmup: int, profile: bool = False, **kw) -> dict:
+    """Median step time (CUDA events) of forward+backward+AdamW(+row-sparse update) on random tokens, bf16 autocast.
+
+    Keywords as ``Bench``: loss_kernel as train.loss_kernel; compile_mode as torch.compile's mode; sdpa pins the
+    attention backend; compile_update: compile the row-sparse tables' update (default: as the trainer, with the
+    body on CUDA); residual_dtype: the residual stream's dtype (None: the embedding's, float32)."""
+    b = Bench(sets, batch_size, **kw)
+    b.warm(warmup)
+    times = b.time(steps)
+    out = b.result(times, profile=profile, block=b.time_block(steps))
+    b.close()
+    return out
+
+
+def interleaved(benches: dict[str, Bench], steps: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Step seconds of each bench in each of ``rounds`` rounds, {name: {"per_step": medians of ``time``,
+    "back_to_back": ``time_block``}}; within a round the benches take turns, so a drift of the machine's speed
+    hits them alike."""
+    out = {name: {"per_step": [], "back_to_back": []} for name in benches}
+    for _ in range(rounds):
+        for name, b in benches.items():
+            out[name]["per_step"].append(statistics.median(b.time(steps)))
+            out[name]["back_to_back"].append(b.time_block(steps))
     return out
 
 
@@ -200,7 +306,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, co
            "warmup_s": warm_s, "optimizer": f"packed_adamw ({'compiled' if compile_opt else 'eager'} clip+update)",
            "loss": "fused triton" if model.fused_loss else "torch", "first_loss": first_loss[0], "first_losses": first_loss}
     if profile:
-        out["profile_top_kernels"] = profile_steps(step, sync, dev)
+        out.update(profile_steps(step, sync, dev))
     model = opt = batches = step = None  # noqa: F841 - release before the next variant
     release(dev)
     return out

@@ -7,8 +7,8 @@ fp32 gradient plus two 39 GB moments, and a full pass over all of them per step)
 - forward gathers the rows of the batch (one gather over the fused table of all slices); backward captures the
   gradient of exactly those rows with a tensor hook, so no dense gradient is ever allocated;
 - :meth:`RowSparseTable.apply_update` coalesces duplicate ids and applies Adam to the touched rows only; on CUDA
-  the trainer compiles its gathers and arithmetic (:meth:`RowSparseTable.compile_update`, H200: OE-12.8M step
-  1.062 -> 1.036x of no OE in one run, benchmarks/RESULTS.md).
+  the trainer compiles its gathers and arithmetic (:meth:`RowSparseTable.compile_update`; H200, OE-12.8M:
+  1.03-1.05x the step time of no OE, benchmarks/RESULTS.md).
 
 Optimizer semantics (recorded in every run as ``optimizer``): **lazy Adam**, as ``torch.optim.SparseAdam``:
 rows absent from a step keep their values and moments (dense AdamW would still move them by momentum and
