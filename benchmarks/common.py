@@ -134,7 +134,9 @@ class Bench:
         self.tables = model.sparse_tables()
         if compile_update is None:  # as the trainer
             compile_update = compile_body and dev.type == "cuda"
-        if compile_update:
+        if compile_update:  # as the trainer on CUDA: the n-gram ids and the tables' row update
+            if hasattr(model.embed, "compile_ids"):  # (older checkouts timed with --tree-style A/Bs lack it)
+                model.embed.compile_ids()
             for t in self.tables:
                 t.compile_update()
         T = cfg.model.seq_len + cfg.model.lookahead

@@ -144,13 +144,29 @@ class OverEncoding(nn.Module):
         stacked = shifted_stack(idx, self.order, doc_ids)
         return hash_stacked(stacked, self.hash_w, self.moduli) + self.offsets
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx)  # (B, T, d)
+    def lookup(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The lookups: the 1-gram embedding (B, T, d) and the n-gram table rows (B, T, S, w), None without OE.
+        They stay eager (row-sparse and sharded tables work through autograd hooks and collectives); the n-gram
+        ids may be compiled (:meth:`compile_ids`)."""
+        x = self.wte(idx)
         if self.num_slices == 0:
+            return x, None
+        return x, self.tables(self.slice_ids(idx))
+
+    def mix(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Mean of the 1-gram embedding and the projected slices (the trainer compiles this with the body)."""
+        if rows is None:
             return x
-        rows = self.tables(self.slice_ids(idx))  # (B, T, S, w)
         ngram = self.proj(rows.flatten(-2))  # (B, T, d) = sum of per-slice projections
         return (x + ngram) / (1 + self.num_slices)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.mix(*self.lookup(idx))
+
+    def compile_ids(self) -> None:
+        """Compile the n-gram ids (shift, hash, offsets: about ten small kernels eager, one or two compiled)."""
+        if self.num_slices:
+            self.slice_ids = torch.compile(self.slice_ids)
 
 
 def _world_size() -> int:
@@ -258,8 +274,7 @@ class Transformer(nn.Module):
         L = cfg.lookahead if targets else 0
         T = tokens.shape[1] - L
         # embed once over every position any head needs; causal, so the first T rows equal embed(tokens[:, :T])
-        emb = self.embed(tokens[:, : T + max(L - 1, 0)])
-        return self.body_and_loss(emb, tokens, T, targets)
+        return self.body_and_loss(self.embed.lookup(tokens[:, : T + max(L - 1, 0)]), tokens, T, targets)
 
     def sparse_tables(self) -> list[RowSparseTable]:
         return [m for m in self.modules() if isinstance(m, RowSparseTable)]
@@ -267,10 +282,12 @@ class Transformer(nn.Module):
     def sharded_tables(self) -> list[ShardedTable]:
         return [m for m in self.modules() if isinstance(m, ShardedTable)]
 
-    def body_and_loss(self, emb: torch.Tensor, tokens: torch.Tensor, T: int, targets: bool):
-        """Everything after the input embedding; the trainer compiles this part (the row-sparse lookup stays eager)."""
+    def body_and_loss(self, looked_up: tuple[torch.Tensor, torch.Tensor | None], tokens: torch.Tensor, T: int,
+                      targets: bool):
+        """Everything after the embedding's lookups (``OverEncoding.lookup``): the OE mix, the trunk, the heads and
+        losses. The trainer compiles this part."""
         cfg = self.cfg
-        emb = self._residual(emb)
+        emb = self._residual(self.embed.mix(*looked_up))
         h = self.trunk(emb[:, :T])
         if not targets:
             return self.logits(self.norm(h)), None

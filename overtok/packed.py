@@ -246,6 +246,8 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
     if t.compile:
         model.body_and_loss = torch.compile(model.body_and_loss)
+        if device.type == "cuda":
+            model.embed.compile_ids()
     ckpt_dir = Path(checkpoint_dir)
     step, tokens_seen, resumed_from = 0, 0, None
     state = load_latest_checkpoint(ckpt_dir)

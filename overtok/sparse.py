@@ -7,8 +7,8 @@ fp32 gradient plus two 39 GB moments, and a full pass over all of them per step)
 - forward gathers the rows of the batch (one gather over the fused table of all slices); backward captures the
   gradient of exactly those rows with a tensor hook, so no dense gradient is ever allocated;
 - :meth:`RowSparseTable.apply_update` coalesces duplicate ids and applies Adam to the touched rows only; on CUDA
-  the trainer compiles its gathers and arithmetic (:meth:`RowSparseTable.compile_update`; H200, OE-12.8M:
-  1.03-1.05x the step time of no OE, benchmarks/RESULTS.md).
+  the trainer compiles the coalescing, gathers and arithmetic (:meth:`RowSparseTable.compile_update`; H200,
+  OE-12.8M: 1.03-1.05x the step time of no OE, benchmarks/RESULTS.md).
 
 Optimizer semantics (recorded in every run as ``optimizer``): **lazy Adam**, as ``torch.optim.SparseAdam``:
 rows absent from a step keep their values and moments (dense AdamW would still move them by momentum and
@@ -52,8 +52,8 @@ class RowSparseTable(nn.Module):
         return rows
 
     def compile_update(self) -> None:
-        """Fuse the row gathers and the Adam arithmetic into compiled kernels (the trainer does this on CUDA
-        with ``train.compile``); the writes back into the table stay eager, in place."""
+        """Compile the coalescing of duplicate ids, the row gathers and the Adam arithmetic (the trainer does this
+        on CUDA with ``train.compile``); the writes back into the table stay eager, in place."""
         self._adam = torch.compile(_adam_rows)
 
     @property
@@ -62,31 +62,16 @@ class RowSparseTable(nn.Module):
 
     @torch.no_grad()
     def apply_update(self, lr: float, beta1: float, beta2: float, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        """Lazy Adam on the rows touched since the last call (sums over micro-batches and duplicate ids).
-
-        No host sync (``torch.unique`` would wait for the GPU to learn the number of distinct rows): ids are
-        sorted into segments of equal id, gradients summed per segment into N = len(ids) slots, and the slots
-        past the last segment repeat the last one, so every write is either unique or writes identical values.
-        """
+        """Lazy Adam on the rows touched since the last call (sums over micro-batches and duplicate ids)."""
         if not self._pending:
             return
-        ids = torch.cat([i for i, _ in self._pending])
-        grads = torch.cat([g for _, g in self._pending]).float()
+        ids = torch.cat([i for i, _ in self._pending]) if len(self._pending) > 1 else self._pending[0][0]
+        grads = torch.cat([g for _, g in self._pending]) if len(self._pending) > 1 else self._pending[0][1]
         self._pending.clear()
-        n = ids.numel()
-        sorted_ids, perm = ids.sort()
-        first = torch.ones(n, dtype=torch.bool, device=ids.device)
-        first[1:] = sorted_ids[1:] != sorted_ids[:-1]
-        seg = torch.cumsum(first, 0) - 1  # segment of each sorted occurrence
-        seg_of = torch.empty_like(seg).scatter_(0, perm, seg)  # ... and of each occurrence in batch order
-        g = torch.zeros(n, grads.shape[1], device=grads.device, dtype=torch.float32).index_add_(0, seg_of, grads)
-        slot_rows = torch.zeros(n, dtype=ids.dtype, device=ids.device).scatter_(0, seg, sorted_ids)
-        slot = torch.minimum(torch.arange(n, device=ids.device), seg[-1])  # slots past the last repeat it
-        rows = slot_rows[slot]
         self.step += 1
         lr_t = torch.full((), lr, device=ids.device)  # a tensor: a new lr each step never recompiles
-        p, m, v = self._adam(self.weight, self.exp_avg, self.exp_avg_sq, rows, g, slot, self.step, lr_t,
-                             beta1, beta2, eps, weight_decay)
+        rows, p, m, v = self._adam(self.weight, self.exp_avg, self.exp_avg_sq, ids, grads, self.step, lr_t,
+                                   beta1, beta2, eps, weight_decay)
         self.exp_avg[rows] = m
         self.exp_avg_sq[rows] = v
         self.weight[rows] = p
@@ -95,10 +80,25 @@ class RowSparseTable(nn.Module):
         self._pending.clear()
 
 
-def _adam_rows(weight, exp_avg, exp_avg_sq, rows, g, slot, step, lr, beta1: float, beta2: float, eps: float,
+def _adam_rows(weight, exp_avg, exp_avg_sq, ids, grads, step, lr, beta1: float, beta2: float, eps: float,
                weight_decay: float):
-    """Adam on the gathered rows: (param, exp_avg, exp_avg_sq) of ``rows`` after one step, in the table's dtype;
-    ``g[slot]`` are their summed gradients. Math in float32."""
+    """One lazy-Adam step of the rows in ``ids`` (N occurrences, duplicates allowed) with gradients ``grads``
+    (N, w): returns N row indices and their new (param, exp_avg, exp_avg_sq) in the table's dtype, math in float32.
+
+    No host sync (``torch.unique`` would wait for the GPU to learn the number of distinct rows): ids are sorted
+    into segments of equal id, gradients summed per segment into N slots, and the slots past the last segment
+    repeat the last one, so every returned row is either unique or carries identical values.
+    """
+    n = ids.numel()
+    sorted_ids, perm = ids.sort()
+    first = torch.ones(n, dtype=torch.bool, device=ids.device)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    seg = torch.cumsum(first, 0) - 1  # segment of each sorted occurrence
+    seg_of = torch.empty_like(seg).scatter_(0, perm, seg)  # ... and of each occurrence in batch order
+    g = torch.zeros(n, grads.shape[1], device=grads.device, dtype=torch.float32).index_add_(0, seg_of, grads.float())
+    slot_rows = torch.zeros(n, dtype=ids.dtype, device=ids.device).scatter_(0, seg, sorted_ids)
+    slot = torch.minimum(torch.arange(n, device=ids.device), seg[-1])  # slots past the last repeat it
+    rows = slot_rows[slot]
     g = g[slot]
     m = exp_avg[rows].float() * beta1 + g * (1 - beta1)
     v = exp_avg_sq[rows].float() * beta2 + g * g * (1 - beta2)
@@ -107,4 +107,4 @@ def _adam_rows(weight, exp_avg, exp_avg_sq, rows, g, slot, step, lr, beta1: floa
         p = p * (1 - lr * weight_decay)
     t = step.to(torch.float32)
     p = p - lr / (1 - beta1**t) * m / ((v / (1 - beta2**t)).sqrt() + eps)
-    return p.to(weight.dtype), m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)
+    return rows, p.to(weight.dtype), m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)

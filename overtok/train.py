@@ -234,10 +234,11 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     opt = make_optimizer(model, t, device)
     model.fused_loss = use_fused_loss(t.loss_kernel, device)
     model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
-    if t.compile:  # the body and loss; the OE lookup stays eager (row-sparse tables use autograd hooks)
+    if t.compile:  # the OE mix, body and loss; the lookups stay eager (row-sparse tables use autograd hooks)
         model.body_and_loss = torch.compile(model.body_and_loss)
     sparse_tables = model.sparse_tables()
-    if t.compile and device.type == "cuda":
+    if t.compile and device.type == "cuda":  # the small eager parts of OE around the lookup, too
+        model.embed.compile_ids()
         for table in sparse_tables:
             table.compile_update()
     # row-sharded OE tables (model.oe.shard with several ranks): each rank owns some rows; DDP must not average them

@@ -99,3 +99,38 @@ def test_compiled_row_update_equals_the_eager_one_and_compiles_once():
         torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=1e-5, atol=1e-7, msg=name)
     assert int(eager.step) == 3 and (eager.weight != init).any(1).sum() > 10  # rows were touched and moved
     assert counters["stats"]["unique_graphs"] == 2  # one per weight-decay branch, none per learning rate
+
+
+@pytest.mark.parametrize("stop_at_eos", [False, True])
+def test_compiled_ngram_ids_equal_the_eager_ones(stop_at_eos):
+    """The trainer compiles the n-gram ids on CUDA (OverEncoding.compile_ids): the same rows, document
+    boundaries included."""
+    cfg = tiny_config(**{**OE, "model.oe.n": 3, "model.oe.k": 2, "model.oe.m": 1001, "model.oe.stop_at_eos": stop_at_eos})
+    oe = Transformer(cfg.model, eos_id=6).embed
+    x = torch.randint(0, 7, (3, 40), generator=torch.Generator().manual_seed(0))
+    eager = oe.slice_ids(x)
+    oe.compile_ids()
+    assert torch.equal(oe.slice_ids(x), eager)
+    assert eager.shape == (3, 40, 4) and (eager >= oe.offsets).all()
+
+
+def test_oe_mix_inside_the_compiled_body_trains_as_eager():
+    """With train.compile the OE projection and mean run inside the compiled body; the row-sparse table's gradient
+    still reaches it through the autograd hook on the looked-up rows (compiled backward), so losses, tables and
+    dense weights follow the eager model."""
+    cfg = tiny_config(**{**OE, "model.oe.n": 3, "model.oe.k": 2, "model.oe.m": 1001, "model.oe.sparse_update": True})
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(Transformer(cfg.model))
+    models[1].body_and_loss = torch.compile(models[1].body_and_loss, backend="aot_eager", fullgraph=True)
+    models[1].embed.compile_ids()
+    opts = [make_optimizer(m, cfg.train, torch.device("cpu")) for m in models]
+    torch.manual_seed(1)
+    for _ in range(3):
+        x = torch.randint(0, 7, (4, cfg.model.seq_len + 1))
+        eager, compiled = (_step(m, o, x, cfg) for m, o in zip(models, opts))
+        assert compiled == pytest.approx(eager, rel=1e-5)
+    torch.testing.assert_close(models[1].embed.tables.weight, models[0].embed.tables.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(models[1].embed.proj.weight, models[0].embed.proj.weight, rtol=1e-5, atol=1e-6)
+    assert int(models[1].embed.tables.step) == 3
