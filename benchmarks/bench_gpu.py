@@ -2,9 +2,13 @@
 
 1. trainer throughput (MFU) of the baseline model at 25M / 124M / 350M body sizes, V = 50,304, seq 1024;
 2. Over-Encoding at paper scale (n = 3, k = 4, d = 768): step time and peak memory vs the same model without OE,
-   for dense nn.Embedding + AdamW and for row-sparse bf16 tables with lazy row-wise Adam;
+   for dense nn.Embedding + AdamW and for row-sparse bf16 tables with lazy row-wise Adam; with --rounds N the
+   model without OE stays alive and its timed blocks alternate with each variant's for N rounds;
 3. packed trials at the step level: one tiny model (d 256, 4 layers, seq 512) vs 8 of them packed into one
    (overtok.packed), with the per-slice clipping and update eager or compiled, plus a kernel profile.
+
+Step times: the median of steps timed one at a time (CUDA events), and a block of steps issued back to back as
+the trainer issues them. --profile adds the top kernels and every kernel's time per step by category.
 
     python benchmarks/bench_gpu.py --out benchmarks/results/gpu.json [--only trainer oe packed] [--sizes 25M 124M 350M] [--smoke]
 """
