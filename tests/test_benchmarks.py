@@ -1,0 +1,32 @@
+"""The GPU benchmark script runs end to end in its CPU smoke mode (device time is scarce: a broken script should
+fail here, not on the GPU machine), and its rows carry what RESULTS.md reads from them."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_bench_gpu_smoke_runs_every_section(tmp_path):
+    out = tmp_path / "smoke.json"
+    res = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--smoke", "--only", "trainer", "oe", "packed",
+                          "--variants", "fused", "fused+bf16res", "--rounds", "2", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert not [r for r in rows if "error" in r]
+
+    trainer = [r for r in rows if r["name"] == "baseline tiny"]
+    assert [r["residual_dtype"] for r in trainer] == ["float32 (embedding's)", "bfloat16"]
+    assert all(r["step_ms"] > 0 and r["step_ms_back_to_back"] > 0 for r in trainer)
+    assert trainer[0]["first_loss"] == trainer[1]["first_loss"]  # no autocast on the CPU: the option changes nothing
+
+    oe = [r for r in rows if r["name"].startswith("OE-")]
+    assert [r.get("row_update") for r in oe] == [None, "eager", "compiled"]
+    for r in oe:  # interleaved rounds: a ratio per round, per-step and back to back
+        assert len(r["round_ratios"]) == 2 and len(r["round_ratios_back_to_back"]) == 2
+        assert r["ratio_vs_no_oe"] > 0 and r["ratio_vs_no_oe_back_to_back"] > 0
+
+    packed = [r for r in rows if r["name"].startswith("8 packed")]
+    assert packed and all(r["pack"] == 8 and r["vs_one_model"] > 0 for r in packed)
