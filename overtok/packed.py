@@ -45,6 +45,7 @@ from overtok.train import (
     lr_at,
     pick_device,
     read_bytes_per_token,
+    residual_dtype,
     save_checkpoint,
     to_device,
     use_fused_loss,
@@ -243,7 +244,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     plain = None  # a plain model for generation, filled from one slice at a time
     opt = PackedAdamW(model, t, compile_step=t.compile and device.type == "cuda")
     model.fused_loss = use_fused_loss(t.loss_kernel, device)
-    model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
+    model.residual_dtype = residual_dtype(t, use_bf16)
     if t.compile:
         model.body_and_loss = torch.compile(model.body_and_loss)
         if device.type == "cuda":

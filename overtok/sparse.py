@@ -65,8 +65,7 @@ class RowSparseTable(nn.Module):
         """Lazy Adam on the rows touched since the last call (sums over micro-batches and duplicate ids)."""
         if not self._pending:
             return
-        ids = torch.cat([i for i, _ in self._pending]) if len(self._pending) > 1 else self._pending[0][0]
-        grads = torch.cat([g for _, g in self._pending]) if len(self._pending) > 1 else self._pending[0][1]
+        ids, grads = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*self._pending))
         self._pending.clear()
         self.step += 1
         lr_t = torch.full((), lr, device=ids.device)  # a tensor: a new lr each step never recompiles

@@ -143,8 +143,7 @@ ADDED_FIELDS = {"train.residual_dtype": "float32"}
 def trial_id(cfg: RunConfig) -> str:
     """Hash of what determines the result: the resolved config minus naming, tracking and where files go, and the
     loss kernel (the same loss up to summation order)."""
-    drop = ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel")
-    return _config_hash(cfg, drop + tuple(k for k, v in ADDED_FIELDS.items() if _get(to_dict(cfg), k) == v))
+    return _config_hash(cfg, ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel"), ADDED_FIELDS)
 
 
 def _get(d: dict, key: str) -> Any:
@@ -153,9 +152,11 @@ def _get(d: dict, key: str) -> Any:
     return d
 
 
-def _config_hash(cfg: RunConfig, drop: tuple[str, ...]) -> str:
-    """Short hash of the resolved config without the dotted keys in ``drop``."""
+def _config_hash(cfg: RunConfig, drop: tuple[str, ...], drop_at: dict[str, Any] | None = None) -> str:
+    """Short hash of the resolved config without the dotted keys in ``drop``, nor those of ``drop_at`` that hold
+    the value given there."""
     d = to_dict(cfg)
+    drop += tuple(k for k, v in (drop_at or {}).items() if _get(d, k) == v)
     for key in drop:
         parent, _, leaf = key.rpartition(".")
         (_get(d, parent) if parent else d).pop(leaf)

@@ -146,6 +146,11 @@ def use_fused_loss(loss_kernel: str, device: torch.device) -> bool:
     return loss_kernel == "triton" or (loss_kernel == "auto" and device.type == "cuda" and kernels.available(device))
 
 
+def residual_dtype(t: TrainConfig, use_bf16: bool) -> torch.dtype | None:
+    """Resolve train.residual_dtype: bfloat16 takes effect under bf16 autocast only (Transformer.residual_dtype)."""
+    return torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
+
+
 def eval_loss(model: Transformer, batches: Batches, n_batches: int, device: torch.device, autocast) -> float:
     model.eval()
     batches.rewind()
@@ -233,7 +238,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         model = Transformer(cfg.model, eos_id=train_data.eos_id)
     opt = make_optimizer(model, t, device)
     model.fused_loss = use_fused_loss(t.loss_kernel, device)
-    model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
+    model.residual_dtype = residual_dtype(t, use_bf16)
     if t.compile:  # the OE mix, body and loss; the lookups stay eager (row-sparse tables use autograd hooks)
         model.body_and_loss = torch.compile(model.body_and_loss)
     sparse_tables = model.sparse_tables()
@@ -355,7 +360,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             metrics = {"train/loss": parts["next"].item(), "train/loss_total": total, "train/lr": lr,
                        "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tps,
                        "perf/fused_loss": float(model.fused_loss),  # which loss kernel ran (train.loss_kernel)
-                       "perf/residual_bf16": float(model.residual_dtype is not None)}  # which loss kernel ran (train.loss_kernel)
+                       "perf/residual_bf16": float(model.residual_dtype is not None)}  # train.residual_dtype in effect
             metrics.update({f"train/loss_{k}": v.item() for k, v in parts.items() if k not in ("total", "next")})
             metrics.update(startup)  # once, with the first logged step
             startup = {}
