@@ -5,7 +5,8 @@
    for dense nn.Embedding + AdamW and for row-sparse bf16 tables with lazy row-wise Adam; with --rounds N the
    model without OE stays alive and its timed blocks alternate with each variant's for N rounds;
 3. packed trials at the step level: one tiny model (d 256, 4 layers, seq 512) vs 8 of them packed into one
-   (overtok.packed), with the per-slice clipping and update eager or compiled, plus a kernel profile.
+   (overtok.packed), compiled in torch.compile's default mode or with CUDA graphs (reduce-overhead), the body alone
+   or the whole forward, plus a kernel profile.
 
 Step times: the median of steps timed one at a time (CUDA events), and a block of steps issued back to back as
 the trainer issues them. --profile adds the top kernels and every kernel's time per step by category.
@@ -44,6 +45,8 @@ VARIANTS = {
     "fused+flash": {"loss_kernel": "auto", "sdpa": "flash"},
     "fused+autotune": {"loss_kernel": "auto", "compile_mode": "max-autotune-no-cudagraphs"},
     "fused+bf16res": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16},
+    "fused+graphs": {"loss_kernel": "auto", "compile_mode": "reduce-overhead"},
+    "fused+bf16res+graphs": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16, "compile_mode": "reduce-overhead"},
 }
 
 
@@ -97,7 +100,8 @@ def oe_rounds(args, rows):
     """The model without OE stays alive next to each OE variant in turn; their timed blocks alternate for
     ``--rounds`` rounds, and the ratio is taken within each round (a drift of the machine hits both alike)."""
     d, L, H = SIZES["124M"]
-    base = Bench(body(d, L, H, T=args.seq), args.oe_batch)
+    mode = "reduce-overhead" if args.oe_graphs else None
+    base = Bench(body(d, L, H, T=args.seq), args.oe_batch, compile_mode=mode)
     base.warm(args.warmup)
     base.opt.zero_grad(set_to_none=True)
     resident = torch.cuda.memory_allocated() if base.dev.type == "cuda" else 0  # the base's weights and moments
@@ -105,7 +109,7 @@ def oe_rounds(args, rows):
     for m, update in oe_variants(args):
         t0 = time.time()
         try:
-            v = Bench(oe_sets(args, m, update), args.oe_batch, compile_update=update == "compiled")
+            v = Bench(oe_sets(args, m, update), args.oe_batch, compile_update=update == "compiled", compile_mode=mode)
             v.warm(args.warmup)
             per_round = interleaved({"base": base, "oe": v}, args.steps, args.rounds)
             r = v.result(v.time(1), profile=args.profile)
@@ -171,6 +175,15 @@ def _kernel_variants(args):
     return out
 
 
+# packed-step variants: torch.compile's mode and what it compiles (the body, or the whole forward with the lookup)
+PACKED_VARIANTS = {
+    "default": {},
+    "graphs": {"compile_mode": "reduce-overhead"},
+    "embed": {"whole": True},
+    "graphs+embed": {"compile_mode": "reduce-overhead", "whole": True},
+}
+
+
 def packed(args, rows):
     """Step-level packing: 8 one-trial steps vs one packed step of the same 8 models (the compute side of target 3)."""
     from overtok import kernels
@@ -179,27 +192,30 @@ def packed(args, rows):
     d, L, H = (64, 2, 2) if args.smoke else (256, 4, 4)
     sets = body(d, L, H, T=args.packed_seq, v=args.packed_vocab)
     singles = {}
-    for label, kernel, align in _kernel_variants(args):
+    for (label, kernel, align), variant in [(k, v) for k in _kernel_variants(args) for v in args.single_variants]:
         kernels.ROW_ALIGN = align or default_align
-        single = time_training(sets, args.packed_batch, args.steps * 5, args.warmup, loss_kernel=kernel)
-        single["name"], single["row_align"] = f"one tiny model, loss {label}", align
-        singles[label] = single
+        mode = PACKED_VARIANTS[variant].get("compile_mode")
+        single = time_training(sets, args.packed_batch, args.steps * 5, args.warmup, loss_kernel=kernel, compile_mode=mode)
+        single["name"], single["row_align"], single["variant"] = f"one tiny model, {variant}, loss {label}", align, variant
+        singles[label, variant] = single
         rows.append(single)
-        print(f"{single['name']:>44}  {single['step_ms']:8.2f} ms  {single['tokens_per_s']:>12,.0f} tok/s  "
-              f"MFU {single['mfu']:.3f}", flush=True)
+        print(f"{single['name']:>56}  {single['step_ms']:8.2f} ms  {single['tokens_per_s']:>12,.0f} tok/s  "
+              f"MFU {single['mfu']:.3f}  back to back {single['step_ms_back_to_back']:.2f} ms", flush=True)
     best = max(s["tokens_per_s"] for s in singles.values())
-    for (label, kernel, align), compiled in [(v, c) for v in _kernel_variants(args)
-                                             for c in ((False, True) if args.packed_eager else (True,))]:
+    for (label, kernel, align), variant in [(k, v) for k in _kernel_variants(args) for v in args.packed_variants]:
         kernels.ROW_ALIGN = align or default_align
-        r = time_packed(sets, 8, args.packed_batch, args.steps * 2, args.warmup, compile_opt=compiled,
-                        profile=compiled and args.profile, loss_kernel=kernel)
-        r["name"], r["row_align"] = f"8 packed, {'compiled' if compiled else 'eager'} clip+update, loss {label}", align
-        r["vs_one_model"] = r["tokens_per_s"] / singles[label]["tokens_per_s"]
+        r = time_packed(sets, 8, args.packed_batch, args.steps * 2, args.warmup, profile=args.profile,
+                        loss_kernel=kernel, **PACKED_VARIANTS[variant])
+        r["name"], r["row_align"], r["variant"] = f"8 packed, {variant}, loss {label}", align, variant
+        base = singles.get((label, "default"))
+        r["vs_one_model"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
         r["vs_fastest_one_model"] = r["tokens_per_s"] / best
         rows.append(r)
-        print(f"{r['name']:>44}  {r['step_ms']:8.2f} ms  {r['tokens_per_s']:>12,.0f} tok/s  MFU {r['mfu']:.3f}  "
-              f"x{r['vs_one_model']:.2f} vs one model (x{r['vs_fastest_one_model']:.2f} vs the fastest)  host issue {r['host_issue_ms']:.1f} ms  "
-              f"mem {r['peak_mem_gib']:.1f} GiB  loss0 {r.get('first_loss', float('nan')):.4f}", flush=True)
+        print(f"{r['name']:>56}  {r['step_ms']:8.2f} ms  {r['tokens_per_s']:>12,.0f} tok/s  MFU {r['mfu']:.3f}  "
+              f"x{r['vs_one_model'] or float('nan'):.2f} vs one model (x{r['vs_fastest_one_model']:.2f} vs the fastest)  "
+              f"host issue {r['host_issue_ms']:.1f} ms  back to back {r['step_ms_back_to_back']:.2f} ms  "
+              f"mem {r['peak_mem_gib']:.1f} GiB  warm-up {r['warmup_s']:.1f} s  loss0 {r.get('first_loss', float('nan')):.4f}",
+              flush=True)
         show_profile(r)
     kernels.ROW_ALIGN = default_align
 
@@ -210,7 +226,10 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/gpu.json")
     ap.add_argument("--only", choices=["trainer", "oe", "packed"], nargs="+", default=["trainer", "oe", "packed"])
     ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES), help="trainer sizes to time")
-    ap.add_argument("--packed-eager", action="store_true", help="also time the packed step with an eager optimizer")
+    ap.add_argument("--packed-variants", nargs="+", choices=list(PACKED_VARIANTS), default=["default"],
+                    help="packed step: torch.compile mode (graphs = reduce-overhead) and scope (embed = whole forward)")
+    ap.add_argument("--single-variants", nargs="+", choices=["default", "graphs"], default=["default"],
+                    help="the one tiny model: torch.compile's default mode and/or reduce-overhead (CUDA graphs)")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["stock", "fused"],
                     help="trainer variants timed side by side for each size")
     ap.add_argument("--loss-kernels", nargs="+", choices=["torch", "auto"], default=["torch", "auto"],
@@ -230,6 +249,8 @@ def main():
                     help="row-sparse variants: the tables' row update eager and/or compiled (the trainer compiles on CUDA)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="oe: keep the no-OE model alive and alternate timed blocks with each OE variant for this many rounds")
+    ap.add_argument("--oe-graphs", action="store_true",
+                    help="oe rounds: compile the no-OE and OE models with CUDA graphs (reduce-overhead), as the trainer")
     ap.add_argument("--packed-batch", type=int, default=16)
     ap.add_argument("--packed-seq", type=int, default=512)
     ap.add_argument("--packed-vocab", type=int, default=50280)  # the OLMo tokenizer's, as in bench_sweep.py

@@ -152,6 +152,8 @@ class Bench:
         return torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda")
 
     def step(self, i: int) -> None:
+        if self.meta["compile_mode"] == "reduce-overhead":  # CUDA graphs: this step's outputs replace the last's
+            torch.compiler.cudagraph_mark_step_begin()
         with self.autocast(), sdpa_context(self.sdpa):
             _, losses = self.model(self.batches[i % 4])
         losses["total"].backward()
@@ -250,12 +252,13 @@ def interleaved(benches: dict[str, Bench], steps: int, rounds: int) -> dict[str,
     return out
 
 
-def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, compile_opt: bool = True,
-                profile: bool = False, loss_kernel: str = "auto") -> dict:
+def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, profile: bool = False,
+                loss_kernel: str = "auto", compile_mode: str | None = None, whole: bool = False) -> dict:
     """Median step time of P same-shape models packed into one (overtok.packed), as ``time_training`` does for one
-    model: compiled body, bf16 autocast, PackedAdamW with per-slice clipping (compiled or eager). Also the host time
-    to issue a step (if it is close to the step time, the loop is launch-bound) and, with ``profile``, the top
-    CUDA kernels of a few steps."""
+    model: compiled body, bf16 autocast, PackedAdamW with per-slice clipping. ``compile_mode``: torch.compile's
+    mode ("reduce-overhead": CUDA graphs); ``whole``: compile the embedding's lookup with the body (the whole
+    forward). Also the host time to issue a step (if it is close to the step time, the loop is launch-bound) and,
+    with ``profile``, the CUDA kernels of a few steps."""
     from overtok.packed import PackedAdamW, pack_models
 
     cfg = config(sets)
@@ -267,9 +270,13 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, co
             models.append(Transformer(cfg.model))
     model = pack_models(models)
     del models
-    opt = PackedAdamW(model, cfg.train, compile_step=compile_opt)
+    opt = PackedAdamW(model, cfg.train)
     model.fused_loss = use_fused_loss(loss_kernel, dev)
-    model.body_and_loss = torch.compile(model.body_and_loss)
+    if whole:
+        model.forward = torch.compile(model.forward, mode=compile_mode)
+    else:
+        model.body_and_loss = torch.compile(model.body_and_loss, mode=compile_mode)
+    graphs = compile_mode == "reduce-overhead"
     T = cfg.model.seq_len + cfg.model.lookahead
     batches = [torch.randint(0, cfg.model.input_vocab_size, (P * batch_size, T), device=dev) for _ in range(4)]
     lrs = torch.full((P,), 1e-3, device=dev)
@@ -277,10 +284,12 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, co
         first_loss = model(batches[0])[1]["total"].tolist()  # per slice: the same models and batch in every variant
 
     def step(i):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             _, losses = model(batches[i % 4])
         losses["total"].sum().backward()
-        opt.clip_(1.0)
+        opt.clip(1.0)
         opt.step(lrs)
         opt.zero_grad()
 
@@ -300,12 +309,20 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, co
     times.sort()
     host.sort()
     med = times[len(times) // 2]
+    sync()
+    t = time.perf_counter()
+    for i in range(steps):  # back to back, as the trainer issues them
+        step(i)
+    sync()
+    block = (time.perf_counter() - t) / steps
     tokens = P * batch_size * cfg.model.seq_len
     out = {"config": sets, "pack": P, "batch_size_per_slice": batch_size, "step_ms": med * 1000,
            "host_issue_ms": host[len(host) // 2] * 1000, "tokens_per_s": tokens / med,
+           "step_ms_back_to_back": block * 1000, "tokens_per_s_back_to_back": tokens / block,
            "mfu": tokens / med * accounting.flops_per_token(cfg.model) / H100_BF16_PEAK,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
-           "warmup_s": warm_s, "optimizer": f"packed_adamw ({'compiled' if compile_opt else 'eager'} clip+update)",
+           "warmup_s": warm_s, "optimizer": "packed_adamw (fused kernel per slice)",
+           "compile_mode": compile_mode or "default", "compiled": "forward" if whole else "body_and_loss",
            "loss": "fused triton" if model.fused_loss else "torch", "first_loss": first_loss[0], "first_losses": first_loss}
     if profile:
         out.update(profile_steps(step, sync, dev))

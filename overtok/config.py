@@ -250,6 +250,11 @@ class TrainConfig:
     """Output head + cross-entropy. 'triton': overtok.kernels, one kernel over the logits that leaves their gradient in
     place (needs triton: CUDA, or the CPU under TRITON_INTERPRET=1); 'torch': the stock loss; 'auto': triton on
     CUDA where it imports, else torch. Same loss and gradients up to summation order (not part of the trial id)."""
+    cuda_graphs: bool = True
+    """With train.compile on a CUDA device, in one process: replay the compiled body, heads and loss as CUDA graphs
+    (torch.compile's reduce-overhead mode), so a step costs the host a few launches instead of one per kernel
+    (H200, a tiny model: 9.3 -> 4.1 ms per step, benchmarks/RESULTS.md). Ignored elsewhere (CPU, no compile,
+    data-parallel trials). Same kernels, same results (not part of the trial id)."""
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """'auto' = bf16 autocast on CUDA, float32 on CPU."""

@@ -39,6 +39,7 @@ from overtok.train import (
     TrainingDiverged,
     _HistorySink,
     _synced_since,
+    compile_model,
     decay_groups,
     generation_accuracy,
     load_latest_checkpoint,
@@ -130,65 +131,63 @@ def unpack_slice(packed: Transformer, p: int, into: Transformer) -> Transformer:
 
 
 class PackedAdamW:
-    """torch.optim.AdamW's update (decoupled decay, bias correction) on packed parameters, lr per slice.
+    """torch.optim.AdamW(fused=True)'s update on packed parameters, with a learning rate per slice.
 
     Parameter groups as in ``overtok.train.make_optimizer``: weight decay on matrices, none on norms, the
-    embedding's own decay. ``clip_`` scales each slice's gradients by its own global norm, as
-    ``clip_grad_norm_`` would in a separate run.
+    embedding's own decay. Each slice p is updated by torch's fused AdamW kernel over the views ``param[p]``
+    (one multi-tensor launch per slice and group, on CPU and CUDA alike, nothing to compile). ``clip`` takes each
+    slice's global gradient norm; the next ``step`` scales that slice's gradients by min(1, max_norm / norm)
+    inside the kernel (its ``grad_scale``), as ``clip_grad_norm_`` would in a separate run, without a pass over
+    the gradients of its own.
     """
 
-    def __init__(self, model: Transformer, t, compile_step: bool = False):
+    def __init__(self, model: Transformer, t):
         self.t = t
         self.eps = 1e-8  # torch.optim.AdamW's default, as make_optimizer uses
         self.groups = decay_groups(model, t, vector_dim=2)  # packed vectors (norm weights) are (P, d)
         self.params = [p for ps, _ in self.groups for p in ps]
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.P = model.pack
+        # per-slice views of the parameters and moments, made once (load_state_dict copies into them in place)
+        self._views = [(p.unbind(0), m.unbind(0), v.unbind(0))
+                       for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq)]
+        dev = self.params[0].device
         self.step_count = 0
-        # compiled, the per-slice norms and the update are a few fused kernels instead of ~10 launches per tensor
-        self._update = torch.compile(self._update_impl) if compile_step else self._update_impl
-        self._clip = torch.compile(self._clip_impl) if compile_step else self._clip_impl
+        self._step = torch.zeros((), dtype=torch.float32, device=dev)  # the kernel's bias correction reads it
+        self._scale: torch.Tensor | None = None  # (P,) gradient divisors from clip, used by the next step
+        self._one = torch.ones((), dtype=torch.float32, device=dev)
 
-    def clip_(self, max_norm: float) -> torch.Tensor:
-        """Per-slice gradient norm (P,), before clipping; clips each slice to max_norm (inf: no clipping)."""
-        return self._clip([p.grad for p in self.params if p.grad is not None], max_norm)
-
-    @staticmethod
-    @torch.no_grad()
-    def _clip_impl(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        norms = sum(g.float().pow(2).flatten(1).sum(1) for g in grads).sqrt()
-        if math.isfinite(max_norm):
-            coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
+    def clip(self, max_norm: float) -> torch.Tensor:
+        """Per-slice gradient norm (P,), before clipping; the next step clips each slice to max_norm (inf: none)."""
+        grads = [g for p in self.params if (g := p.grad) is not None]
+        per_tensor = torch.stack(torch._foreach_norm([s for g in grads for s in g.unbind(0)]))  # (n * P,)
+        norms = per_tensor.view(len(grads), self.P).pow(2).sum(0).sqrt()
+        self._scale = None
+        if math.isfinite(max_norm):  # torch's clip_grad_norm_: multiply by min(1, max_norm / (norm + 1e-6))
+            self._scale = 1.0 / (max_norm / (norms + 1e-6)).clamp(max=1.0)
         return norms
 
     @torch.no_grad()
     def step(self, lrs: torch.Tensor) -> None:
+        """One AdamW step of every slice p at learning rate lrs[p] (a float32 tensor on the parameters' device)."""
         self.step_count += 1
-        t = self.t
-        # tensors, not floats: a compiled update would otherwise recompile for every new step count
-        dev = self.params[0].device
-        bc1 = torch.tensor(1 - t.beta1**self.step_count, device=dev)
-        bc2_sqrt = torch.tensor(math.sqrt(1 - t.beta2**self.step_count), device=dev)
+        self._step += 1
+        t, scale = self.t, self._scale
         i = 0
         for params, wd in self.groups:
-            n = len(params)
-            self._update([p for p in params], [p.grad for p in params], self.exp_avg[i : i + n],
-                         self.exp_avg_sq[i : i + n], lrs, wd, bc1, bc2_sqrt)
-            i += n
-
-    def _update_impl(self, params, grads, exp_avgs, exp_avg_sqs, lrs, wd: float, bc1, bc2_sqrt):
-        t = self.t
-        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-            if g is None:
+            live = [j for j in range(i, i + len(params)) if self.params[j].grad is not None]
+            i += len(params)
+            if not live:
                 continue
-            lr = lrs.view(-1, *[1] * (p.dim() - 1))
-            p.mul_(1 - lr * wd)
-            m.lerp_(g, 1 - t.beta1)
-            v.mul_(t.beta2).addcmul_(g, g, value=1 - t.beta2)
-            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-            p.sub_(lr / bc1 * m / denom)
+            grads = [self.params[j].grad.unbind(0) for j in live]
+            for p in range(self.P):
+                ps, ms, vs = ([self._views[j][k][p] for j in live] for k in range(3))
+                gs = [g[p] for g in grads]
+                torch._fused_adamw_(ps, gs, ms, vs, [], [self._step] * len(ps), lr=lrs[p], beta1=t.beta1,
+                                    beta2=t.beta2, weight_decay=wd, eps=self.eps, amsgrad=False, maximize=False,
+                                    grad_scale=self._one if scale is None else scale[p], found_inf=None)
+        self._scale = None
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -199,6 +198,7 @@ class PackedAdamW:
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = state["step"]
+        self._step.fill_(self.step_count)
         for dst, src in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"]):
             dst.copy_(src)
 
@@ -242,13 +242,10 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     model = pack_models(models)
     del models
     plain = None  # a plain model for generation, filled from one slice at a time
-    opt = PackedAdamW(model, t, compile_step=t.compile and device.type == "cuda")
+    opt = PackedAdamW(model, t)
     model.fused_loss = use_fused_loss(t.loss_kernel, device)
     model.residual_dtype = residual_dtype(t, use_bf16)
-    if t.compile:
-        model.body_and_loss = torch.compile(model.body_and_loss)
-        if device.type == "cuda":
-            model.embed.compile_ids()
+    cuda_graphs = compile_model(model, t, device)
     ckpt_dir = Path(checkpoint_dir)
     step, tokens_seen, resumed_from = 0, 0, None
     state = load_latest_checkpoint(ckpt_dir)
@@ -327,7 +324,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
             (losses["total"].sum() / t.grad_accum).backward()  # sum over slices: each gets its own gradient
             for k, v in losses.items():
                 parts[k] = parts.get(k, 0.0) + v.detach().float() / t.grad_accum
-        grad_norms = opt.clip_(t.grad_clip if t.grad_clip > 0 else float("inf"))
+        grad_norms = opt.clip(t.grad_clip if t.grad_clip > 0 else float("inf"))
         opt.step(lrs)
         opt.zero_grad()
         step += 1
@@ -356,6 +353,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
                 metrics = {"train/loss": host["next"][p], "train/loss_total": totals[p], "train/lr": lr_list[p],
                            "train/grad_norm": norms[p], "perf/tokens_per_s": tps, "perf/pack_size": P,
                            "perf/pack_tokens_per_s": tps * P, "perf/fused_loss": float(model.fused_loss),
+                           "perf/cuda_graphs": float(cuda_graphs),
                            "perf/residual_bf16": float(model.residual_dtype is not None)}
                 metrics.update({f"train/loss_{k}": v[p] for k, v in host.items() if k not in ("total", "next")})
                 metrics.update(startup)

@@ -146,6 +146,21 @@ def use_fused_loss(loss_kernel: str, device: torch.device) -> bool:
     return loss_kernel == "triton" or (loss_kernel == "auto" and device.type == "cuda" and kernels.available(device))
 
 
+def compile_model(model: Transformer, t: TrainConfig, device: torch.device, distributed: bool = False) -> bool:
+    """Compile as both trainers do under train.compile: the OE mix, body, heads and loss (the lookups stay eager:
+    row-sparse tables work through autograd hooks), as CUDA graphs where ``train.cuda_graphs`` applies, and on CUDA
+    the small eager parts of OE around the lookup too. Returns whether the body replays as CUDA graphs."""
+    if not t.compile:
+        return False
+    graphs = t.cuda_graphs and device.type == "cuda" and not distributed
+    model.body_and_loss = torch.compile(model.body_and_loss, mode="reduce-overhead" if graphs else None)
+    if device.type == "cuda":
+        model.embed.compile_ids()
+        for table in model.sparse_tables():
+            table.compile_update()
+    return graphs
+
+
 def residual_dtype(t: TrainConfig, use_bf16: bool) -> torch.dtype | None:
     """Resolve train.residual_dtype: bfloat16 takes effect under bf16 autocast only (Transformer.residual_dtype)."""
     return torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
@@ -239,13 +254,8 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     opt = make_optimizer(model, t, device)
     model.fused_loss = use_fused_loss(t.loss_kernel, device)
     model.residual_dtype = residual_dtype(t, use_bf16)
-    if t.compile:  # the OE mix, body and loss; the lookups stay eager (row-sparse tables use autograd hooks)
-        model.body_and_loss = torch.compile(model.body_and_loss)
+    cuda_graphs = compile_model(model, t, device, distributed)
     sparse_tables = model.sparse_tables()
-    if t.compile and device.type == "cuda":  # the small eager parts of OE around the lookup, too
-        model.embed.compile_ids()
-        for table in sparse_tables:
-            table.compile_update()
     # row-sharded OE tables (model.oe.shard with several ranks): each rank owns some rows; DDP must not average them
     shard_weights = {id(m.weight) for m in model.sharded_tables()}
     sharded = [(n, p) for n, p in model.named_parameters() if id(p) in shard_weights]
@@ -360,6 +370,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             metrics = {"train/loss": parts["next"].item(), "train/loss_total": total, "train/lr": lr,
                        "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tps,
                        "perf/fused_loss": float(model.fused_loss),  # which loss kernel ran (train.loss_kernel)
+                       "perf/cuda_graphs": float(cuda_graphs),  # whether train.cuda_graphs applied
                        "perf/residual_bf16": float(model.residual_dtype is not None)}  # train.residual_dtype in effect
             metrics.update({f"train/loss_{k}": v.item() for k, v in parts.items() if k not in ("total", "next")})
             metrics.update(startup)  # once, with the first logged step

@@ -11,7 +11,8 @@ from tests.conftest import ROOT
 def test_bench_gpu_smoke_runs_every_section(tmp_path):
     out = tmp_path / "smoke.json"
     res = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--smoke", "--only", "trainer", "oe", "packed",
-                          "--variants", "fused", "fused+bf16res", "--rounds", "2", "--out", str(out)],
+                          "--variants", "fused", "fused+bf16res", "--rounds", "2", "--packed-variants", "default", "embed",
+                          "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
@@ -30,3 +31,7 @@ def test_bench_gpu_smoke_runs_every_section(tmp_path):
 
     packed = [r for r in rows if r["name"].startswith("8 packed")]
     assert packed and all(r["pack"] == 8 and r["vs_one_model"] > 0 for r in packed)
+    assert [r["compiled"] for r in packed] == ["body_and_loss", "forward"]
+    assert all(r["step_ms_back_to_back"] > 0 for r in packed)
+    # the same packed models and batch: compiling the lookup with the body changes no loss
+    assert abs(packed[0]["first_loss"] - packed[1]["first_loss"]) < 1e-5

@@ -121,7 +121,7 @@ def test_packed_adamw_equals_torch_adamw_per_slice():
             o.step()
             o.zero_grad()
         packed(tok.repeat(2, 1))[1]["total"].sum().backward()
-        opt.clip_(0.5)
+        opt.clip(0.5)
         opt.step(torch.tensor(lrs))
         opt.zero_grad()
     for p, r in enumerate(refs):

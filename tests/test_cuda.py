@@ -1,0 +1,74 @@
+"""CUDA-only checks: the trainers with CUDA graphs (train.cuda_graphs) train as without them.
+
+Skipped without a CUDA device (CI here has none); run on the GPU machine with
+``python -m pytest tests/test_cuda.py`` (benchmarks/RESULTS.md names the run).
+"""
+
+import pytest
+import torch
+
+from overtok.packed import train_packed
+from overtok.tracking import Sink
+from overtok.train import train
+from tests.conftest import tiny_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+CUDA = torch.device("cuda")
+
+
+class Collect(Sink):
+    def __init__(self):
+        self.points = {}
+
+    def log(self, metrics, step):
+        for k, v in metrics.items():
+            self.points.setdefault(k, {})[step] = v
+
+
+def _run(tmp_path, tag, graphs, **sets):
+    cfg = tiny_config(**{"train.compile": True, "train.cuda_graphs": graphs, "train.max_steps": 40,
+                         "train.eval_every": 20, "train.log_every": 10, **sets})
+    cfg.train.checkpoint_dir = str(tmp_path / f"{tag}-{graphs}")
+    sink = Collect()
+    train(cfg, sink, device=CUDA)
+    return sink.points
+
+
+def _assert_close(a, b, keys=("train/loss", "val/loss")):
+    for k in keys:
+        assert a[k].keys() == b[k].keys(), k
+        for step in a[k]:
+            assert abs(a[k][step] - b[k][step]) < 2e-3 * max(1.0, abs(a[k][step])), (k, step, a[k][step], b[k][step])
+
+
+@pytest.mark.parametrize("tag, sets", [
+    ("dense", {}),
+    ("grad_accum", {"train.grad_accum": 2}),
+    ("oe_sparse_mtp_ds", {"model.oe.n": 3, "model.oe.k": 2, "model.oe.m": 2000, "model.oe.sparse_update": True,
+                          "model.od_depth": 2, "model.od_mode": "mtp_ds"}),
+    ("gen_acc", {"train.gen_samples": 64}),
+])
+def test_cuda_graphs_train_as_without(tmp_path, tag, sets):
+    on, off = _run(tmp_path, tag, True, **sets), _run(tmp_path, tag, False, **sets)
+    assert set(on["perf/cuda_graphs"].values()) == {1.0} and set(off["perf/cuda_graphs"].values()) == {0.0}
+    _assert_close(on, off)
+    if "train.gen_samples" in sets:
+        assert on["val/gen_acc"].keys() == off["val/gen_acc"].keys()
+
+
+def test_packed_cuda_graphs_train_as_without(tmp_path):
+    curves = {}
+    for graphs in (True, False):
+        cfgs = []
+        for i, (seed, lr) in enumerate([(0, 3e-3), (1, 1e-3)]):
+            c = tiny_config(seed=seed, **{"train.lr": lr, "train.compile": True, "train.cuda_graphs": graphs,
+                                          "train.max_steps": 40, "train.eval_every": 20, "train.log_every": 10})
+            c.train.checkpoint_dir = str(tmp_path / f"alone{i}")
+            cfgs.append(c)
+        sinks = [Collect() for _ in cfgs]
+        train_packed(cfgs, sinks, tmp_path / f"pack-{graphs}", device=CUDA)
+        curves[graphs] = [s.points for s in sinks]
+    for on, off in zip(curves[True], curves[False]):
+        assert set(on["perf/cuda_graphs"].values()) == {1.0}
+        _assert_close(on, off)
