@@ -254,7 +254,7 @@ class TrainConfig:
     """With train.compile on a CUDA device, in one process: replay the compiled body, heads and loss as CUDA graphs
     (torch.compile's reduce-overhead mode), so a step costs the host a few launches instead of one per kernel
     (H200, a tiny model: 9.3 -> 4.1 ms per step, benchmarks/RESULTS.md). Ignored elsewhere (CPU, no compile,
-    data-parallel trials). Same kernels, same results (not part of the trial id)."""
+    data-parallel trials, train.grad_accum > 1). Same kernels, same results (not part of the trial id)."""
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """'auto' = bf16 autocast on CUDA, float32 on CPU."""

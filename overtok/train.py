@@ -135,7 +135,6 @@ def default_checkpoint_dir(cfg: RunConfig) -> Path:
 # Evaluation
 
 
-@torch.no_grad()
 def use_fused_loss(loss_kernel: str, device: torch.device) -> bool:
     """Resolve train.loss_kernel on this device (overtok.kernels)."""
     from overtok import kernels
@@ -152,7 +151,9 @@ def compile_model(model: Transformer, t: TrainConfig, device: torch.device, dist
     the small eager parts of OE around the lookup too. Returns whether the body replays as CUDA graphs."""
     if not t.compile:
         return False
-    graphs = t.cuda_graphs and device.type == "cuda" and not distributed
+    # with gradient accumulation a step runs the backward graph again while the last micro-batch's gradients (its
+    # outputs) are still being accumulated into: those runs stay as they were
+    graphs = t.cuda_graphs and device.type == "cuda" and not distributed and t.grad_accum == 1
     model.body_and_loss = torch.compile(model.body_and_loss, mode="reduce-overhead" if graphs else None)
     if device.type == "cuda":
         model.embed.compile_ids()
@@ -166,6 +167,7 @@ def residual_dtype(t: TrainConfig, use_bf16: bool) -> torch.dtype | None:
     return torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
 
 
+@torch.no_grad()
 def eval_loss(model: Transformer, batches: Batches, n_batches: int, device: torch.device, autocast) -> float:
     model.eval()
     batches.rewind()

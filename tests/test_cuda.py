@@ -51,7 +51,9 @@ def _assert_close(a, b, keys=("train/loss", "val/loss")):
 ])
 def test_cuda_graphs_train_as_without(tmp_path, tag, sets):
     on, off = _run(tmp_path, tag, True, **sets), _run(tmp_path, tag, False, **sets)
-    assert set(on["perf/cuda_graphs"].values()) == {1.0} and set(off["perf/cuda_graphs"].values()) == {0.0}
+    # gradient accumulation runs without graphs (compile_model)
+    assert set(on["perf/cuda_graphs"].values()) == {float(tag != "grad_accum")}
+    assert set(off["perf/cuda_graphs"].values()) == {0.0}
     _assert_close(on, off)
     if "train.gen_samples" in sets:
         assert on["val/gen_acc"].keys() == off["val/gen_acc"].keys()

@@ -98,3 +98,22 @@ def test_failed_run_is_recorded(cli, tmp_path):
     c = client(f"sqlite:///{tmp_path}/results/mlflow.db")
     run = c.search_runs([c.get_experiment_by_name("overtok").experiment_id])[0]
     assert run.info.status == "FAILED" and "fail_at_step=3" in run.data.tags["overtok.error"]
+
+
+def test_validation_builds_no_autograd_graph():
+    # a decorator once slipped off eval_loss: validation then saved every activation for a backward never run
+    # (and, with CUDA graphs, left a pending backward that took the graphs off their fast path)
+    import contextlib
+
+    import torch
+
+    from overtok.data.batches import Batches
+    from overtok.model import Transformer
+    from overtok.train import eval_loss
+
+    cfg = tiny_config()
+    model = Transformer(cfg.model)
+    seen = []
+    model.norm.register_forward_hook(lambda mod, args, out: seen.append(out.requires_grad))
+    loss = eval_loss(model, Batches(cfg, "val"), 2, torch.device("cpu"), contextlib.nullcontext)
+    assert seen == [False, False] and loss > 0 and model.training
