@@ -7,9 +7,11 @@
 - overhead: one tiny trial of a few minutes run by `overtok train` and by `overtok sweep` (one trial, whole GPU);
   ratio of wall times, and each run's steady tokens/s; with --attach also by `overtok sweep` attached to a Ray
   instance that is already running (`ray start --head`, as on a cluster). Each command compiles cold (its own empty inductor cache), so neither gains from the other.
+- ddp (only with --only ddp; 2 GPUs): one 124M-class trial on 1 GPU vs data-parallel on 2 (Ray Train, DDP), and
+  Over-Encoding with the table whole on 1 GPU vs row-sharded over 2; steady global tokens/s.
 
     python benchmarks/bench_sweep.py --corpus data_cache/text --tokenizer data_cache/gpt-neox-olmo.json \
-        --out benchmarks/results/gpu_sweep.json [--only packed|overhead] [--smoke]
+        --out benchmarks/results/gpu_sweep.json [--only packed|overhead|ddp] [--smoke]
 """
 
 from __future__ import annotations
@@ -182,6 +184,39 @@ def overhead(args, rows):
               f"sweep's trial {row['sweep_setup_s']:.1f} / {row['sweep_first_step_s']:.1f} s; sweep driver {row['sweep_driver']}", flush=True)
 
 
+def ddp(args, rows):
+    """Target 5: one trial of the 124M-class model on 1 GPU vs the same trial data-parallel on 2 GPUs (Ray Train,
+    DDP over NCCL; the batch is per rank, so a 2-GPU step holds twice the tokens), and Over-Encoding with its table
+    whole on 1 GPU vs row-sharded over the 2 (model.oe.shard: all-to-all exchange of ids and rows). Throughput is
+    the trial's logged global tokens/s in steady state."""
+    work = Path(tempfile.mkdtemp(prefix="bench-ddp-"))
+    d, layers, heads, seq, batch = (32, 2, 2, 64, 4) if args.smoke else (768, 12, 12, 1024, args.ddp_batch)
+    base = base_config(args, d, layers, heads, seq, batch, args.ddp_steps)
+    prepare(work, base)
+    one = {"cpu": 0.9, "gpu": 0} if args.smoke else {"cpu": 4, "gpu": 1}  # the smoke run: 2 gloo workers on 2 CPUs
+    two = {"cpu": 0.9, "workers": 2} if args.smoke else {"cpu": 8, "gpu": 2, "workers": 2}
+    oe = {"n": 3, "k": 4, "m": args.ddp_oe_m}
+    variants = [("1 GPU", one, {}, None), ("2 GPUs, DDP", two, {}, "1 GPU"), ("1 GPU, OE table whole", one, oe, None),
+                ("2 GPUs, DDP, OE table row-sharded", two, {**oe, "shard": True}, "1 GPU, OE table whole")]
+    got = {}
+    for i, (name, resources, oe_sets, ref) in enumerate(variants):
+        cfg = json.loads(json.dumps(base))
+        if oe_sets:
+            cfg["model"]["oe"] = oe_sets
+        (work / f"ddp{i}.yaml").write_text(json.dumps({"name": f"ddp{i}", "base": cfg, "seeds": [0], "resources": resources}))
+        wall = run_cli(work, "sweep", f"ddp{i}.yaml", tag=f"ddp{i}")
+        r = runs(work, f"ddp{i}", f"ddp{i}")[0]
+        assert r["status"] == "FINISHED", r
+        got[name] = row = {"name": name, "resources": resources, "oe": oe_sets or None, "wall_s": wall,
+                           "steady_tokens_per_s": steady(r["tokens_per_s"]), "tokens_per_s_intervals": r["tokens_per_s"],
+                           "setup_s": r["setup_s"], "first_step_s": r["first_step_s"]}
+        if ref:
+            row["vs_1_gpu"] = row["steady_tokens_per_s"] / got[ref]["steady_tokens_per_s"]
+        rows.append(row)
+        print(f"{name:>36}  wall {wall:6.1f} s  steady {row['steady_tokens_per_s']:>12,.0f} tok/s"
+              + (f"  x{row['vs_1_gpu']:.2f} vs {ref}" if ref else ""), flush=True)
+
+
 def driver_phases(log: Path) -> dict[str, float]:
     """The phases `overtok sweep` prints at its end ('... s in all: setup 8.0 s, trials 85.3 s, Ray stop 1.4 s')."""
     import re
@@ -198,7 +233,7 @@ def driver_phases(log: Path) -> dict[str, float]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gpu_sweep.json")
-    ap.add_argument("--only", choices=["packed", "overhead"], default=None)
+    ap.add_argument("--only", choices=["packed", "overhead", "ddp"], default=None)
     ap.add_argument("--corpus", default="../shared/data/text")
     ap.add_argument("--tokenizer", default="../shared/data/tokenizers/gpt-neox-olmo.json")
     ap.add_argument("--max-docs", type=int, default=400)
@@ -206,6 +241,9 @@ def main():
     ap.add_argument("--packed-batch", type=int, default=16)
     ap.add_argument("--overhead-steps", type=int, default=6000)
     ap.add_argument("--skip-concurrent", action="store_true")
+    ap.add_argument("--ddp-steps", type=int, default=400)
+    ap.add_argument("--ddp-batch", type=int, default=16, help="ddp: sequences of 1,024 tokens per GPU and step")
+    ap.add_argument("--ddp-oe-m", type=int, default=1_000_001, help="ddp: OE table rows per slice (n = 3, k = 4)")
     ap.add_argument("--repeats", type=int, default=2, help="train/sweep pairs of the overhead benchmark")
     ap.add_argument("--trial-cpu", type=float, nargs="+", default=None,
                     help="CPUs of the overhead sweep's trial, one per pair, cycled (default 4; 1 with --smoke)")
@@ -215,7 +253,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script")
     args = ap.parse_args()
     if args.smoke:
-        args.packed_steps, args.overhead_steps, args.max_docs = 30, 30, 50
+        args.packed_steps, args.overhead_steps, args.ddp_steps, args.max_docs, args.ddp_oe_m = 30, 30, 30, 50, 1001
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
     rows = Rows(args.out, " ".join(sys.argv))
@@ -223,6 +261,8 @@ def main():
         packed(args, rows)
     if args.only in (None, "overhead"):
         overhead(args, rows)
+    if args.only == "ddp":  # needs 2 GPUs (gloo on the CPU with --smoke)
+        ddp(args, rows)
 
 
 if __name__ == "__main__":
