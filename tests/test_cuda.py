@@ -8,22 +8,13 @@ import pytest
 import torch
 
 from overtok.packed import train_packed
-from overtok.tracking import Sink
 from overtok.train import train
 from tests.conftest import tiny_config
+from tests.test_packed import Collect
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 CUDA = torch.device("cuda")
-
-
-class Collect(Sink):
-    def __init__(self):
-        self.points = {}
-
-    def log(self, metrics, step):
-        for k, v in metrics.items():
-            self.points.setdefault(k, {})[step] = v
 
 
 def _run(tmp_path, tag, graphs, **sets):
