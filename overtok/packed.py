@@ -156,7 +156,6 @@ class PackedAdamW:
         self.step_count = 0
         self._step = torch.zeros((), dtype=torch.float32, device=dev)  # the kernel's bias correction reads it
         self._scale: torch.Tensor | None = None  # (P,) gradient divisors from clip, used by the next step
-        self._one = torch.ones((), dtype=torch.float32, device=dev)
 
     def clip(self, max_norm: float) -> torch.Tensor:
         """Per-slice gradient norm (P,), before clipping; the next step clips each slice to max_norm (inf: none)."""
@@ -186,7 +185,7 @@ class PackedAdamW:
                 gs = [g[p] for g in grads]
                 torch._fused_adamw_(ps, gs, ms, vs, [], [self._step] * len(ps), lr=lrs[p], beta1=t.beta1,
                                     beta2=t.beta2, weight_decay=wd, eps=self.eps, amsgrad=False, maximize=False,
-                                    grad_scale=self._one if scale is None else scale[p], found_inf=None)
+                                    grad_scale=None if scale is None else scale[p], found_inf=None)
         self._scale = None
 
     def zero_grad(self) -> None:

@@ -141,8 +141,8 @@ ADDED_FIELDS = {"train.residual_dtype": "float32"}
 
 
 def trial_id(cfg: RunConfig) -> str:
-    """Hash of what determines the result: the resolved config minus naming, tracking and where files go, and the
-    loss kernel (the same loss up to summation order)."""
+    """Hash of what determines the result: the resolved config minus naming, tracking and where files go, the loss
+    kernel (the same loss up to summation order) and CUDA graphs (the same kernels, replayed)."""
     return _config_hash(cfg, ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel", "train.cuda_graphs"), ADDED_FIELDS)
 
 

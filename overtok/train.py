@@ -151,8 +151,8 @@ def compile_model(model: Transformer, t: TrainConfig, device: torch.device, dist
     the small eager parts of OE around the lookup too. Returns whether the body replays as CUDA graphs."""
     if not t.compile:
         return False
-    # with gradient accumulation a step runs the backward graph again while the last micro-batch's gradients (its
-    # outputs) are still being accumulated into: those runs stay as they were
+    # with gradient accumulation (several backward passes into the same gradients per step) the graphed run's curve
+    # differed from the plain one on the H200 (tests/test_cuda.py, benchmarks/results/gpu_test_cuda_first.log)
     graphs = t.cuda_graphs and device.type == "cuda" and not distributed and t.grad_accum == 1
     model.body_and_loss = torch.compile(model.body_and_loss, mode="reduce-overhead" if graphs else None)
     if device.type == "cuda":
