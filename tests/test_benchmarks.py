@@ -31,7 +31,8 @@ def test_bench_gpu_smoke_runs_every_section(tmp_path):
 
     packed = [r for r in rows if r["name"].startswith("8 packed")]
     assert packed and all(r["pack"] == 8 and r["vs_one_model"] > 0 for r in packed)
-    assert [r["compiled"] for r in packed] == ["body_and_loss", "forward"]
+    # per loss kernel (torch, then the fused one), the body compiled, then the whole forward
+    assert [r["compiled"] for r in packed] == ["body_and_loss", "forward"] * 2
     assert all(r["step_ms_back_to_back"] > 0 for r in packed)
-    # the same packed models and batch: compiling the lookup with the body changes no loss
-    assert abs(packed[0]["first_loss"] - packed[1]["first_loss"]) < 1e-5
+    for body_only, whole in (packed[0:2], packed[2:4]):  # the same models and batch: the same first loss
+        assert abs(body_only["first_loss"] - whole["first_loss"]) < 1e-4
