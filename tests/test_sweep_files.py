@@ -19,10 +19,18 @@ def test_all_required_sweeps_are_shipped():
 def test_shipped_sweep_expands(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # corpus paths like ../shared/data/text are relative to the project root
     sweep = load_sweep(path)
-    assert sweep.name == path.stem and len(sweep.trials) >= 4
+    assert sweep.name == path.stem and len(sweep.trials) >= 2
     assert len({t.trial_id for t in sweep.trials}) == len(sweep.trials)
     table = plan_table(sweep)
     assert all(t.trial_id in table for t in sweep.trials) and "training FLOPs" in table
+
+
+def test_cfg_paper_tok3_reruns_cells_of_cfg_paper():
+    # the rerun's results stand in for those cells of cfg_paper (results/REPRODUCTION.md): the same trials
+    paper = {t.trial_id: t for t in load_sweep(ROOT / "sweeps" / "cfg_paper.yaml").trials}
+    rerun = load_sweep(ROOT / "sweeps" / "cfg_paper_tok3.yaml").trials
+    assert len(rerun) == 2 and all(t.trial_id in paper for t in rerun)
+    assert {t.config.model.tokenizer_ngram for t in rerun} == {3} and {t.config.model.d_model for t in rerun} == {128, 768}
 
 
 def test_quickstart_shape():
