@@ -19,7 +19,6 @@ Not packable (they run alone): row-sparse OE tables, data-parallel trials.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -39,17 +38,15 @@ from overtok.train import (
     TrainingDiverged,
     _HistorySink,
     _synced_since,
-    compile_model,
     decay_groups,
     generation_accuracy,
     load_latest_checkpoint,
     lr_at,
     pick_device,
+    prepare_model,
     read_bytes_per_token,
-    residual_dtype,
     save_checkpoint,
     to_device,
-    use_fused_loss,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -226,11 +223,6 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     cfg0, t = cfgs[0], cfgs[0].train
     hsinks = [_HistorySink(s or Sink()) for s in sinks]
     device = device or pick_device(t.device)
-    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
     train_data = [Batches(c, "train") for c in cfgs]
     val_data = [Batches(c, "val") for c in cfgs]
     models = []
@@ -242,9 +234,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     del models
     plain = None  # a plain model for generation, filled from one slice at a time
     opt = PackedAdamW(model, t)
-    model.fused_loss = use_fused_loss(t.loss_kernel, device)
-    model.residual_dtype = residual_dtype(t, use_bf16)
-    cuda_graphs = compile_model(model, t, device)
+    autocast, cuda_graphs = prepare_model(model, t, device)
     ckpt_dir = Path(checkpoint_dir)
     step, tokens_seen, resumed_from = 0, 0, None
     state = load_latest_checkpoint(ckpt_dir)

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -145,12 +146,18 @@ def use_fused_loss(loss_kernel: str, device: torch.device) -> bool:
     return loss_kernel == "triton" or (loss_kernel == "auto" and device.type == "cuda" and kernels.available(device))
 
 
-def compile_model(model: Transformer, t: TrainConfig, device: torch.device, distributed: bool = False) -> bool:
-    """Compile as both trainers do under train.compile: the OE mix, body, heads and loss (the lookups stay eager:
-    row-sparse tables work through autograd hooks), as CUDA graphs where ``train.cuda_graphs`` applies, and on CUDA
-    the small eager parts of OE around the lookup too. Returns whether the body replays as CUDA graphs."""
+def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, distributed: bool = False):
+    """What both trainers do to a built model before training: pick the loss kernel (train.loss_kernel) and the
+    residual stream's dtype (train.residual_dtype: bfloat16 takes effect under bf16 autocast only), and under
+    train.compile compile the OE mix, body, heads and loss (the lookups stay eager: row-sparse tables work through
+    autograd hooks), as CUDA graphs where train.cuda_graphs applies, plus on CUDA the small eager parts of OE around
+    the lookup. Returns (autocast: a context factory for forward passes, whether the body replays as CUDA graphs)."""
+    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
+    model.fused_loss = use_fused_loss(t.loss_kernel, device)
+    model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext
     if not t.compile:
-        return False
+        return autocast, False
     # with gradient accumulation (several backward passes into the same gradients per step) the graphed run's curve
     # differed from the plain one on the H200 (tests/test_cuda.py, benchmarks/results/gpu_test_cuda_first.log)
     graphs = t.cuda_graphs and device.type == "cuda" and not distributed and t.grad_accum == 1
@@ -159,12 +166,7 @@ def compile_model(model: Transformer, t: TrainConfig, device: torch.device, dist
         model.embed.compile_ids()
         for table in model.sparse_tables():
             table.compile_update()
-    return graphs
-
-
-def residual_dtype(t: TrainConfig, use_bf16: bool) -> torch.dtype | None:
-    """Resolve train.residual_dtype: bfloat16 takes effect under bf16 autocast only (Transformer.residual_dtype)."""
-    return torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
+    return autocast, graphs
 
 
 @torch.no_grad()
@@ -245,18 +247,11 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     t = cfg.train
     device = device or pick_device(t.device)
     torch.manual_seed(cfg.seed)
-    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
     train_data, val_data = Batches(cfg, "train", rank=rank), Batches(cfg, "val")
     with torch.device(device):  # build in place: OE tables can be tens of GB
         model = Transformer(cfg.model, eos_id=train_data.eos_id)
     opt = make_optimizer(model, t, device)
-    model.fused_loss = use_fused_loss(t.loss_kernel, device)
-    model.residual_dtype = residual_dtype(t, use_bf16)
-    cuda_graphs = compile_model(model, t, device, distributed)
+    autocast, cuda_graphs = prepare_model(model, t, device, distributed)
     sparse_tables = model.sparse_tables()
     # row-sharded OE tables (model.oe.shard with several ranks): each rank owns some rows; DDP must not average them
     shard_weights = {id(m.weight) for m in model.sharded_tables()}

@@ -42,7 +42,7 @@ def _assert_close(a, b, keys=("train/loss", "val/loss")):
 ])
 def test_cuda_graphs_train_as_without(tmp_path, tag, sets):
     on, off = _run(tmp_path, tag, True, **sets), _run(tmp_path, tag, False, **sets)
-    # gradient accumulation runs without graphs (compile_model)
+    # gradient accumulation runs without graphs (prepare_model)
     assert set(on["perf/cuda_graphs"].values()) == {float(tag != "grad_accum")}
     assert set(off["perf/cuda_graphs"].values()) == {0.0}
     _assert_close(on, off)
