@@ -110,6 +110,17 @@ def format_categories(cats: dict) -> str:
         f"{k[:48]} {v:.2f}" for k, v in list(c["kernels"].items())[:3])) for name, c in cats.items())
 
 
+def time_block(step, sync, steps: int) -> float:
+    """Mean seconds per step over ``steps`` steps issued back to back, synchronised only at the ends, as the
+    trainer runs them (the host issues the next step while the GPU works; per-step timing waits after each)."""
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
 class Bench:
     """One model built as the trainer builds it (optimizer, loss kernel, compiled body and row update), with a
     training step on random tokens, bf16 autocast. ``time`` measures blocks of steps; several benches can be alive
@@ -191,14 +202,7 @@ class Bench:
         return times
 
     def time_block(self, steps: int) -> float:
-        """Mean seconds per step over ``steps`` steps issued back to back, synchronised only at the ends, as the
-        trainer runs them (the host issues the next step while the GPU works; ``time`` waits after every step)."""
-        self.sync()
-        t0 = time.perf_counter()
-        for i in range(steps):
-            self.step(i)
-        self.sync()
-        return (time.perf_counter() - t0) / steps
+        return time_block(self.step, self.sync, steps)
 
     def result(self, times: list[float], profile: bool = False, block: float | None = None) -> dict:
         """Summary of per-step times (``time``); ``block``: seconds per step of a back-to-back block (``time_block``)."""
@@ -289,8 +293,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, pr
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             _, losses = model(batches[i % 4])
         losses["total"].sum().backward()
-        opt.clip(1.0)
-        opt.step(lrs)
+        opt.step(lrs, 1.0)
         opt.zero_grad()
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -309,12 +312,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, pr
     times.sort()
     host.sort()
     med = times[len(times) // 2]
-    sync()
-    t = time.perf_counter()
-    for i in range(steps):  # back to back, as the trainer issues them
-        step(i)
-    sync()
-    block = (time.perf_counter() - t) / steps
+    block = time_block(step, sync, steps)
     tokens = P * batch_size * cfg.model.seq_len
     out = {"config": sets, "pack": P, "batch_size_per_slice": batch_size, "step_ms": med * 1000,
            "host_issue_ms": host[len(host) // 2] * 1000, "tokens_per_s": tokens / med,

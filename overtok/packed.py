@@ -132,10 +132,9 @@ class PackedAdamW:
 
     Parameter groups as in ``overtok.train.make_optimizer``: weight decay on matrices, none on norms, the
     embedding's own decay. Each slice p is updated by torch's fused AdamW kernel over the views ``param[p]``
-    (one multi-tensor launch per slice and group, on CPU and CUDA alike, nothing to compile). ``clip`` takes each
-    slice's global gradient norm; the next ``step`` scales that slice's gradients by min(1, max_norm / norm)
-    inside the kernel (its ``grad_scale``), as ``clip_grad_norm_`` would in a separate run, without a pass over
-    the gradients of its own.
+    (one multi-tensor launch per slice and group, on CPU and CUDA alike, nothing to compile). ``step`` clips each
+    slice by its own global gradient norm, as ``clip_grad_norm_`` would in a separate run, inside the kernel (its
+    ``grad_scale``), without a pass over the gradients of its own.
     """
 
     def __init__(self, model: Transformer, t):
@@ -152,38 +151,34 @@ class PackedAdamW:
         dev = self.params[0].device
         self.step_count = 0
         self._step = torch.zeros((), dtype=torch.float32, device=dev)  # the kernel's bias correction reads it
-        self._scale: torch.Tensor | None = None  # (P,) gradient divisors from clip, used by the next step
 
-    def clip(self, max_norm: float) -> torch.Tensor:
-        """Per-slice gradient norm (P,), before clipping; the next step clips each slice to max_norm (inf: none)."""
+    @torch.no_grad()
+    def step(self, lrs: torch.Tensor, max_norm: float = math.inf) -> torch.Tensor:
+        """One AdamW step of every slice p at learning rate lrs[p] (a float32 tensor on the parameters' device),
+        its gradients first clipped to max_norm by the slice's own global norm (inf: no clipping), as torch's
+        clip_grad_norm_ does: multiplied by min(1, max_norm / (norm + 1e-6)), here as the kernel's gradient divisor.
+        Returns the per-slice gradient norms (P,) before clipping."""
         grads = [g for p in self.params if (g := p.grad) is not None]
         per_tensor = torch.stack(torch._foreach_norm([s for g in grads for s in g.unbind(0)]))  # (n * P,)
         norms = per_tensor.view(len(grads), self.P).pow(2).sum(0).sqrt()
-        self._scale = None
-        if math.isfinite(max_norm):  # torch's clip_grad_norm_: multiply by min(1, max_norm / (norm + 1e-6))
-            self._scale = 1.0 / (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        return norms
-
-    @torch.no_grad()
-    def step(self, lrs: torch.Tensor) -> None:
-        """One AdamW step of every slice p at learning rate lrs[p] (a float32 tensor on the parameters' device)."""
+        scale = 1.0 / (max_norm / (norms + 1e-6)).clamp(max=1.0) if math.isfinite(max_norm) else None
         self.step_count += 1
         self._step += 1
-        t, scale = self.t, self._scale
+        t = self.t
         i = 0
         for params, wd in self.groups:
             live = [j for j in range(i, i + len(params)) if self.params[j].grad is not None]
             i += len(params)
             if not live:
                 continue
-            grads = [self.params[j].grad.unbind(0) for j in live]
+            slices = [self.params[j].grad.unbind(0) for j in live]
             for p in range(self.P):
                 ps, ms, vs = ([self._views[j][k][p] for j in live] for k in range(3))
-                gs = [g[p] for g in grads]
+                gs = [g[p] for g in slices]
                 torch._fused_adamw_(ps, gs, ms, vs, [], [self._step] * len(ps), lr=lrs[p], beta1=t.beta1,
                                     beta2=t.beta2, weight_decay=wd, eps=self.eps, amsgrad=False, maximize=False,
                                     grad_scale=None if scale is None else scale[p], found_inf=None)
-        self._scale = None
+        return norms
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -234,7 +229,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     del models
     plain = None  # a plain model for generation, filled from one slice at a time
     opt = PackedAdamW(model, t)
-    autocast, cuda_graphs = prepare_model(model, t, device)
+    autocast, perf_flags = prepare_model(model, t, device)
     ckpt_dir = Path(checkpoint_dir)
     step, tokens_seen, resumed_from = 0, 0, None
     state = load_latest_checkpoint(ckpt_dir)
@@ -313,8 +308,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
             (losses["total"].sum() / t.grad_accum).backward()  # sum over slices: each gets its own gradient
             for k, v in losses.items():
                 parts[k] = parts.get(k, 0.0) + v.detach().float() / t.grad_accum
-        grad_norms = opt.clip(t.grad_clip if t.grad_clip > 0 else float("inf"))
-        opt.step(lrs)
+        grad_norms = opt.step(lrs, t.grad_clip if t.grad_clip > 0 else math.inf)
         opt.zero_grad()
         step += 1
         tokens_seen += cfg0.tokens_per_step
@@ -341,9 +335,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
                     continue
                 metrics = {"train/loss": host["next"][p], "train/loss_total": totals[p], "train/lr": lr_list[p],
                            "train/grad_norm": norms[p], "perf/tokens_per_s": tps, "perf/pack_size": P,
-                           "perf/pack_tokens_per_s": tps * P, "perf/fused_loss": float(model.fused_loss),
-                           "perf/cuda_graphs": float(cuda_graphs),
-                           "perf/residual_bf16": float(model.residual_dtype is not None)}
+                           "perf/pack_tokens_per_s": tps * P, **perf_flags}
                 metrics.update({f"train/loss_{k}": v[p] for k, v in host.items() if k not in ("total", "next")})
                 metrics.update(startup)
                 if train_data[p].epoch_tokens:

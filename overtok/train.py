@@ -151,22 +151,24 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
     residual stream's dtype (train.residual_dtype: bfloat16 takes effect under bf16 autocast only), and under
     train.compile compile the OE mix, body, heads and loss (the lookups stay eager: row-sparse tables work through
     autograd hooks), as CUDA graphs where train.cuda_graphs applies, plus on CUDA the small eager parts of OE around
-    the lookup. Returns (autocast: a context factory for forward passes, whether the body replays as CUDA graphs)."""
+    the lookup. Returns (autocast: a context factory for forward passes, the perf/* flags every logged step carries:
+    which of these took effect)."""
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
     model.fused_loss = use_fused_loss(t.loss_kernel, device)
     model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext
-    if not t.compile:
-        return autocast, False
     # with gradient accumulation (several backward passes into the same gradients per step) the graphed run's curve
     # differed from the plain one on the H200 (tests/test_cuda.py, benchmarks/results/gpu_test_cuda_first.log)
-    graphs = t.cuda_graphs and device.type == "cuda" and not distributed and t.grad_accum == 1
-    model.body_and_loss = torch.compile(model.body_and_loss, mode="reduce-overhead" if graphs else None)
-    if device.type == "cuda":
-        model.embed.compile_ids()
-        for table in model.sparse_tables():
-            table.compile_update()
-    return autocast, graphs
+    graphs = t.compile and t.cuda_graphs and device.type == "cuda" and not distributed and t.grad_accum == 1
+    if t.compile:
+        model.body_and_loss = torch.compile(model.body_and_loss, mode="reduce-overhead" if graphs else None)
+        if device.type == "cuda":
+            model.embed.compile_ids()
+            for table in model.sparse_tables():
+                table.compile_update()
+    flags = {"perf/fused_loss": float(model.fused_loss), "perf/cuda_graphs": float(graphs),
+             "perf/residual_bf16": float(model.residual_dtype is not None)}
+    return autocast, flags
 
 
 @torch.no_grad()
@@ -251,7 +253,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     with torch.device(device):  # build in place: OE tables can be tens of GB
         model = Transformer(cfg.model, eos_id=train_data.eos_id)
     opt = make_optimizer(model, t, device)
-    autocast, cuda_graphs = prepare_model(model, t, device, distributed)
+    autocast, perf_flags = prepare_model(model, t, device, distributed)
     sparse_tables = model.sparse_tables()
     # row-sharded OE tables (model.oe.shard with several ranks): each rank owns some rows; DDP must not average them
     shard_weights = {id(m.weight) for m in model.sharded_tables()}
@@ -365,10 +367,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             # train/loss is the next-token loss in every variant (comparable across OD depths);
             # the objective with the extra heads is train/loss_total
             metrics = {"train/loss": parts["next"].item(), "train/loss_total": total, "train/lr": lr,
-                       "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tps,
-                       "perf/fused_loss": float(model.fused_loss),  # which loss kernel ran (train.loss_kernel)
-                       "perf/cuda_graphs": float(cuda_graphs),  # whether train.cuda_graphs applied
-                       "perf/residual_bf16": float(model.residual_dtype is not None)}  # train.residual_dtype in effect
+                       "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tps, **perf_flags}
             metrics.update({f"train/loss_{k}": v.item() for k, v in parts.items() if k not in ("total", "next")})
             metrics.update(startup)  # once, with the first logged step
             startup = {}

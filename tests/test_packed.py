@@ -121,8 +121,7 @@ def test_packed_adamw_equals_torch_adamw_per_slice():
             o.step()
             o.zero_grad()
         packed(tok.repeat(2, 1))[1]["total"].sum().backward()
-        opt.clip(0.5)
-        opt.step(torch.tensor(lrs))
+        opt.step(torch.tensor(lrs), 0.5)
         opt.zero_grad()
     for p, r in enumerate(refs):
         for k, v in r.state_dict().items():
