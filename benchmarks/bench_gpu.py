@@ -46,6 +46,8 @@ VARIANTS = {
     "fused+autotune": {"loss_kernel": "auto", "compile_mode": "max-autotune-no-cudagraphs"},
     "fused+bf16res": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16},
     "fused+graphs": {"loss_kernel": "auto", "compile_mode": "reduce-overhead"},
+    "fused+bf16res+autotune": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16,
+                               "compile_mode": "max-autotune-no-cudagraphs"},
     "fused+bf16res+graphs": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16, "compile_mode": "reduce-overhead"},
 }
 

@@ -255,6 +255,11 @@ class TrainConfig:
     (torch.compile's reduce-overhead mode), so a step costs the host a few launches instead of one per kernel
     (H200, a tiny model: 9.3 -> 4.1 ms per step, benchmarks/RESULTS.md). Ignored elsewhere (CPU, no compile,
     data-parallel trials, train.grad_accum > 1). Same kernels, same results (not part of the trial id)."""
+    grad_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Data-parallel trials (resources.workers > 1): the dtype in which DDP all-reduces gradients. 'bfloat16' sends
+    half the bytes (gradients rounded to bf16 before averaging, cast back after; the optimizer still sees float32
+    gradients) and, where communication is not hidden behind the backward pass, makes steps faster. Ignored in
+    one process."""
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """'auto' = bf16 autocast on CUDA, float32 on CPU."""

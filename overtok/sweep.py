@@ -137,7 +137,7 @@ def pack_key(cfg: RunConfig) -> str | None:
 # Fields added after trial ids were first handed out, with the value that reproduces what ran before them: at that
 # value they are left out of the id, so the trials of existing sweeps keep their ids (and stay finished). Changing
 # such a default would silently reuse old results: give the field a new name instead.
-ADDED_FIELDS = {"train.residual_dtype": "float32"}
+ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "float32"}
 
 
 def trial_id(cfg: RunConfig) -> str:

@@ -171,6 +171,37 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
     return autocast, flags
 
 
+def wrap_ddp(model: Transformer, t: TrainConfig, device: torch.device, ignore: list[str]) -> torch.nn.Module:
+    """The model under DistributedDataParallel, leaving out the parameters named in ``ignore`` (row-sharded tables:
+    each rank owns its rows). Gradients are views of DDP's buckets (no copy into them and back); with
+    train.grad_reduce_dtype = bfloat16 they travel as bf16."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  gradient_as_bucket_view=True)
+    if t.grad_reduce_dtype == "bfloat16":
+        ddp.register_comm_hook(None, _bf16_all_reduce)
+    return ddp
+
+
+def _bf16_all_reduce(group, bucket):
+    """DDP communication hook: average a gradient bucket in bf16 (divided by the world size first, so the sum cannot
+    overflow what the float32 average would not), written back into the float32 bucket. torch's own bf16 hook
+    refuses anything but NCCL; this one runs over gloo too, so the CPU tests exercise it."""
+    import torch.distributed as dist
+
+    flat = bucket.buffer()
+    sent = flat.to(torch.bfloat16).div_(dist.get_world_size(group))
+    fut = dist.all_reduce(sent, group=group, async_op=True).get_future()
+
+    def unpack(done):
+        return flat.copy_(done.value()[0])
+
+    return fut.then(unpack)
+
+
 @torch.no_grad()
 def eval_loss(model: Transformer, batches: Batches, n_batches: int, device: torch.device, autocast) -> float:
     model.eval()
@@ -258,13 +289,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     # row-sharded OE tables (model.oe.shard with several ranks): each rank owns some rows; DDP must not average them
     shard_weights = {id(m.weight) for m in model.sharded_tables()}
     sharded = [(n, p) for n, p in model.named_parameters() if id(p) in shard_weights]
-    step_model = model
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        if sharded:
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in sharded])
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = wrap_ddp(model, t, device, [n for n, _ in sharded]) if distributed else model
     ckpt_dir = default_checkpoint_dir(cfg)
     step, tokens_seen, resumed_from = 0, 0, None
     state = load_latest_checkpoint(ckpt_dir)

@@ -1,5 +1,5 @@
-"""Row-sharded OE tables over real gloo process groups (2 and 3 processes): lookups and gradients equal the
-unsharded table exactly, for the hashed ids of a real OverEncoding."""
+"""Data parallelism over real gloo process groups (2 and 3 processes): row-sharded OE tables (lookups and gradients
+equal the unsharded table exactly, for the hashed ids of a real OverEncoding) and the trainer's DDP wrapper."""
 
 import os
 
@@ -132,3 +132,53 @@ def test_data_parallel_training_with_a_sharded_table_equals_the_whole_table(tmp_
     assert "val/gen_acc" in sharded
     assert sorted(p.name for p in (tmp_path / "resumed").glob("shard_*")) == ["shard_000000006_rank1.pt",
                                                                               "shard_000000012_rank1.pt"]
+
+
+def _ddp_grad_worker(rank: int, world: int, init_file: str):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from overtok.config import TrainConfig
+        from overtok.model import Transformer
+        from overtok.train import wrap_ddp
+
+        cfg = tiny_config()
+        grads = {}
+        for name, reduce_dtype in (("plain", None), ("float32", "float32"), ("bfloat16", "bfloat16")):
+            torch.manual_seed(0)
+            model = Transformer(cfg.model)
+            ddp = DDP(model) if reduce_dtype is None else wrap_ddp(model, TrainConfig(grad_reduce_dtype=reduce_dtype),
+                                                                  torch.device("cpu"), [])
+            g = torch.Generator().manual_seed(rank)
+            grads[name], bounds = [], []
+            for _ in range(2):  # the second backward lands in gradients that were set to None (bucket views)
+                tok = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len + 1), generator=g)
+                if name == "plain":  # this rank's own gradient, for the bound on bf16 rounding: 2^-7 mean_r |g_r|
+                    model.zero_grad(set_to_none=True)
+                    with ddp.no_sync():
+                        ddp(tok)[1]["total"].backward()
+                    bound = {n: p.grad.abs() * 2**-7 / world for n, p in model.named_parameters()}
+                    for b in bound.values():
+                        dist.all_reduce(b)
+                    bounds.append(bound)
+                model.zero_grad(set_to_none=True)
+                ddp(tok)[1]["total"].backward()
+                grads[name].append({n: p.grad.clone() for n, p in model.named_parameters()})
+            if name == "plain":
+                bf16_bounds = bounds
+        for step in range(2):
+            plain, f32, b16 = (grads[k][step] for k in ("plain", "float32", "bfloat16"))
+            for n, ref in plain.items():
+                assert torch.allclose(f32[n], ref, rtol=0, atol=1e-7), f"step {step}: {n} differs from plain DDP"
+                assert ((b16[n] - ref).abs() <= bf16_bounds[step][n] + 1e-9).all(), f"step {step}: {n} beyond bf16"
+            assert any(not torch.equal(b16[n], ref) for n, ref in plain.items()), "bf16 reduction left no trace"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_trainer_ddp_averages_like_plain_ddp_and_reduces_in_bf16_on_request(tmp_path):
+    """train's DDP wrapper (gradients as bucket views) averages exactly as plain DDP, also after the gradients were
+    set to None; with train.grad_reduce_dtype = bfloat16 the average differs from it by bf16 rounding only."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_ddp_grad_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)

@@ -61,6 +61,10 @@ def test_fields_added_later_keep_existing_trial_ids():
     assert [t.trial_id for t in g.trials[:3]] == before
     c = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.train.residual_dtype=bfloat16"])
     assert not {t.trial_id for t in a.trials} & {t.trial_id for t in c.trials}
+    d = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.train.grad_reduce_dtype=float32"])
+    assert [t.trial_id for t in d.trials[:3]] == before
+    e = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.train.grad_reduce_dtype=bfloat16"])
+    assert not {t.trial_id for t in a.trials} & {t.trial_id for t in e.trials}
 
 
 BASE = "name: bad\nbase:\n  model: {d_model: 32, n_heads: 2, seq_len: 16}\n  train: {max_steps: 2}\n"
