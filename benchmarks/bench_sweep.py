@@ -75,8 +75,10 @@ def runs(work: Path, tag: str, experiment: str) -> list[dict]:
         out.append({"status": r.info.status, "tokens_per_s": tps, "pid": r.data.tags.get("overtok.pid"),
                     "setup_s": r.data.metrics.get("perf/setup_s"), "first_step_s": r.data.metrics.get("perf/first_step_s"),
                     "tokens": int(r.data.metrics.get("tokens_seen", 0)) or None,
+                    "cuda_graphs": r.data.metrics.get("perf/cuda_graphs"),
                     "params": {k: r.data.params.get(k) for k in ("seed", "tokens_per_step", "train.max_steps",
-                                                                 "train.grad_reduce_dtype")}})
+                                                                 "train.grad_reduce_dtype", "train.ddp_bucket_mb",
+                                                                 "train.cuda_graphs")}})
     return out
 
 
@@ -197,25 +199,29 @@ def ddp(args, rows):
     one = {"cpu": 0.9, "gpu": 0} if args.smoke else {"cpu": 4, "gpu": 1}  # the smoke run: 2 gloo workers on 2 CPUs
     two = {"cpu": 0.9, "workers": 2} if args.smoke else {"cpu": 8, "gpu": 2, "workers": 2}
     oe = {"n": 3, "k": 4, "m": args.ddp_oe_m}
-    # (name, resources, model.oe, train.grad_reduce_dtype, the 1-GPU row it is compared with)
-    variants = [("1 GPU", one, {}, "float32", None)]
-    variants += [(f"2 GPUs, DDP, {dt} gradients", two, {}, dt, "1 GPU") for dt in args.ddp_grad_dtypes]
+    # (name, resources, model.oe, train settings, the 1-GPU row it is compared with)
+    ddp_sets = [(f"{dt} gradients, {mb:g} MiB buckets", {"grad_reduce_dtype": dt, "ddp_bucket_mb": mb})
+                for dt in args.ddp_grad_dtypes for mb in args.ddp_bucket_mb]
+    variants = [("1 GPU", one, {}, {}, None)]
+    if args.ddp_no_graphs_ref:  # the 1-GPU trial replays CUDA graphs, data-parallel ones cannot: how much that is
+        variants.append(("1 GPU, no CUDA graphs", one, {}, {"cuda_graphs": False}, None))
+    variants += [(f"2 GPUs, DDP, {label}", two, {}, sets, "1 GPU") for label, sets in ddp_sets]
     if not args.ddp_skip_oe:
-        variants.append(("1 GPU, OE table whole", one, oe, "float32", None))
-        variants += [(f"2 GPUs, DDP, {dt} gradients, OE table row-sharded", two, {**oe, "shard": True}, dt,
-                      "1 GPU, OE table whole") for dt in args.ddp_grad_dtypes]
+        variants.append(("1 GPU, OE table whole", one, oe, {}, None))
+        variants += [(f"2 GPUs, DDP, {label}, OE table row-sharded", two, {**oe, "shard": True}, sets,
+                      "1 GPU, OE table whole") for label, sets in ddp_sets]
     got = {}
-    for i, (name, resources, oe_sets, reduce_dtype, ref) in enumerate(variants):
+    for i, (name, resources, oe_sets, train_sets, ref) in enumerate(variants):
         cfg = json.loads(json.dumps(base))
-        cfg["train"]["grad_reduce_dtype"] = reduce_dtype
+        cfg["train"].update(train_sets)
         if oe_sets:
             cfg["model"]["oe"] = oe_sets
         (work / f"ddp{i}.yaml").write_text(json.dumps({"name": f"ddp{i}", "base": cfg, "seeds": [0], "resources": resources}))
         wall = run_cli(work, "sweep", f"ddp{i}.yaml", tag=f"ddp{i}")
         r = runs(work, f"ddp{i}", f"ddp{i}")[0]
         assert r["status"] == "FINISHED", r
-        got[name] = row = {"name": name, "resources": resources, "oe": oe_sets or None, "grad_reduce_dtype": reduce_dtype,
-                           "params": r["params"], "wall_s": wall,
+        got[name] = row = {"name": name, "resources": resources, "oe": oe_sets or None, "train": train_sets,
+                           "params": r["params"], "cuda_graphs": r["cuda_graphs"], "wall_s": wall,
                            "steady_tokens_per_s": steady(r["tokens_per_s"]), "tokens_per_s_intervals": r["tokens_per_s"],
                            "setup_s": r["setup_s"], "first_step_s": r["first_step_s"]}
         if ref:
@@ -253,6 +259,9 @@ def main():
     ap.add_argument("--ddp-batch", type=int, default=16, help="ddp: sequences of 1,024 tokens per GPU and step")
     ap.add_argument("--ddp-grad-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                     help="ddp: one 2-GPU run per train.grad_reduce_dtype")
+    ap.add_argument("--ddp-bucket-mb", type=float, nargs="+", default=[25.0],
+                    help="ddp: one 2-GPU run per train.ddp_bucket_mb (and per reduce dtype)")
+    ap.add_argument("--ddp-no-graphs-ref", action="store_true", help="ddp: also 1 GPU without CUDA graphs")
     ap.add_argument("--ddp-skip-oe", action="store_true", help="ddp: leave out the OE pair")
     ap.add_argument("--ddp-oe-m", type=int, default=1_000_001, help="ddp: OE table rows per slice (n = 3, k = 4)")
     ap.add_argument("--repeats", type=int, default=2, help="train/sweep pairs of the overhead benchmark")

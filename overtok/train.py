@@ -173,14 +173,14 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
 
 def wrap_ddp(model: Transformer, t: TrainConfig, device: torch.device, ignore: list[str]) -> torch.nn.Module:
     """The model under DistributedDataParallel, leaving out the parameters named in ``ignore`` (row-sharded tables:
-    each rank owns its rows). Gradients are views of DDP's buckets (no copy into them and back); with
-    train.grad_reduce_dtype = bfloat16 they travel as bf16."""
+    each rank owns its rows). Buckets of train.ddp_bucket_mb; gradients are views of them (no copy into them and
+    back); with train.grad_reduce_dtype = bfloat16 they travel as bf16."""
     from torch.nn.parallel import DistributedDataParallel
 
     if ignore:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  gradient_as_bucket_view=True)
+                                  bucket_cap_mb=t.ddp_bucket_mb, gradient_as_bucket_view=True)
     if t.grad_reduce_dtype == "bfloat16":
         ddp.register_comm_hook(None, _bf16_all_reduce)
     return ddp

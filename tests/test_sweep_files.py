@@ -57,7 +57,8 @@ def test_fields_added_later_keep_existing_trial_ids():
     assert [t.trial_id for t in a.trials[:3]] == before
     b = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.train.residual_dtype=float32"])
     assert [t.trial_id for t in b.trials[:3]] == before
-    g = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.train.cuda_graphs=false"])  # same kernels: same ids
+    g = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.train.cuda_graphs=false",  # same kernels: same ids
+                                                          "base.train.ddp_bucket_mb=100"])  # same averages
     assert [t.trial_id for t in g.trials[:3]] == before
     c = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.train.residual_dtype=bfloat16"])
     assert not {t.trial_id for t in a.trials} & {t.trial_id for t in c.trials}
