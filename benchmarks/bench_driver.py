@@ -67,7 +67,11 @@ RAY_INIT = [
     ("as overtok sweep", "include_dashboard=False"),
     ("no worker prestart", "include_dashboard=False, _system_config={'enable_worker_prestart': False}"),
     ("num_cpus=1 (one prestarted worker)", "include_dashboard=False, num_cpus=1"),
+    ("GPUs given (num_gpus=1)", "include_dashboard=False, num_gpus=1"),
+    ("object store 2 GiB", "include_dashboard=False, object_store_memory=2 * 1024**3"),
+    ("usage stats off (RAY_USAGE_STATS_ENABLED=0)", "include_dashboard=False"),
 ]
+RAY_INIT_ENV = {"usage stats off (RAY_USAGE_STATS_ENABLED=0)": {"RAY_USAGE_STATS_ENABLED": "0"}}
 
 CHILD = """
 import json, time
@@ -90,7 +94,8 @@ def ray_init_times(rows, repeats: int) -> None:
         for j, (label, kwargs) in enumerate(RAY_INIT):
             if j == 0 and i > 0:
                 continue
-            res = subprocess.run([sys.executable, "-c", CHILD.format(kwargs=kwargs)], env=env, capture_output=True, text=True)
+            res = subprocess.run([sys.executable, "-c", CHILD.format(kwargs=kwargs)], env={**env, **RAY_INIT_ENV.get(label, {})},
+                                 capture_output=True, text=True)
             line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 row = {"ray_init": label, "kwargs": kwargs, "error": (res.stdout + res.stderr)[-1500:]}
@@ -102,16 +107,35 @@ def ray_init_times(rows, repeats: int) -> None:
             rows.append(row)
 
 
+def ray_init_profile(rows) -> None:
+    """Where a bare ray.init spends its time: the driver under cProfile, the 30 entries of largest cumulative time
+    (waits on the processes it starts show up as the functions that wait)."""
+    code = ("import cProfile, pstats, io, ray\n"
+            "p = cProfile.Profile(); p.enable(); ray.init(logging_level='WARNING', include_dashboard=False); p.disable()\n"
+            "ray.shutdown(); s = io.StringIO(); pstats.Stats(p, stream=s).sort_stats('cumulative').print_stats(30)\n"
+            "print(s.getvalue())")
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    print(res.stdout[-6000:], res.stderr[-2000:], flush=True)
+    rows.append({"ray_init_profile": res.stdout[-12000:]})
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/cpu_driver.json")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tree", nargs="*", default=[], help="other checkouts of overtok whose no-op rerun is timed too")
     ap.add_argument("--ray-init", action="store_true", help="first time a bare ray.init in fresh processes")
+    ap.add_argument("--ray-init-only", action="store_true", help="only the ray.init timings (and profile)")
+    ap.add_argument("--ray-init-profile", action="store_true", help="also profile one bare ray.init")
     args = ap.parse_args()
     rows = Rows(args.out, " ".join(sys.argv))
-    if args.ray_init:
+    if args.ray_init or args.ray_init_only:
         ray_init_times(rows, args.repeats)
+    if args.ray_init_profile:
+        ray_init_profile(rows)
+    if args.ray_init_only:
+        return
     trees = [ROOT] + [Path(t).resolve() for t in args.tree]
     for i in range(args.repeats):
         fresh, reruns = {}, {}
