@@ -77,6 +77,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from overtok.export import merge_exports
+
+    s = merge_exports(Path(args.base), [Path(p) for p in args.reruns], Path(args.out))
+    print(f"[overtok] wrote {args.out}: {s['trials']} trials of {s['sweep']!r}, {len(s['replaced'])} replaced, "
+          f"{len(s['added'])} added" + (f", not finished so not taken: {', '.join(s['skipped_not_finished'])}"
+                                         if s["skipped_not_finished"] else ""))
+    return 0
+
+
 def cmd_fit(args) -> int:
     from analysis.commands import fit_sweep
 
@@ -194,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="output directory (default results/<sweep>)")
     _add_tracking(p)
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("merge", help="an export whose trials are replaced by those of later reruns (same trial ids)")
+    p.add_argument("base", help="results directory holding the sweep's export")
+    p.add_argument("reruns", nargs="+", help="results directories of reruns; their FINISHED trials replace base's")
+    p.add_argument("--out", required=True, help="directory for the merged export (then `overtok report` it)")
+    p.set_defaults(fn=cmd_merge)
 
     p = sub.add_parser("fit", help="fit scaling laws and speedups of an exported sweep -> results/<sweep>/fits.json")
     p.add_argument("sweep", help="sweep name, YAML or results directory")

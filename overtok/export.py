@@ -161,3 +161,53 @@ def export_sweep(sweep: str, tracking_uri: str = "", out: Path | None = None,
     (out / "export.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "sweep": name, "tracking_uri": uri,
                                                  "experiment": experiment, "trials": len(df)}, indent=2))
     return [out / "runs.parquet", out / "curves.parquet"]
+
+
+def merge_exports(base: Path, reruns: list[Path], out: Path) -> dict:
+    """An export of ``base`` in which the trials of each ``rerun`` export (same trial ids: the same configs run
+    again, e.g. after a fix) replace base's rows and curves; trials new to base are added; a later rerun wins over
+    an earlier one. Only FINISHED rerun trials are taken (a rerun that failed leaves the base's row). Every row
+    keeps base's sweep name (reports go to dashboards/<base sweep>) and gains ``export``: the directory its row
+    came from. Writes runs.parquet, curves.parquet and export.json (which lists what was replaced) to ``out``."""
+    from overtok.config import ConfigError
+
+    def load(d: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+        for f in ("runs.parquet", "curves.parquet"):
+            if not (d / f).is_file():
+                raise ConfigError(f"no {f} (not an export: run `overtok export` first)", file=str(d))
+        runs, curves = pd.read_parquet(d / "runs.parquet"), pd.read_parquet(d / "curves.parquet")
+        for df, f in ((runs, "runs.parquet"), (curves, "curves.parquet")):
+            version = set(df.get("schema_version", pd.Series([], dtype=int)).unique()) - {SCHEMA_VERSION}
+            if version:
+                raise ConfigError(f"schema_version {sorted(version)}, this overtok reads {SCHEMA_VERSION}",
+                                  file=str(d / f), key="schema_version")
+        return runs, curves
+
+    inputs = [Path(base), *map(Path, reruns)]
+    if Path(out).resolve() in {p.resolve() for p in inputs}:
+        raise ConfigError("the merged export must go to a directory of its own (the inputs stay as they are)",
+                          file=str(out), key="--out")
+    runs, curves = load(inputs[0])
+    if runs.empty:
+        raise ConfigError("the base export has no trials", file=str(inputs[0]))
+    name = str(runs.sweep.iloc[0])
+    runs = runs.assign(export=inputs[0].name)
+    replaced, added, skipped = [], [], []
+    for d in inputs[1:]:
+        r_runs, r_curves = load(d)
+        done = r_runs[r_runs.status == "FINISHED"]
+        skipped += [f"{t} ({d.name}: {s})" for t, s in zip(r_runs.trial_id, r_runs.status) if s != "FINISHED"]
+        ids = set(done.trial_id)
+        replaced += sorted(ids & set(runs.trial_id))
+        added += sorted(ids - set(runs.trial_id))
+        runs = pd.concat([runs[~runs.trial_id.isin(ids)], done.assign(sweep=name, export=d.name)], ignore_index=True)
+        curves = pd.concat([curves[~curves.trial_id.isin(ids)], r_curves[r_curves.trial_id.isin(ids)]],
+                           ignore_index=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.to_parquet(out / "runs.parquet", index=False)
+    curves.to_parquet(out / "curves.parquet", index=False)
+    summary = {"schema_version": SCHEMA_VERSION, "sweep": name, "merged_from": [str(p) for p in inputs],
+               "trials": len(runs), "replaced": replaced, "added": added, "skipped_not_finished": skipped}
+    (out / "export.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -105,6 +105,8 @@ def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, e
 
     # run table
     cols = [("run", "run_name", True), ("status", "status", True), ("variant", "variant", True)]
+    if "export" in runs.columns and runs["export"].nunique() > 1:  # a merged export (overtok merge): whose row
+        cols.append(("from export", "export", True))
     cols += [(v.removeprefix("varied."), v, False) for v in varied]
     cols += [("train loss", "final.train/loss", False), ("val loss", "final.val/loss", False),
              ("gen acc", "final.val/gen_acc", False), ("tokens", "tokens_seen", False), ("tokens/s", "tokens_per_s", False)]
