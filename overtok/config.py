@@ -258,8 +258,8 @@ class TrainConfig:
     grad_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     """Data-parallel trials (resources.workers > 1): the dtype in which DDP all-reduces gradients. 'bfloat16' sends
     half the bytes (gradients rounded to bf16 before averaging, cast back after; the optimizer still sees float32
-    gradients) and, where communication is not hidden behind the backward pass, makes steps faster. Ignored in
-    one process."""
+    gradients), for interconnects slower than NVLink: on two NVLinked H200s it made a 124M trial slower, 1.68x
+    instead of 1.84x one GPU (benchmarks/RESULTS.md). Ignored in one process."""
     ddp_bucket_mb: float = 25.0
     """Data-parallel trials: DDP's gradient bucket size in MiB (torch's default 25). Each bucket is all-reduced as soon
     as its gradients are ready, and under train.compile the compiled graph is split at bucket boundaries so that the
