@@ -43,11 +43,13 @@ def base_config(args, d, layers, heads, seq, batch, steps) -> dict:
     }
 
 
-def run_cli(work: Path, *cmd: str, tag: str, tree: Path = ROOT) -> float:
+def run_cli(work: Path, *cmd: str, tag: str, tree: Path = ROOT, extra_env: dict | None = None) -> float:
     """Run `python -m overtok ...` (of the source tree ``tree``) in work with a cold, private inductor cache and
-    its own fresh MLflow store (results/<tag>.db: every command pays for creating one); return wall seconds."""
+    its own fresh MLflow store (results/<tag>.db: every command pays for creating one), plus ``extra_env`` (the
+    local Ray's workers inherit it); return wall seconds."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]),
-               TORCHINDUCTOR_CACHE_DIR=str(work / f"inductor-{tag}"), TRITON_CACHE_DIR=str(work / f"triton-{tag}"))
+               TORCHINDUCTOR_CACHE_DIR=str(work / f"inductor-{tag}"), TRITON_CACHE_DIR=str(work / f"triton-{tag}"),
+               **(extra_env or {}))
     t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "overtok", *cmd, "--tracking-uri", store(work, tag)], cwd=work, env=env,
                          capture_output=True, text=True)
@@ -206,6 +208,10 @@ def ddp(args, rows):
     if args.ddp_no_graphs_ref:  # the 1-GPU trial replays CUDA graphs, data-parallel ones cannot: how much that is
         variants.append(("1 GPU, no CUDA graphs", one, {}, {"cuda_graphs": False}, None))
     variants += [(f"2 GPUs, DDP, {label}", two, {}, sets, "1 GPU") for label, sets in ddp_sets]
+    # the default 2-GPU trial with environment variables for its processes (e.g. NCCL_MAX_NCHANNELS: fewer SMs for
+    # NCCL's kernels, which run alongside the backward's)
+    envs = {f"2 GPUs, DDP, {e}": dict(kv.split("=", 1) for kv in e.split(",")) for e in args.ddp_env}
+    variants += [(name, two, {}, {}, "1 GPU") for name in envs]
     if not args.ddp_skip_oe:
         variants.append(("1 GPU, OE table whole", one, oe, {}, None))
         variants += [(f"2 GPUs, DDP, {label}, OE table row-sharded", two, {**oe, "shard": True}, sets,
@@ -217,10 +223,10 @@ def ddp(args, rows):
         if oe_sets:
             cfg["model"]["oe"] = oe_sets
         (work / f"ddp{i}.yaml").write_text(json.dumps({"name": f"ddp{i}", "base": cfg, "seeds": [0], "resources": resources}))
-        wall = run_cli(work, "sweep", f"ddp{i}.yaml", tag=f"ddp{i}")
+        wall = run_cli(work, "sweep", f"ddp{i}.yaml", tag=f"ddp{i}", extra_env=envs.get(name))
         r = runs(work, f"ddp{i}", f"ddp{i}")[0]
         assert r["status"] == "FINISHED", r
-        got[name] = row = {"name": name, "resources": resources, "oe": oe_sets or None, "train": train_sets,
+        got[name] = row = {"name": name, "resources": resources, "oe": oe_sets or None, "train": train_sets, "env": envs.get(name),
                            "params": r["params"], "cuda_graphs": r["cuda_graphs"], "wall_s": wall,
                            "steady_tokens_per_s": steady(r["tokens_per_s"]), "tokens_per_s_intervals": r["tokens_per_s"],
                            "setup_s": r["setup_s"], "first_step_s": r["first_step_s"]}
@@ -262,6 +268,8 @@ def main():
     ap.add_argument("--ddp-bucket-mb", type=float, nargs="+", default=[25.0],
                     help="ddp: one 2-GPU run per train.ddp_bucket_mb (and per reduce dtype)")
     ap.add_argument("--ddp-no-graphs-ref", action="store_true", help="ddp: also 1 GPU without CUDA graphs")
+    ap.add_argument("--ddp-env", nargs="+", default=[], metavar="K=V[,K=V]",
+                    help="ddp: one more 2-GPU run (float32, 25 MiB) per entry, with these environment variables")
     ap.add_argument("--ddp-skip-oe", action="store_true", help="ddp: leave out the OE pair")
     ap.add_argument("--ddp-oe-m", type=int, default=1_000_001, help="ddp: OE table rows per slice (n = 3, k = 4)")
     ap.add_argument("--repeats", type=int, default=2, help="train/sweep pairs of the overhead benchmark")
