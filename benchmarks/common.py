@@ -70,6 +70,7 @@ def profile_steps(step, sync, dev: torch.device, n: int = 3) -> dict:
 
 
 CATEGORIES = [  # (category, substrings of a lower-cased kernel name), first match wins
+    ("nccl (communication)", ("nccl",)),
     ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "bmm")),
     ("attention", ("sdpa", "flash", "fmha", "attention")),
     ("fused loss", ("_ce_rows",)),

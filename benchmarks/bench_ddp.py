@@ -1,0 +1,174 @@
+"""Where a data-parallel step loses time (issue 6, target 5), without Ray in the way: the trainer's model, optimizer,
+compilation (`prepare_model`) and DDP wrapper (`wrap_ddp`) on random tokens, side by side in one call:
+
+- "1 process": the model alone, as a 1-GPU trial runs it (CUDA graphs where the trainer uses them);
+- "N processes, no sync": N ranks under DDP inside `no_sync()`: the split compiled graph and DDP's hooks, every
+  rank busy at once, but no gradient leaves a GPU;
+- "N processes": the real thing, gradients all-reduced while the backward runs;
+- with --grad-dtypes/--bucket-mb, more synced rows with those train settings.
+
+So 1 process -> no sync is what DDP's wrapper and N busy GPUs cost, no sync -> synced what the communication costs
+(exposed all-reduce and its kernels beside the backward's). Every row times blocks of steps issued back to back
+(CUDA events, all ranks), and --profile adds rank 0's kernels by category, with NCCL's on their own.
+
+    python benchmarks/bench_ddp.py --out benchmarks/results/gpu_ddp_direct.json [--world 2] [--profile] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from benchmarks.common import H100_BF16_PEAK, Rows, config, profile_steps, release, time_block  # noqa: E402
+
+
+def model_sets(args) -> dict:
+    d, layers, heads, seq, v = (32, 2, 2, 32, 97) if args.smoke else (768, 12, 12, 1024, 50304)
+    return {"model.vocab_size": v, "model.d_model": d, "model.n_layers": layers, "model.n_heads": heads,
+            "model.seq_len": seq, "model.tie_embeddings": False, "data.batch_size": args.batch,
+            "train.compile": not args.smoke}
+
+
+def build(sets: dict, train_sets: dict, dev: torch.device, distributed: bool):
+    """Model, optimizer, autocast and the module a step calls, as overtok.train.train sets them up."""
+    from overtok.model import Transformer
+    from overtok.train import make_optimizer, prepare_model, wrap_ddp
+
+    cfg = config({**sets, **{f"train.{k}": v for k, v in train_sets.items()}})
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Transformer(cfg.model)
+    opt = make_optimizer(model, cfg.train, dev)
+    autocast, flags = prepare_model(model, cfg.train, dev, distributed)
+    step_model = wrap_ddp(model, cfg.train, dev, []) if distributed else model
+    return cfg, model, opt, autocast, step_model, flags
+
+
+def run_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads: bool, args) -> dict:
+    """Warm up, then time ``args.blocks`` blocks of ``args.steps`` steps; returns this rank's numbers."""
+    import contextlib
+
+    dev = torch.device(f"cuda:{rank}") if torch.cuda.is_available() else torch.device("cpu")
+    distributed = world > 1
+    cfg, model, opt, autocast, step_model, flags = build(sets, train_sets, dev, distributed)
+    g = torch.Generator(device=dev).manual_seed(rank)
+    T = cfg.model.seq_len + cfg.model.lookahead
+    batches = [torch.randint(0, cfg.model.vocab_size, (args.batch, T), device=dev, generator=g) for _ in range(4)]
+    graphs = bool(flags["perf/cuda_graphs"])
+
+    def step(i: int) -> None:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        quiet = step_model.no_sync() if distributed and not sync_grads else contextlib.nullcontext()
+        with quiet:
+            with autocast():
+                _, losses = step_model(batches[i % 4])
+            losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    t0 = time.time()
+    for i in range(args.warmup):
+        step(i)
+    sync()
+    warm_s = time.time() - t0
+    blocks = [time_block(step, sync, args.steps) for _ in range(args.blocks)]
+    out = {"rank": rank, "step_ms_blocks": [b * 1000 for b in blocks], "warmup_s": warm_s, **flags}
+    if args.profile and dev.type == "cuda":  # every rank steps (collectives), rank 0's kernels are kept
+        prof = profile_steps(step, sync, dev)
+        if rank == 0:
+            out.update(prof)
+    return out  # the caller releases the model's memory (release) before the next variant
+
+
+def _worker(rank: int, world: int, init_file: str, jobs: list, args, results) -> None:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for name, sets, train_sets, sync_grads in jobs:
+            results[(name, rank)] = run_variant(rank, world, sets, train_sets, sync_grads, args)
+            release(torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def summarise(name: str, ranks: list[dict], world: int, sets: dict, train_sets: dict, args) -> dict:
+    from overtok import accounting
+
+    cfg = config(sets)
+    # a block ends when the slowest rank's does: the global rate follows the slowest rank's mean step
+    step_ms = max(statistics.median(r["step_ms_blocks"]) for r in ranks)
+    tokens = world * args.batch * cfg.model.seq_len
+    tps = tokens / (step_ms / 1000)
+    row = {"name": name, "world": world, "train": train_sets, "batch_per_rank": args.batch, "step_ms": step_ms,
+           "tokens_per_s": tps, "mfu_per_gpu": tps / world * accounting.flops_per_token(cfg.model) / H100_BF16_PEAK,
+           "ranks": ranks}
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/gpu_ddp_direct.json")
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16, help="sequences per rank and step")
+    ap.add_argument("--steps", type=int, default=20, help="steps per timed block")
+    ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--grad-dtypes", nargs="+", default=[], choices=["bfloat16"], help="extra synced rows")
+    ap.add_argument("--bucket-mb", type=float, nargs="+", default=[], help="extra synced rows")
+    ap.add_argument("--profile", action="store_true", help="rank 0's kernels by category (CUDA only)")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, gloo, to check the script")
+    args = ap.parse_args()
+    if args.smoke:
+        args.batch, args.steps, args.blocks, args.warmup = 2, 2, 2, 1
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    rows = Rows(args.out, " ".join(sys.argv))
+    sets = model_sets(args)
+
+    one = run_variant(0, 1, sets, {}, True, args)
+    release(torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu"))
+    ref = summarise("1 process", [one], 1, sets, {}, args)
+    rows.append(ref)
+    jobs = [(f"{args.world} processes, no sync", sets, {}, False), (f"{args.world} processes", sets, {}, True)]
+    jobs += [(f"{args.world} processes, {dt} gradients", sets, {"grad_reduce_dtype": dt}, True) for dt in args.grad_dtypes]
+    jobs += [(f"{args.world} processes, {mb:g} MiB buckets", sets, {"ddp_bucket_mb": mb}, True) for mb in args.bucket_mb]
+    with mp.Manager() as manager, tempfile.TemporaryDirectory() as tmp:
+        results = manager.dict()
+        mp.spawn(_worker, args=(args.world, f"{tmp}/store", jobs, args, results), nprocs=args.world, join=True)
+        got = dict(results)
+    print(f"{'variant':>36} {'step ms':>9} {'tokens/s':>12} {'vs 1 process':>13} {'MFU/GPU':>8}", flush=True)
+    print(f"{ref['name']:>36} {ref['step_ms']:9.2f} {ref['tokens_per_s']:12,.0f} {'':>13} {ref['mfu_per_gpu']:8.3f}", flush=True)
+    for name, _, train_sets, _ in jobs:
+        row = summarise(name, [got[(name, r)] for r in range(args.world)], args.world, sets, train_sets, args)
+        row["vs_1_process"] = row["tokens_per_s"] / ref["tokens_per_s"]
+        rows.append(row)
+        print(f"{name:>36} {row['step_ms']:9.2f} {row['tokens_per_s']:12,.0f} {row['vs_1_process']:13.2f} "
+              f"{row['mfu_per_gpu']:8.3f}", flush=True)
+        cats = row["ranks"][0].get("profile_categories_ms")
+        if cats:
+            from benchmarks.common import format_categories
+
+            print(format_categories(cats), flush=True)
+
+
+if __name__ == "__main__":
+    main()
