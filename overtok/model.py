@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from overtok.config import ModelConfig
 from overtok.ngram import hash_stacked, hash_weights, shifted_stack
-from overtok.sharded import ShardedTable
+from overtok.sharded import ShardedRowSparseTable, ShardedTable
 from overtok.sparse import RowSparseTable
 
 
@@ -123,14 +123,17 @@ class OverEncoding(nn.Module):
         # dense and sharded tables are filled by init_table_rows from this seed (drawn from the global RNG, so it
         # follows the run's seed and is the same on every rank)
         self.table_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
-        if cfg.oe.sparse_update:
+        sharded = cfg.oe.shard and _world_size() > 1
+        if cfg.oe.sparse_update and not sharded:
             self.tables = RowSparseTable(rows, self.width, cfg.oe.table_dtype)
             self.tables.reset_parameters()
-        elif cfg.oe.shard and _world_size() > 1:
-            self.tables = ShardedTable(rows, self.width)
         else:
-            self.tables = nn.Embedding(rows, self.width, _weight=torch.empty(rows, self.width))
-        if not cfg.oe.sparse_update:
+            if cfg.oe.sparse_update:
+                self.tables = ShardedRowSparseTable(rows, self.width, cfg.oe.table_dtype)
+            elif sharded:
+                self.tables = ShardedTable(rows, self.width)
+            else:
+                self.tables = nn.Embedding(rows, self.width, _weight=torch.empty(rows, self.width))
             # seeded by row chunk, so a sharded table is the same table cut into pieces
             init_table_rows(self.tables.weight, getattr(self.tables, "lo", 0), self.table_seed)
         self.proj = nn.Linear(self.num_slices * self.width, d, bias=False)
@@ -280,7 +283,7 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, RowSparseTable)]
 
     def sharded_tables(self) -> list[ShardedTable]:
-        return [m for m in self.modules() if isinstance(m, ShardedTable)]
+        return [m for m in self.modules() if isinstance(m, (ShardedTable, ShardedRowSparseTable))]
 
     def body_and_loss(self, looked_up: tuple[torch.Tensor, torch.Tensor | None], tokens: torch.Tensor, T: int,
                       targets: bool):

@@ -12,6 +12,10 @@ shards alone, shard gradients are divided by the world size (DDP's mean), clippi
 rank evaluates and samples in lockstep (each lookup is a collective), and each rank > 0 checkpoints its own rows
 and optimizer state next to rank 0's file. The table's initial values do not depend on the number of shards
 (``model.init_table_rows``). Ids are not deduplicated before sending.
+
+With ``model.oe.sparse_update`` as well, the shards are row-sparse (``ShardedRowSparseTable``): the same two
+all-to-alls per lookup, no dense shard gradient, and lazy Adam on the rows a step touched (overtok/sparse.py), run
+by each row's owner on the gradient rows every rank sends it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from overtok.sparse import RowSparseTable
+
 
 def _exchange(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
     out = x.new_empty((sum(recv_counts), *x.shape[1:]))
@@ -27,24 +33,35 @@ def _exchange(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], g
     return out
 
 
+def _route(flat_ids: torch.Tensor, rows_per_rank: int, group) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Order that sorts ids by owning rank, and the counts each rank sends to / receives from every other."""
+    world = dist.get_world_size(group)
+    owner = torch.div(flat_ids, rows_per_rank, rounding_mode="floor")
+    order = torch.argsort(owner, stable=True)
+    send_counts_t = torch.bincount(owner, minlength=world)
+    recv_counts_t = torch.empty_like(send_counts_t)
+    dist.all_to_all_single(recv_counts_t, send_counts_t, group=group)
+    return order, send_counts_t.tolist(), recv_counts_t.tolist()
+
+
+def _fetch_rows(flat_ids: torch.Tensor, shard: torch.Tensor, rows_per_rank: int, group):
+    """The rows of global ids ``flat_ids`` from their owners' shards, in the ids' order; plus what the backward
+    pass or the update needs to send gradients the same way: (rows, order, counts, local ids asked of this shard)."""
+    order, send_counts, recv_counts = _route(flat_ids, rows_per_rank, group)
+    wanted = _exchange(flat_ids[order], send_counts, recv_counts, group)  # ids other ranks need from this shard
+    local = wanted - dist.get_rank(group) * rows_per_rank
+    rows_sorted = _exchange(shard[local], recv_counts, send_counts, group)
+    rows = torch.empty_like(rows_sorted)
+    rows[order] = rows_sorted
+    return rows, order, (send_counts, recv_counts), local
+
+
 class _ShardedLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids: torch.Tensor, shard: torch.Tensor, rows_per_rank: int, group) -> torch.Tensor:
-        world = dist.get_world_size(group)
-        flat = ids.reshape(-1)
-        owner = torch.div(flat, rows_per_rank, rounding_mode="floor")
-        order = torch.argsort(owner, stable=True)
-        send_counts_t = torch.bincount(owner, minlength=world)
-        recv_counts_t = torch.empty_like(send_counts_t)
-        dist.all_to_all_single(recv_counts_t, send_counts_t, group=group)
-        send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
-        wanted = _exchange(flat[order], send_counts, recv_counts, group)  # ids other ranks need from this shard
-        local = wanted - dist.get_rank(group) * rows_per_rank
-        rows_sorted = _exchange(shard[local], recv_counts, send_counts, group)
-        out = torch.empty_like(rows_sorted)
-        out[order] = rows_sorted
+        out, order, counts, local = _fetch_rows(ids.reshape(-1), shard, rows_per_rank, group)
         ctx.save_for_backward(order, local)
-        ctx.counts, ctx.group, ctx.shard_shape = (send_counts, recv_counts), group, shard.shape
+        ctx.counts, ctx.group, ctx.shard_shape = counts, group, shard.shape
         return out.view(*ids.shape, shard.shape[1])
 
     @staticmethod
@@ -81,3 +98,41 @@ class ShardedTable(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return _ShardedLookup.apply(ids, self.weight, self.rows_per_rank, self.group)
+
+
+class ShardedRowSparseTable(RowSparseTable):
+    """This rank's rows of a row-sparse (num_rows, width) table (bf16 storage possible, lazy Adam: overtok/sparse.py);
+    ``forward(ids)`` takes global row ids. A lookup fetches rows from their owners (two all-to-alls); the rows'
+    gradient is captured as in ``RowSparseTable``. ``apply_update`` sends each (id, gradient row) to the id's owner
+    (two more all-to-alls), divides by the world size (the mean over ranks, as DDP averages the replicated
+    gradients) and applies lazy Adam to the owner's touched rows. ``apply_update`` is a collective and counts as one
+    optimizer step on every rank, whether or not its rows were touched: call it once per step on every rank."""
+
+    def __init__(self, num_rows: int, width: int, dtype: str = "float32", group=None):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        rows_per_rank = -(-num_rows // world)
+        lo = min(rank * rows_per_rank, num_rows)
+        hi = min(lo + rows_per_rank, num_rows)
+        super().__init__(hi - lo, width, dtype)
+        self.group, self.num_rows, self.rows_per_rank, self.lo, self.hi = group, num_rows, rows_per_rank, lo, hi
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = _fetch_rows(flat, self.weight, self.rows_per_rank, self.group)[0]
+        rows = rows.float().view(*ids.shape, self.weight.shape[1])
+        if torch.is_grad_enabled():
+            rows.requires_grad_(True)
+            rows.register_hook(lambda g: self._pending.append((flat, g.reshape(-1, g.shape[-1]))))
+        return rows
+
+    @torch.no_grad()
+    def apply_update(self, lr: float, beta1: float, beta2: float, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        if self._pending:
+            ids, grads = self._take_pending()
+        else:  # nothing looked up here: still take part in the exchange, and the step still counts
+            ids = torch.empty(0, dtype=torch.long, device=self.weight.device)
+            grads = torch.empty(0, self.weight.shape[1], device=self.weight.device)
+        order, send_counts, recv_counts = _route(ids, self.rows_per_rank, self.group)
+        local = _exchange(ids[order], send_counts, recv_counts, self.group) - self.lo
+        g = _exchange(grads[order].float(), send_counts, recv_counts, self.group) / dist.get_world_size(self.group)
+        self._update_rows(local, g, lr, beta1, beta2, eps, weight_decay)

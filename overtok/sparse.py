@@ -65,9 +65,21 @@ class RowSparseTable(nn.Module):
         """Lazy Adam on the rows touched since the last call (sums over micro-batches and duplicate ids)."""
         if not self._pending:
             return
+        self._update_rows(*self._take_pending(), lr, beta1, beta2, eps, weight_decay)
+
+    def _take_pending(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (ids, gradient rows) captured since the last update, concatenated; cleared."""
         ids, grads = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*self._pending))
         self._pending.clear()
+        return ids, grads
+
+    def _update_rows(self, ids: torch.Tensor, grads: torch.Tensor, lr: float, beta1: float, beta2: float, eps: float,
+                     weight_decay: float) -> None:
+        """One optimizer step: the step count advances; the rows in ``ids`` (local row numbers, duplicates summed;
+        none is allowed) get lazy Adam with ``grads``."""
         self.step += 1
+        if ids.numel() == 0:
+            return
         lr_t = torch.full((), lr, device=ids.device)  # a tensor: a new lr each step never recompiles
         rows, p, m, v = self._adam(self.weight, self.exp_avg, self.exp_avg_sq, ids, grads, self.step, lr_t,
                                    beta1, beta2, eps, weight_decay)

@@ -276,9 +276,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         trials.append(Trial(tid, cfg.tracking.run_name, varied, cfg))
     _expect(len(trials) > 0, "expands to no trials", file, "grid", lines)
     if resources.get("workers", 1) > 1 or resources.get("gpu", 0) >= 2:
-        _expect(not any(t.config.model.oe.sparse_update and t.config.model.oe.n > 1 for t in trials),
-                "row-sparse OE tables (model.oe.sparse_update) are not synchronised across data-parallel workers yet",
-                file, "resources.workers", lines)
+        _expect(not any(t.config.model.oe.sparse_update and t.config.model.oe.n > 1 and not t.config.model.oe.shard
+                        for t in trials),
+                "row-sparse OE tables (model.oe.sparse_update) with data-parallel workers must be sharded over them "
+                "(model.oe.shard: true)", file, "resources.workers", lines)
         _expect(raw.get("pack", 1) <= 1, "packed trials run in one process; data-parallel workers (resources.workers "
                 "or gpu >= 2) cannot be combined with pack > 1", file, "pack", lines)
 

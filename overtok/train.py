@@ -171,9 +171,20 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
     return autocast, flags
 
 
+def shard_state(model: Transformer) -> tuple[list[tuple[str, torch.nn.Parameter]], list[str]]:
+    """Row-sharded OE tables (model.oe.shard with several ranks), where each rank owns some rows: their weights as
+    (name, parameter), and the names of every parameter and buffer of theirs, which DDP must neither average nor
+    broadcast from rank 0 (row-sparse shards keep their Adam moments and step in buffers)."""
+    tables = model.sharded_tables()
+    weights = {id(m.weight) for m in tables}
+    buffers = {id(b) for m in tables for b in m.buffers()}
+    sharded = [(n, p) for n, p in model.named_parameters() if id(p) in weights]
+    return sharded, [n for n, _ in sharded] + [n for n, b in model.named_buffers() if id(b) in buffers]
+
+
 def wrap_ddp(model: Transformer, t: TrainConfig, device: torch.device, ignore: list[str]) -> torch.nn.Module:
-    """The model under DistributedDataParallel, leaving out the parameters named in ``ignore`` (row-sharded tables:
-    each rank owns its rows). Buckets of train.ddp_bucket_mb; gradients are views of them (no copy into them and
+    """The model under DistributedDataParallel, leaving out the parameters and buffers named in ``ignore``
+    (row-sharded tables: each rank owns its rows). Buckets of train.ddp_bucket_mb; gradients are views of them (no copy into them and
     back); with train.grad_reduce_dtype = bfloat16 they travel as bf16."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -273,9 +284,9 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     t_enter = time.time()
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if distributed and cfg.model.oe.sparse_update and cfg.model.oe.n > 1:
-        raise ValueError("row-sparse OE tables are not synchronised across data-parallel ranks yet; "
-                         "use model.oe.sparse_update: false with several workers")
+    if distributed and cfg.model.oe.sparse_update and cfg.model.oe.n > 1 and not cfg.model.oe.shard:
+        raise ValueError("row-sparse OE tables with several data-parallel ranks must be sharded over them: set "
+                         "model.oe.shard: true (or model.oe.sparse_update: false)")
     sink = _HistorySink(sink if (sink and rank == 0) else Sink())
     t = cfg.train
     device = device or pick_device(t.device)
@@ -286,10 +297,8 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     opt = make_optimizer(model, t, device)
     autocast, perf_flags = prepare_model(model, t, device, distributed)
     sparse_tables = model.sparse_tables()
-    # row-sharded OE tables (model.oe.shard with several ranks): each rank owns some rows; DDP must not average them
-    shard_weights = {id(m.weight) for m in model.sharded_tables()}
-    sharded = [(n, p) for n, p in model.named_parameters() if id(p) in shard_weights]
-    step_model = wrap_ddp(model, t, device, [n for n, _ in sharded]) if distributed else model
+    sharded, ignore = shard_state(model)
+    step_model = wrap_ddp(model, t, device, ignore) if distributed else model
     ckpt_dir = default_checkpoint_dir(cfg)
     step, tokens_seen, resumed_from = 0, 0, None
     state = load_latest_checkpoint(ckpt_dir)
