@@ -201,6 +201,8 @@ def ddp(args, rows):
     one = {"cpu": 0.9, "gpu": 0} if args.smoke else {"cpu": 4, "gpu": 1}  # the smoke run: 2 gloo workers on 2 CPUs
     two = {"cpu": 0.9, "workers": 2} if args.smoke else {"cpu": 8, "gpu": 2, "workers": 2}
     oe = {"n": 3, "k": 4, "m": args.ddp_oe_m}
+    if args.ddp_oe_sparse:  # row-sparse bf16 tables with lazy Adam, whole on 1 GPU / row-sparse shards on 2
+        oe.update(sparse_update=True, table_dtype="bfloat16")
     # (name, resources, model.oe, train settings, the 1-GPU row it is compared with)
     ddp_sets = [(f"{dt} gradients, {mb:g} MiB buckets", {"grad_reduce_dtype": dt, "ddp_bucket_mb": mb})
                 for dt in args.ddp_grad_dtypes for mb in args.ddp_bucket_mb]
@@ -270,6 +272,8 @@ def main():
     ap.add_argument("--ddp-no-graphs-ref", action="store_true", help="ddp: also 1 GPU without CUDA graphs")
     ap.add_argument("--ddp-env", nargs="+", default=[], metavar="K=V[,K=V]",
                     help="ddp: one more 2-GPU run (float32, 25 MiB) per entry, with these environment variables")
+    ap.add_argument("--ddp-oe-sparse", action="store_true",
+                    help="ddp: the OE pair with row-sparse bf16 tables (sharded ones on 2 GPUs)")
     ap.add_argument("--ddp-skip-oe", action="store_true", help="ddp: leave out the OE pair")
     ap.add_argument("--ddp-oe-m", type=int, default=1_000_001, help="ddp: OE table rows per slice (n = 3, k = 4)")
     ap.add_argument("--repeats", type=int, default=2, help="train/sweep pairs of the overhead benchmark")
