@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from overtok.sparse import RowSparseTable
+from overtok.sparse import RowSparseTable, _adam_rows
 
 
 def _exchange(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
@@ -115,6 +115,11 @@ class ShardedRowSparseTable(RowSparseTable):
         hi = min(lo + rows_per_rank, num_rows)
         super().__init__(hi - lo, width, dtype)
         self.group, self.num_rows, self.rows_per_rank, self.lo, self.hi = group, num_rows, rows_per_rank, lo, hi
+
+    def compile_update(self) -> None:
+        """As ``RowSparseTable.compile_update``, for dynamic shapes from the start: the number of rows a shard
+        receives changes every step, and a shape-specialised compile would be redone on the next one."""
+        self._adam = torch.compile(_adam_rows, dynamic=True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
