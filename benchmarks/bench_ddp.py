@@ -5,7 +5,9 @@ compilation (`prepare_model`) and DDP wrapper (`wrap_ddp`) on random tokens, sid
 - "N processes, no sync": N ranks under DDP inside `no_sync()`: the split compiled graph and DDP's hooks, every
   rank busy at once, but no gradient leaves a GPU;
 - "N processes": the real thing, gradients all-reduced while the backward runs;
-- with --grad-dtypes/--bucket-mb, more synced rows with those train settings.
+- with --grad-dtypes/--bucket-mb, more synced rows with those train settings;
+- with --oe-m, Over-Encoding (n 3, k 4): its table whole in 1 process vs row-sharded over N (--oe-sparse: row-sparse
+  bf16 tables with lazy Adam, as paper-scale tables run on one GPU).
 
 So 1 process -> no sync is what DDP's wrapper and N busy GPUs cost, no sync -> synced what the communication costs
 (exposed all-reduce and its kernels beside the backward's). Every row times blocks of steps issued back to back
@@ -33,17 +35,22 @@ import torch.multiprocessing as mp  # noqa: E402
 from benchmarks.common import H100_BF16_PEAK, Rows, config, profile_steps, release, time_block  # noqa: E402
 
 
-def model_sets(args) -> dict:
+def model_sets(args, oe: bool = False) -> dict:
     d, layers, heads, seq, v = (32, 2, 2, 32, 97) if args.smoke else (768, 12, 12, 1024, 50304)
-    return {"model.vocab_size": v, "model.d_model": d, "model.n_layers": layers, "model.n_heads": heads,
+    sets = {"model.vocab_size": v, "model.d_model": d, "model.n_layers": layers, "model.n_heads": heads,
             "model.seq_len": seq, "model.tie_embeddings": False, "data.batch_size": args.batch,
             "train.compile": not args.smoke}
+    if oe:  # n = 3, k = 4; whole in one process, row-sharded over the ranks (model.oe.shard)
+        sets.update({"model.oe.n": 3, "model.oe.k": 4, "model.oe.m": int(args.oe_m), "model.oe.shard": True})
+        if args.oe_sparse:
+            sets.update({"model.oe.sparse_update": True, "model.oe.table_dtype": "bfloat16"})
+    return sets
 
 
 def build(sets: dict, train_sets: dict, dev: torch.device, distributed: bool):
     """Model, optimizer, autocast and the module a step calls, as overtok.train.train sets them up."""
     from overtok.model import Transformer
-    from overtok.train import make_optimizer, prepare_model, wrap_ddp
+    from overtok.train import make_optimizer, prepare_model, shard_state, wrap_ddp
 
     cfg = config({**sets, **{f"train.{k}": v for k, v in train_sets.items()}})
     torch.manual_seed(0)
@@ -51,8 +58,9 @@ def build(sets: dict, train_sets: dict, dev: torch.device, distributed: bool):
         model = Transformer(cfg.model)
     opt = make_optimizer(model, cfg.train, dev)
     autocast, flags = prepare_model(model, cfg.train, dev, distributed)
-    step_model = wrap_ddp(model, cfg.train, dev, []) if distributed else model
-    return cfg, model, opt, autocast, step_model, flags
+    sharded, ignore = shard_state(model)
+    step_model = wrap_ddp(model, cfg.train, dev, ignore) if distributed else model
+    return cfg, model, opt, autocast, step_model, flags, [p for _, p in sharded]
 
 
 def run_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads: bool, args) -> dict:
@@ -61,7 +69,10 @@ def run_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads:
 
     dev = torch.device(f"cuda:{rank}") if torch.cuda.is_available() else torch.device("cpu")
     distributed = world > 1
-    cfg, model, opt, autocast, step_model, flags = build(sets, train_sets, dev, distributed)
+    from overtok.train import _clip_sharded
+
+    cfg, model, opt, autocast, step_model, flags, shards = build(sets, train_sets, dev, distributed)
+    sparse_tables = model.sparse_tables()
     g = torch.Generator(device=dev).manual_seed(rank)
     T = cfg.model.seq_len + cfg.model.lookahead
     batches = [torch.randint(0, cfg.model.vocab_size, (args.batch, T), device=dev, generator=g) for _ in range(4)]
@@ -75,9 +86,14 @@ def run_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads:
             with autocast():
                 _, losses = step_model(batches[i % 4])
             losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        if shards:  # as the trainer: shard gradients averaged, the norm global
+            _clip_sharded(model, shards, world, cfg.train.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        for table in sparse_tables:
+            table.apply_update(1e-3, 0.9, 0.95)
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -135,6 +151,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--grad-dtypes", nargs="+", default=[], choices=["bfloat16"], help="extra synced rows")
     ap.add_argument("--bucket-mb", type=float, nargs="+", default=[], help="extra synced rows")
+    ap.add_argument("--oe-m", type=float, default=0, help="also OE (n 3, k 4, this m): whole vs row-sharded")
+    ap.add_argument("--oe-sparse", action="store_true", help="the OE rows with row-sparse bf16 tables (lazy Adam)")
     ap.add_argument("--profile", action="store_true", help="rank 0's kernels by category (CUDA only)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, gloo, to check the script")
     args = ap.parse_args()
@@ -143,25 +161,36 @@ def main():
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     rows = Rows(args.out, " ".join(sys.argv))
     sets = model_sets(args)
+    oe_sets = model_sets(args, oe=True) if args.oe_m else None
+    table = "sparse bf16" if args.oe_sparse else "dense"
 
-    one = run_variant(0, 1, sets, {}, True, args)
-    release(torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu"))
-    ref = summarise("1 process", [one], 1, sets, {}, args)
-    rows.append(ref)
+    refs = {}  # the 1-process rows, in this process; each N-process row is compared with its group's
+    for group, s in (("", sets), ("OE", oe_sets)):
+        if s is None:
+            continue
+        name = "1 process" + (f", OE table whole ({table})" if group else "")
+        refs[group] = summarise(name, [run_variant(0, 1, s, {}, True, args)], 1, s, {}, args)
+        release(torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu"))
+        rows.append(refs[group])
     jobs = [(f"{args.world} processes, no sync", sets, {}, False), (f"{args.world} processes", sets, {}, True)]
     jobs += [(f"{args.world} processes, {dt} gradients", sets, {"grad_reduce_dtype": dt}, True) for dt in args.grad_dtypes]
     jobs += [(f"{args.world} processes, {mb:g} MiB buckets", sets, {"ddp_bucket_mb": mb}, True) for mb in args.bucket_mb]
+    if oe_sets:
+        jobs.append((f"{args.world} processes, OE table row-sharded ({table})", oe_sets, {}, True))
     with mp.Manager() as manager, tempfile.TemporaryDirectory() as tmp:
         results = manager.dict()
         mp.spawn(_worker, args=(args.world, f"{tmp}/store", jobs, args, results), nprocs=args.world, join=True)
         got = dict(results)
-    print(f"{'variant':>36} {'step ms':>9} {'tokens/s':>12} {'vs 1 process':>13} {'MFU/GPU':>8}", flush=True)
-    print(f"{ref['name']:>36} {ref['step_ms']:9.2f} {ref['tokens_per_s']:12,.0f} {'':>13} {ref['mfu_per_gpu']:8.3f}", flush=True)
-    for name, _, train_sets, _ in jobs:
-        row = summarise(name, [got[(name, r)] for r in range(args.world)], args.world, sets, train_sets, args)
+    print(f"{'variant':>48} {'step ms':>9} {'tokens/s':>12} {'vs 1 process':>13} {'MFU/GPU':>8}", flush=True)
+    for ref in refs.values():
+        print(f"{ref['name']:>48} {ref['step_ms']:9.2f} {ref['tokens_per_s']:12,.0f} {'':>13} {ref['mfu_per_gpu']:8.3f}",
+              flush=True)
+    for name, s, train_sets, _ in jobs:
+        ref = refs["OE" if s is oe_sets else ""]
+        row = summarise(name, [got[(name, r)] for r in range(args.world)], args.world, s, train_sets, args)
         row["vs_1_process"] = row["tokens_per_s"] / ref["tokens_per_s"]
         rows.append(row)
-        print(f"{name:>36} {row['step_ms']:9.2f} {row['tokens_per_s']:12,.0f} {row['vs_1_process']:13.2f} "
+        print(f"{name:>48} {row['step_ms']:9.2f} {row['tokens_per_s']:12,.0f} {row['vs_1_process']:13.2f} "
               f"{row['mfu_per_gpu']:8.3f}", flush=True)
         cats = row["ranks"][0].get("profile_categories_ms")
         if cats:
