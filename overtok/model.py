@@ -124,7 +124,7 @@ class OverEncoding(nn.Module):
         # follows the run's seed and is the same on every rank)
         self.table_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
         sharded = cfg.oe.shard and _world_size() > 1
-        if cfg.oe.sparse_update and not sharded:
+        if cfg.oe.sparse_update and not sharded:  # keeps its own initialisation, as the runs before shards had
             self.tables = RowSparseTable(rows, self.width, cfg.oe.table_dtype)
             self.tables.reset_parameters()
         else:
@@ -282,7 +282,7 @@ class Transformer(nn.Module):
     def sparse_tables(self) -> list[RowSparseTable]:
         return [m for m in self.modules() if isinstance(m, RowSparseTable)]
 
-    def sharded_tables(self) -> list[ShardedTable]:
+    def sharded_tables(self) -> list[ShardedTable | ShardedRowSparseTable]:
         return [m for m in self.modules() if isinstance(m, (ShardedTable, ShardedRowSparseTable))]
 
     def body_and_loss(self, looked_up: tuple[torch.Tensor, torch.Tensor | None], tokens: torch.Tensor, T: int,
