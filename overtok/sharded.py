@@ -102,11 +102,14 @@ class ShardedTable(nn.Module):
 
 class ShardedRowSparseTable(RowSparseTable):
     """This rank's rows of a row-sparse (num_rows, width) table (bf16 storage possible, lazy Adam: overtok/sparse.py);
-    ``forward(ids)`` takes global row ids. A lookup fetches rows from their owners (two all-to-alls); the rows'
-    gradient is captured as in ``RowSparseTable``. ``apply_update`` sends each (id, gradient row) to the id's owner
-    (two more all-to-alls), divides by the world size (the mean over ranks, as DDP averages the replicated
-    gradients) and applies lazy Adam to the owner's touched rows. ``apply_update`` is a collective and counts as one
-    optimizer step on every rank, whether or not its rows were touched: call it once per step on every rank."""
+    ``forward(ids)`` takes global row ids. A lookup fetches rows from their owners (two all-to-alls) and, with
+    autograd on, keeps its routing (the order, the counts, the local ids this shard served); the rows' gradient is
+    captured by a hook as in ``RowSparseTable``. ``apply_update`` sends every lookup's gradient rows back the way
+    their rows came (one all-to-all per lookup, no new routing: no host sync), divides them by the world size (the
+    mean over ranks, as DDP averages the replicated gradients) and applies lazy Adam to the owner's touched rows.
+    Lookups are collectives, so every rank makes the same number; ``apply_update`` is one too and counts as one
+    optimizer step on every rank: call it once per step on every rank, after the backward of every lookup made
+    with autograd on since the last call."""
 
     def __init__(self, num_rows: int, width: int, dtype: str = "float32", group=None):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -115,6 +118,7 @@ class ShardedRowSparseTable(RowSparseTable):
         hi = min(lo + rows_per_rank, num_rows)
         super().__init__(hi - lo, width, dtype)
         self.group, self.num_rows, self.rows_per_rank, self.lo, self.hi = group, num_rows, rows_per_rank, lo, hi
+        self._lookups: list[dict] = []  # routing of the lookups since the last update, and their gradients
 
     def compile_update(self) -> None:
         """As ``RowSparseTable.compile_update``, for dynamic shapes from the start: the number of rows a shard
@@ -122,22 +126,29 @@ class ShardedRowSparseTable(RowSparseTable):
         self._adam = torch.compile(_adam_rows, dynamic=True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        rows = _fetch_rows(flat, self.weight, self.rows_per_rank, self.group)[0]
+        rows, order, counts, local = _fetch_rows(ids.reshape(-1), self.weight, self.rows_per_rank, self.group)
         rows = rows.float().view(*ids.shape, self.weight.shape[1])
         if torch.is_grad_enabled():
+            lookup = {"order": order, "counts": counts, "local": local, "grad": None}
+            self._lookups.append(lookup)
             rows.requires_grad_(True)
-            rows.register_hook(lambda g: self._pending.append((flat, g.reshape(-1, g.shape[-1]))))
+            rows.register_hook(lambda g: lookup.update(grad=g.reshape(-1, g.shape[-1])))
         return rows
 
     @torch.no_grad()
     def apply_update(self, lr: float, beta1: float, beta2: float, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        if self._pending:
-            ids, grads = self._take_pending()
-        else:  # nothing looked up here: still take part in the exchange, and the step still counts
-            ids = torch.empty(0, dtype=torch.long, device=self.weight.device)
-            grads = torch.empty(0, self.weight.shape[1], device=self.weight.device)
-        order, send_counts, recv_counts = _route(ids, self.rows_per_rank, self.group)
-        local = _exchange(ids[order], send_counts, recv_counts, self.group) - self.lo
-        g = _exchange(grads[order].float(), send_counts, recv_counts, self.group) / dist.get_world_size(self.group)
-        self._update_rows(local, g, lr, beta1, beta2, eps, weight_decay)
+        lookups, self._lookups = self._lookups, []
+        local, grads = [torch.empty(0, dtype=torch.long, device=self.weight.device)], []
+        for lk in lookups:
+            g = lk["grad"]
+            if g is None:
+                if lk["order"].numel():
+                    raise RuntimeError("ShardedRowSparseTable.apply_update: a lookup made with autograd on has had "
+                                       "no backward pass")
+                g = torch.empty(0, self.weight.shape[1], device=self.weight.device)
+            send_counts, recv_counts = lk["counts"]
+            grads.append(_exchange(g[lk["order"]].float(), send_counts, recv_counts, self.group))
+            local.append(lk["local"])
+        width = self.weight.shape[1]
+        g = torch.cat(grads) if grads else torch.empty(0, width, device=self.weight.device)
+        self._update_rows(torch.cat(local), g / dist.get_world_size(self.group), lr, beta1, beta2, eps, weight_decay)

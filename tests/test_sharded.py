@@ -93,6 +93,9 @@ def _sparse_worker(rank: int, world: int, init_file: str, compiled: bool):
             assert int(table.step) == int(full.step) == step + 1
         if compiled:
             assert counters["stats"]["unique_graphs"] == 1, "the compiled row update was recompiled"
+        table(torch.randint(0, rows, (2, 3), generator=g))  # looked up with autograd on, never backpropagated
+        with pytest.raises(RuntimeError, match="no backward pass"):
+            table.apply_update(1e-2, 0.9, 0.95)
     finally:
         dist.destroy_process_group()
 
