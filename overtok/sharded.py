@@ -33,21 +33,22 @@ def _exchange(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], g
     return out
 
 
-def _route(flat_ids: torch.Tensor, rows_per_rank: int, group) -> tuple[torch.Tensor, list[int], list[int]]:
-    """Order that sorts ids by owning rank, and the counts each rank sends to / receives from every other."""
-    world = dist.get_world_size(group)
-    owner = torch.div(flat_ids, rows_per_rank, rounding_mode="floor")
-    order = torch.argsort(owner, stable=True)
-    send_counts_t = torch.bincount(owner, minlength=world)
-    recv_counts_t = torch.empty_like(send_counts_t)
-    dist.all_to_all_single(recv_counts_t, send_counts_t, group=group)
-    return order, send_counts_t.tolist(), recv_counts_t.tolist()
+def _shard_range(num_rows: int, group) -> tuple[int, int, int]:
+    """(rows per rank, first row, end row) of this rank's shard: rows [rank * R, (rank + 1) * R), R = ceil(rows / world)."""
+    rows_per_rank = -(-num_rows // dist.get_world_size(group))
+    lo = min(dist.get_rank(group) * rows_per_rank, num_rows)
+    return rows_per_rank, lo, min(lo + rows_per_rank, num_rows)
 
 
 def _fetch_rows(flat_ids: torch.Tensor, shard: torch.Tensor, rows_per_rank: int, group):
     """The rows of global ids ``flat_ids`` from their owners' shards, in the ids' order; plus what the backward
     pass or the update needs to send gradients the same way: (rows, order, counts, local ids asked of this shard)."""
-    order, send_counts, recv_counts = _route(flat_ids, rows_per_rank, group)
+    owner = torch.div(flat_ids, rows_per_rank, rounding_mode="floor")
+    order = torch.argsort(owner, stable=True)
+    send_counts_t = torch.bincount(owner, minlength=dist.get_world_size(group))
+    recv_counts_t = torch.empty_like(send_counts_t)
+    dist.all_to_all_single(recv_counts_t, send_counts_t, group=group)
+    send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
     wanted = _exchange(flat_ids[order], send_counts, recv_counts, group)  # ids other ranks need from this shard
     local = wanted - dist.get_rank(group) * rows_per_rank
     rows_sorted = _exchange(shard[local], recv_counts, send_counts, group)
@@ -80,12 +81,8 @@ class ShardedTable(nn.Module):
 
     def __init__(self, num_rows: int, width: int, group=None):
         super().__init__()
-        self.group = group
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        self.num_rows = num_rows
-        self.rows_per_rank = -(-num_rows // world)
-        self.lo = min(rank * self.rows_per_rank, num_rows)
-        self.hi = min(self.lo + self.rows_per_rank, num_rows)
+        self.group, self.num_rows = group, num_rows
+        self.rows_per_rank, self.lo, self.hi = _shard_range(num_rows, group)
         self.weight = nn.Parameter(torch.empty(self.hi - self.lo, width))  # filled by model.init_table_rows
 
     @classmethod
@@ -112,10 +109,7 @@ class ShardedRowSparseTable(RowSparseTable):
     with autograd on since the last call."""
 
     def __init__(self, num_rows: int, width: int, dtype: str = "float32", group=None):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        rows_per_rank = -(-num_rows // world)
-        lo = min(rank * rows_per_rank, num_rows)
-        hi = min(lo + rows_per_rank, num_rows)
+        rows_per_rank, lo, hi = _shard_range(num_rows, group)
         super().__init__(hi - lo, width, dtype)
         self.group, self.num_rows, self.rows_per_rank, self.lo, self.hi = group, num_rows, rows_per_rank, lo, hi
         self._lookups: list[dict] = []  # routing of the lookups since the last update, and their gradients
@@ -138,17 +132,17 @@ class ShardedRowSparseTable(RowSparseTable):
     @torch.no_grad()
     def apply_update(self, lr: float, beta1: float, beta2: float, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         lookups, self._lookups = self._lookups, []
-        local, grads = [torch.empty(0, dtype=torch.long, device=self.weight.device)], []
+        none = torch.empty(0, self.weight.shape[1], device=self.weight.device)  # a lookup of no ids, or no lookup
+        local, grads = [torch.empty(0, dtype=torch.long, device=self.weight.device)], [none]
         for lk in lookups:
             g = lk["grad"]
             if g is None:
                 if lk["order"].numel():
                     raise RuntimeError("ShardedRowSparseTable.apply_update: a lookup made with autograd on has had "
                                        "no backward pass")
-                g = torch.empty(0, self.weight.shape[1], device=self.weight.device)
+                g = none
             send_counts, recv_counts = lk["counts"]
             grads.append(_exchange(g[lk["order"]].float(), send_counts, recv_counts, self.group))
             local.append(lk["local"])
-        width = self.weight.shape[1]
-        g = torch.cat(grads) if grads else torch.empty(0, width, device=self.weight.device)
-        self._update_rows(torch.cat(local), g / dist.get_world_size(self.group), lr, beta1, beta2, eps, weight_decay)
+        g = torch.cat(grads) / dist.get_world_size(self.group)
+        self._update_rows(torch.cat(local), g, lr, beta1, beta2, eps, weight_decay)

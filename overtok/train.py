@@ -184,8 +184,8 @@ def shard_state(model: Transformer) -> tuple[list[tuple[str, torch.nn.Parameter]
 
 def wrap_ddp(model: Transformer, t: TrainConfig, device: torch.device, ignore: list[str]) -> torch.nn.Module:
     """The model under DistributedDataParallel, leaving out the parameters and buffers named in ``ignore``
-    (row-sharded tables: each rank owns its rows). Buckets of train.ddp_bucket_mb; gradients are views of them (no copy into them and
-    back); with train.grad_reduce_dtype = bfloat16 they travel as bf16."""
+    (row-sharded tables: each rank owns its rows). Buckets of train.ddp_bucket_mb; gradients are views of them
+    (no copy into them and back); with train.grad_reduce_dtype = bfloat16 they travel as bf16."""
     from torch.nn.parallel import DistributedDataParallel
 
     if ignore:
