@@ -153,6 +153,7 @@ def main():
     ap.add_argument("--bucket-mb", type=float, nargs="+", default=[], help="extra synced rows")
     ap.add_argument("--oe-m", type=float, default=0, help="also OE (n 3, k 4, this m): whole vs row-sharded")
     ap.add_argument("--oe-sparse", action="store_true", help="the OE rows with row-sparse bf16 tables (lazy Adam)")
+    ap.add_argument("--oe-only", action="store_true", help="with --oe-m: only the OE rows (no dense model rows)")
     ap.add_argument("--profile", action="store_true", help="rank 0's kernels by category (CUDA only)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, gloo, to check the script")
     args = ap.parse_args()
@@ -160,7 +161,9 @@ def main():
         args.batch, args.steps, args.blocks, args.warmup = 2, 2, 2, 1
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     rows = Rows(args.out, " ".join(sys.argv))
-    sets = model_sets(args)
+    if args.oe_only and not args.oe_m:
+        ap.error("--oe-only needs --oe-m")
+    sets = None if args.oe_only else model_sets(args)
     oe_sets = model_sets(args, oe=True) if args.oe_m else None
     table = "sparse bf16" if args.oe_sparse else "dense"
 
@@ -172,9 +175,13 @@ def main():
         refs[group] = summarise(name, [run_variant(0, 1, s, {}, True, args)], 1, s, {}, args)
         release(torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu"))
         rows.append(refs[group])
-    jobs = [(f"{args.world} processes, no sync", sets, {}, False), (f"{args.world} processes", sets, {}, True)]
-    jobs += [(f"{args.world} processes, {dt} gradients", sets, {"grad_reduce_dtype": dt}, True) for dt in args.grad_dtypes]
-    jobs += [(f"{args.world} processes, {mb:g} MiB buckets", sets, {"ddp_bucket_mb": mb}, True) for mb in args.bucket_mb]
+    jobs = []
+    if sets is not None:
+        jobs += [(f"{args.world} processes, no sync", sets, {}, False), (f"{args.world} processes", sets, {}, True)]
+        jobs += [(f"{args.world} processes, {dt} gradients", sets, {"grad_reduce_dtype": dt}, True)
+                 for dt in args.grad_dtypes]
+        jobs += [(f"{args.world} processes, {mb:g} MiB buckets", sets, {"ddp_bucket_mb": mb}, True)
+                 for mb in args.bucket_mb]
     if oe_sets:
         jobs.append((f"{args.world} processes, OE table row-sharded ({table})", oe_sets, {}, True))
     with mp.Manager() as manager, tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,6 @@
 """Data parallelism over real gloo process groups (2 and 3 processes): row-sharded OE tables (lookups and gradients
-equal the unsharded table exactly, for the hashed ids of a real OverEncoding) and the trainer's DDP wrapper."""
+equal the unsharded table exactly, for the hashed ids of a real OverEncoding) and the trainer's DDP wrapper. The
+table-level tests run over NCCL too where a machine has two GPUs (marked gpu, skipped elsewhere)."""
 
 import os
 
@@ -10,9 +11,27 @@ import torch.multiprocessing as mp
 
 from tests.conftest import tiny_config
 
+NCCL_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                                                   reason="needs two CUDA devices")]
 
-def _worker(rank: int, world: int, init_file: str, n_rows_override: int | None):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+def nccl(*values):
+    """A parameter row run over NCCL on two GPUs (skipped elsewhere)."""
+    return pytest.param(*values, "nccl", marks=NCCL_MARKS, id="-".join(map(str, values)) + "-nccl")
+
+
+def _init(rank: int, world: int, init_file: str, backend: str = "gloo") -> torch.device:
+    """Join the group; the device this rank's tensors live on (its own GPU under NCCL)."""
+    dev = torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        dev = torch.device(f"cuda:{rank}")
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    return dev
+
+
+def _worker(rank: int, world: int, init_file: str, n_rows_override: int | None, backend: str):
+    dev = _init(rank, world, init_file, backend)
     try:
         from overtok.model import OverEncoding
         from overtok.sharded import ShardedTable
@@ -23,16 +42,19 @@ def _worker(rank: int, world: int, init_file: str, n_rows_override: int | None):
         full = oe.tables.weight.detach().clone()
         if n_rows_override:  # a row count that does not divide by the world size
             full = torch.randn(n_rows_override, full.shape[1])
-        table = ShardedTable.from_full(full, None)
+        full = full.to(dev)
+        with torch.device(dev):
+            table = ShardedTable.from_full(full, None)
         assert table.weight.shape[0] <= -(-full.shape[0] // world)
 
         g = torch.Generator().manual_seed(100 + rank)  # every rank looks up different ids
         tokens = torch.randint(0, cfg.model.vocab_size, (3, 17), generator=g)
         ids = oe.slice_ids(tokens) if not n_rows_override else torch.randint(0, full.shape[0], (5, 7, 2), generator=g)
+        ids = ids.to(dev)
         rows = table(ids)
         assert torch.equal(rows, full[ids]), "sharded lookup differs from the full table"
 
-        upstream = torch.randn(rows.shape, generator=g)
+        upstream = torch.randn(rows.shape, generator=g).to(dev)
         (rows * upstream).sum().backward()
         ref = full.clone().requires_grad_(True)
         (ref[ids] * upstream).sum().backward()
@@ -43,15 +65,16 @@ def _worker(rank: int, world: int, init_file: str, n_rows_override: int | None):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,rows", [(2, None), (3, None), (3, 1000)])
-def test_sharded_lookup_and_gradients_equal_the_full_table(tmp_path, world, rows):
+@pytest.mark.parametrize("world,rows,backend", [(2, None, "gloo"), (3, None, "gloo"), (3, 1000, "gloo"),
+                                                nccl(2, None), nccl(2, 1001)])
+def test_sharded_lookup_and_gradients_equal_the_full_table(tmp_path, world, rows, backend):
     init_file = str(tmp_path / "store")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(world, init_file, rows), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, init_file, rows, backend), nprocs=world, join=True)
 
 
-def _sparse_worker(rank: int, world: int, init_file: str, compiled: bool):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _sparse_worker(rank: int, world: int, init_file: str, compiled: bool, backend: str):
+    dev = _init(rank, world, init_file, backend)
     try:
         from torch._dynamo.utils import counters
 
@@ -60,9 +83,10 @@ def _sparse_worker(rank: int, world: int, init_file: str, compiled: bool):
         from overtok.sparse import RowSparseTable
 
         rows, width, seed = 1009, 8, 1234
-        full = RowSparseTable(rows, width)  # the whole table, updated from every rank's gradients
+        with torch.device(dev):
+            full = RowSparseTable(rows, width)  # the whole table, updated from every rank's gradients
+            table = ShardedRowSparseTable(rows, width)
         init_table_rows(full.weight, 0, seed)
-        table = ShardedRowSparseTable(rows, width)
         init_table_rows(table.weight, table.lo, seed)
         if compiled:  # as the trainer on CUDA; the rows a shard receives differ in number every step
             table.compile_update()
@@ -72,6 +96,7 @@ def _sparse_worker(rank: int, world: int, init_file: str, compiled: bool):
             looks = not (step == 1 and rank == 0)  # at step 1 rank 0 looks nothing up (the update still runs)
             ids = torch.randint(0, rows, (3, 5, 2), generator=g) if looks else torch.zeros(0, 5, 2, dtype=torch.long)
             upstream = torch.randn(*ids.shape, width, generator=g)
+            ids, upstream = ids.to(dev), upstream.to(dev)
             if looks:
                 got = table(ids)
                 want = full.weight[ids]  # compiled arithmetic may round differently from the eager reference
@@ -82,9 +107,9 @@ def _sparse_worker(rank: int, world: int, init_file: str, compiled: bool):
                 table(ids)  # a lookup of no ids is still a collective
             table.apply_update(1e-2, 0.9, 0.95, weight_decay=0.1)
             # the reference: every rank's (ids, gradient rows), averaged over the ranks, one lazy-Adam step
-            every = [None] * world
-            dist.all_gather_object(every, (ids.reshape(-1), upstream.reshape(-1, width)))
-            full._pending.append((torch.cat([i for i, _ in every]), torch.cat([u for _, u in every]) / world))
+            every = [None] * world  # (CPU tensors: a pickled CUDA tensor would come back on its sender's device)
+            dist.all_gather_object(every, (ids.reshape(-1).cpu(), upstream.reshape(-1, width).cpu()))
+            full._pending.append((torch.cat([i for i, _ in every]).to(dev), torch.cat([u for _, u in every]).to(dev) / world))
             full.apply_update(1e-2, 0.9, 0.95, weight_decay=0.1)
             lo, hi = table.lo, table.hi
             for name in ("weight", "exp_avg", "exp_avg_sq"):
@@ -93,7 +118,7 @@ def _sparse_worker(rank: int, world: int, init_file: str, compiled: bool):
             assert int(table.step) == int(full.step) == step + 1
         if compiled:
             assert counters["stats"]["unique_graphs"] == 1, "the compiled row update was recompiled"
-        table(torch.randint(0, rows, (2, 3), generator=g))  # looked up with autograd on, never backpropagated
+        table(torch.randint(0, rows, (2, 3), generator=g).to(dev))  # looked up with autograd on, never backpropagated
         with pytest.raises(RuntimeError, match="no backward pass"):
             table.apply_update(1e-2, 0.9, 0.95)
     finally:
@@ -126,13 +151,14 @@ def test_ddp_leaves_each_row_sparse_shard_its_own_moments(tmp_path):
     mp.spawn(_ddp_buffers_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
 
 
-@pytest.mark.parametrize("world,compiled", [(2, False), (3, False), (2, True)])
-def test_sharded_row_sparse_table_updates_like_the_full_table(tmp_path, world, compiled):
+@pytest.mark.parametrize("world,compiled,backend", [(2, False, "gloo"), (3, False, "gloo"), (2, True, "gloo"),
+                                                    nccl(2, False), nccl(2, True)])
+def test_sharded_row_sparse_table_updates_like_the_full_table(tmp_path, world, compiled, backend):
     """Row-sparse shards (lazy Adam run by each row's owner on the gradient rows every rank sends it) give the rows,
     moments and step count of the whole row-sparse table updated with every rank's averaged gradients; the compiled
     update too, compiled once for every number of rows."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_sparse_worker, args=(world, str(tmp_path / "store"), compiled), nprocs=world, join=True)
+    mp.spawn(_sparse_worker, args=(world, str(tmp_path / "store"), compiled, backend), nprocs=world, join=True)
 
 
 def _train_worker(rank: int, world: int, init_file: str, out_dir: str):
