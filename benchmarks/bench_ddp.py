@@ -35,19 +35,20 @@ import torch.multiprocessing as mp  # noqa: E402
 from benchmarks.common import H100_BF16_PEAK, Rows, config, profile_steps, release, time_block  # noqa: E402
 
 
-def model_sets(args, oe: bool = False) -> dict:
+def model_sets(args, oe: bool = False, exchange: str = "auto") -> dict:
     d, layers, heads, seq, v = (32, 2, 2, 32, 97) if args.smoke else (768, 12, 12, 1024, 50304)
     sets = {"model.vocab_size": v, "model.d_model": d, "model.n_layers": layers, "model.n_heads": heads,
             "model.seq_len": seq, "model.tie_embeddings": False, "data.batch_size": args.batch,
             "train.compile": not args.smoke}
     if oe:  # n = 3, k = 4; whole in one process, row-sharded over the ranks (model.oe.shard)
-        sets.update({"model.oe.n": 3, "model.oe.k": 4, "model.oe.m": int(args.oe_m), "model.oe.shard": True})
+        sets.update({"model.oe.n": 3, "model.oe.k": 4, "model.oe.m": int(args.oe_m), "model.oe.shard": True,
+                     "model.oe.shard_exchange": exchange})
         if args.oe_sparse:
             sets.update({"model.oe.sparse_update": True, "model.oe.table_dtype": "bfloat16"})
     return sets
 
 
-def build(sets: dict, train_sets: dict, dev: torch.device, distributed: bool):
+def build(sets: dict, train_sets: dict, dev: torch.device, distributed: bool, stock_reduce: bool = False):
     """Model, optimizer, autocast and the module a step calls, as overtok.train.train sets them up."""
     from overtok.model import Transformer
     from overtok.train import make_optimizer, prepare_model, shard_state, wrap_ddp
@@ -59,11 +60,12 @@ def build(sets: dict, train_sets: dict, dev: torch.device, distributed: bool):
     opt = make_optimizer(model, cfg.train, dev)
     autocast, flags = prepare_model(model, cfg.train, dev, distributed)
     sharded, ignore = shard_state(model)
-    step_model = wrap_ddp(model, cfg.train, dev, ignore) if distributed else model
+    step_model = wrap_ddp(model, cfg.train, dev, ignore, stock_reduce) if distributed else model
     return cfg, model, opt, autocast, step_model, flags, [p for _, p in sharded]
 
 
-def run_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads: bool, args) -> dict:
+def run_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads: bool, args,
+                stock_reduce: bool = False) -> dict:
     """Warm up, then time ``args.blocks`` blocks of ``args.steps`` steps; returns this rank's numbers."""
     import contextlib
 
@@ -71,7 +73,7 @@ def run_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads:
     distributed = world > 1
     from overtok.train import _clip_sharded
 
-    cfg, model, opt, autocast, step_model, flags, shards = build(sets, train_sets, dev, distributed)
+    cfg, model, opt, autocast, step_model, flags, shards = build(sets, train_sets, dev, distributed, stock_reduce)
     sparse_tables = model.sparse_tables()
     g = torch.Generator(device=dev).manual_seed(rank)
     T = cfg.model.seq_len + cfg.model.lookahead
@@ -119,8 +121,8 @@ def _worker(rank: int, world: int, init_file: str, jobs: list, args, results) ->
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        for name, sets, train_sets, sync_grads in jobs:
-            results[(name, rank)] = run_variant(rank, world, sets, train_sets, sync_grads, args)
+        for name, sets, train_sets, sync_grads, stock in jobs:
+            results[(name, rank)] = run_variant(rank, world, sets, train_sets, sync_grads, args, stock)
             release(torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu"))
             dist.barrier()
     finally:
@@ -153,6 +155,10 @@ def main():
     ap.add_argument("--bucket-mb", type=float, nargs="+", default=[], help="extra synced rows")
     ap.add_argument("--oe-m", type=float, default=0, help="also OE (n 3, k 4, this m): whole vs row-sharded")
     ap.add_argument("--oe-sparse", action="store_true", help="the OE rows with row-sparse bf16 tables (lazy Adam)")
+    ap.add_argument("--oe-exchanges", nargs="+", default=["auto"], choices=["auto", "padded", "counts"],
+                    help="one row-sharded OE row per model.oe.shard_exchange")
+    ap.add_argument("--stock-reduce", action="store_true",
+                    help="also a synced row with DDP's own float32 reduction instead of the trainer's AVG hook")
     ap.add_argument("--oe-only", action="store_true", help="with --oe-m: only the OE rows (no dense model rows)")
     ap.add_argument("--profile", action="store_true", help="rank 0's kernels by category (CUDA only)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, gloo, to check the script")
@@ -175,15 +181,19 @@ def main():
         refs[group] = summarise(name, [run_variant(0, 1, s, {}, True, args)], 1, s, {}, args)
         release(torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu"))
         rows.append(refs[group])
-    jobs = []
+    jobs = []  # (name, model settings, train settings, gradients synced, DDP's own reduction)
     if sets is not None:
-        jobs += [(f"{args.world} processes, no sync", sets, {}, False), (f"{args.world} processes", sets, {}, True)]
-        jobs += [(f"{args.world} processes, {dt} gradients", sets, {"grad_reduce_dtype": dt}, True)
+        jobs += [(f"{args.world} processes, no sync", sets, {}, False, False),
+                 (f"{args.world} processes", sets, {}, True, False)]
+        if args.stock_reduce:
+            jobs.append((f"{args.world} processes, DDP's own reduction", sets, {}, True, True))
+        jobs += [(f"{args.world} processes, {dt} gradients", sets, {"grad_reduce_dtype": dt}, True, False)
                  for dt in args.grad_dtypes]
-        jobs += [(f"{args.world} processes, {mb:g} MiB buckets", sets, {"ddp_bucket_mb": mb}, True)
+        jobs += [(f"{args.world} processes, {mb:g} MiB buckets", sets, {"ddp_bucket_mb": mb}, True, False)
                  for mb in args.bucket_mb]
-    if oe_sets:
-        jobs.append((f"{args.world} processes, OE table row-sharded ({table})", oe_sets, {}, True))
+    for ex in args.oe_exchanges if oe_sets else []:
+        jobs.append((f"{args.world} processes, OE table row-sharded ({table}, {ex} exchange)",
+                     model_sets(args, oe=True, exchange=ex), {}, True, False))
     with mp.Manager() as manager, tempfile.TemporaryDirectory() as tmp:
         results = manager.dict()
         mp.spawn(_worker, args=(args.world, f"{tmp}/store", jobs, args, results), nprocs=args.world, join=True)
@@ -192,8 +202,8 @@ def main():
     for ref in refs.values():
         print(f"{ref['name']:>48} {ref['step_ms']:9.2f} {ref['tokens_per_s']:12,.0f} {'':>13} {ref['mfu_per_gpu']:8.3f}",
               flush=True)
-    for name, s, train_sets, _ in jobs:
-        ref = refs["OE" if s is oe_sets else ""]
+    for name, s, train_sets, _, _ in jobs:
+        ref = refs["OE" if "model.oe.n" in s else ""]
         row = summarise(name, [got[(name, r)] for r in range(args.world)], args.world, s, train_sets, args)
         row["vs_1_process"] = row["tokens_per_s"] / ref["tokens_per_s"]
         rows.append(row)
