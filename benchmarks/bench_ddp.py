@@ -10,8 +10,10 @@ compilation (`prepare_model`) and DDP wrapper (`wrap_ddp`) on random tokens, sid
   bf16 tables with lazy Adam, as paper-scale tables run on one GPU).
 
 So 1 process -> no sync is what DDP's wrapper and N busy GPUs cost, no sync -> synced what the communication costs
-(exposed all-reduce and its kernels beside the backward's). Every row times blocks of steps issued back to back
-(CUDA events, all ranks), and --profile adds rank 0's kernels by category, with NCCL's on their own.
+(exposed all-reduce and its kernels beside the backward's). Every variant is built side by side in
+the same processes and timed in rounds (one block of steps issued back to back per variant and round, all ranks),
+so the machine's slow phases fall on every variant alike; rows give the median block and the best round. --profile
+adds rank 0's kernels by category, with NCCL's on their own.
 
     python benchmarks/bench_ddp.py --out benchmarks/results/gpu_ddp_direct.json [--world 2] [--profile] [--smoke]
 """
@@ -32,7 +34,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchmarks.common import H100_BF16_PEAK, Rows, config, profile_steps, release, time_block  # noqa: E402
+from benchmarks.common import H100_BF16_PEAK, Rows, config, profile_steps, time_block  # noqa: E402
 
 
 def model_sets(args, oe: bool = False, exchange: str = "auto") -> dict:
@@ -64,9 +66,10 @@ def build(sets: dict, train_sets: dict, dev: torch.device, distributed: bool, st
     return cfg, model, opt, autocast, step_model, flags, [p for _, p in sharded]
 
 
-def run_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads: bool, args,
-                stock_reduce: bool = False) -> dict:
-    """Warm up, then time ``args.blocks`` blocks of ``args.steps`` steps; returns this rank's numbers."""
+def make_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads: bool, args,
+                 stock_reduce: bool = False):
+    """Build one variant on this rank (``world`` 1: the model alone, no DDP) and warm it up; returns (step, sync,
+    its flags and warm-up seconds)."""
     import contextlib
 
     dev = torch.device(f"cuda:{rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -105,26 +108,38 @@ def run_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads:
     for i in range(args.warmup):
         step(i)
     sync()
-    warm_s = time.time() - t0
-    blocks = [time_block(step, sync, args.steps) for _ in range(args.blocks)]
-    out = {"rank": rank, "step_ms_blocks": [b * 1000 for b in blocks], "warmup_s": warm_s, **flags}
-    if args.profile and dev.type == "cuda":  # every rank steps (collectives), rank 0's kernels are kept
-        prof = profile_steps(step, sync, dev)
-        if rank == 0:
-            out.update(prof)
-    return out  # the caller releases the model's memory (release) before the next variant
+    return step, sync, flags, time.time() - t0
 
 
 def _worker(rank: int, world: int, init_file: str, jobs: list, args, results) -> None:
+    """Every variant built side by side in each rank's process, then timed in rounds (one block of each variant per
+    round), so a slow phase of the machine falls on every variant alike. A 1-process variant runs on rank 0 while
+    the others wait."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        for name, sets, train_sets, sync_grads, stock in jobs:
-            results[(name, rank)] = run_variant(rank, world, sets, train_sets, sync_grads, args, stock)
-            release(torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu"))
+        built = []
+        for name, n_proc, sets, train_sets, sync_grads, stock in jobs:
+            mine = rank < n_proc
+            built.append(make_variant(rank, n_proc, sets, train_sets, sync_grads, args, stock) if mine else None)
+            if mine:
+                results[(name, rank)] = {"rank": rank, "step_ms_blocks": [], "warmup_s": built[-1][3], **built[-1][2]}
             dist.barrier()
+        for _ in range(args.blocks):
+            for (name, *_), b in zip(jobs, built):
+                if b is not None:
+                    row = results[(name, rank)]  # (a manager's dict hands out copies: write the row back)
+                    row["step_ms_blocks"] = row["step_ms_blocks"] + [time_block(b[0], b[1], args.steps) * 1000]
+                    results[(name, rank)] = row
+                dist.barrier()
+        if args.profile and backend == "nccl":  # every rank steps (collectives), rank 0's kernels are kept
+            for (name, *_), b in zip(jobs, built):
+                prof = profile_steps(b[0], b[1], torch.device(f"cuda:{rank}")) if b is not None else None
+                if rank == 0:
+                    results[(name, rank)] = {**results[(name, rank)], **prof}
+                dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -135,9 +150,12 @@ def summarise(name: str, ranks: list[dict], world: int, sets: dict, train_sets: 
     cfg = config(sets)
     # a block ends when the slowest rank's does: the global rate follows the slowest rank's mean step
     step_ms = max(statistics.median(r["step_ms_blocks"]) for r in ranks)
+    # rounds end at a barrier, so block i of every rank covers the same time: the fastest round, by its slowest rank
+    best = min(max(blocks) for blocks in zip(*(r["step_ms_blocks"] for r in ranks)))
     tokens = world * args.batch * cfg.model.seq_len
     tps = tokens / (step_ms / 1000)
     row = {"name": name, "world": world, "train": train_sets, "batch_per_rank": args.batch, "step_ms": step_ms,
+           "step_ms_best": best,
            "tokens_per_s": tps, "mfu_per_gpu": tps / world * accounting.flops_per_token(cfg.model) / H100_BF16_PEAK,
            "ranks": ranks}
     return row
@@ -173,41 +191,41 @@ def main():
     oe_sets = model_sets(args, oe=True) if args.oe_m else None
     table = "sparse bf16" if args.oe_sparse else "dense"
 
-    refs = {}  # the 1-process rows, in this process; each N-process row is compared with its group's
-    for group, s in (("", sets), ("OE", oe_sets)):
-        if s is None:
-            continue
-        name = "1 process" + (f", OE table whole ({table})" if group else "")
-        refs[group] = summarise(name, [run_variant(0, 1, s, {}, True, args)], 1, s, {}, args)
-        release(torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu"))
-        rows.append(refs[group])
-    jobs = []  # (name, model settings, train settings, gradients synced, DDP's own reduction)
+    # (name, processes, model settings, train settings, gradients synced, DDP's own reduction)
+    jobs = []
     if sets is not None:
-        jobs += [(f"{args.world} processes, no sync", sets, {}, False, False),
-                 (f"{args.world} processes", sets, {}, True, False)]
+        jobs += [("1 process", 1, sets, {}, True, False),
+                 (f"{args.world} processes, no sync", args.world, sets, {}, False, False),
+                 (f"{args.world} processes", args.world, sets, {}, True, False)]
         if args.stock_reduce:
-            jobs.append((f"{args.world} processes, DDP's own reduction", sets, {}, True, True))
-        jobs += [(f"{args.world} processes, {dt} gradients", sets, {"grad_reduce_dtype": dt}, True, False)
+            jobs.append((f"{args.world} processes, DDP's own reduction", args.world, sets, {}, True, True))
+        jobs += [(f"{args.world} processes, {dt} gradients", args.world, sets, {"grad_reduce_dtype": dt}, True, False)
                  for dt in args.grad_dtypes]
-        jobs += [(f"{args.world} processes, {mb:g} MiB buckets", sets, {"ddp_bucket_mb": mb}, True, False)
+        jobs += [(f"{args.world} processes, {mb:g} MiB buckets", args.world, sets, {"ddp_bucket_mb": mb}, True, False)
                  for mb in args.bucket_mb]
-    for ex in args.oe_exchanges if oe_sets else []:
-        jobs.append((f"{args.world} processes, OE table row-sharded ({table}, {ex} exchange)",
-                     model_sets(args, oe=True, exchange=ex), {}, True, False))
+    if oe_sets:  # the whole table in one process (as a 1-GPU trial holds it), then row-sharded over the ranks
+        jobs.append((f"1 process, OE table whole ({table})", 1, {**oe_sets, "model.oe.shard": False}, {}, True, False))
+        jobs += [(f"{args.world} processes, OE table row-sharded ({table}, {ex} exchange)", args.world,
+                  model_sets(args, oe=True, exchange=ex), {}, True, False) for ex in args.oe_exchanges]
     with mp.Manager() as manager, tempfile.TemporaryDirectory() as tmp:
         results = manager.dict()
         mp.spawn(_worker, args=(args.world, f"{tmp}/store", jobs, args, results), nprocs=args.world, join=True)
         got = dict(results)
-    print(f"{'variant':>48} {'step ms':>9} {'tokens/s':>12} {'vs 1 process':>13} {'MFU/GPU':>8}", flush=True)
-    for ref in refs.values():
-        print(f"{ref['name']:>48} {ref['step_ms']:9.2f} {ref['tokens_per_s']:12,.0f} {'':>13} {ref['mfu_per_gpu']:8.3f}",
-              flush=True)
-    for name, s, train_sets, _, _ in jobs:
-        ref = refs["OE" if "model.oe.n" in s else ""]
-        row = summarise(name, [got[(name, r)] for r in range(args.world)], args.world, s, train_sets, args)
-        row["vs_1_process"] = row["tokens_per_s"] / ref["tokens_per_s"]
+    refs = {}
+    for name, n_proc, s, train_sets, _, _ in jobs:
+        if n_proc == 1:
+            refs["model.oe.n" in s] = summarise(name, [got[(name, 0)]], 1, s, train_sets, args)
+    print(f"{'variant':>64} {'step ms':>9} {'best ms':>9} {'tokens/s':>12} {'vs 1 process':>13} {'MFU/GPU':>8}",
+          flush=True)
+    for name, n_proc, s, train_sets, _, _ in jobs:
+        ref = refs["model.oe.n" in s]
+        row = summarise(name, [got[(name, r)] for r in range(n_proc)], n_proc, s, train_sets, args)
+        if n_proc > 1:
+            row["vs_1_process"] = row["tokens_per_s"] / ref["tokens_per_s"]
+            row["vs_1_process_best_blocks"] = ref["step_ms_best"] * n_proc / row["step_ms_best"]
         rows.append(row)
-        print(f"{name:>48} {row['step_ms']:9.2f} {row['tokens_per_s']:12,.0f} {row['vs_1_process']:13.2f} "
+        vs = f"{row['vs_1_process']:13.2f}" if n_proc > 1 else " " * 13
+        print(f"{name:>64} {row['step_ms']:9.2f} {row['step_ms_best']:9.2f} {row['tokens_per_s']:12,.0f} {vs} "
               f"{row['mfu_per_gpu']:8.3f}", flush=True)
         cats = row["ranks"][0].get("profile_categories_ms")
         if cats:
