@@ -37,20 +37,19 @@ import torch.multiprocessing as mp  # noqa: E402
 from benchmarks.common import H100_BF16_PEAK, Rows, config, profile_steps, time_block  # noqa: E402
 
 
-def model_sets(args, oe: bool = False, exchange: str = "auto") -> dict:
+def model_sets(args, oe: bool = False) -> dict:
     d, layers, heads, seq, v = (32, 2, 2, 32, 97) if args.smoke else (768, 12, 12, 1024, 50304)
     sets = {"model.vocab_size": v, "model.d_model": d, "model.n_layers": layers, "model.n_heads": heads,
             "model.seq_len": seq, "model.tie_embeddings": False, "data.batch_size": args.batch,
             "train.compile": not args.smoke}
     if oe:  # n = 3, k = 4; whole in one process, row-sharded over the ranks (model.oe.shard)
-        sets.update({"model.oe.n": 3, "model.oe.k": 4, "model.oe.m": int(args.oe_m), "model.oe.shard": True,
-                     "model.oe.shard_exchange": exchange})
+        sets.update({"model.oe.n": 3, "model.oe.k": 4, "model.oe.m": int(args.oe_m), "model.oe.shard": True})
         if args.oe_sparse:
             sets.update({"model.oe.sparse_update": True, "model.oe.table_dtype": "bfloat16"})
     return sets
 
 
-def build(sets: dict, train_sets: dict, dev: torch.device, distributed: bool, stock_reduce: bool = False):
+def build(sets: dict, train_sets: dict, dev: torch.device, distributed: bool):
     """Model, optimizer, autocast and the module a step calls, as overtok.train.train sets them up."""
     from overtok.model import Transformer
     from overtok.train import make_optimizer, prepare_model, shard_state, wrap_ddp
@@ -62,12 +61,11 @@ def build(sets: dict, train_sets: dict, dev: torch.device, distributed: bool, st
     opt = make_optimizer(model, cfg.train, dev)
     autocast, flags = prepare_model(model, cfg.train, dev, distributed)
     sharded, ignore = shard_state(model)
-    step_model = wrap_ddp(model, cfg.train, dev, ignore, stock_reduce) if distributed else model
+    step_model = wrap_ddp(model, cfg.train, dev, ignore) if distributed else model
     return cfg, model, opt, autocast, step_model, flags, [p for _, p in sharded]
 
 
-def make_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads: bool, args,
-                 stock_reduce: bool = False):
+def make_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads: bool, args):
     """Build one variant on this rank (``world`` 1: the model alone, no DDP) and warm it up; returns (step, sync,
     its flags and warm-up seconds)."""
     import contextlib
@@ -76,7 +74,7 @@ def make_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads
     distributed = world > 1
     from overtok.train import _clip_sharded
 
-    cfg, model, opt, autocast, step_model, flags, shards = build(sets, train_sets, dev, distributed, stock_reduce)
+    cfg, model, opt, autocast, step_model, flags, shards = build(sets, train_sets, dev, distributed)
     sparse_tables = model.sparse_tables()
     g = torch.Generator(device=dev).manual_seed(rank)
     T = cfg.model.seq_len + cfg.model.lookahead
@@ -121,9 +119,9 @@ def _worker(rank: int, world: int, init_file: str, jobs: list, args, results) ->
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         built = []
-        for name, n_proc, sets, train_sets, sync_grads, stock in jobs:
+        for name, n_proc, sets, train_sets, sync_grads in jobs:
             mine = rank < n_proc
-            built.append(make_variant(rank, n_proc, sets, train_sets, sync_grads, args, stock) if mine else None)
+            built.append(make_variant(rank, n_proc, sets, train_sets, sync_grads, args) if mine else None)
             if mine:
                 results[(name, rank)] = {"rank": rank, "step_ms_blocks": [], "warmup_s": built[-1][3], **built[-1][2]}
             dist.barrier()
@@ -173,10 +171,6 @@ def main():
     ap.add_argument("--bucket-mb", type=float, nargs="+", default=[], help="extra synced rows")
     ap.add_argument("--oe-m", type=float, default=0, help="also OE (n 3, k 4, this m): whole vs row-sharded")
     ap.add_argument("--oe-sparse", action="store_true", help="the OE rows with row-sparse bf16 tables (lazy Adam)")
-    ap.add_argument("--oe-exchanges", nargs="+", default=["auto"], choices=["auto", "padded", "counts"],
-                    help="one row-sharded OE row per model.oe.shard_exchange")
-    ap.add_argument("--stock-reduce", action="store_true",
-                    help="also a synced row with DDP's own float32 reduction instead of the trainer's AVG hook")
     ap.add_argument("--oe-only", action="store_true", help="with --oe-m: only the OE rows (no dense model rows)")
     ap.add_argument("--profile", action="store_true", help="rank 0's kernels by category (CUDA only)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, gloo, to check the script")
@@ -191,33 +185,28 @@ def main():
     oe_sets = model_sets(args, oe=True) if args.oe_m else None
     table = "sparse bf16" if args.oe_sparse else "dense"
 
-    # (name, processes, model settings, train settings, gradients synced, DDP's own reduction)
-    jobs = []
+    jobs = []  # (name, processes, model settings, train settings, gradients synced)
     if sets is not None:
-        jobs += [("1 process", 1, sets, {}, True, False),
-                 (f"{args.world} processes, no sync", args.world, sets, {}, False, False),
-                 (f"{args.world} processes", args.world, sets, {}, True, False)]
-        if args.stock_reduce:
-            jobs.append((f"{args.world} processes, DDP's own reduction", args.world, sets, {}, True, True))
-        jobs += [(f"{args.world} processes, {dt} gradients", args.world, sets, {"grad_reduce_dtype": dt}, True, False)
+        jobs += [("1 process", 1, sets, {}, True), (f"{args.world} processes, no sync", args.world, sets, {}, False),
+                 (f"{args.world} processes", args.world, sets, {}, True)]
+        jobs += [(f"{args.world} processes, {dt} gradients", args.world, sets, {"grad_reduce_dtype": dt}, True)
                  for dt in args.grad_dtypes]
-        jobs += [(f"{args.world} processes, {mb:g} MiB buckets", args.world, sets, {"ddp_bucket_mb": mb}, True, False)
+        jobs += [(f"{args.world} processes, {mb:g} MiB buckets", args.world, sets, {"ddp_bucket_mb": mb}, True)
                  for mb in args.bucket_mb]
     if oe_sets:  # the whole table in one process (as a 1-GPU trial holds it), then row-sharded over the ranks
-        jobs.append((f"1 process, OE table whole ({table})", 1, {**oe_sets, "model.oe.shard": False}, {}, True, False))
-        jobs += [(f"{args.world} processes, OE table row-sharded ({table}, {ex} exchange)", args.world,
-                  model_sets(args, oe=True, exchange=ex), {}, True, False) for ex in args.oe_exchanges]
+        jobs += [(f"1 process, OE table whole ({table})", 1, {**oe_sets, "model.oe.shard": False}, {}, True),
+                 (f"{args.world} processes, OE table row-sharded ({table})", args.world, oe_sets, {}, True)]
     with mp.Manager() as manager, tempfile.TemporaryDirectory() as tmp:
         results = manager.dict()
         mp.spawn(_worker, args=(args.world, f"{tmp}/store", jobs, args, results), nprocs=args.world, join=True)
         got = dict(results)
     refs = {}
-    for name, n_proc, s, train_sets, _, _ in jobs:
+    for name, n_proc, s, train_sets, _ in jobs:
         if n_proc == 1:
             refs["model.oe.n" in s] = summarise(name, [got[(name, 0)]], 1, s, train_sets, args)
     print(f"{'variant':>64} {'step ms':>9} {'best ms':>9} {'tokens/s':>12} {'vs 1 process':>13} {'MFU/GPU':>8}",
           flush=True)
-    for name, n_proc, s, train_sets, _, _ in jobs:
+    for name, n_proc, s, train_sets, _ in jobs:
         ref = refs["model.oe.n" in s]
         row = summarise(name, [got[(name, r)] for r in range(n_proc)], n_proc, s, train_sets, args)
         if n_proc > 1:

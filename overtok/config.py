@@ -126,11 +126,6 @@ class OEConfig:
     and rows exchanged all-to-all, so the table grows with the number of GPUs. A single process holds it whole.
     Dense shards get AdamW; with sparse_update, row-sparse shards get lazy Adam from their rows' owners (the only
     way to use row-sparse tables with several workers)."""
-    shard_exchange: Literal["auto", "padded", "counts"] = "auto"
-    """How a sharded lookup sends ids and rows (overtok/sharded.py): 'padded' sends every owner a slot as large as
-    the lookup (equal all-to-all parts, no wait for the GPU, world x the bytes); 'counts' only the ids each owner
-    serves (a GPU sync per lookup to read the counts); 'auto' = padded up to 8 workers. The same rows and updates
-    (not part of the trial id)."""
 
 
 @dataclass

@@ -123,17 +123,15 @@ class OverEncoding(nn.Module):
         # dense and sharded tables are filled by init_table_rows from this seed (drawn from the global RNG, so it
         # follows the run's seed and is the same on every rank)
         self.table_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
-        world = _world_size()
-        sharded = cfg.oe.shard and world > 1
-        exchange = cfg.oe.shard_exchange if cfg.oe.shard_exchange != "auto" else ("padded" if world <= 8 else "counts")
+        sharded = cfg.oe.shard and _world_size() > 1
         if cfg.oe.sparse_update and not sharded:  # keeps its own initialisation, as the runs before shards had
             self.tables = RowSparseTable(rows, self.width, cfg.oe.table_dtype)
             self.tables.reset_parameters()
         else:
             if cfg.oe.sparse_update:
-                self.tables = ShardedRowSparseTable(rows, self.width, cfg.oe.table_dtype, exchange=exchange)
+                self.tables = ShardedRowSparseTable(rows, self.width, cfg.oe.table_dtype)
             elif sharded:
-                self.tables = ShardedTable(rows, self.width, exchange=exchange)
+                self.tables = ShardedTable(rows, self.width)
             else:
                 self.tables = nn.Embedding(rows, self.width, _weight=torch.empty(rows, self.width))
             # seeded by row chunk, so a sharded table is the same table cut into pieces

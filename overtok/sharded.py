@@ -27,9 +27,8 @@ import torch.nn as nn
 from overtok.sparse import RowSparseTable, _adam_rows
 
 
-def _exchange(x: torch.Tensor, send_counts: list[int] | None, recv_counts: list[int] | None, group) -> torch.Tensor:
-    """All-to-all of ``x``'s rows: ``send_counts[r]`` of them to rank r; None: equal parts (no counts needed)."""
-    out = x.new_empty((sum(recv_counts), *x.shape[1:])) if recv_counts is not None else torch.empty_like(x)
+def _exchange(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
     return out
 
@@ -41,95 +40,48 @@ def _shard_range(num_rows: int, group) -> tuple[int, int, int]:
     return rows_per_rank, lo, min(lo + rows_per_rank, num_rows)
 
 
-# How a lookup moves ids and rows (``exchange`` of the tables below):
-# - "padded" (default): every rank sends each owner a slot of N ids padded with -1 (N = the most ids any rank looks
-#   up, agreed on the host over a gloo group), so the all-to-alls have equal parts and the GPU never waits for the
-#   host: no counts to read back, no sync; world x the exact volume.
-# - "counts": only the ids each owner serves; the counts go first and the host reads them (a GPU sync per lookup).
-EXCHANGES = ("padded", "counts")
-_HOST_GROUPS: dict = {}
-
-
-def _most_ids(n: int, group) -> int:
-    """The largest ``n`` over the ranks, agreed on the CPU (a gloo group next to an NCCL one), so nothing waits for
-    the GPU. Every rank makes the same calls (lookups are collectives anyway)."""
-    pg = group or dist.group.WORLD
-    if dist.get_backend(pg) == "gloo":
-        host = pg
-    else:  # created once per process group (kept with it, so its id stays its own), by every rank at its first lookup
-        if id(pg) not in _HOST_GROUPS:
-            _HOST_GROUPS[id(pg)] = (pg, dist.new_group(dist.get_process_group_ranks(pg), backend="gloo"))
-        host = _HOST_GROUPS[id(pg)][1]
-    t = torch.tensor([n])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host)
-    return int(t)
-
-
-def _fetch_rows(flat_ids: torch.Tensor, shard: torch.Tensor, rows_per_rank: int, group, exchange: str = "padded"):
-    """The rows of global ids ``flat_ids`` from their owners' shards, in the ids' order, and the lookup's routing,
-    which sends gradients back the same way (``_to_owners``). On the owner's side the routing holds ``local``, the
-    local row of every id it received (0 for padding), and ``valid`` (None: every one is an id)."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+def _fetch_rows(flat_ids: torch.Tensor, shard: torch.Tensor, rows_per_rank: int, group):
+    """The rows of global ids ``flat_ids`` from their owners' shards, in the ids' order; plus what the backward
+    pass or the update needs to send gradients the same way: (rows, order, counts, local ids asked of this shard)."""
     owner = torch.div(flat_ids, rows_per_rank, rounding_mode="floor")
     order = torch.argsort(owner, stable=True)
-    counts = torch.bincount(owner, minlength=world)
-    if exchange == "padded":
-        n = _most_ids(flat_ids.numel(), group)
-        sorted_owner = owner[order]
-        first = torch.cumsum(counts, 0) - counts  # where each owner's ids start in sorted order
-        slot = torch.empty_like(order)  # each id's place in the (world, n) send buffer
-        slot[order] = sorted_owner * n + torch.arange(flat_ids.numel(), device=flat_ids.device) - first[sorted_owner]
-        send = flat_ids.new_full((world * n,), -1)
-        send[slot] = flat_ids
-        wanted = _exchange(send, None, None, group)
-        valid = wanted >= 0
-        local = torch.where(valid, wanted - rank * rows_per_rank, 0)
-        rows = _exchange(shard[local], None, None, group)[slot]
-        return rows, {"slot": slot, "n": n, "local": local, "valid": valid}
-    recv_counts_t = torch.empty_like(counts)
-    dist.all_to_all_single(recv_counts_t, counts, group=group)
-    send_counts, recv_counts = counts.tolist(), recv_counts_t.tolist()
+    send_counts_t = torch.bincount(owner, minlength=dist.get_world_size(group))
+    recv_counts_t = torch.empty_like(send_counts_t)
+    dist.all_to_all_single(recv_counts_t, send_counts_t, group=group)
+    send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
     wanted = _exchange(flat_ids[order], send_counts, recv_counts, group)  # ids other ranks need from this shard
-    local = wanted - rank * rows_per_rank
+    local = wanted - dist.get_rank(group) * rows_per_rank
     rows_sorted = _exchange(shard[local], recv_counts, send_counts, group)
     rows = torch.empty_like(rows_sorted)
     rows[order] = rows_sorted
-    return rows, {"order": order, "counts": (send_counts, recv_counts), "local": local, "valid": None}
-
-
-def _to_owners(grad: torch.Tensor, routing: dict, group) -> torch.Tensor:
-    """Gradient rows (one per looked-up id, in the ids' order) sent to the rows' owners, along ``routing``; on the
-    owner's side they line up with ``routing["local"]`` (padding gets zero rows)."""
-    if "slot" in routing:
-        send = grad.new_zeros((routing["n"] * dist.get_world_size(group), grad.shape[1]))
-        send[routing["slot"]] = grad
-        return _exchange(send, None, None, group)
-    send_counts, recv_counts = routing["counts"]
-    return _exchange(grad[routing["order"]], send_counts, recv_counts, group)
+    return rows, order, (send_counts, recv_counts), local
 
 
 class _ShardedLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ids: torch.Tensor, shard: torch.Tensor, rows_per_rank: int, group, exchange: str) -> torch.Tensor:
-        out, routing = _fetch_rows(ids.reshape(-1), shard, rows_per_rank, group, exchange)
-        ctx.routing, ctx.group, ctx.shard_shape = routing, group, shard.shape
+    def forward(ctx, ids: torch.Tensor, shard: torch.Tensor, rows_per_rank: int, group) -> torch.Tensor:
+        out, order, counts, local = _fetch_rows(ids.reshape(-1), shard, rows_per_rank, group)
+        ctx.save_for_backward(order, local)
+        ctx.counts, ctx.group, ctx.shard_shape = counts, group, shard.shape
         return out.view(*ids.shape, shard.shape[1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        g_owned = _to_owners(grad.reshape(-1, grad.shape[-1]), ctx.routing, ctx.group)
+        order, local = ctx.saved_tensors
+        send_counts, recv_counts = ctx.counts
+        g = grad.reshape(-1, grad.shape[-1])[order]
+        g_owned = _exchange(g, send_counts, recv_counts, ctx.group)
         grad_shard = torch.zeros(ctx.shard_shape, dtype=grad.dtype, device=grad.device)
-        grad_shard.index_add_(0, ctx.routing["local"], g_owned)  # padding adds zero rows to row 0
-        ctx.routing = None
-        return None, grad_shard, None, None, None
+        grad_shard.index_add_(0, local, g_owned)
+        return None, grad_shard, None, None
 
 
 class ShardedTable(nn.Module):
     """This rank's rows of a (num_rows, width) table; ``forward(ids)`` takes global row ids (any shape)."""
 
-    def __init__(self, num_rows: int, width: int, group=None, exchange: str = "padded"):
+    def __init__(self, num_rows: int, width: int, group=None):
         super().__init__()
-        self.group, self.num_rows, self.exchange = group, num_rows, exchange
+        self.group, self.num_rows = group, num_rows
         self.rows_per_rank, self.lo, self.hi = _shard_range(num_rows, group)
         self.weight = nn.Parameter(torch.empty(self.hi - self.lo, width))  # filled by model.init_table_rows
 
@@ -142,7 +94,7 @@ class ShardedTable(nn.Module):
         return t
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return _ShardedLookup.apply(ids, self.weight, self.rows_per_rank, self.group, self.exchange)
+        return _ShardedLookup.apply(ids, self.weight, self.rows_per_rank, self.group)
 
 
 class ShardedRowSparseTable(RowSparseTable):
@@ -156,11 +108,10 @@ class ShardedRowSparseTable(RowSparseTable):
     optimizer step on every rank: call it once per step on every rank, after the backward of every lookup made
     with autograd on since the last call."""
 
-    def __init__(self, num_rows: int, width: int, dtype: str = "float32", group=None, exchange: str = "padded"):
+    def __init__(self, num_rows: int, width: int, dtype: str = "float32", group=None):
         rows_per_rank, lo, hi = _shard_range(num_rows, group)
         super().__init__(hi - lo, width, dtype)
         self.group, self.num_rows, self.rows_per_rank, self.lo, self.hi = group, num_rows, rows_per_rank, lo, hi
-        self.exchange = exchange
         self._lookups: list[dict] = []  # routing of the lookups since the last update, and their gradients
 
     def compile_update(self) -> None:
@@ -169,10 +120,10 @@ class ShardedRowSparseTable(RowSparseTable):
         self._adam = torch.compile(_adam_rows, dynamic=True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows, routing = _fetch_rows(ids.reshape(-1), self.weight, self.rows_per_rank, self.group, self.exchange)
+        rows, order, counts, local = _fetch_rows(ids.reshape(-1), self.weight, self.rows_per_rank, self.group)
         rows = rows.float().view(*ids.shape, self.weight.shape[1])
         if torch.is_grad_enabled():
-            lookup = {"routing": routing, "looked_up": ids.numel() > 0, "grad": None}
+            lookup = {"order": order, "counts": counts, "local": local, "grad": None}
             self._lookups.append(lookup)
             rows.requires_grad_(True)
             rows.register_hook(lambda g: lookup.update(grad=g.reshape(-1, g.shape[-1])))
@@ -181,20 +132,17 @@ class ShardedRowSparseTable(RowSparseTable):
     @torch.no_grad()
     def apply_update(self, lr: float, beta1: float, beta2: float, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         lookups, self._lookups = self._lookups, []
-        dev, width = self.weight.device, self.weight.shape[1]
-        # every list starts with an empty piece: a step without lookups still updates (and is a collective)
-        local, grads, valid = [torch.empty(0, dtype=torch.long, device=dev)], [torch.empty(0, width, device=dev)], []
+        none = torch.empty(0, self.weight.shape[1], device=self.weight.device)  # a lookup of no ids, or no lookup
+        local, grads = [torch.empty(0, dtype=torch.long, device=self.weight.device)], [none]
         for lk in lookups:
             g = lk["grad"]
             if g is None:
-                if lk["looked_up"]:
+                if lk["order"].numel():
                     raise RuntimeError("ShardedRowSparseTable.apply_update: a lookup made with autograd on has had "
                                        "no backward pass")
-                g = torch.empty(0, width, device=dev)  # a lookup of no ids
-            routing = lk["routing"]
-            grads.append(_to_owners(g.float(), routing, self.group))
-            local.append(routing["local"])
-            valid.append(routing["valid"] if routing["valid"] is not None else torch.ones_like(routing["local"], dtype=torch.bool))
-        mask = torch.cat(valid) if any(lk["routing"]["valid"] is not None for lk in lookups) else None
+                g = none
+            send_counts, recv_counts = lk["counts"]
+            grads.append(_exchange(g[lk["order"]].float(), send_counts, recv_counts, self.group))
+            local.append(lk["local"])
         g = torch.cat(grads) / dist.get_world_size(self.group)
-        self._update_rows(torch.cat(local), g, lr, beta1, beta2, eps, weight_decay, valid=mask)
+        self._update_rows(torch.cat(local), g, lr, beta1, beta2, eps, weight_decay)

@@ -74,16 +74,15 @@ class RowSparseTable(nn.Module):
         return ids, grads
 
     def _update_rows(self, ids: torch.Tensor, grads: torch.Tensor, lr: float, beta1: float, beta2: float, eps: float,
-                     weight_decay: float, valid: torch.Tensor | None = None) -> None:
+                     weight_decay: float) -> None:
         """One optimizer step: the step count advances; the rows in ``ids`` (local row numbers, duplicates summed;
-        none is allowed) get lazy Adam with ``grads``. Entries where ``valid`` is False are padding (zero gradient):
-        a row that only padding names is left as it is."""
+        none is allowed) get lazy Adam with ``grads``."""
         self.step += 1
         if ids.numel() == 0:
             return
         lr_t = torch.full((), lr, device=ids.device)  # a tensor: a new lr each step never recompiles
         rows, p, m, v = self._adam(self.weight, self.exp_avg, self.exp_avg_sq, ids, grads, self.step, lr_t,
-                                   beta1, beta2, eps, weight_decay, valid)
+                                   beta1, beta2, eps, weight_decay)
         self.exp_avg[rows] = m
         self.exp_avg_sq[rows] = v
         self.weight[rows] = p
@@ -93,10 +92,9 @@ class RowSparseTable(nn.Module):
 
 
 def _adam_rows(weight, exp_avg, exp_avg_sq, ids, grads, step, lr, beta1: float, beta2: float, eps: float,
-               weight_decay: float, valid=None):
+               weight_decay: float):
     """One lazy-Adam step of the rows in ``ids`` (N occurrences, duplicates allowed) with gradients ``grads``
     (N, w): returns N row indices and their new (param, exp_avg, exp_avg_sq) in the table's dtype, math in float32.
-    With ``valid`` (N bools), a row none of whose occurrences is valid gets its old values back (padding).
 
     No host sync (``torch.unique`` would wait for the GPU to learn the number of distinct rows): ids are sorted
     into segments of equal id, gradients summed per segment into N slots, and the slots past the last segment
@@ -120,10 +118,4 @@ def _adam_rows(weight, exp_avg, exp_avg_sq, ids, grads, step, lr, beta1: float, 
         p = p * (1 - lr * weight_decay)
     t = step.to(torch.float32)
     p = p - lr / (1 - beta1**t) * m / ((v / (1 - beta2**t)).sqrt() + eps)
-    p, m, v = p.to(weight.dtype), m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)
-    if valid is not None:  # rows named by padding only: unchanged
-        touched = (torch.zeros(n, device=ids.device).index_add_(0, seg_of, valid.float()) > 0)[slot, None]
-        p = torch.where(touched, p, weight[rows])
-        m = torch.where(touched, m, exp_avg[rows])
-        v = torch.where(touched, v, exp_avg_sq[rows])
-    return rows, p, m, v
+    return rows, p.to(weight.dtype), m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)

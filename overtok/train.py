@@ -182,13 +182,10 @@ def shard_state(model: Transformer) -> tuple[list[tuple[str, torch.nn.Parameter]
     return sharded, [n for n, _ in sharded] + [n for n, b in model.named_buffers() if id(b) in buffers]
 
 
-def wrap_ddp(model: Transformer, t: TrainConfig, device: torch.device, ignore: list[str],
-             stock_reduce: bool = False) -> torch.nn.Module:
+def wrap_ddp(model: Transformer, t: TrainConfig, device: torch.device, ignore: list[str]) -> torch.nn.Module:
     """The model under DistributedDataParallel, leaving out the parameters and buffers named in ``ignore``
     (row-sharded tables: each rank owns its rows). Buckets of train.ddp_bucket_mb; gradients are views of them
-    (no copy into them and back), averaged by ``_avg_all_reduce`` (NCCL divides inside the reduction); with
-    train.grad_reduce_dtype = bfloat16 they travel as bf16. ``stock_reduce`` (benchmarks) keeps DDP's own float32
-    reduction, which divides every gradient by the world size in a kernel of its own first."""
+    (no copy into them and back); with train.grad_reduce_dtype = bfloat16 they travel as bf16."""
     from torch.nn.parallel import DistributedDataParallel
 
     if ignore:
@@ -197,24 +194,7 @@ def wrap_ddp(model: Transformer, t: TrainConfig, device: torch.device, ignore: l
                                   bucket_cap_mb=t.ddp_bucket_mb, gradient_as_bucket_view=True)
     if t.grad_reduce_dtype == "bfloat16":
         ddp.register_comm_hook(None, _bf16_all_reduce)
-    elif not stock_reduce:
-        ddp.register_comm_hook(None, _avg_all_reduce)
     return ddp
-
-
-def _avg_all_reduce(group, bucket):
-    """DDP communication hook: the mean of a float32 gradient bucket over the ranks. On NCCL one all-reduce with
-    ReduceOp.AVG (the division happens inside NCCL's kernel; DDP's own reduction first divides each gradient in a
-    kernel on the compute stream, a pass over all gradients in the backward's way); elsewhere (gloo has no AVG)
-    divide, then sum, as DDP does."""
-    import torch.distributed as dist
-
-    flat = bucket.buffer()
-    if dist.get_backend(group) == "nccl":
-        work = dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=group, async_op=True)
-    else:
-        work = dist.all_reduce(flat.div_(dist.get_world_size(group)), group=group, async_op=True)
-    return work.get_future().then(lambda done: done.value()[0])
 
 
 def _bf16_all_reduce(group, bucket):

@@ -30,7 +30,7 @@ def _init(rank: int, world: int, init_file: str, backend: str = "gloo") -> torch
     return dev
 
 
-def _worker(rank: int, world: int, init_file: str, n_rows_override: int | None, backend: str, exchange: str):
+def _worker(rank: int, world: int, init_file: str, n_rows_override: int | None, backend: str):
     dev = _init(rank, world, init_file, backend)
     try:
         from overtok.model import OverEncoding
@@ -45,7 +45,6 @@ def _worker(rank: int, world: int, init_file: str, n_rows_override: int | None, 
         full = full.to(dev)
         with torch.device(dev):
             table = ShardedTable.from_full(full, None)
-        table.exchange = exchange
         assert table.weight.shape[0] <= -(-full.shape[0] // world)
 
         g = torch.Generator().manual_seed(100 + rank)  # every rank looks up different ids
@@ -68,15 +67,13 @@ def _worker(rank: int, world: int, init_file: str, n_rows_override: int | None, 
 
 @pytest.mark.parametrize("world,rows,backend", [(2, None, "gloo"), (3, None, "gloo"), (3, 1000, "gloo"),
                                                 nccl(2, None), nccl(2, 1001)])
-@pytest.mark.parametrize("exchange", ["padded", "counts"])
-def test_sharded_lookup_and_gradients_equal_the_full_table(tmp_path, world, rows, backend, exchange):
-    """Both ways of exchanging ids and rows: padded equal parts (no host sync) and exact counts."""
+def test_sharded_lookup_and_gradients_equal_the_full_table(tmp_path, world, rows, backend):
     init_file = str(tmp_path / "store")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(world, init_file, rows, backend, exchange), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, init_file, rows, backend), nprocs=world, join=True)
 
 
-def _sparse_worker(rank: int, world: int, init_file: str, compiled: bool, backend: str, exchange: str):
+def _sparse_worker(rank: int, world: int, init_file: str, compiled: bool, backend: str):
     dev = _init(rank, world, init_file, backend)
     try:
         from torch._dynamo.utils import counters
@@ -88,7 +85,7 @@ def _sparse_worker(rank: int, world: int, init_file: str, compiled: bool, backen
         rows, width, seed = 1009, 8, 1234
         with torch.device(dev):
             full = RowSparseTable(rows, width)  # the whole table, updated from every rank's gradients
-            table = ShardedRowSparseTable(rows, width, exchange=exchange)
+            table = ShardedRowSparseTable(rows, width)
         init_table_rows(full.weight, 0, seed)
         init_table_rows(table.weight, table.lo, seed)
         if compiled:  # as the trainer on CUDA; the rows a shard receives differ in number every step
@@ -156,14 +153,12 @@ def test_ddp_leaves_each_row_sparse_shard_its_own_moments(tmp_path):
 
 @pytest.mark.parametrize("world,compiled,backend", [(2, False, "gloo"), (3, False, "gloo"), (2, True, "gloo"),
                                                     nccl(2, False), nccl(2, True)])
-@pytest.mark.parametrize("exchange", ["padded", "counts"])
-def test_sharded_row_sparse_table_updates_like_the_full_table(tmp_path, world, compiled, backend, exchange):
+def test_sharded_row_sparse_table_updates_like_the_full_table(tmp_path, world, compiled, backend):
     """Row-sparse shards (lazy Adam run by each row's owner on the gradient rows every rank sends it) give the rows,
     moments and step count of the whole row-sparse table updated with every rank's averaged gradients; the compiled
     update too, compiled once for every number of rows."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_sparse_worker, args=(world, str(tmp_path / "store"), compiled, backend, exchange), nprocs=world,
-             join=True)
+    mp.spawn(_sparse_worker, args=(world, str(tmp_path / "store"), compiled, backend), nprocs=world, join=True)
 
 
 def _train_worker(rank: int, world: int, init_file: str, out_dir: str):
@@ -275,7 +270,7 @@ def _ddp_grad_worker(rank: int, world: int, init_file: str, backend: str):
             model = Transformer(cfg.model).to(dev)
             ids = [dev.index] if dev.type == "cuda" else None
             ddp = DDP(model, device_ids=ids) if reduce_dtype is None else wrap_ddp(
-                model, TrainConfig(grad_reduce_dtype=reduce_dtype), dev, [])  # float32: NCCL's AVG on GPUs
+                model, TrainConfig(grad_reduce_dtype=reduce_dtype), dev, [])
             g = torch.Generator().manual_seed(rank)
             grads[name], bounds = [], []
             for _ in range(2):  # the second backward lands in gradients that were set to None (bucket views)
