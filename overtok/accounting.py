@@ -61,19 +61,21 @@ def flops_per_token(cfg: ModelConfig) -> int:
     return 6 * matmul + 12 * layers * d * T
 
 
-def memory_estimate_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int = 4) -> int:
-    """Rough peak training memory: fp32 weights, grads and two AdamW moments, plus activations.
+def memory_estimate_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int = 4, workers: int = 1) -> int:
+    """Rough peak training memory of one process: fp32 weights, grads and two AdamW moments, plus activations; an
+    OE table row-sharded over ``workers`` data-parallel processes (model.oe.shard) counts its share only.
 
     Activations follow Korthikanti et al. 2022 (about 34*T*B*d + 5*H*T^2*B bytes per layer at 16-bit),
     scaled by dtype_bytes / 2, plus the fp32 logits (3 copies: logits, softmax, grad) of every output head.
     """
     g = param_groups(cfg)
-    n = num_params(cfg, "all")
-    if cfg.oe.sparse_update:  # table + two moments in table_dtype, no dense gradient
-        table_bytes = 3 * (2 if cfg.oe.table_dtype == "bfloat16" else 4)
-        n_dense = n - g["oe_tables"]
-        return 16 * n_dense + table_bytes * g["oe_tables"] + _activation_bytes(cfg, batch_size, dtype_bytes)
-    return 16 * n + _activation_bytes(cfg, batch_size, dtype_bytes)
+    tables = g["oe_tables"]
+    n_other = num_params(cfg, "all") - tables
+    if cfg.oe.shard and workers > 1:
+        tables = -(-tables // workers)
+    # row-sparse tables: table + two moments in table_dtype, no dense gradient
+    table_bytes = 3 * (2 if cfg.oe.table_dtype == "bfloat16" else 4) if cfg.oe.sparse_update else 16
+    return 16 * n_other + table_bytes * tables + _activation_bytes(cfg, batch_size, dtype_bytes)
 
 
 def _activation_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int) -> int:

@@ -34,6 +34,7 @@ from overtok import accounting
 from overtok.config import (
     ConfigError,
     RunConfig,
+    TrainConfig,
     apply_overrides,
     build_config,
     flatten,
@@ -61,6 +62,18 @@ class Trial:
                            "config": to_dict(self.config)})
 
 
+def trial_workers(resources: dict) -> int:
+    """Data-parallel workers of each trial: resources.workers, else one per GPU when a trial asks for 2 or more."""
+    gpu = resources.get("gpu", 0)
+    return int(resources.get("workers", 0)) or (int(gpu) if gpu >= 2 else 1)
+
+
+def kept_checkpoints(t: TrainConfig) -> int:
+    """How many checkpoint files a trial keeps at the end: its saves (every checkpoint_every steps, and the final
+    one), of which the 2 newest stay."""
+    return min(t.max_steps // t.checkpoint_every + int(t.checkpoint_final), 2)
+
+
 @dataclass
 class Sweep:
     name: str
@@ -80,13 +93,8 @@ class Sweep:
     def checkpoint_bytes_needed(self) -> int:
         """Disk the sweep's new checkpoints will take: the 2 newest per trial (a pack's file holds its members),
         for trials whose checkpoint directory does not exist yet (existing ones are already on disk)."""
-        total = 0
-        for t in self.trials:
-            tr = t.config.train
-            saves = tr.max_steps // tr.checkpoint_every + int(tr.checkpoint_final)
-            if saves and not Path(tr.checkpoint_dir).exists():
-                total += min(saves, 2) * accounting.checkpoint_bytes(t.config.model)
-        return total
+        return sum(kept_checkpoints(t.config.train) * accounting.checkpoint_bytes(t.config.model) for t in self.trials
+                   if not Path(t.config.train.checkpoint_dir).exists())
 
     def check_disk(self, yes: bool) -> None:
         """Refuse (before anything starts) a sweep whose checkpoints would not fit on the storage disk."""
@@ -302,21 +310,24 @@ def _fmt_count(n: float) -> str:
     return f"{n:.3g}"
 
 
-def trial_plan(trial: Trial, on_gpu: bool = False) -> dict[str, Any]:
+def trial_plan(trial: Trial, on_gpu: bool = False, workers: int = 1) -> dict[str, Any]:
+    """One row of ``overtok plan``: tokens and FLOPs of the whole trial (each of ``workers`` data-parallel ranks
+    draws its own batches), memory per worker (a row-sharded OE table is split over them)."""
     cfg = trial.config
     act_bytes = 2 if on_gpu and cfg.train.dtype != "float32" else 4  # bf16 autocast on CUDA
     groups = accounting.param_groups(cfg.model)
-    tokens = cfg.train.max_steps * cfg.tokens_per_step
+    tokens = cfg.train.max_steps * cfg.tokens_per_step * workers
     positions = tokens // cfg.model.tokenizer_ngram
     return {"trial_id": trial.trial_id, **trial.varied, **{f"N_{k}": v for k, v in groups.items()},
             "flops_per_token": accounting.flops_per_token(cfg.model), "tokens": tokens,
             "total_flops": accounting.flops_per_token(cfg.model) * positions,
-            "memory_gb": accounting.memory_estimate_bytes(cfg.model, cfg.data.batch_size, act_bytes) / 2**30,
+            "memory_gb": accounting.memory_estimate_bytes(cfg.model, cfg.data.batch_size, act_bytes, workers) / 2**30,
             "ckpt_gb": accounting.checkpoint_bytes(cfg.model) / 2**30}
 
 
 def plan_table(sweep: Sweep) -> str:
-    rows = [trial_plan(t, on_gpu=sweep.resources.get("gpu", 0) > 0) for t in sweep.trials]
+    rows = [trial_plan(t, on_gpu=sweep.resources.get("gpu", 0) > 0, workers=trial_workers(sweep.resources))
+            for t in sweep.trials]
     cols = ["trial_id", *sweep.varied_keys, "N_body", "N_embedding", "N_oe_tables", "N_oe_proj", "N_head",
             "N_extra_heads", "flops_per_token", "tokens", "memory_gb", "ckpt_gb"]
     cells = [[c.split(".")[-1] if "." in c else c for c in cols]]
@@ -338,8 +349,10 @@ def plan_table(sweep: Sweep) -> str:
     lines.append("")
     lines.append(f"sweep {sweep.name}: {len(rows)} trials, {_fmt_count(total_tokens)} tokens, "
                  f"{total_flops:.3g} training FLOPs, resources per trial {sweep.resources}, "
-                 f"peak memory per trial up to {max(r['memory_gb'] for r in rows):.2f} GiB (estimate); checkpoints "
-                 f"{2 * sum(r['ckpt_gb'] for r in rows):.1f} GiB on disk if every trial keeps its 2 newest")
+                 f"peak memory per {'worker' if trial_workers(sweep.resources) > 1 else 'trial'} up to "
+                 f"{max(r['memory_gb'] for r in rows):.2f} GiB (estimate); checkpoints "
+                 f"{sum(kept_checkpoints(t.config.train) * r['ckpt_gb'] for t, r in zip(sweep.trials, rows)):.1f} GiB on disk "
+                 "(each trial keeps its 2 newest)")
     if sweep.pack > 1:
         packs = sweep.packs()
         sizes = [len(p) for p in packs]

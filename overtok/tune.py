@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from overtok.sweep import Sweep, Trial, flat_params
+from overtok.sweep import Sweep, Trial, flat_params, trial_workers
 from overtok.tracking import (
     ROLE_TAG,
     SWEEP_TAG,
@@ -494,7 +494,8 @@ def run_sweep(sweep: Sweep) -> dict:
     clock.append(("setup", time.time()))  # Ray start, with MLflow and data alongside
     resources = dict(sweep.resources)
     cpu, gpu = resources.pop("cpu", 1.0), resources.pop("gpu", 0.0)
-    workers = int(resources.pop("workers", 0)) or (int(gpu) if gpu >= 2 else 1)
+    workers = trial_workers(sweep.resources)
+    resources.pop("workers", None)
     if workers > 1:  # the trial itself only coordinates; its TorchTrainer workers hold cpu/gpu each
         trial_bundle = {"CPU": 0.01, **resources}
         per_worker_gpu = gpu / workers if gpu else 0.0

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from overtok.sweep import load_sweep, plan_table
+from overtok.sweep import load_sweep, plan_table, trial_plan
 from tests.conftest import ROOT
 
 SHIPPED = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -31,6 +31,19 @@ def test_cfg_paper_tok3_reruns_cells_of_cfg_paper():
     rerun = load_sweep(ROOT / "sweeps" / "cfg_paper_tok3.yaml").trials
     assert len(rerun) == 2 and all(t.trial_id in paper for t in rerun)
     assert {t.config.model.tokenizer_ngram for t in rerun} == {3} and {t.config.model.d_model for t in rerun} == {128, 768}
+
+
+def test_plan_counts_a_row_sharded_table_per_worker():
+    sweep = load_sweep(ROOT / "sweeps" / "oe_sharded.yaml")
+    oe = next(t for t in sweep.trials if t.config.model.oe.n == 3)
+    whole, split = (trial_plan(oe, on_gpu=True, workers=w) for w in (1, 2))
+    half_table_gib = 3 * 2 * split["N_oe_tables"] / 2 / 2**30  # bf16 rows and two moments, half on each worker
+    assert abs((whole["memory_gb"] - split["memory_gb"]) - half_table_gib) < 0.01, (whole, split)
+    assert split["tokens"] == 2 * whole["tokens"] == 2 * 300 * 16 * 1024  # every worker draws its own batches
+    base = next(t for t in sweep.trials if t.config.model.oe.n == 1)
+    assert trial_plan(base, on_gpu=True, workers=2)["memory_gb"] == trial_plan(base, on_gpu=True)["memory_gb"]
+    table = plan_table(sweep)  # checkpoints off (checkpoint_every > max_steps, no final one): none on disk
+    assert "peak memory per worker up to" in table and "checkpoints 0.0 GiB on disk" in table, table
 
 
 def test_quickstart_shape():
@@ -101,7 +114,7 @@ def test_the_sweep_driver_does_not_import_torch(tmp_path):
 
     code = (
         "import sys\n"
-        "from overtok.sweep import load_sweep, plan_table\n"
+        "from overtok.sweep import load_sweep, plan_table, trial_plan\n"
         "from overtok.tune import SweepTracker, resolve_tracking_uri\n"
         f"s = load_sweep({str(ROOT / 'sweeps' / 'quickstart.yaml')!r}, ['pack=4'])\n"
         "assert s.packs() and plan_table(s)\n"
