@@ -61,6 +61,14 @@ def flops_per_token(cfg: ModelConfig) -> int:
     return 6 * matmul + 12 * layers * d * T
 
 
+BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet); MFU's denominator
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, gpus: int = 1) -> float:
+    """Model FLOPs utilisation of each GPU when ``gpus`` GPUs together train ``tokens_per_s`` (global) tokens/s."""
+    return tokens_per_s / gpus * flops_per_token / BF16_PEAK
+
+
 def memory_estimate_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int = 4, workers: int = 1) -> int:
     """Rough peak training memory of one process: fp32 weights, grads and two AdamW moments, plus activations; an
     OE table row-sharded over ``workers`` data-parallel processes (model.oe.shard) counts its share only.

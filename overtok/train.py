@@ -24,7 +24,7 @@ from overtok.data.cfg import Grammar, accepts, sample_sentence
 from overtok.model import Transformer
 from overtok.tracking import Sink
 
-H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet); MFU denominator
+H100_BF16_PEAK = accounting.BF16_PEAK  # MFU's denominator
 
 
 class TrainingDiverged(RuntimeError):
@@ -409,7 +409,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             if epoch_tokens:
                 metrics["train/epochs"] = tokens_seen / epoch_tokens
             if device.type == "cuda":
-                metrics["perf/mfu"] = tps * flops_per_token / H100_BF16_PEAK
+                metrics["perf/mfu"] = accounting.mfu(tps, flops_per_token, world)  # per GPU; tps is global
                 metrics["perf/mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             sink.log(metrics, tokens_seen)
             summary.update(metrics)

@@ -30,6 +30,12 @@ def test_accounting_equals_numel(name):
     assert accounting.flops_per_token(cfg.model) > 6 * groups["body"] * 0.9
 
 
+def test_mfu_is_per_gpu():
+    # a data-parallel trial logs its global tokens/s; MFU divides them over its GPUs (2 GPUs at twice the rate of 1
+    # are as utilised as the one)
+    assert accounting.mfu(2e6, 5e8, gpus=2) == accounting.mfu(1e6, 5e8) == 1e6 * 5e8 / accounting.BF16_PEAK
+
+
 @pytest.mark.parametrize("name", ["oe", "od", "mtp", "mtp_ds", "ot", "ngram_out", "ngram_tok"])
 def test_no_future_leakage(name):
     """Changing token t+1 leaves the main head's logits at positions <= t unchanged."""
