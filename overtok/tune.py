@@ -399,6 +399,29 @@ def _init_ray(sweep: Sweep) -> None:
         ray.init(include_dashboard=False, logging_level="WARNING")
 
 
+def _data_parallel_concurrency(max_concurrent: int | None, workers: int, cpu: float, gpu: float) -> int | None:
+    """How many data-parallel trials to run at once. Tune reserves only a trial's coordinating process; its
+    TorchTrainer asks Ray for the workers later, so Tune would start trials whose workers cannot all be placed (on
+    2 GPUs, a second 2-GPU trial waits, and Ray Train times out and retries every minute). So: at most as many as
+    the Ray cluster's resources hold now (a cluster that scales up later gets no more than that)."""
+    import ray
+
+    have = ray.cluster_resources()
+    fits = [have.get("CPU", 0.0) / (cpu * workers)] if cpu else []
+    fits += [have.get("GPU", 0.0) / gpu] if gpu else []
+    n = int(min(fits)) if fits else None
+    if n is None or (max_concurrent is not None and max_concurrent <= n):
+        return max_concurrent
+    if n < 1:
+        print(f"[overtok] a data-parallel trial needs {cpu * workers:g} CPUs and {gpu:g} GPUs; the Ray cluster has "
+              f"{have.get('CPU', 0):g} and {have.get('GPU', 0):g}: trials wait until Ray can place their workers",
+              flush=True)
+        return max_concurrent
+    print(f"[overtok] data-parallel trials ({workers} workers each): at most {n} at once, as many as the Ray "
+          f"cluster's {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs hold", flush=True)
+    return n
+
+
 def _pack_spec(sweep: Sweep, group: list[Trial]) -> str:
     """A Tune trial for a pack: its members, and a checkpoint directory named by their ids (a rerun of the same
     unfinished members finds it and resumes)."""
@@ -502,6 +525,9 @@ def run_sweep(sweep: Sweep) -> dict:
     else:
         trial_bundle = {"CPU": cpu, "GPU": gpu, **resources}
         per_worker_gpu = gpu
+    max_concurrent = sweep.max_concurrent or None
+    if workers > 1:
+        max_concurrent = _data_parallel_concurrency(max_concurrent, workers, cpu, gpu)
     trainable = tune.with_resources(trial_main, tune.PlacementGroupFactory([trial_bundle]))
     callback = _make_callback(tracker, {t.trial_id: t for t in sweep.trials}, total, skipped)
     specs = [group[0].to_json() if len(group) == 1 else _pack_spec(sweep, group) for group in sweep.packs(todo)]
@@ -511,7 +537,7 @@ def run_sweep(sweep: Sweep) -> dict:
         trainable,
         param_space={"trial": tune.grid_search(specs), "workers": workers,
                      "worker_cpu": cpu, "worker_gpu": per_worker_gpu, "storage_path": sweep.storage_path},
-        tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent or None, reuse_actors=False,
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=False,
                                     trial_name_creator=lambda tr: json.loads(tr.config["trial"])["trial_id"],
                                     trial_dirname_creator=lambda tr: json.loads(tr.config["trial"])["trial_id"]),
         run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=sweep.storage_path,

@@ -259,7 +259,8 @@ def test_export_by_yaml_keeps_only_the_current_trials(quickstart):
 
 def test_two_worker_gloo_ddp_trial(tmp_path):
     """resources.workers: 2 trains the trial data-parallel through Ray Train's TorchTrainer (gloo on CPU), here with
-    the OE table sharded row-wise over the two workers (model.oe.shard)."""
+    the OE table sharded row-wise over the two workers (model.oe.shard). Two such trials on 2 CPUs run one at a
+    time (Tune alone would start both; the second's workers could not be placed)."""
     import glob
 
     import torch
@@ -271,14 +272,17 @@ base:
   data: {batch_size: 4}
   train: {max_steps: 30, eval_every: 10, log_every: 5, checkpoint_every: 10, gen_samples: 0}
 grid:
-  model.od_depth: [1]
+  model.od_depth: [1, 2]
 resources: {cpu: 0.9, workers: 2}
+max_concurrent: 2
 """)
     res = overtok(tmp_path, "sweep", "ddp.yaml")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "world_size=2" in res.stdout + res.stderr
+    assert "data-parallel trials (2 workers each): at most 1 at once" in res.stdout, res.stdout[-3000:]
     c, _, children = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "ddp")
-    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
+    children = [r for r in children if r.data.params["model.od_depth"] == "1"]
     hist = sorted(c.get_metric_history(children[0].info.run_id, "train/loss"), key=lambda m: m.step)
     per_worker = int(children[0].data.params["tokens_per_step"])
     assert [m.step for m in hist] == [2 * per_worker * 5 * i for i in range(1, 7)]  # global tokens: 2 workers
