@@ -64,6 +64,7 @@ def cmd_sweep(args) -> int:
         sweep.tracking_uri = args.tracking_uri
     sweep.check_size(args.yes)
     sweep.check_disk(args.yes)
+    sweep.check_local_resources()
     res = run_sweep(sweep)
     return 0 if res["failed"] == 0 else 1
 

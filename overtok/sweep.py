@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,24 @@ def trial_workers(resources: dict) -> int:
     return int(resources.get("workers", 0)) or (int(gpu) if gpu >= 2 else 1)
 
 
+def local_gpus() -> int:
+    """GPUs a new local Ray would see: those CUDA_VISIBLE_DEVICES names, else those ``nvidia-smi -L`` lists (without
+    importing torch, which the driver does not)."""
+    import shutil
+    import subprocess
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
 def kept_checkpoints(t: TrainConfig) -> int:
     """How many checkpoint files a trial keeps at the end: its saves (every checkpoint_every steps, and the final
     one), of which the 2 newest stay."""
@@ -89,6 +108,7 @@ class Sweep:
     max_trials: int = DEFAULT_MAX_TRIALS
     varied_keys: list[str] = field(default_factory=list)
     pack: int = 1
+    lines: dict[str, int] = field(default_factory=dict)  # line of each key in the sweep file, for errors
 
     def checkpoint_bytes_needed(self) -> int:
         """Disk the sweep's new checkpoints will take: the 2 newest per trial (a pack's file holds its members),
@@ -109,6 +129,27 @@ class Sweep:
             raise ConfigError(f"checkpoints need about {need / 2**30:.1f} GiB (2 kept per trial) but {where} has "
                               f"{free / 2**30:.1f} GiB free; raise train.checkpoint_every, set train.checkpoint_final: "
                               "false, or pass --yes", file=self.file, key="base.train.checkpoint_every")
+
+    def check_local_resources(self) -> None:
+        """Refuse (before anything starts) a sweep whose trial needs more GPUs or CPUs than this machine has, when
+        its Ray will be a new local one (no ray.address, no RAY_ADDRESS, no Ray instance started here with
+        ``ray start``): Ray would wait for them forever. A cluster decides for itself (its nodes may come later)."""
+        ray_tmp = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+        if self.ray_address or os.environ.get("RAY_ADDRESS") or ray_tmp.exists():
+            return
+        workers = trial_workers(self.resources)
+        cpu, gpu = self.resources.get("cpu", 1.0), self.resources.get("gpu", 0.0)
+        have_gpu = local_gpus()
+        if gpu > have_gpu:
+            raise ConfigError(f"a trial needs {gpu:g} GPU{'s' if gpu != 1 else ''} but this machine has {have_gpu} "
+                              "(a local Ray has this machine's); run it on a GPU machine or attach to a cluster "
+                              "with --address", file=self.file, key="resources.gpu", line=self.lines.get("resources.gpu"))
+        have_cpu = os.cpu_count() or 1
+        if cpu * workers > have_cpu:
+            each = f" ({workers} workers x {cpu:g})" if workers > 1 else ""
+            raise ConfigError(f"a trial needs {cpu * workers:g} CPUs{each} but this machine has {have_cpu} (a local "
+                              "Ray has this machine's); lower resources.cpu or attach to a cluster with --address",
+                              file=self.file, key="resources.cpu", line=self.lines.get("resources.cpu"))
 
     def packs(self, trials: list[Trial] | None = None) -> list[list[Trial]]:
         """Groups of trials that run as one process: packable trials (same config but seed / lr) in chunks of
@@ -296,7 +337,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
                  tracking_uri=tracking.get("tracking_uri", ""), experiment=tracking.get("experiment", "") or name,
                  ray_address=ray.get("address", ""), storage_path=str(storage),
                  max_trials=raw.get("max_trials", 0) or DEFAULT_MAX_TRIALS, varied_keys=varied_keys,
-                 pack=raw.get("pack", 1) or 1)
+                 pack=raw.get("pack", 1) or 1, lines=lines)
 
 
 # ----------------------------------------------------------------------------------------------

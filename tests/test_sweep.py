@@ -257,6 +257,31 @@ def test_export_by_yaml_keeps_only_the_current_trials(quickstart):
     assert len(pd.read_parquet(work / "results" / "quickstart" / "runs.parquet")) >= 12
 
 
+@pytest.mark.parametrize("resources,key,problem", [
+    ("{cpu: 1, gpu: 64}", "resources.gpu", "a trial needs 64 GPUs but this machine has"),
+    ("{cpu: 4096}", "resources.cpu", "a trial needs 4096 CPUs but this machine has"),
+    ("{cpu: 3000, workers: 2}", "resources.cpu", "a trial needs 6000 CPUs (2 workers x 3000)"),
+])
+def test_sweep_asking_more_than_this_machine_exits_2_and_starts_nothing(tmp_path, resources, key, problem):
+    """A new local Ray has this machine's CPUs and GPUs; a trial that needs more would wait forever."""
+    write(tmp_path / "big.yaml", f"""
+name: big
+base:
+  model: {{d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}}
+  train: {{max_steps: 5}}
+grid:
+  model.od_depth: [1, 2]
+resources: {resources}
+""")
+    fresh = {"RAY_TMPDIR": str(tmp_path / "ray_tmp")}  # no Ray instance started here with `ray start`
+    res = overtok(tmp_path, "sweep", "big.yaml", env=fresh, timeout=120)
+    line = res.stderr.strip()
+    assert res.returncode == 2 and "\n" not in line, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"big.yaml:8: {key}: " in line and problem in line, line
+    assert not (tmp_path / "results").exists() and not (tmp_path / "ray_tmp").exists()
+    assert overtok(tmp_path, "plan", "big.yaml", env=fresh).returncode == 0  # planning works anywhere
+
+
 def test_two_worker_gloo_ddp_trial(tmp_path):
     """resources.workers: 2 trains the trial data-parallel through Ray Train's TorchTrainer (gloo on CPU), here with
     the OE table sharded row-wise over the two workers (model.oe.shard). Two such trials on 2 CPUs run one at a
