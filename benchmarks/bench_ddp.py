@@ -12,10 +12,12 @@ compilation (`prepare_model`) and DDP wrapper (`wrap_ddp`) on random tokens, sid
 So 1 process -> no sync is what DDP's wrapper and N busy GPUs cost, no sync -> synced what the communication costs
 (exposed all-reduce and its kernels beside the backward's). Every variant is built side by side in
 the same processes and timed in rounds (one block of steps issued back to back per variant and round, all ranks),
-so the machine's slow phases fall on every variant alike; rows give the median block and the best round. --profile
-adds rank 0's kernels by category, with NCCL's on their own.
+so the machine's slow phases fall on every variant alike; rows give the median block and the best round. All
+variants stay in memory at once (on rank 0 an OE run holds the whole table and a shard). --profile adds rank 0's
+kernels by category, with NCCL's on their own.
 
-    python benchmarks/bench_ddp.py --out benchmarks/results/gpu_ddp_direct.json [--world 2] [--profile] [--smoke]
+    python benchmarks/bench_ddp.py --out benchmarks/results/gpu_ddp_rounds.json [--world 2] [--blocks 10] [--profile]
+        [--oe-m 8e6 --oe-sparse [--oe-only]] [--smoke]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchmarks.common import H100_BF16_PEAK, Rows, config, profile_steps, time_block  # noqa: E402
+from benchmarks.common import Rows, config, profile_steps, time_block  # noqa: E402
 
 
 def model_sets(args, oe: bool = False) -> dict:
@@ -152,11 +154,9 @@ def summarise(name: str, ranks: list[dict], world: int, sets: dict, train_sets: 
     best = min(max(blocks) for blocks in zip(*(r["step_ms_blocks"] for r in ranks)))
     tokens = world * args.batch * cfg.model.seq_len
     tps = tokens / (step_ms / 1000)
-    row = {"name": name, "world": world, "train": train_sets, "batch_per_rank": args.batch, "step_ms": step_ms,
-           "step_ms_best": best,
-           "tokens_per_s": tps, "mfu_per_gpu": tps / world * accounting.flops_per_token(cfg.model) / H100_BF16_PEAK,
-           "ranks": ranks}
-    return row
+    return {"name": name, "world": world, "train": train_sets, "batch_per_rank": args.batch, "step_ms": step_ms,
+            "step_ms_best": best, "tokens_per_s": tps,
+            "mfu_per_gpu": accounting.mfu(tps, accounting.flops_per_token(cfg.model), world), "ranks": ranks}
 
 
 def main():
@@ -165,7 +165,7 @@ def main():
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16, help="sequences per rank and step")
     ap.add_argument("--steps", type=int, default=20, help="steps per timed block")
-    ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--blocks", type=int, default=3, help="rounds: timed blocks per variant")
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--grad-dtypes", nargs="+", default=[], choices=["bfloat16"], help="extra synced rows")
     ap.add_argument("--bucket-mb", type=float, nargs="+", default=[], help="extra synced rows")
