@@ -69,6 +69,18 @@ def trial_workers(resources: dict) -> int:
     return int(resources.get("workers", 0)) or (int(gpu) if gpu >= 2 else 1)
 
 
+def _ray_address_file() -> Path:
+    """Where ``ray start`` leaves the address of a Ray instance running on this machine (``ray.init()`` attaches to
+    it): Ray's temp dir, which is $RAY_TMPDIR, else $TMPDIR on Linux, else /tmp."""
+    import sys
+    import tempfile
+
+    tmp = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    if not tmp:
+        tmp = "/tmp" if sys.platform.startswith(("linux", "darwin")) else tempfile.gettempdir()
+    return Path(tmp) / "ray" / "ray_current_cluster"
+
+
 def local_gpus() -> int:
     """GPUs a new local Ray would see: those CUDA_VISIBLE_DEVICES names, else those ``nvidia-smi -L`` lists (without
     importing torch, which the driver does not)."""
@@ -134,8 +146,7 @@ class Sweep:
         """Refuse (before anything starts) a sweep whose trial needs more GPUs or CPUs than this machine has, when
         its Ray will be a new local one (no ray.address, no RAY_ADDRESS, no Ray instance started here with
         ``ray start``): Ray would wait for them forever. A cluster decides for itself (its nodes may come later)."""
-        ray_tmp = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
-        if self.ray_address or os.environ.get("RAY_ADDRESS") or ray_tmp.exists():
+        if self.ray_address or os.environ.get("RAY_ADDRESS") or _ray_address_file().exists():
             return
         workers = trial_workers(self.resources)
         cpu, gpu = self.resources.get("cpu", 1.0), self.resources.get("gpu", 0.0)
