@@ -5,7 +5,10 @@ Each rank holds rows ``[rank * R, (rank + 1) * R)`` of the table (R = ceil(rows 
 all-to-all exchanges: every rank sends the ids it needs to their owners (ids sorted by owner, counts exchanged
 first), the owners gather those rows and send them back. The backward pass sends each gradient row to the owner
 of its id, which sums them into its shard's gradient (duplicates add up, as in ``nn.Embedding``). The result and
-the shard gradients equal the unsharded lookup exactly (tests/test_sharded.py runs 2 and 3 gloo processes).
+the shard gradients equal the unsharded lookup exactly (tests/test_sharded.py: 2 and 3 gloo processes, and NCCL
+on two GPUs).
+Reading the counts on the host costs a GPU sync per lookup; sending every owner a padded slot as large as the
+lookup instead (equal parts, no sync) was tried and was slower on two H200s (benchmarks/RESULTS.md, section 5).
 
 Used by the trainer when ``model.oe.shard`` is on in a data-parallel run (``overtok/train.py``): DDP leaves the
 shards alone, shard gradients are divided by the world size (DDP's mean), clipping uses the global norm, every
