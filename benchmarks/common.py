@@ -15,8 +15,6 @@ from overtok.config import load_config
 from overtok.model import Transformer
 from overtok.train import make_optimizer, use_fused_loss
 
-H100_BF16_PEAK = 989e12
-
 
 def config(sets: dict):
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
@@ -212,7 +210,7 @@ class Bench:
         tokens = self.batch_size * cfg.model.seq_len
         flops = accounting.flops_per_token(cfg.model)
         out = {"config": self.sets, "batch_size": self.batch_size, "first_loss": self.first_loss, "step_ms": med * 1000,
-               "tokens_per_s": tokens / med, "mfu": tokens / med * flops / H100_BF16_PEAK,
+               "tokens_per_s": tokens / med, "mfu": accounting.mfu(tokens / med, flops),
                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.dev.type == "cuda" else float("nan"),
                "params": accounting.param_groups(cfg.model), "build_s": self.build_s, "warmup_s": self.warmup_s,
                "optimizer": "adamw+oe_lazy_row_adam" if self.tables else "adamw",
@@ -220,7 +218,7 @@ class Bench:
                **self.meta}
         if block is not None:
             out.update(step_ms_back_to_back=block * 1000, tokens_per_s_back_to_back=tokens / block,
-                       mfu_back_to_back=tokens / block * flops / H100_BF16_PEAK)
+                       mfu_back_to_back=accounting.mfu(tokens / block, flops))
         if profile:
             out.update(profile_steps(self.step, self.sync, self.dev))
         return out
@@ -318,7 +316,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, pr
     out = {"config": sets, "pack": P, "batch_size_per_slice": batch_size, "step_ms": med * 1000,
            "host_issue_ms": host[len(host) // 2] * 1000, "tokens_per_s": tokens / med,
            "step_ms_back_to_back": block * 1000, "tokens_per_s_back_to_back": tokens / block,
-           "mfu": tokens / med * accounting.flops_per_token(cfg.model) / H100_BF16_PEAK,
+           "mfu": accounting.mfu(tokens / med, accounting.flops_per_token(cfg.model)),
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
            "warmup_s": warm_s, "optimizer": "packed_adamw (fused kernel per slice)",
            "compile_mode": compile_mode or "default", "compiled": "forward" if whole else "body_and_loss",

@@ -34,7 +34,6 @@ from overtok.model import RMSNorm, Transformer
 from overtok.sweep import PACK_FREE_KEYS, pack_key
 from overtok.tracking import Sink
 from overtok.train import (
-    H100_BF16_PEAK,
     TrainingDiverged,
     _HistorySink,
     _synced_since,
@@ -341,7 +340,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
                 if train_data[p].epoch_tokens:
                     metrics["train/epochs"] = tokens_seen / train_data[p].epoch_tokens
                 if device.type == "cuda":
-                    metrics["perf/mfu"] = tps * P * flops_per_token / H100_BF16_PEAK
+                    metrics["perf/mfu"] = accounting.mfu(tps * P, flops_per_token)  # one GPU, P slices
                     metrics["perf/mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 log(p, metrics)
             startup = {}

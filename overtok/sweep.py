@@ -69,6 +69,12 @@ def trial_workers(resources: dict) -> int:
     return int(resources.get("workers", 0)) or (int(gpu) if gpu >= 2 else 1)
 
 
+def trial_demand(resources: dict) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial takes in all: each data-parallel worker gets resources.cpu CPUs and a share of
+    resources.gpu; a single-process trial gets them itself."""
+    return resources.get("cpu", 1.0) * trial_workers(resources), resources.get("gpu", 0.0)
+
+
 def _ray_address_file() -> Path:
     """Where ``ray start`` leaves the address of a Ray instance running on this machine (``ray.init()`` attaches to
     it): Ray's temp dir, which is $RAY_TMPDIR, else $TMPDIR on Linux, else /tmp."""
@@ -149,16 +155,16 @@ class Sweep:
         if self.ray_address or os.environ.get("RAY_ADDRESS") or _ray_address_file().exists():
             return
         workers = trial_workers(self.resources)
-        cpu, gpu = self.resources.get("cpu", 1.0), self.resources.get("gpu", 0.0)
+        cpus, gpu = trial_demand(self.resources)
         have_gpu = local_gpus()
         if gpu > have_gpu:
             raise ConfigError(f"a trial needs {gpu:g} GPU{'s' if gpu != 1 else ''} but this machine has {have_gpu} "
                               "(a local Ray has this machine's); run it on a GPU machine or attach to a cluster "
                               "with --address", file=self.file, key="resources.gpu", line=self.lines.get("resources.gpu"))
         have_cpu = os.cpu_count() or 1
-        if cpu * workers > have_cpu:
-            each = f" ({workers} workers x {cpu:g})" if workers > 1 else ""
-            raise ConfigError(f"a trial needs {cpu * workers:g} CPUs{each} but this machine has {have_cpu} (a local "
+        if cpus > have_cpu:
+            each = f" ({workers} workers x {self.resources.get('cpu', 1.0):g})" if workers > 1 else ""
+            raise ConfigError(f"a trial needs {cpus:g} CPUs{each} but this machine has {have_cpu} (a local "
                               "Ray has this machine's); lower resources.cpu or attach to a cluster with --address",
                               file=self.file, key="resources.cpu", line=self.lines.get("resources.cpu"))
 
@@ -378,8 +384,8 @@ def trial_plan(trial: Trial, on_gpu: bool = False, workers: int = 1) -> dict[str
 
 
 def plan_table(sweep: Sweep) -> str:
-    rows = [trial_plan(t, on_gpu=sweep.resources.get("gpu", 0) > 0, workers=trial_workers(sweep.resources))
-            for t in sweep.trials]
+    workers = trial_workers(sweep.resources)
+    rows = [trial_plan(t, on_gpu=sweep.resources.get("gpu", 0) > 0, workers=workers) for t in sweep.trials]
     cols = ["trial_id", *sweep.varied_keys, "N_body", "N_embedding", "N_oe_tables", "N_oe_proj", "N_head",
             "N_extra_heads", "flops_per_token", "tokens", "memory_gb", "ckpt_gb"]
     cells = [[c.split(".")[-1] if "." in c else c for c in cols]]
@@ -401,7 +407,7 @@ def plan_table(sweep: Sweep) -> str:
     lines.append("")
     lines.append(f"sweep {sweep.name}: {len(rows)} trials, {_fmt_count(total_tokens)} tokens, "
                  f"{total_flops:.3g} training FLOPs, resources per trial {sweep.resources}, "
-                 f"peak memory per {'worker' if trial_workers(sweep.resources) > 1 else 'trial'} up to "
+                 f"peak memory per {'worker' if workers > 1 else 'trial'} up to "
                  f"{max(r['memory_gb'] for r in rows):.2f} GiB (estimate); checkpoints "
                  f"{sum(kept_checkpoints(t.config.train) * r['ckpt_gb'] for t, r in zip(sweep.trials, rows)):.1f} GiB on disk "
                  "(each trial keeps its 2 newest)")

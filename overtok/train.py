@@ -24,8 +24,6 @@ from overtok.data.cfg import Grammar, accepts, sample_sentence
 from overtok.model import Transformer
 from overtok.tracking import Sink
 
-H100_BF16_PEAK = accounting.BF16_PEAK  # MFU's denominator
-
 
 class TrainingDiverged(RuntimeError):
     def __init__(self, step: int, reason: str):

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from overtok.sweep import Sweep, Trial, flat_params, trial_workers
+from overtok.sweep import Sweep, Trial, flat_params, trial_demand, trial_workers
 from overtok.tracking import (
     ROLE_TAG,
     SWEEP_TAG,
@@ -399,7 +399,7 @@ def _init_ray(sweep: Sweep) -> None:
         ray.init(include_dashboard=False, logging_level="WARNING")
 
 
-def _data_parallel_concurrency(max_concurrent: int | None, workers: int, cpu: float, gpu: float) -> int | None:
+def _data_parallel_concurrency(max_concurrent: int | None, resources: dict) -> int | None:
     """How many data-parallel trials to run at once. Tune reserves only a trial's coordinating process; its
     TorchTrainer asks Ray for the workers later, so Tune would start trials whose workers cannot all be placed (on
     2 GPUs, a second 2-GPU trial waits, and Ray Train times out and retries every minute). So: at most as many as
@@ -407,17 +407,18 @@ def _data_parallel_concurrency(max_concurrent: int | None, workers: int, cpu: fl
     import ray
 
     have = ray.cluster_resources()
-    fits = [have.get("CPU", 0.0) / (cpu * workers)] if cpu else []
+    cpus, gpu = trial_demand(resources)
+    fits = [have.get("CPU", 0.0) / cpus] if cpus else []
     fits += [have.get("GPU", 0.0) / gpu] if gpu else []
     n = int(min(fits)) if fits else None
     if n is None or (max_concurrent is not None and max_concurrent <= n):
         return max_concurrent
     if n < 1:
-        print(f"[overtok] a data-parallel trial needs {cpu * workers:g} CPUs and {gpu:g} GPUs; the Ray cluster has "
+        print(f"[overtok] a data-parallel trial needs {cpus:g} CPUs and {gpu:g} GPUs; the Ray cluster has "
               f"{have.get('CPU', 0):g} and {have.get('GPU', 0):g}: trials wait until Ray can place their workers",
               flush=True)
         return max_concurrent
-    print(f"[overtok] data-parallel trials ({workers} workers each): at most {n} at once, as many as the Ray "
+    print(f"[overtok] data-parallel trials ({trial_workers(resources)} workers each): at most {n} at once, as many as the Ray "
           f"cluster's {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs hold", flush=True)
     return n
 
@@ -527,7 +528,7 @@ def run_sweep(sweep: Sweep) -> dict:
         per_worker_gpu = gpu
     max_concurrent = sweep.max_concurrent or None
     if workers > 1:
-        max_concurrent = _data_parallel_concurrency(max_concurrent, workers, cpu, gpu)
+        max_concurrent = _data_parallel_concurrency(max_concurrent, sweep.resources)
     trainable = tune.with_resources(trial_main, tune.PlacementGroupFactory([trial_bundle]))
     callback = _make_callback(tracker, {t.trial_id: t for t in sweep.trials}, total, skipped)
     specs = [group[0].to_json() if len(group) == 1 else _pack_spec(sweep, group) for group in sweep.packs(todo)]
