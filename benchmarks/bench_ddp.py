@@ -74,7 +74,7 @@ def make_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads
 
     dev = torch.device(f"cuda:{rank}") if torch.cuda.is_available() else torch.device("cpu")
     distributed = world > 1
-    from overtok.train import _clip_sharded
+    from overtok.train import _clip_sharded, accumulate
 
     cfg, model, opt, autocast, step_model, flags, shards = build(sets, train_sets, dev, distributed)
     sparse_tables = model.sparse_tables()
@@ -83,14 +83,21 @@ def make_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads
     batches = [torch.randint(0, cfg.model.vocab_size, (args.batch, T), device=dev, generator=g) for _ in range(4)]
     graphs = bool(flags["perf/cuda_graphs"])
 
+    class Stream:  # the micro-batches a step draws, as the trainer's Batches hands them out
+        i = 0
+
+        def next(self):
+            self.i += 1
+            return batches[self.i % 4]
+
+    stream = Stream()
+
     def step(i: int) -> None:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         quiet = step_model.no_sync() if distributed and not sync_grads else contextlib.nullcontext()
-        with quiet:
-            with autocast():
-                _, losses = step_model(batches[i % 4])
-            losses["total"].backward()
+        with quiet:  # the trainer's micro-steps: with train.grad_accum, only the last one all-reduces
+            accumulate(step_model, stream, cfg.train.grad_accum, dev, autocast)
         if shards:  # as the trainer: shard gradients averaged, the norm global
             _clip_sharded(model, shards, world, cfg.train.grad_clip)
         else:
@@ -152,7 +159,7 @@ def summarise(name: str, ranks: list[dict], world: int, sets: dict, train_sets: 
     step_ms = max(statistics.median(r["step_ms_blocks"]) for r in ranks)
     # rounds end at a barrier, so block i of every rank covers the same time: the fastest round, by its slowest rank
     best = min(max(blocks) for blocks in zip(*(r["step_ms_blocks"] for r in ranks)))
-    tokens = world * args.batch * cfg.model.seq_len
+    tokens = world * args.batch * cfg.model.seq_len * train_sets.get("grad_accum", 1)
     tps = tokens / (step_ms / 1000)
     return {"name": name, "world": world, "train": train_sets, "batch_per_rank": args.batch, "step_ms": step_ms,
             "step_ms_best": best, "tokens_per_s": tps,
@@ -169,6 +176,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--grad-dtypes", nargs="+", default=[], choices=["bfloat16"], help="extra synced rows")
     ap.add_argument("--bucket-mb", type=float, nargs="+", default=[], help="extra synced rows")
+    ap.add_argument("--grad-accum", type=int, nargs="+", default=[],
+                    help="extra pairs (1 process, N synced) with this many micro-steps per step")
     ap.add_argument("--oe-m", type=float, default=0, help="also OE (n 3, k 4, this m): whole vs row-sharded")
     ap.add_argument("--oe-sparse", action="store_true", help="the OE rows with row-sparse bf16 tables (lazy Adam)")
     ap.add_argument("--oe-only", action="store_true", help="with --oe-m: only the OE rows (no dense model rows)")
@@ -193,6 +202,10 @@ def main():
                  for dt in args.grad_dtypes]
         jobs += [(f"{args.world} processes, {mb:g} MiB buckets", args.world, sets, {"ddp_bucket_mb": mb}, True)
                  for mb in args.bucket_mb]
+        for n in args.grad_accum:  # its own 1-process reference: the rows' ratio compares equal steps
+            acc = {"grad_accum": n}
+            jobs += [(f"1 process, grad_accum {n}", 1, sets, acc, True),
+                     (f"{args.world} processes, grad_accum {n}", args.world, sets, acc, True)]
     if oe_sets:  # the whole table in one process (as a 1-GPU trial holds it), then row-sharded over the ranks
         jobs += [(f"1 process, OE table whole ({table})", 1, {**oe_sets, "model.oe.shard": False}, {}, True),
                  (f"{args.world} processes, OE table row-sharded ({table})", args.world, oe_sets, {}, True)]
@@ -203,11 +216,11 @@ def main():
     refs = {}
     for name, n_proc, s, train_sets, _ in jobs:
         if n_proc == 1:
-            refs["model.oe.n" in s] = summarise(name, [got[(name, 0)]], 1, s, train_sets, args)
+            refs["model.oe.n" in s, train_sets.get("grad_accum", 1)] = summarise(name, [got[(name, 0)]], 1, s, train_sets, args)
     print(f"{'variant':>64} {'step ms':>9} {'best ms':>9} {'tokens/s':>12} {'vs 1 process':>13} {'MFU/GPU':>8}",
           flush=True)
     for name, n_proc, s, train_sets, _ in jobs:
-        ref = refs["model.oe.n" in s]
+        ref = refs["model.oe.n" in s, train_sets.get("grad_accum", 1)]
         row = summarise(name, [got[(name, r)] for r in range(n_proc)], n_proc, s, train_sets, args)
         if n_proc > 1:
             row["vs_1_process"] = row["tokens_per_s"] / ref["tokens_per_s"]
@@ -221,6 +234,9 @@ def main():
             from benchmarks.common import format_categories
 
             print(format_categories(cats), flush=True)
+        tl = row["ranks"][0].get("profile_timeline_ms")
+        if tl:
+            print("    rank 0 per step, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in tl.items()), flush=True)
 
 
 if __name__ == "__main__":

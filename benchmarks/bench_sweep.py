@@ -76,6 +76,7 @@ def runs(work: Path, tag: str, experiment: str) -> list[dict]:
         tps = [m.value for m in sorted(c.get_metric_history(r.info.run_id, "perf/tokens_per_s"), key=lambda m: m.step)]
         out.append({"status": r.info.status, "tokens_per_s": tps, "pid": r.data.tags.get("overtok.pid"),
                     "setup_s": r.data.metrics.get("perf/setup_s"), "first_step_s": r.data.metrics.get("perf/first_step_s"),
+                    "eval_s": r.data.metrics.get("perf/eval_s"),
                     "tokens": int(r.data.metrics.get("tokens_seen", 0)) or None,
                     "cuda_graphs": r.data.metrics.get("perf/cuda_graphs"),
                     "params": {k: r.data.params.get(k) for k in ("seed", "tokens_per_step", "train.max_steps",
@@ -99,14 +100,18 @@ def steady(tps: list[float]) -> float:
 def packed(args, rows):
     work = Path(tempfile.mkdtemp(prefix="bench-packed-"))
     d, layers, heads, seq, batch = (32, 2, 2, 64, 4) if args.smoke else (256, 4, 4, 512, args.packed_batch)
-    variants = [("one after another", 1, 1, 1.0), ("8 processes at once", 1, 8, 0.125), ("packed (pack: 8)", 8, 1, 1.0)]
+    first, *more = args.packed_compile_eval
+    variants = [("one after another", 1, 1, 1.0, first), ("8 processes at once", 1, 8, 0.125, first),
+                ("packed (pack: 8)", 8, 1, 1.0, first)]
     if args.skip_concurrent:
         variants.pop(1)
+    variants += [(f"packed (pack: 8), compile_eval {v}", 8, 1, 1.0, v) for v in more]
     prepare(work, base_config(args, d, layers, heads, seq, batch, args.packed_steps))
     seq_tokens = None
-    for i, (name, pack, conc, gpu) in enumerate(variants):
-        sweep = {"name": f"packed{i}", "base": base_config(args, d, layers, heads, seq, batch, args.packed_steps),
-                 "seeds": list(range(8)), "pack": pack, "max_concurrent": conc,
+    for i, (name, pack, conc, gpu, compile_eval) in enumerate(variants):
+        base = base_config(args, d, layers, heads, seq, batch, args.packed_steps)
+        base["train"]["compile_eval"] = compile_eval
+        sweep = {"name": f"packed{i}", "base": base, "seeds": list(range(8)), "pack": pack, "max_concurrent": conc,
                  "resources": {"cpu": 1, "gpu": gpu if not args.smoke else 0}}
         (work / f"packed{i}.yaml").write_text(json.dumps(sweep))
         wall = run_cli(work, "sweep", f"packed{i}.yaml", tag=f"packed{i}")
@@ -118,9 +123,10 @@ def packed(args, rows):
             agg = sum(per_trial)
         else:  # one at a time: the aggregate is one trial's rate
             agg = statistics.median(per_trial)
-        row = {"name": name, "pack": pack, "max_concurrent": conc, "gpu_per_trial": gpu, "wall_s": wall,
-               "tokens": tokens, "end_to_end_tokens_per_s": tokens / wall, "steady_tokens_per_s": agg,
-               "per_trial_steady_tokens_per_s": per_trial, "processes": len({r["pid"] for r in rs})}
+        row = {"name": name, "pack": pack, "max_concurrent": conc, "gpu_per_trial": gpu, "compile_eval": compile_eval,
+               "wall_s": wall, "tokens": tokens, "end_to_end_tokens_per_s": tokens / wall, "steady_tokens_per_s": agg,
+               "per_trial_steady_tokens_per_s": per_trial, "processes": len({r["pid"] for r in rs}),
+               "per_trial_phases_s": [{k: r[k] for k in ("setup_s", "first_step_s", "eval_s")} for r in rs]}
         if i == 0:
             seq_tokens = row
         row["steady_vs_one_after_another"] = agg / seq_tokens["steady_tokens_per_s"]
@@ -197,6 +203,7 @@ def ddp(args, rows):
     work = Path(tempfile.mkdtemp(prefix="bench-ddp-"))
     d, layers, heads, seq, batch = (32, 2, 2, 64, 4) if args.smoke else (768, 12, 12, 1024, args.ddp_batch)
     base = base_config(args, d, layers, heads, seq, batch, args.ddp_steps)
+    base["train"]["grad_accum"] = args.ddp_grad_accum  # every trial, 1 GPU and 2: the same micro-steps per step
     prepare(work, base)
     one = {"cpu": 0.9, "gpu": 0} if args.smoke else {"cpu": 4, "gpu": 1}  # the smoke run: 2 gloo workers on 2 CPUs
     two = {"cpu": 0.9, "workers": 2} if args.smoke else {"cpu": 8, "gpu": 2, "workers": 2}
@@ -263,12 +270,17 @@ def main():
     ap.add_argument("--packed-batch", type=int, default=16)
     ap.add_argument("--overhead-steps", type=int, default=6000)
     ap.add_argument("--skip-concurrent", action="store_true")
+    ap.add_argument("--packed-compile-eval", nargs="+", default=["auto"], choices=["auto", "always", "never"],
+                    help="packed: train.compile_eval of every variant (the first value); each further value adds a "
+                         "packed sweep with it")
     ap.add_argument("--ddp-steps", type=int, default=400)
     ap.add_argument("--ddp-batch", type=int, default=16, help="ddp: sequences of 1,024 tokens per GPU and step")
     ap.add_argument("--ddp-grad-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                     help="ddp: one 2-GPU run per train.grad_reduce_dtype")
     ap.add_argument("--ddp-bucket-mb", type=float, nargs="+", default=[25.0],
                     help="ddp: one 2-GPU run per train.ddp_bucket_mb (and per reduce dtype)")
+    ap.add_argument("--ddp-grad-accum", type=int, default=1,
+                    help="ddp: train.grad_accum of every trial (micro-steps per optimizer step; DDP syncs the last)")
     ap.add_argument("--ddp-no-graphs-ref", action="store_true", help="ddp: also 1 GPU without CUDA graphs")
     ap.add_argument("--ddp-env", nargs="+", default=[], metavar="K=V[,K=V]",
                     help="ddp: one more 2-GPU run (float32, 25 MiB) per entry, with these environment variables")

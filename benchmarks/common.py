@@ -64,7 +64,64 @@ def profile_steps(step, sync, dev: torch.device, n: int = 3) -> dict:
     out = {"profile_top_kernels": pr.key_averages().table(sort_by=key, row_limit=24, max_name_column_width=60)}
     if dev.type == "cuda":
         out["profile_categories_ms"] = kernel_categories(pr.key_averages(), n)
+        out["profile_timeline_ms"] = kernel_timeline(pr.events(), n)
     return out
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _intersection(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> float:
+    """Total length where two sorted, disjoint interval lists overlap."""
+    i = j = 0
+    total = 0.0
+    while i < len(x) and j < len(y):
+        lo, hi = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+        total += max(0.0, hi - lo)
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def overlap_ms(comm: list[tuple[float, float]], compute: list[tuple[float, float]], n_steps: int) -> dict:
+    """When the GPU communicated and when it computed, from kernel intervals (microseconds): per step, the time some
+    NCCL kernel ran, how much of it some other kernel ran beside (hidden) and how much not (exposed), and the time
+    no kernel ran at all within the profiled span."""
+    comm, compute = _union(comm), _union(compute)
+    both = _union(comm + compute)
+    span = (both[-1][1] - both[0][0]) if both else 0.0
+    hidden = _intersection(comm, compute)
+    per = 1000.0 * n_steps
+    return {"span": span / per, "compute_busy": _length(compute) / per, "comm_busy": _length(comm) / per,
+            "comm_hidden": hidden / per, "comm_exposed": (_length(comm) - hidden) / per,
+            "idle": (span - _length(both)) / per}
+
+
+def kernel_timeline(events, n_steps: int) -> dict:
+    """overlap_ms of the profiled CUDA kernels (NCCL's against every other kernel), per step."""
+    from torch.autograd import DeviceType
+
+    comm, compute = [], []
+    for e in events:
+        if getattr(e, "device_type", None) != DeviceType.CUDA or e.time_range.end <= e.time_range.start:
+            continue
+        if getattr(e, "is_user_annotation", False) or e.name.startswith("nccl:"):
+            continue  # ranges annotated on the GPU (record_function, "nccl:all_reduce"): not kernels
+        (comm if "nccl" in e.name.lower() else compute).append((e.time_range.start, e.time_range.end))
+    return overlap_ms(comm, compute, n_steps)
 
 
 CATEGORIES = [  # (category, substrings of a lower-cased kernel name), first match wins

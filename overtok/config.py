@@ -257,6 +257,12 @@ class TrainConfig:
     (torch.compile's reduce-overhead mode), so a step costs the host a few launches instead of one per kernel
     (H200, a tiny model: 9.3 -> 4.1 ms per step, benchmarks/RESULTS.md). Ignored elsewhere (CPU, no compile,
     data-parallel trials, train.grad_accum > 1). Same kernels, same results (not part of the trial id)."""
+    compile_eval: Literal["auto", "always", "never"] = "auto"
+    """With train.compile: whether validation forwards run compiled too. Without gradients the forward is a second
+    graph, so compiling it costs a second compilation (seconds to tens of seconds on a GPU), while eager costs a few
+    milliseconds more per batch. 'auto' compiles it only for runs that evaluate at least
+    overtok.train.EVAL_COMPILE_MIN_BATCHES batches in all. The same losses up to summation order (not part of the
+    trial id); perf/compiled_eval records the choice."""
     grad_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     """Data-parallel trials (resources.workers > 1): the dtype in which DDP all-reduces gradients. 'bfloat16' sends
     half the bytes (gradients rounded to bf16 before averaging, cast back after; the optimizer still sees float32

@@ -37,7 +37,9 @@ from overtok.train import (
     TrainingDiverged,
     _HistorySink,
     _synced_since,
+    compiled_eval,
     decay_groups,
+    evaluate,
     generation_accuracy,
     load_latest_checkpoint,
     lr_at,
@@ -260,20 +262,11 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     while True:
         last_step = step == t.max_steps
         if ((step % t.eval_every == 0 and step > 0) or last_step) and step != resumed_from:
-            model.eval()
-            total = torch.zeros(P, device=device)
-            with torch.no_grad():
-                for d in val_data:
-                    d.rewind()
-                for _ in range(t.eval_batches):
-                    batch = torch.cat([d.next() for d in val_data]).to(device)
-                    with autocast():
-                        _, losses = model(batch)
-                    total += losses["next"].float()
-            model.train()
-            val = (total / t.eval_batches).tolist()
+            t_eval = time.time()
+            val = evaluate(model, val_data, t.eval_batches, device, autocast, compiled_eval(t)).tolist()
+            eval_s = time.time() - t_eval  # .tolist() waited for the GPU
             for p, c in enumerate(cfgs):
-                metrics = {"val/loss": val[p]}
+                metrics = {"val/loss": val[p], "perf/eval_s": eval_s}
                 if c.data.kind == "text":
                     metrics["val/bpb"] = val[p] / math.log(2) / read_bytes_per_token(c)
                 if c.data.kind == "cfg" and t.gen_samples and (last_step or (t.gen_every and step % t.gen_every == 0)) \

@@ -208,10 +208,10 @@ ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "f
 
 def trial_id(cfg: RunConfig) -> str:
     """Hash of what determines the result: the resolved config minus naming, tracking and where files go, the loss
-    kernel (the same loss up to summation order), CUDA graphs (the same kernels, replayed) and DDP's bucket size (the
-    same averages)."""
+    kernel (the same loss up to summation order), CUDA graphs (the same kernels, replayed), DDP's bucket size (the
+    same averages) and whether evaluation is compiled (the same losses up to summation order)."""
     return _config_hash(cfg, ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel", "train.cuda_graphs",
-                              "train.ddp_bucket_mb"), ADDED_FIELDS)
+                              "train.ddp_bucket_mb", "train.compile_eval"), ADDED_FIELDS)
 
 
 def _get(d: dict, key: str) -> Any:

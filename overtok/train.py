@@ -40,7 +40,7 @@ def pick_device(name: str) -> torch.device:
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host batch -> device without stalling the launch queue: a copy from pageable memory waits for the GPU to
     finish all queued work first, so the next step's launches could not overlap this step's kernels."""
-    if device.type == "cuda":
+    if device.type == "cuda" and batch.device.type == "cpu":
         return batch.pin_memory().to(device, non_blocking=True)
     return batch.to(device)
 
@@ -165,7 +165,7 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
             for table in model.sparse_tables():
                 table.compile_update()
     flags = {"perf/fused_loss": float(model.fused_loss), "perf/cuda_graphs": float(graphs),
-             "perf/residual_bf16": float(model.residual_dtype is not None)}
+             "perf/residual_bf16": float(model.residual_dtype is not None), "perf/compiled_eval": float(compiled_eval(t))}
     return autocast, flags
 
 
@@ -211,17 +211,62 @@ def _bf16_all_reduce(group, bucket):
     return fut.then(unpack)
 
 
+def accumulate(step_model: torch.nn.Module, train_data: Batches, micro_steps: int, device: torch.device,
+               autocast) -> dict[str, torch.Tensor]:
+    """Forward and backward over ``micro_steps`` micro-batches into the same gradients; returns the step's losses
+    (means over the micro-batches, on the device). Under DDP only the last backward all-reduces: the others run in
+    ``no_sync()`` and their gradients wait in the buckets."""
+    parts: dict[str, torch.Tensor] = {}
+    ddp = hasattr(step_model, "no_sync")
+    for i in range(micro_steps):
+        with step_model.no_sync() if ddp and i < micro_steps - 1 else contextlib.nullcontext():
+            batch = to_device(train_data.next(), device)
+            with autocast():
+                _, losses = step_model(batch)
+            (losses["total"] / micro_steps).backward()
+        for k, v in losses.items():
+            parts[k] = parts.get(k, 0.0) + v.detach() / micro_steps
+    return parts
+
+
+# Under train.compile_eval = auto, evaluation runs compiled only when the run evaluates at least this many batches in
+# all: compiling the forward without gradients is a second compilation (seconds to tens of seconds), while an eager
+# forward costs a few milliseconds more per batch (benchmarks/bench_eval.py, benchmarks/RESULTS.md section 3).
+EVAL_COMPILE_MIN_BATCHES = 500
+
+
+def compiled_eval(t: TrainConfig) -> bool:
+    """Whether validation forwards run compiled (train.compile_eval): 'auto' compiles them only for runs that
+    evaluate EVAL_COMPILE_MIN_BATCHES batches or more in all (every eval_every steps and at the end)."""
+    if not t.compile or t.compile_eval == "never":
+        return False
+    evaluations = -(-t.max_steps // t.eval_every)
+    return t.compile_eval == "always" or evaluations * t.eval_batches >= EVAL_COMPILE_MIN_BATCHES
+
+
 @torch.no_grad()
-def eval_loss(model: Transformer, batches: Batches, n_batches: int, device: torch.device, autocast) -> float:
+def evaluate(model: Transformer, streams: list[Batches], n_batches: int, device: torch.device, autocast,
+             compiled: bool = True) -> torch.Tensor:
+    """Mean next-token validation loss over n_batches batches, each one batch of every stream concatenated (a packed
+    model's slices in order): a float tensor, one value per slice. ``compiled`` False runs the compiled parts of the
+    model eagerly (no second compilation for the forward without gradients)."""
     model.eval()
-    batches.rewind()
-    total = 0.0
-    for _ in range(n_batches):
-        with autocast():
-            _, losses = model(batches.next().to(device))
-        total += losses["next"].item()
+    for s in streams:
+        s.rewind()
+    total = torch.zeros((), device=device)
+    with contextlib.nullcontext() if compiled else torch.compiler.set_stance("force_eager"):
+        for _ in range(n_batches):
+            batch = torch.cat([s.next() for s in streams]).to(device)
+            with autocast():
+                _, losses = model(batch)
+            total = total + losses["next"].float()
     model.train()
     return total / n_batches
+
+
+def eval_loss(model: Transformer, batches: Batches, n_batches: int, device: torch.device, autocast,
+              compiled: bool = True) -> float:
+    return evaluate(model, [batches], n_batches, device, autocast, compiled).item()
 
 
 def generation_prompts(g: Grammar, n: int, count: int, seed: int) -> torch.Tensor:
@@ -328,7 +373,9 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
 
         # once in a while: evaluate (and on the last step); with sharded tables every rank takes part in the lookups
         if (rank == 0 or sharded) and ((step % t.eval_every == 0 and step > 0) or last_step) and step != resumed_from:
-            metrics = {"val/loss": eval_loss(model, val_data, t.eval_batches, device, autocast)}
+            t_eval = time.time()
+            metrics = {"val/loss": eval_loss(model, val_data, t.eval_batches, device, autocast, compiled_eval(t))}
+            metrics["perf/eval_s"] = time.time() - t_eval  # the loss's .item() waited for the GPU
             if cfg.data.kind == "text":
                 bpt = read_bytes_per_token(cfg)
                 metrics["val/bpb"] = metrics["val/loss"] / math.log(2) / bpt
@@ -364,14 +411,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         lr = lr_at(step, t)
         for group in opt.param_groups:
             group["lr"] = lr
-        parts: dict[str, float] = {}
-        for _ in range(t.grad_accum):
-            batch = to_device(train_data.next(), device)
-            with autocast():
-                _, losses = step_model(batch)
-            (losses["total"] / t.grad_accum).backward()
-            for k, v in losses.items():
-                parts[k] = parts.get(k, 0.0) + v.detach() / t.grad_accum
+        parts = accumulate(step_model, train_data, t.grad_accum, device, autocast)
         if sharded:
             grad_norm = _clip_sharded(model, [p for _, p in sharded], world, t.grad_clip)
         else:

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -42,12 +44,13 @@ def test_bench_ddp_smoke_times_every_variant_on_every_rank(tmp_path):
     """2 gloo ranks on the CPU: the trainer's model under its DDP wrapper, no-sync and synced, plus extra settings."""
     out = tmp_path / "ddp.json"
     res = subprocess.run([sys.executable, "benchmarks/bench_ddp.py", "--smoke", "--grad-dtypes", "bfloat16",
-                          "--bucket-mb", "1", "--oe-m", "1001", "--oe-sparse", "--out", str(out)],
+                          "--bucket-mb", "1", "--grad-accum", "2", "--oe-m", "1001", "--oe-sparse", "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [r["name"] for r in rows] == ["1 process", "2 processes, no sync", "2 processes",
                                          "2 processes, bfloat16 gradients", "2 processes, 1 MiB buckets",
+                                         "1 process, grad_accum 2", "2 processes, grad_accum 2",
                                          "1 process, OE table whole (sparse bf16)",
                                          "2 processes, OE table row-sharded (sparse bf16)"]
     assert [r["train"] for r in rows[3:5]] == [{"grad_reduce_dtype": "bfloat16"}, {"ddp_bucket_mb": 1.0}]
@@ -57,3 +60,28 @@ def test_bench_ddp_smoke_times_every_variant_on_every_rank(tmp_path):
         assert 0 < r["step_ms_best"] <= max(max(k["step_ms_blocks"]) for k in r["ranks"])
         if r["world"] > 1:
             assert r["vs_1_process"] > 0 and r["vs_1_process_best_blocks"] > 0
+    by_name = {r["name"]: r for r in rows}  # a step of 2 micro-batches counts both
+    assert by_name["1 process, grad_accum 2"]["tokens_per_s"] == pytest.approx(
+        2 * 2 * 32 / (by_name["1 process, grad_accum 2"]["step_ms"] / 1000))
+
+
+def test_bench_eval_smoke_times_eager_and_compiled_evaluation(tmp_path):
+    out = tmp_path / "eval.json"
+    res = subprocess.run([sys.executable, "benchmarks/bench_eval.py", "--smoke", "--cases", "tiny", "packed",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["name"], r["models"]) for r in rows] == [("tiny", 1), ("packed", 8)]
+    for r in rows:
+        assert r["eager_ms_per_batch"] > 0 and r["compiled_ms_per_batch"] > 0 and r["first_compiled_eval_s"] > 0
+        assert len(r["loss_eager"]) == r["models"]  # one loss per packed slice
+        assert r["loss_eager"] == pytest.approx(r["loss_compiled"], abs=1e-4)
+
+
+def test_kernel_overlap_splits_communication_into_hidden_and_exposed():
+    from benchmarks.common import overlap_ms
+
+    # NCCL 0-12 us and 30-40 us; compute 0-3, 8-35, 50-60: 12 us of the 22 run beside compute, 40-50 nothing runs
+    got = overlap_ms([(0, 10), (5, 12), (30, 40)], [(0, 3), (8, 35), (50, 60)], n_steps=1)
+    assert got == pytest.approx({"span": 0.060, "compute_busy": 0.040, "comm_busy": 0.022, "comm_hidden": 0.012,
+                                 "comm_exposed": 0.010, "idle": 0.010})

@@ -305,3 +305,66 @@ def test_trainer_ddp_averages_like_plain_ddp_and_reduces_in_bf16_on_request(tmp_
     set to None; with train.grad_reduce_dtype = bfloat16 the average differs from it by bf16 rounding only."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(_ddp_grad_worker, args=(2, str(tmp_path / "store"), backend), nprocs=2, join=True)
+
+
+def _accumulate_worker(rank: int, world: int, init_file: str):
+    _init(rank, world, init_file)
+    try:
+        import contextlib
+
+        from overtok.config import TrainConfig
+        from overtok.model import Transformer
+        from overtok.train import accumulate, wrap_ddp
+
+        cfg = tiny_config()
+        T = cfg.model.seq_len + 1
+
+        class Stream:  # rank r's micro-batches: what a Batches of that rank would hand out
+            def __init__(self, r):
+                self.g = torch.Generator().manual_seed(100 + r)
+
+            def next(self):
+                return torch.randint(0, cfg.model.vocab_size, (2, T), generator=self.g)
+
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        ddp = wrap_ddp(model, TrainConfig(), torch.device("cpu"), [])
+        calls = []
+
+        def counting_all_reduce(group, bucket):
+            calls.append(bucket.index())
+            flat = bucket.buffer().div_(world)
+            return dist.all_reduce(flat, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
+
+        ddp.register_comm_hook(None, counting_all_reduce)
+        accumulate(ddp, Stream(rank), 1, torch.device("cpu"), contextlib.nullcontext)
+        per_sync = len(calls)
+        assert per_sync > 0
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        parts = accumulate(ddp, Stream(rank), 3, torch.device("cpu"), contextlib.nullcontext)
+        assert len(calls) == per_sync, f"3 micro-steps all-reduced {len(calls)} buckets, one synced backward {per_sync}"
+
+        # the gradient is the mean over every rank's three micro-batches, as one process on all six would get
+        ref = Transformer(cfg.model)
+        ref.load_state_dict(model.state_dict())
+        streams = [Stream(r) for r in range(world)]
+        losses = []
+        for s in streams:
+            for _ in range(3):
+                loss = ref(s.next())[1]["total"]
+                (loss / (3 * world)).backward()
+                losses.append(loss.detach())
+        for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), f"{n}: accumulated DDP gradient differs"
+        mine = torch.stack(losses[3 * rank : 3 * rank + 3]).mean()
+        assert torch.allclose(parts["total"], mine, atol=1e-6), "the step's loss is not its micro-batches' mean"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradient_accumulation_all_reduces_once_per_step(tmp_path):
+    """With train.grad_accum micro-steps under DDP only the last backward all-reduces (the others in no_sync), and
+    the gradient still averages every rank's micro-batches."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_accumulate_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)

@@ -117,3 +117,35 @@ def test_validation_builds_no_autograd_graph():
     model.norm.register_forward_hook(lambda mod, args, out: seen.append(out.requires_grad))
     loss = eval_loss(model, Batches(cfg, "val"), 2, torch.device("cpu"), contextlib.nullcontext)
     assert seen == [False, False] and loss > 0 and model.training
+
+
+def test_evaluation_runs_eagerly_unless_it_pays_to_compile_it():
+    """train.compile_eval: with 'auto' a run that evaluates few batches runs them eagerly (no second compilation for
+    the forward without gradients); the compiled evaluation gives the same loss."""
+    import contextlib
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    from overtok.config import TrainConfig
+    from overtok.data.batches import Batches
+    from overtok.model import Transformer
+    from overtok.train import EVAL_COMPILE_MIN_BATCHES, compiled_eval, eval_loss
+
+    few = dict(compile=True, max_steps=1000, eval_every=250, eval_batches=4)  # 16 batches in all
+    many = dict(compile=True, max_steps=1000, eval_every=10, eval_batches=EVAL_COMPILE_MIN_BATCHES // 100)
+    assert not compiled_eval(TrainConfig(**few)) and compiled_eval(TrainConfig(**many))
+    assert compiled_eval(TrainConfig(**few, compile_eval="always"))
+    assert not compiled_eval(TrainConfig(**many, compile_eval="never"))
+    assert not compiled_eval(TrainConfig(**{**many, "compile": False}, compile_eval="always"))
+
+    cfg = tiny_config()
+    model = Transformer(cfg.model)
+    model.body_and_loss = torch.compile(model.body_and_loss, backend="aot_eager")
+    model(Batches(cfg, "train").next())[1]["total"].backward()
+    graphs = counters["stats"]["unique_graphs"]
+    eager = eval_loss(model, Batches(cfg, "val"), 2, torch.device("cpu"), contextlib.nullcontext, compiled=False)
+    assert counters["stats"]["unique_graphs"] == graphs, "the eager evaluation compiled a graph"
+    compiled = eval_loss(model, Batches(cfg, "val"), 2, torch.device("cpu"), contextlib.nullcontext, compiled=True)
+    assert counters["stats"]["unique_graphs"] == graphs + 1, "the compiled evaluation did not compile its own graph"
+    assert abs(eager - compiled) < 1e-5
