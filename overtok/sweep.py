@@ -105,6 +105,20 @@ def local_gpus() -> int:
     return sum(line.startswith("GPU ") for line in out.splitlines())
 
 
+def local_cpus(needed: float) -> int:
+    """CPUs a new local Ray would see, as far as asking for ``needed`` of them goes: os.cpu_count() when that is not
+    enough anyway, else Ray's own count (it honours a container's CPU quota or cpuset, which os.cpu_count() does
+    not). Ray is imported only for trials that ask for more than one CPU."""
+    have = os.cpu_count() or 1
+    if needed <= 1 or needed > have:
+        return have
+    try:
+        from ray._private.utils import get_num_cpus
+    except ImportError:  # Ray's private helper moved: os.cpu_count() is the best guess left
+        return have
+    return int(get_num_cpus(override_docker_cpu_warning=True))
+
+
 def kept_checkpoints(t: TrainConfig) -> int:
     """How many checkpoint files a trial keeps at the end: its saves (every checkpoint_every steps, and the final
     one), of which the 2 newest stay."""
@@ -161,7 +175,7 @@ class Sweep:
             raise ConfigError(f"a trial needs {gpu:g} GPU{'s' if gpu != 1 else ''} but this machine has {have_gpu} "
                               "(a local Ray has this machine's); run it on a GPU machine or attach to a cluster "
                               "with --address", file=self.file, key="resources.gpu", line=self.lines.get("resources.gpu"))
-        have_cpu = os.cpu_count() or 1
+        have_cpu = local_cpus(cpus)
         if cpus > have_cpu:
             each = f" ({workers} workers x {self.resources.get('cpu', 1.0):g})" if workers > 1 else ""
             raise ConfigError(f"a trial needs {cpus:g} CPUs{each} but this machine has {have_cpu} (a local "

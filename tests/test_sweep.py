@@ -352,3 +352,30 @@ max_concurrent: 2
         assert len({r.data.metrics["perf/first_step_s"] for r in group}) == 1  # one process, one first step
     again = overtok(tmp_path, "sweep", "packed.yaml")
     assert again.returncode == 0 and "8 already finished, 0 to run" in again.stdout
+
+
+def test_local_cpu_count_is_what_a_new_ray_would_see(tmp_path, monkeypatch):
+    """In a container with a CPU quota below os.cpu_count(), a new local Ray has the quota's CPUs (Ray reads the
+    cgroup): the check asks Ray's own count and refuses a trial the quota cannot hold. The quota is simulated by
+    replacing Ray's count (this machine has none); every other path is the real one."""
+    import ray._private.utils as ray_utils
+
+    from overtok.config import ConfigError
+    from overtok.sweep import load_sweep
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 CPUs")
+    write(tmp_path / "two.yaml", """
+name: two
+base:
+  model: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}
+resources: {cpu: 2}
+""")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray_tmp"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    sweep = load_sweep(str(tmp_path / "two.yaml"), [])
+    sweep.check_local_resources()  # Ray's count here: the machine's
+    monkeypatch.setattr(ray_utils, "get_num_cpus", lambda **kw: 1)
+    with pytest.raises(ConfigError, match="a trial needs 2 CPUs but this machine has 1") as e:
+        sweep.check_local_resources()
+    assert e.value.key == "resources.cpu"
