@@ -83,21 +83,14 @@ def make_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads
     batches = [torch.randint(0, cfg.model.vocab_size, (args.batch, T), device=dev, generator=g) for _ in range(4)]
     graphs = bool(flags["perf/cuda_graphs"])
 
-    class Stream:  # the micro-batches a step draws, as the trainer's Batches hands them out
-        i = 0
-
-        def next(self):
-            self.i += 1
-            return batches[self.i % 4]
-
-    stream = Stream()
+    drawn = iter(range(10**9))
 
     def step(i: int) -> None:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         quiet = step_model.no_sync() if distributed and not sync_grads else contextlib.nullcontext()
         with quiet:  # the trainer's micro-steps: with train.grad_accum, only the last one all-reduces
-            accumulate(step_model, stream, cfg.train.grad_accum, dev, autocast)
+            accumulate(step_model, lambda: batches[next(drawn) % 4], cfg.train.grad_accum, dev, autocast)
         if shards:  # as the trainer: shard gradients averaged, the norm global
             _clip_sharded(model, shards, world, cfg.train.grad_clip)
         else:

@@ -37,6 +37,7 @@ from overtok.train import (
     TrainingDiverged,
     _HistorySink,
     _synced_since,
+    accumulate,
     compiled_eval,
     decay_groups,
     evaluate,
@@ -292,14 +293,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
             raise RuntimeError(f"fail_at_step={step} (deliberate failure for testing)")
         lr_list = [lr_at(step, c.train) for c in cfgs]
         lrs = to_device(torch.tensor(lr_list), device)
-        parts: dict[str, torch.Tensor] = {}
-        for _ in range(t.grad_accum):
-            batch = to_device(torch.cat([d.next() for d in train_data]), device)
-            with autocast():
-                _, losses = model(batch)
-            (losses["total"].sum() / t.grad_accum).backward()  # sum over slices: each gets its own gradient
-            for k, v in losses.items():
-                parts[k] = parts.get(k, 0.0) + v.detach().float() / t.grad_accum
+        parts = accumulate(model, lambda: torch.cat([d.next() for d in train_data]), t.grad_accum, device, autocast)
         grad_norms = opt.step(lrs, t.grad_clip if t.grad_clip > 0 else math.inf)
         opt.zero_grad()
         step += 1

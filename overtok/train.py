@@ -211,21 +211,22 @@ def _bf16_all_reduce(group, bucket):
     return fut.then(unpack)
 
 
-def accumulate(step_model: torch.nn.Module, train_data: Batches, micro_steps: int, device: torch.device,
+def accumulate(step_model: torch.nn.Module, draw, micro_steps: int, device: torch.device,
                autocast) -> dict[str, torch.Tensor]:
-    """Forward and backward over ``micro_steps`` micro-batches into the same gradients; returns the step's losses
-    (means over the micro-batches, on the device). Under DDP only the last backward all-reduces: the others run in
-    ``no_sync()`` and their gradients wait in the buckets."""
+    """Forward and backward over ``micro_steps`` micro-batches (``draw()`` hands out the next, on the host) into the
+    same gradients; returns the step's losses, means over the micro-batches, float32 on the device (a packed model's:
+    one per slice; their sum is what is differentiated, so each slice gets its own gradient). Under DDP only the last
+    backward all-reduces: the others run in ``no_sync()`` and their gradients wait in the buckets."""
     parts: dict[str, torch.Tensor] = {}
     ddp = hasattr(step_model, "no_sync")
     for i in range(micro_steps):
         with step_model.no_sync() if ddp and i < micro_steps - 1 else contextlib.nullcontext():
-            batch = to_device(train_data.next(), device)
+            batch = to_device(draw(), device)
             with autocast():
                 _, losses = step_model(batch)
-            (losses["total"] / micro_steps).backward()
+            (losses["total"].sum() / micro_steps).backward()
         for k, v in losses.items():
-            parts[k] = parts.get(k, 0.0) + v.detach() / micro_steps
+            parts[k] = parts.get(k, 0.0) + v.detach().float() / micro_steps
     return parts
 
 
@@ -411,7 +412,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         lr = lr_at(step, t)
         for group in opt.param_groups:
             group["lr"] = lr
-        parts = accumulate(step_model, train_data, t.grad_accum, device, autocast)
+        parts = accumulate(step_model, train_data.next, t.grad_accum, device, autocast)
         if sharded:
             grad_norm = _clip_sharded(model, [p for _, p in sharded], world, t.grad_clip)
         else:

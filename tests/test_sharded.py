@@ -337,12 +337,12 @@ def _accumulate_worker(rank: int, world: int, init_file: str):
             return dist.all_reduce(flat, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
 
         ddp.register_comm_hook(None, counting_all_reduce)
-        accumulate(ddp, Stream(rank), 1, torch.device("cpu"), contextlib.nullcontext)
+        accumulate(ddp, Stream(rank).next, 1, torch.device("cpu"), contextlib.nullcontext)
         per_sync = len(calls)
         assert per_sync > 0
         model.zero_grad(set_to_none=True)
         calls.clear()
-        parts = accumulate(ddp, Stream(rank), 3, torch.device("cpu"), contextlib.nullcontext)
+        parts = accumulate(ddp, Stream(rank).next, 3, torch.device("cpu"), contextlib.nullcontext)
         assert len(calls) == per_sync, f"3 micro-steps all-reduced {len(calls)} buckets, one synced backward {per_sync}"
 
         # the gradient is the mean over every rank's three micro-batches, as one process on all six would get
