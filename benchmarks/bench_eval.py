@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import Rows, config, fresh_device, release  # noqa: E402
+from benchmarks.common import Rows, config, fresh_device, release, seeded_models  # noqa: E402
 
 CASES = {  # d, layers, heads, seq, sequences per model, vocabulary, models packed
     "tiny": (256, 4, 4, 512, 16, 50280, 1),
@@ -55,21 +55,14 @@ class Stream:
 
 
 def run_case(name: str, args) -> dict:
-    from overtok.model import Transformer
-    from overtok.packed import PackedAdamW, pack_models
+    from overtok.packed import PackedAdamW
     from overtok.train import evaluate, make_optimizer, prepare_model
 
     d, L, H, T, B, V, P = (64, 2, 2, 64, 2, 512, CASES[name][-1]) if args.smoke else CASES[name]
     cfg = config({"model.vocab_size": V, "model.d_model": d, "model.n_layers": L, "model.n_heads": H,
                   "model.seq_len": T, "data.batch_size": B, "train.compile": True})
     dev = fresh_device()
-    models = []
-    for seed in range(P):
-        torch.manual_seed(seed)
-        with torch.device(dev):
-            models.append(Transformer(cfg.model))
-    model = models[0] if P == 1 else pack_models(models)
-    del models
+    model = seeded_models(cfg, P, dev)
     opt = make_optimizer(model, cfg.train, dev) if P == 1 else PackedAdamW(model, cfg.train)
     autocast, flags = prepare_model(model, cfg.train, dev)
     train = [Stream(cfg, B, 1000 + p) for p in range(P)]
@@ -116,6 +109,14 @@ def run_case(name: str, args) -> dict:
     return row
 
 
+def format_row(r: dict) -> str:
+    be, bw = ("never" if x is None else f"{x:,.0f}"  # never: eager was not slower than compiled
+              for x in (r["break_even_batches"], r["break_even_batches_warm_cache"]))
+    return (f"{r['name']:>8} {r['eager_ms_per_batch']:9.2f} {r['compiled_ms_per_batch']:12.2f} "
+            f"{r['first_compiled_eval_s']:20.2f} {r['first_compiled_eval_warm_cache_s']:13.2f} {be:>19} {bw:>7} "
+            f"{r['loss_eager'][0]:15.4f} / {r['loss_compiled'][0]:.4f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gpu_eval.json")
@@ -132,12 +133,7 @@ def main():
         r = run_case(name, args)
         release(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # the case's model is gone: free it
         rows.append(r)
-        be = r["break_even_batches"]
-        bw = r["break_even_batches_warm_cache"]
-        print(f"{name:>8} {r['eager_ms_per_batch']:9.2f} {r['compiled_ms_per_batch']:12.2f} "
-              f"{r['first_compiled_eval_s']:20.2f} {r['first_compiled_eval_warm_cache_s']:13.2f} "
-              f"{be if be is None else round(be):>19} {bw if bw is None else round(bw):>7} "
-              f"{r['loss_eager'][0]:15.4f} / {r['loss_compiled'][0]:.4f}", flush=True)
+        print(format_row(r), flush=True)
 
 
 if __name__ == "__main__":

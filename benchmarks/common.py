@@ -312,6 +312,19 @@ def interleaved(benches: dict[str, Bench], steps: int, rounds: int) -> dict[str,
     return out
 
 
+def seeded_models(cfg, P: int, dev: torch.device) -> Transformer:
+    """Models 0..P-1 of cfg, model p initialised with seed p, on dev: the one model (P = 1) or the P packed into one
+    (overtok.packed), as a sweep's trials with seeds 0..P-1 would start."""
+    from overtok.packed import pack_models
+
+    models = []
+    for seed in range(P):
+        torch.manual_seed(seed)
+        with torch.device(dev):
+            models.append(Transformer(cfg.model))
+    return models[0] if P == 1 else pack_models(models)
+
+
 def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, profile: bool = False,
                 loss_kernel: str = "auto", compile_mode: str | None = None, whole: bool = False) -> dict:
     """Median step time of P same-shape models packed into one (overtok.packed), as ``time_training`` does for one
@@ -319,17 +332,11 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, pr
     mode ("reduce-overhead": CUDA graphs); ``whole``: compile the embedding's lookup with the body (the whole
     forward). Also the host time to issue a step (if it is close to the step time, the loop is launch-bound) and,
     with ``profile``, the CUDA kernels of a few steps."""
-    from overtok.packed import PackedAdamW, pack_models
+    from overtok.packed import PackedAdamW
 
     cfg = config(sets)
     dev = fresh_device()
-    models = []
-    for seed in range(P):
-        torch.manual_seed(seed)
-        with torch.device(dev):
-            models.append(Transformer(cfg.model))
-    model = pack_models(models)
-    del models
+    model = seeded_models(cfg, P, dev)
     opt = PackedAdamW(model, cfg.train)
     model.fused_loss = use_fused_loss(loss_kernel, dev)
     if whole:

@@ -85,3 +85,14 @@ def test_kernel_overlap_splits_communication_into_hidden_and_exposed():
     got = overlap_ms([(0, 10), (5, 12), (30, 40)], [(0, 3), (8, 35), (50, 60)], n_steps=1)
     assert got == pytest.approx({"span": 0.060, "compute_busy": 0.040, "comm_busy": 0.022, "comm_hidden": 0.012,
                                  "comm_exposed": 0.010, "idle": 0.010})
+
+
+def test_bench_eval_row_where_eager_was_not_slower():
+    """On a busy CPU the eager validation can beat the compiled one: compiling never pays, and the row says so."""
+    from benchmarks.bench_eval import format_row
+
+    row = {"name": "tiny", "eager_ms_per_batch": 4.0, "compiled_ms_per_batch": 5.0, "first_compiled_eval_s": 3.0,
+           "first_compiled_eval_warm_cache_s": 0.5, "break_even_batches": None, "break_even_batches_warm_cache": None,
+           "loss_eager": [6.2298], "loss_compiled": [6.2298]}
+    assert format_row(row).split()[-5:-3] == ["never", "never"]
+    assert "2,456" in format_row({**row, "break_even_batches": 2456.2, "break_even_batches_warm_cache": 340.0})
