@@ -69,12 +69,23 @@ def mfu(tokens_per_s: float, flops_per_token: float, gpus: int = 1) -> float:
     return tokens_per_s / gpus * flops_per_token / BF16_PEAK
 
 
-def memory_estimate_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int = 4, workers: int = 1) -> int:
+# Bytes of activations kept per token, per d_model unit and per layer in a bf16-autocast step on CUDA (SDPA flash
+# attention: no T x T scores kept), with the residual stream in float32 / bfloat16 (train.residual_dtype): fitted to
+# the peak memory the H200 measured for 25M-350M models at 16-32 sequences of 1,024 (41.4-43.5 and 37.7-39.1 after
+# weights, AdamW state and logits; benchmarks/RESULTS.md, "overtok plan" memory).
+CUDA_ACT_BYTES = {"float32": 42, "bfloat16": 38}
+
+
+def memory_estimate_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int = 4, workers: int = 1,
+                          cuda_bf16: bool = False, residual_dtype: str = "float32", fused_loss: bool = True) -> int:
     """Rough peak training memory of one process: fp32 weights, grads and two AdamW moments, plus activations; an
     OE table row-sharded over ``workers`` data-parallel processes (model.oe.shard) counts its share only.
 
-    Activations follow Korthikanti et al. 2022 (about 34*T*B*d + 5*H*T^2*B bytes per layer at 16-bit),
-    scaled by dtype_bytes / 2, plus the fp32 logits (3 copies: logits, softmax, grad) of every output head.
+    ``cuda_bf16`` (a bf16-autocast step on a CUDA device): activations are CUDA_ACT_BYTES per token, d_model unit
+    and layer, measured, and the logits one bf16 copy per output head with the fused loss (its gradient overwrites
+    them), else three fp32 copies besides. Otherwise (CPU, float32): Korthikanti et al. 2022, about
+    34*T*B*d + 5*H*T^2*B bytes per layer at 16-bit (attention scores kept), scaled by dtype_bytes / 2, plus three
+    fp32 copies of the logits (logits, softmax, gradient) per output head.
     """
     g = param_groups(cfg)
     tables = g["oe_tables"]
@@ -83,14 +94,28 @@ def memory_estimate_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int = 
         tables = -(-tables // workers)
     # row-sparse tables: table + two moments in table_dtype, no dense gradient
     table_bytes = 3 * (2 if cfg.oe.table_dtype == "bfloat16" else 4) if cfg.oe.sparse_update else 16
-    return 16 * n_other + table_bytes * tables + _activation_bytes(cfg, batch_size, dtype_bytes)
+    if cuda_bf16:
+        act = _cuda_activation_bytes(cfg, batch_size, residual_dtype, fused_loss)
+    else:
+        act = _activation_bytes(cfg, batch_size, dtype_bytes)
+    return 16 * n_other + table_bytes * tables + act
+
+
+def _layers(cfg: ModelConfig) -> int:
+    return cfg.n_layers + (cfg.od_depth - 1 if cfg.od_mode != "linear" else 0)
 
 
 def _activation_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int) -> int:
     d, T, B, H = cfg.d_model, cfg.seq_len, batch_size, cfg.n_heads
-    layers = cfg.n_layers + (cfg.od_depth - 1 if cfg.od_mode != "linear" else 0)
-    act = layers * (34 * T * B * d + 5 * H * T * T * B) * dtype_bytes // 2
+    act = _layers(cfg) * (34 * T * B * d + 5 * H * T * T * B) * dtype_bytes // 2
     logits = 3 * 4 * B * T * cfg.output_vocab_size * cfg.od_depth
+    return act + logits
+
+
+def _cuda_activation_bytes(cfg: ModelConfig, batch_size: int, residual_dtype: str, fused_loss: bool) -> int:
+    tokens = cfg.seq_len * batch_size
+    act = _layers(cfg) * CUDA_ACT_BYTES[residual_dtype] * tokens * cfg.d_model
+    logits = (2 if fused_loss else 2 + 3 * 4) * tokens * cfg.output_vocab_size * cfg.od_depth
     return act + logits
 
 

@@ -156,3 +156,21 @@ def test_bf16_residual_stream_applies_under_autocast_only(name):
     assert set(seen) == {torch.float32} and plain.dtype == torch.float32
     for h in hooks:
         h.remove()
+
+
+def test_gpu_memory_estimate_follows_the_measured_peaks():
+    """overtok plan's memory on a GPU (bf16 autocast, flash attention, fused loss) against the peaks the H200
+    measured for 25M-350M models in benchmarks/results/gpu_trainer_sizes.json, both residual-stream dtypes."""
+    import json
+
+    from overtok.accounting import memory_estimate_bytes
+    from overtok.config import load_config
+    from tests.conftest import ROOT
+
+    rows = json.loads((ROOT / "benchmarks/results/gpu_trainer_sizes.json").read_text())["results"]
+    assert len(rows) == 6
+    for r in rows:
+        cfg = load_config(None, [f"{k}={v}" for k, v in r["config"].items()])
+        residual = "bfloat16" if r["residual_dtype"] == "bfloat16" else "float32"
+        est = memory_estimate_bytes(cfg.model, r["batch_size"], cuda_bf16=True, residual_dtype=residual) / 2**30
+        assert abs(est / r["peak_mem_gib"] - 1) < 0.05, (r["name"], residual, est, r["peak_mem_gib"])
