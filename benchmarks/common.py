@@ -146,6 +146,8 @@ def kernel_categories(averages, n_steps: int) -> dict:
     for e in averages:
         if getattr(e, "device_type", None) != DeviceType.CUDA:
             continue  # CPU ops also report the device time of the kernels they launched: count kernels once
+        if getattr(e, "is_user_annotation", False) or e.key.startswith("nccl:"):
+            continue  # ranges annotated on the GPU (DistributedDataParallel.forward, nccl:all_reduce): not kernels
         ms = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)) / 1000 / n_steps
         if ms <= 0:
             continue
