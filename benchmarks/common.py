@@ -110,16 +110,21 @@ def overlap_ms(comm: list[tuple[float, float]], compute: list[tuple[float, float
             "idle": (span - _length(both)) / per}
 
 
-def kernel_timeline(events, n_steps: int) -> dict:
-    """overlap_ms of the profiled CUDA kernels (NCCL's against every other kernel), per step."""
+def _is_gpu_kernel(e, name: str) -> bool:
+    """A profiler event (or average) that is a GPU kernel: not a CPU op (those also report the device time of the
+    kernels they launched) and not a range annotated on the GPU (DistributedDataParallel.forward, nccl:all_reduce)."""
     from torch.autograd import DeviceType
 
+    return (getattr(e, "device_type", None) == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+            and not name.startswith("nccl:"))
+
+
+def kernel_timeline(events, n_steps: int) -> dict:
+    """overlap_ms of the profiled CUDA kernels (NCCL's against every other kernel), per step."""
     comm, compute = [], []
     for e in events:
-        if getattr(e, "device_type", None) != DeviceType.CUDA or e.time_range.end <= e.time_range.start:
+        if not _is_gpu_kernel(e, e.name) or e.time_range.end <= e.time_range.start:
             continue
-        if getattr(e, "is_user_annotation", False) or e.name.startswith("nccl:"):
-            continue  # ranges annotated on the GPU (record_function, "nccl:all_reduce"): not kernels
         (comm if "nccl" in e.name.lower() else compute).append((e.time_range.start, e.time_range.end))
     return overlap_ms(comm, compute, n_steps)
 
@@ -140,14 +145,10 @@ CATEGORIES = [  # (category, substrings of a lower-cased kernel name), first mat
 
 def kernel_categories(averages, n_steps: int) -> dict:
     """Milliseconds per step of every CUDA kernel, by category, with each category's five largest kernels."""
-    from torch.autograd import DeviceType
-
     cats: dict[str, dict] = {}
     for e in averages:
-        if getattr(e, "device_type", None) != DeviceType.CUDA:
-            continue  # CPU ops also report the device time of the kernels they launched: count kernels once
-        if getattr(e, "is_user_annotation", False) or e.key.startswith("nccl:"):
-            continue  # ranges annotated on the GPU (DistributedDataParallel.forward, nccl:all_reduce): not kernels
+        if not _is_gpu_kernel(e, e.key):
+            continue
         ms = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)) / 1000 / n_steps
         if ms <= 0:
             continue

@@ -76,16 +76,16 @@ def mfu(tokens_per_s: float, flops_per_token: float, gpus: int = 1) -> float:
 CUDA_ACT_BYTES = {"float32": 42, "bfloat16": 38}
 
 
-def memory_estimate_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int = 4, workers: int = 1,
-                          cuda_bf16: bool = False, residual_dtype: str = "float32", fused_loss: bool = True) -> int:
+def memory_estimate_bytes(cfg: ModelConfig, batch_size: int, workers: int = 1, cuda_bf16: bool = False,
+                          residual_dtype: str = "float32", fused_loss: bool = True) -> int:
     """Rough peak training memory of one process: fp32 weights, grads and two AdamW moments, plus activations; an
     OE table row-sharded over ``workers`` data-parallel processes (model.oe.shard) counts its share only.
 
     ``cuda_bf16`` (a bf16-autocast step on a CUDA device): activations are CUDA_ACT_BYTES per token, d_model unit
     and layer, measured, and the logits one bf16 copy per output head with the fused loss (its gradient overwrites
-    them), else three fp32 copies besides. Otherwise (CPU, float32): Korthikanti et al. 2022, about
-    34*T*B*d + 5*H*T^2*B bytes per layer at 16-bit (attention scores kept), scaled by dtype_bytes / 2, plus three
-    fp32 copies of the logits (logits, softmax, gradient) per output head.
+    them), else three fp32 copies besides. Otherwise (float32, e.g. on the CPU): Korthikanti et al. 2022, about
+    34*T*B*d + 5*H*T^2*B bytes per layer at 16-bit (attention scores kept), doubled for float32, plus three fp32
+    copies of the logits (logits, softmax, gradient) per output head.
     """
     g = param_groups(cfg)
     tables = g["oe_tables"]
@@ -97,7 +97,7 @@ def memory_estimate_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int = 
     if cuda_bf16:
         act = _cuda_activation_bytes(cfg, batch_size, residual_dtype, fused_loss)
     else:
-        act = _activation_bytes(cfg, batch_size, dtype_bytes)
+        act = _fp32_activation_bytes(cfg, batch_size)
     return 16 * n_other + table_bytes * tables + act
 
 
@@ -105,9 +105,9 @@ def _layers(cfg: ModelConfig) -> int:
     return cfg.n_layers + (cfg.od_depth - 1 if cfg.od_mode != "linear" else 0)
 
 
-def _activation_bytes(cfg: ModelConfig, batch_size: int, dtype_bytes: int) -> int:
+def _fp32_activation_bytes(cfg: ModelConfig, batch_size: int) -> int:
     d, T, B, H = cfg.d_model, cfg.seq_len, batch_size, cfg.n_heads
-    act = _layers(cfg) * (34 * T * B * d + 5 * H * T * T * B) * dtype_bytes // 2
+    act = _layers(cfg) * (34 * T * B * d + 5 * H * T * T * B) * 2
     logits = 3 * 4 * B * T * cfg.output_vocab_size * cfg.od_depth
     return act + logits
 

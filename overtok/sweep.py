@@ -387,7 +387,6 @@ def trial_plan(trial: Trial, on_gpu: bool = False, workers: int = 1) -> dict[str
     draws its own batches), memory per worker (a row-sharded OE table is split over them)."""
     cfg = trial.config
     cuda_bf16 = on_gpu and cfg.train.dtype != "float32"  # bf16 autocast on CUDA
-    act_bytes = 2 if cuda_bf16 else 4
     groups = accounting.param_groups(cfg.model)
     tokens = cfg.train.max_steps * cfg.tokens_per_step * workers
     positions = tokens // cfg.model.tokenizer_ngram
@@ -395,7 +394,7 @@ def trial_plan(trial: Trial, on_gpu: bool = False, workers: int = 1) -> dict[str
             "flops_per_token": accounting.flops_per_token(cfg.model), "tokens": tokens,
             "total_flops": accounting.flops_per_token(cfg.model) * positions,
             "memory_gb": accounting.memory_estimate_bytes(
-                cfg.model, cfg.data.batch_size, act_bytes, workers, cuda_bf16=cuda_bf16,
+                cfg.model, cfg.data.batch_size, workers, cuda_bf16=cuda_bf16,
                 residual_dtype=cfg.train.residual_dtype, fused_loss=cfg.train.loss_kernel != "torch") / 2**30,
             "ckpt_gb": accounting.checkpoint_bytes(cfg.model) / 2**30}
 
