@@ -1,7 +1,7 @@
 """Sweep-level GPU benchmarks for issue 6, each through the real CLI (`overtok sweep` / `overtok train`), side by side:
 
-- packed: 8 tiny trials (d 256, 4 layers, seq 512, 8 seeds) run one after another (pack: 1, max_concurrent: 1),
-  all at once as 8 processes sharing the GPU (pack: 1, max_concurrent: 8, gpu 0.125 each), and as one packed
+- packed: 8 tiny trials (d 256, 4 layers, seq 512, 8 seeds) run one after another (pack: 1, max_concurrent: 1;
+  in one reused process, and with --packed-no-reuse also with a new process each), all at once as 8 processes sharing the GPU (pack: 1, max_concurrent: 8, gpu 0.125 each), and as one packed
   process (pack: 8). Aggregate tokens/s: steady state from the runs' logged throughput (compilation excluded),
   and end to end (all tokens / wall time of the `overtok sweep` command).
 - overhead: one tiny trial of a few minutes run by `overtok train` and by `overtok sweep` (one trial, whole GPU);
@@ -101,18 +101,21 @@ def packed(args, rows):
     work = Path(tempfile.mkdtemp(prefix="bench-packed-"))
     d, layers, heads, seq, batch = (32, 2, 2, 64, 4) if args.smoke else (256, 4, 4, 512, args.packed_batch)
     first, *more = args.packed_compile_eval
-    variants = [("one after another", 1, 1, 1.0, first), ("8 processes at once", 1, 8, 0.125, first),
-                ("packed (pack: 8)", 8, 1, 1.0, first)]
+    # (name, pack, max_concurrent, gpu per trial, compile_eval, reuse_processes); the first is the reference
+    variants = [("one after another", 1, 1, 1.0, first, True), ("8 processes at once", 1, 8, 0.125, first, True),
+                ("packed (pack: 8)", 8, 1, 1.0, first, True)]
     if args.skip_concurrent:
         variants.pop(1)
-    variants += [(f"packed (pack: 8), compile_eval {v}", 8, 1, 1.0, v) for v in more]
+    if args.packed_no_reuse:
+        variants.insert(1, ("one after another, a process each", 1, 1, 1.0, first, False))
+    variants += [(f"packed (pack: 8), compile_eval {v}", 8, 1, 1.0, v, True) for v in more]
     prepare(work, base_config(args, d, layers, heads, seq, batch, args.packed_steps))
     seq_tokens = None
-    for i, (name, pack, conc, gpu, compile_eval) in enumerate(variants):
+    for i, (name, pack, conc, gpu, compile_eval, reuse) in enumerate(variants):
         base = base_config(args, d, layers, heads, seq, batch, args.packed_steps)
         base["train"]["compile_eval"] = compile_eval
         sweep = {"name": f"packed{i}", "base": base, "seeds": list(range(8)), "pack": pack, "max_concurrent": conc,
-                 "resources": {"cpu": 1, "gpu": gpu if not args.smoke else 0}}
+                 "resources": {"cpu": 1, "gpu": gpu if not args.smoke else 0}, "reuse_processes": reuse}
         (work / f"packed{i}.yaml").write_text(json.dumps(sweep))
         wall = run_cli(work, "sweep", f"packed{i}.yaml", tag=f"packed{i}")
         rs = runs(work, f"packed{i}", f"packed{i}")
@@ -124,6 +127,7 @@ def packed(args, rows):
         else:  # one at a time: the aggregate is one trial's rate
             agg = statistics.median(per_trial)
         row = {"name": name, "pack": pack, "max_concurrent": conc, "gpu_per_trial": gpu, "compile_eval": compile_eval,
+               "reuse_processes": reuse,
                "wall_s": wall, "tokens": tokens, "end_to_end_tokens_per_s": tokens / wall, "steady_tokens_per_s": agg,
                "per_trial_steady_tokens_per_s": per_trial, "processes": len({r["pid"] for r in rs}),
                "per_trial_phases_s": [{k: r[k] for k in ("setup_s", "first_step_s", "eval_s")} for r in rs]}
@@ -270,6 +274,8 @@ def main():
     ap.add_argument("--packed-batch", type=int, default=16)
     ap.add_argument("--overhead-steps", type=int, default=6000)
     ap.add_argument("--skip-concurrent", action="store_true")
+    ap.add_argument("--packed-no-reuse", action="store_true",
+                    help="packed: also run the trials one after another with a new process each (reuse_processes: false)")
     ap.add_argument("--packed-compile-eval", nargs="+", default=["auto"], choices=["auto", "always", "never"],
                     help="packed: train.compile_eval of every variant (the first value); each further value adds a "
                          "packed sweep with it")

@@ -14,6 +14,7 @@ A sweep YAML::
     max_failures: 0              # retries of a failed trial, from its last checkpoint
     pack: 1                      # up to this many trials differing only in seed / train.lr share one process
                                  # and one model with stacked weights (overtok/packed.py); 1 = off
+    reuse_processes: true        # a finished trial's process runs the next trial of the same resources
     tracking: {tracking_uri: "", experiment: ""}
     ray: {address: "", storage_path: results/ray}
 
@@ -45,7 +46,7 @@ from overtok.config import (
 )
 
 SWEEP_KEYS = {"name", "base", "grid", "zip", "seeds", "resources", "max_concurrent", "max_failures", "tracking", "ray",
-              "max_trials", "description", "pack"}
+              "max_trials", "description", "pack", "reuse_processes"}
 TRACKING_KEYS = {"tracking_uri", "experiment"}
 RAY_KEYS = {"address", "storage_path"}
 DEFAULT_MAX_TRIALS = 256
@@ -140,6 +141,7 @@ class Sweep:
     max_trials: int = DEFAULT_MAX_TRIALS
     varied_keys: list[str] = field(default_factory=list)
     pack: int = 1
+    reuse_processes: bool = True
     lines: dict[str, int] = field(default_factory=dict)  # line of each key in the sweep file, for errors
 
     def checkpoint_bytes_needed(self) -> int:
@@ -301,6 +303,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     for key in ("max_concurrent", "max_failures", "max_trials", "pack"):
         v = raw.get(key, 0)
         _expect(isinstance(v, int) and not isinstance(v, bool) and v >= 0, "must be an integer >= 0", file, key, lines)
+    _expect(isinstance(raw.get("reuse_processes", True), bool), "must be true or false", file, "reuse_processes", lines)
     tracking, ray = raw.get("tracking", {}) or {}, raw.get("ray", {}) or {}
     for sect, allowed in (("tracking", TRACKING_KEYS), ("ray", RAY_KEYS)):
         val = raw.get(sect, {}) or {}
@@ -368,7 +371,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
                  tracking_uri=tracking.get("tracking_uri", ""), experiment=tracking.get("experiment", "") or name,
                  ray_address=ray.get("address", ""), storage_path=str(storage),
                  max_trials=raw.get("max_trials", 0) or DEFAULT_MAX_TRIALS, varied_keys=varied_keys,
-                 pack=raw.get("pack", 1) or 1, lines=lines)
+                 pack=raw.get("pack", 1) or 1, reuse_processes=raw.get("reuse_processes", True), lines=lines)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import sys
 import threading
 import time
@@ -79,25 +80,96 @@ class ReportSink(Sink):
 
 def trial_main(config: dict) -> None:
     """Tune function trainable: one trial = one ``train()`` (with several workers a data-parallel TorchTrainer;
-    for a pack, one ``train_packed()`` over its member trials)."""
+    for a pack, one ``train_packed()`` over its member trials), run on this process's trial thread."""
+    return _trial_thread().run(lambda: _run_trial(config))
+
+
+def _run_trial(config: dict) -> None:
     from overtok.config import RunConfig, build_config
     from overtok.train import train
 
     spec = json.loads(config["trial"])
-    if "pack" in spec:
-        return _packed_main(spec)
-    cfg: RunConfig = build_config(spec["config"])
-    sink = ReportSink(spec["trial_id"])
-    sink.report(node_id=_node_id(), pid=os.getpid())  # where it ran, recorded as tags
     try:
-        if config.get("workers", 1) > 1:
-            summary = _data_parallel(config, spec, sink)
-        else:
-            summary = train(cfg, sink)
-    except Exception as e:
-        _report_failure(sink, f"{type(e).__name__}: {e}")
-        raise
-    sink.report(done_tokens=summary["tokens_seen"])
+        if "pack" in spec:
+            return _packed_main(spec)
+        cfg: RunConfig = build_config(spec["config"])
+        sink = ReportSink(spec["trial_id"])
+        sink.report(**_where())  # recorded as tags
+        try:
+            if config.get("workers", 1) > 1:
+                summary = _data_parallel(config, spec, sink)
+            else:
+                summary = train(cfg, sink)
+        except Exception as e:
+            _report_failure(sink, f"{type(e).__name__}: {e}")
+            raise
+        sink.report(done_tokens=summary["tokens_seen"])
+    finally:
+        if config.get("reuse"):
+            _release()
+
+
+class _TrialThread:
+    """The one thread on which every trial of this worker process trains.
+
+    With ``reuse_processes`` (Tune's ``reuse_actors``) a process runs trial after trial, and Tune calls each from a
+    new thread of its own. CUDA graph trees (torch.compile's reduce-overhead mode, ``train.cuda_graphs``) keep their
+    state with the thread that first used them, so a second trial on a new thread failed at its first compiled step
+    (``benchmarks/results/gpu_reuse_actors.log``). Trials therefore run here, one at a time, while Tune's thread
+    waits; ``tune.report`` works from any thread of the process (its session is per process)."""
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._loop, name="overtok-trial", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, box, done = self.jobs.get()
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # noqa: BLE001 - raised again in Tune's thread (SystemExit = Tune's stop)
+                box["error"] = e
+            done.set()
+
+    def run(self, fn):
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        self.jobs.put((fn, box, done))
+        done.wait()
+        if "error" in box:
+            raise box.pop("error")
+        return box.get("value")
+
+
+_TRIAL_THREAD: _TrialThread | None = None
+
+
+def _trial_thread() -> _TrialThread:
+    global _TRIAL_THREAD
+    if _TRIAL_THREAD is None:
+        _TRIAL_THREAD = _TrialThread()
+    return _TRIAL_THREAD
+
+
+def _release() -> None:
+    """Leave a reused process as the next trial expects a new one: no compiled graphs (dynamo would otherwise
+    keep guarding old modules and stop compiling after its cache limit), no CUDA graph trees, nothing allocated.
+
+    On the H200 (``benchmarks/bench_reuse.py``) all that stayed allocated after a trial was cuBLAS's workspace
+    (32 MiB, kept per stream for the process's lifetime). Left there it counted towards the next trial's peak
+    (``perf/mem_gb``), and that trial's own workspaces came on top: so it is cleared too, as CUDA graph trees
+    themselves do around recording."""
+    import gc
+
+    import torch
+
+    torch.compiler.reset()
+    gc.collect()
+    if torch.cuda.is_initialized():
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # private; absent in some builds
+        if clear is not None:
+            clear()
+        torch.cuda.empty_cache()
 
 
 def _report_failure(sink: ReportSink, error: str) -> None:
@@ -113,8 +185,9 @@ def _packed_main(spec: dict) -> None:
     members = spec["pack"]
     cfgs = [build_config(m["config"]) for m in members]
     sinks = [ReportSink(m["trial_id"]) for m in members]
+    where = _where()
     for s in sinks:
-        s.report(node_id=_node_id(), pid=os.getpid())
+        s.report(**where)
     try:
         summaries = train_packed(cfgs, sinks, spec["checkpoint_dir"])
     except Exception as e:
@@ -202,10 +275,17 @@ def _data_parallel(config: dict, spec: dict, sink: ReportSink) -> dict:
     return summary
 
 
-def _node_id() -> str:
+def _where() -> dict:
+    """Where a trial runs: node, process, and the how-manieth trial of that process this is (1 = a new process;
+    more with reuse_processes)."""
     import ray
 
-    return ray.get_runtime_context().get_node_id()
+    global _PROCESS_TRIALS
+    _PROCESS_TRIALS += 1
+    return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "process_trial": _PROCESS_TRIALS}
+
+
+_PROCESS_TRIALS = 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,6 +406,7 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
                 rid = tracker.buffers[tid].run_id
                 tracker.c.set_tag(rid, "overtok.node_id", result["node_id"])
                 tracker.c.set_tag(rid, "overtok.pid", str(result.get("pid", "")))
+                tracker.c.set_tag(rid, "overtok.process_trial", str(result.get("process_trial", "")))
             if result.get(ERROR_KEY):
                 tracker.errors[tid] = result[ERROR_KEY]
             self._progress()
@@ -537,8 +618,9 @@ def run_sweep(sweep: Sweep) -> dict:
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(specs), "workers": workers,
-                     "worker_cpu": cpu, "worker_gpu": per_worker_gpu, "storage_path": sweep.storage_path},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=False,
+                     "worker_cpu": cpu, "worker_gpu": per_worker_gpu, "storage_path": sweep.storage_path,
+                     "reuse": sweep.reuse_processes},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=sweep.reuse_processes,
                                     trial_name_creator=lambda tr: json.loads(tr.config["trial"])["trial_id"],
                                     trial_dirname_creator=lambda tr: json.loads(tr.config["trial"])["trial_id"]),
         run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=sweep.storage_path,

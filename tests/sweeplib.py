@@ -18,7 +18,7 @@ SMALL = [  # shrink a sweep so a test takes seconds per trial
 
 def env(extra=None):
     e = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    e["PYTHONPATH"] = str(ROOT)
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)])
     e.update(extra or {})
     return e
 

@@ -96,3 +96,16 @@ def test_bench_eval_row_where_eager_was_not_slower():
            "loss_eager": [6.2298], "loss_compiled": [6.2298]}
     assert format_row(row).split()[-5:-3] == ["never", "never"]
     assert "2,456" in format_row({**row, "break_even_batches": 2456.2, "break_even_batches_warm_cache": 340.0})
+
+
+def test_bench_reuse_smoke_finds_nothing_left_after_a_trial(tmp_path):
+    """Two trials in one process, as a reused worker runs them: after each trial's release no tensor of it is
+    still alive (a reference kept anywhere would show here)."""
+    out = tmp_path / "reuse.json"
+    res = subprocess.run([sys.executable, "benchmarks/bench_reuse.py", "--smoke", "--d-models", "48", "32",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["trial"], r["d_model"]) for r in rows] == [(1, 48), (2, 32)]
+    for r in rows:
+        assert r["after_release"]["live_tensors"] == 0 and r["after_release"]["largest"] == []

@@ -10,6 +10,7 @@ import torch
 from overtok.packed import train_packed
 from overtok.train import train
 from tests.conftest import tiny_config
+from tests.sweeplib import overtok, sweep_runs, write
 from tests.test_packed import Collect
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -65,3 +66,44 @@ def test_packed_cuda_graphs_train_as_without(tmp_path):
     for on, off in zip(curves[True], curves[False]):
         assert set(on["perf/cuda_graphs"].values()) == {1.0}
         _assert_close(on, off)
+
+
+REUSE_SWEEP = """
+name: reuse
+base:
+  model: {n_layers: 2, n_heads: 2, seq_len: 32}
+  data: {batch_size: 4}
+  train: {compile: true, max_steps: 40, eval_every: 20, log_every: 10, checkpoint_every: 20, gen_samples: 16}
+grid:
+  model.d_model: [64, 48, 32]  # largest first: anything a trial leaves behind shows in the next ones' peaks
+resources: {cpu: 1, gpu: 1}
+max_concurrent: 1
+reuse_processes: %s
+"""
+
+
+def test_reused_process_runs_compiled_trials_with_cuda_graphs(tmp_path):
+    """Through `overtok sweep`: three compiled trials of different shapes, with CUDA graphs, one after another in
+    one reused process train as with a process each (the trial thread keeps CUDA graph trees' per-thread state;
+    each trial starts from released compile caches)."""
+    curves, pids = {}, {}
+    for reuse in ("true", "false"):
+        work = tmp_path / reuse
+        work.mkdir()
+        write(work / "reuse.yaml", REUSE_SWEEP % reuse)
+        res = overtok(work, "sweep", "reuse.yaml")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        c, _, children = sweep_runs(f"sqlite:///{work}/results/mlflow.db", "reuse")
+        assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+        assert all(r.data.metrics["perf/cuda_graphs"] == 1.0 for r in children)
+        pids[reuse] = {r.data.tags["overtok.pid"] for r in children}
+        curves[reuse] = {r.data.params["model.d_model"]: {
+            k: {m.step: m.value for m in c.get_metric_history(r.info.run_id, k)}
+            for k in ("train/loss", "val/loss", "val/gen_acc", "perf/mem_gb")} for r in children}
+    assert len(pids["true"]) == 1 and len(pids["false"]) == 3
+    for d_model, on in curves["true"].items():
+        off = curves["false"][d_model]
+        _assert_close(on, off, keys=("train/loss", "val/loss"))
+        assert on["val/gen_acc"].keys() == off["val/gen_acc"].keys()
+        # nothing of the earlier trials stays allocated: each trial's peak is what it is in a new process
+        assert max(on["perf/mem_gb"].values()) <= max(off["perf/mem_gb"].values()) * 1.02 + 2**-10, (d_model, on, off)

@@ -317,6 +317,42 @@ max_concurrent: 2
     assert state["world"] == 2 and glob.glob(f"{tmp_path}/results/ray/ddp/trials/*/shard_*_rank1.pt")  # rank 1's rows
 
 
+REUSE_SWEEP = """
+name: reuse
+base:
+  model: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32, oe: {m: 400}}
+  data: {batch_size: 4}
+  train: {max_steps: 20, eval_every: 10, log_every: 5, checkpoint_every: 10, gen_samples: 4}
+grid:
+  model.oe.n: [1, 2]
+  model.od_depth: [1, 2]
+max_concurrent: 1
+reuse_processes: %s
+"""
+
+
+def test_reused_process_trains_each_trial_as_a_new_one(tmp_path):
+    """reuse_processes: true (the default) runs trial after trial in one process; the curves equal those of a
+    process per trial."""
+    curves, pids = {}, {}
+    for reuse in ("true", "false"):
+        work = tmp_path / reuse
+        work.mkdir()
+        write(work / "reuse.yaml", REUSE_SWEEP % reuse)
+        res = overtok(work, "sweep", "reuse.yaml")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        c, _, children = sweep_runs(f"sqlite:///{work}/results/mlflow.db", "reuse")
+        assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+        pids[reuse] = {r.data.tags["overtok.pid"] for r in children}
+        nth = sorted(int(r.data.tags["overtok.process_trial"]) for r in children)
+        assert nth == ([1, 2, 3, 4] if reuse == "true" else [1, 1, 1, 1])
+        curves[reuse] = {r.data.tags["overtok.trial_id"]: [
+            (m.step, m.value) for k in ("train/loss", "val/loss", "val/gen_acc")
+            for m in sorted(c.get_metric_history(r.info.run_id, k), key=lambda m: m.step)] for r in children}
+    assert len(pids["true"]) == 1 and len(pids["false"]) == 4
+    assert curves["true"] == curves["false"]
+
+
 def test_packed_sweep_runs_same_shape_trials_in_one_process(tmp_path):
     """pack: 3 puts trials differing only in seed / lr into one process; each still gets its own MLflow run."""
     write(tmp_path / "packed.yaml", """
@@ -331,6 +367,7 @@ grid:
 seeds: [0, 1]
 pack: 3
 max_concurrent: 2
+reuse_processes: false  # one process per pack, so that pids name the packs
 """)
     plan = overtok(tmp_path, "plan", "packed.yaml")
     assert plan.returncode == 0 and "4 processes, trials per process [3, 3, 1, 1]" in plan.stdout, plan.stdout[-2000:]
