@@ -257,16 +257,19 @@ def _data_parallel(config: dict, spec: dict, sink: ReportSink) -> dict:
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
     summary: dict = {}
-    while thread.is_alive() or not queue.empty():
-        try:
-            item = queue.get(timeout=1.0)
-        except Empty:
-            continue
-        if isinstance(item, dict):
-            summary = item["summary"]
-        else:
-            sink.add_points(item)
-    thread.join()
+    try:
+        while thread.is_alive() or not queue.empty():
+            try:
+                item = queue.get(timeout=1.0)
+            except Empty:
+                continue
+            if isinstance(item, dict):
+                summary = item["summary"]
+            else:
+                sink.add_points(item)
+        thread.join()
+    finally:  # the queue is an actor of its own: with reuse_processes this process outlives the trial
+        queue.shutdown(force=True)
     sink.flush()
     if "error" in outcome:
         raise outcome["error"]

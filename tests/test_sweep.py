@@ -307,6 +307,8 @@ max_concurrent: 2
     assert "data-parallel trials (2 workers each): at most 1 at once" in res.stdout, res.stdout[-3000:]
     c, _, children = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "ddp")
     assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
+    # the second trial's coordinating process is the first one's, reused (its TorchTrainer workers are new)
+    assert sorted(r.data.tags["overtok.process_trial"] for r in children) == ["1", "2"]
     children = [r for r in children if r.data.params["model.od_depth"] == "1"]
     hist = sorted(c.get_metric_history(children[0].info.run_id, "train/loss"), key=lambda m: m.step)
     per_worker = int(children[0].data.params["tokens_per_step"])
