@@ -156,9 +156,8 @@ def _release() -> None:
     keep guarding old modules and stop compiling after its cache limit), no CUDA graph trees, nothing allocated.
 
     On the H200 (``benchmarks/bench_reuse.py``) all that stayed allocated after a trial was cuBLAS's workspace
-    (32 MiB, kept per stream for the process's lifetime). Left there it counted towards the next trial's peak
-    (``perf/mem_gb``), and that trial's own workspaces came on top: so it is cleared too, as CUDA graph trees
-    themselves do around recording."""
+    (32 MiB, kept per stream for the process's lifetime, and counted in the next trial's peak, ``perf/mem_gb``): so
+    it is cleared too, as CUDA graph trees themselves do around recording. Afterwards nothing is allocated."""
     import gc
 
     import torch
