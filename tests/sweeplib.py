@@ -41,6 +41,23 @@ def sweep_runs(uri, experiment):
     return c, parents, children
 
 
+def sweep_with_and_without_reuse(tmp_path, template: str, name: str, trials: int, keys=("train/loss", "val/loss")):
+    """Run the sweep ``template % reuse`` with reuse_processes true and false, each in a folder of its own; every
+    trial must finish. Returns {reuse: [(run, {key: {step: value}})]} with the curves of ``keys``."""
+    out = {}
+    for reuse in ("true", "false"):
+        work = tmp_path / reuse
+        work.mkdir()
+        write(work / f"{name}.yaml", template % reuse)
+        res = overtok(work, "sweep", f"{name}.yaml")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        c, _, children = sweep_runs(f"sqlite:///{work}/results/mlflow.db", name)
+        assert len(children) == trials and all(r.info.status == "FINISHED" for r in children)
+        out[reuse] = [(r, {k: {m.step: m.value for m in c.get_metric_history(r.info.run_id, k)} for k in keys})
+                      for r in children]
+    return out
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,7 @@ import torch
 from overtok.packed import train_packed
 from overtok.train import train
 from tests.conftest import tiny_config
-from tests.sweeplib import overtok, sweep_runs, write
+from tests.sweeplib import sweep_with_and_without_reuse
 from tests.test_packed import Collect
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -86,25 +86,14 @@ def test_reused_process_runs_compiled_trials_with_cuda_graphs(tmp_path):
     """Through `overtok sweep`: three compiled trials of different shapes, with CUDA graphs, one after another in
     one reused process train as with a process each (the trial thread keeps CUDA graph trees' per-thread state;
     each trial starts from released compile caches)."""
-    curves, pids = {}, {}
-    for reuse in ("true", "false"):
-        work = tmp_path / reuse
-        work.mkdir()
-        write(work / "reuse.yaml", REUSE_SWEEP % reuse)
-        res = overtok(work, "sweep", "reuse.yaml")
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        c, _, children = sweep_runs(f"sqlite:///{work}/results/mlflow.db", "reuse")
-        assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
-        assert all(r.data.metrics["perf/cuda_graphs"] == 1.0 for r in children)
-        pids[reuse] = {r.data.tags["overtok.pid"] for r in children}
-        curves[reuse] = {r.data.params["model.d_model"]: {
-            k: {m.step: m.value for m in c.get_metric_history(r.info.run_id, k)}
-            for k in ("train/loss", "val/loss", "val/gen_acc")} for r in children}
-    assert len(pids["true"]) == 1 and len(pids["false"]) == 3
-    for d_model, on in curves["true"].items():
-        off = curves["false"][d_model]
-        _assert_close(on, off, keys=("train/loss", "val/loss"))
-        assert on["val/gen_acc"].keys() == off["val/gen_acc"].keys()
+    runs = sweep_with_and_without_reuse(tmp_path, REUSE_SWEEP, "reuse", 3, ("train/loss", "val/loss", "val/gen_acc"))
+    assert all(r.data.metrics["perf/cuda_graphs"] == 1.0 for rs in runs.values() for r, _ in rs)
+    assert len({r.data.tags["overtok.pid"] for r, _ in runs["true"]}) == 1
+    assert len({r.data.tags["overtok.pid"] for r, _ in runs["false"]}) == 3
+    off = {r.data.params["model.d_model"]: c for r, c in runs["false"]}
+    for r, on in runs["true"]:
+        _assert_close(on, off[r.data.params["model.d_model"]])
+        assert on["val/gen_acc"].keys() == off[r.data.params["model.d_model"]]["val/gen_acc"].keys()
     # Peaks (perf/mem_gb) are not compared: a reused trial peaked 58 MiB higher than alone whenever the trials before
     # it in the process had compiled cold, although nothing stays allocated between trials (bench_reuse.py); see
     # benchmarks/RESULTS.md, section 3.

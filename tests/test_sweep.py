@@ -10,7 +10,17 @@ import time
 import pytest
 
 from tests.conftest import SHARED
-from tests.sweeplib import SMALL, env, free_port, kill_group, overtok, sweep_runs, wait_for, write
+from tests.sweeplib import (
+    SMALL,
+    env,
+    free_port,
+    kill_group,
+    overtok,
+    sweep_runs,
+    sweep_with_and_without_reuse,
+    wait_for,
+    write,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -336,22 +346,12 @@ reuse_processes: %s
 def test_reused_process_trains_each_trial_as_a_new_one(tmp_path):
     """reuse_processes: true (the default) runs trial after trial in one process; the curves equal those of a
     process per trial."""
-    curves, pids = {}, {}
-    for reuse in ("true", "false"):
-        work = tmp_path / reuse
-        work.mkdir()
-        write(work / "reuse.yaml", REUSE_SWEEP % reuse)
-        res = overtok(work, "sweep", "reuse.yaml")
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        c, _, children = sweep_runs(f"sqlite:///{work}/results/mlflow.db", "reuse")
-        assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
-        pids[reuse] = {r.data.tags["overtok.pid"] for r in children}
-        nth = sorted(int(r.data.tags["overtok.process_trial"]) for r in children)
-        assert nth == ([1, 2, 3, 4] if reuse == "true" else [1, 1, 1, 1])
-        curves[reuse] = {r.data.tags["overtok.trial_id"]: [
-            (m.step, m.value) for k in ("train/loss", "val/loss", "val/gen_acc")
-            for m in sorted(c.get_metric_history(r.info.run_id, k), key=lambda m: m.step)] for r in children}
-    assert len(pids["true"]) == 1 and len(pids["false"]) == 4
+    runs = sweep_with_and_without_reuse(tmp_path, REUSE_SWEEP, "reuse", 4, ("train/loss", "val/loss", "val/gen_acc"))
+    assert len({r.data.tags["overtok.pid"] for r, _ in runs["true"]}) == 1
+    assert len({r.data.tags["overtok.pid"] for r, _ in runs["false"]}) == 4
+    assert sorted(int(r.data.tags["overtok.process_trial"]) for r, _ in runs["true"]) == [1, 2, 3, 4]
+    assert sorted(int(r.data.tags["overtok.process_trial"]) for r, _ in runs["false"]) == [1, 1, 1, 1]
+    curves = {reuse: {r.data.tags["overtok.trial_id"]: c for r, c in rs} for reuse, rs in runs.items()}
     assert curves["true"] == curves["false"]
 
 
