@@ -435,8 +435,10 @@ def plan_table(sweep: Sweep) -> str:
         sizes = [len(p) for p in packs]
         by_id = {r["trial_id"]: r for r in rows}
         mem = max(sum(by_id[t.trial_id]["memory_gb"] for t in p) for p in packs)
-        lines.append(f"packed (pack: {sweep.pack}): {len(sizes)} processes, trials per process {sizes}, "
-                     f"peak memory per process up to {mem:.2f} GiB (estimate: its trials' sum)")
+        lines.append(f"packed (pack: {sweep.pack}): {len(sizes)} packed models, trials per model {sizes}, "
+                     f"peak memory per model up to {mem:.2f} GiB (estimate: its trials' sum)")
+    lines.append("trial processes: " + ("reused, each runs trial after trial of the same resources (reuse_processes)"
+                                        if sweep.reuse_processes else "a new one per trial (reuse_processes: false)"))
     return "\n".join(lines)
 
 

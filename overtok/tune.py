@@ -616,7 +616,7 @@ def run_sweep(sweep: Sweep) -> dict:
     callback = _make_callback(tracker, {t.trial_id: t for t in sweep.trials}, total, skipped)
     specs = [group[0].to_json() if len(group) == 1 else _pack_spec(sweep, group) for group in sweep.packs(todo)]
     if len(specs) < len(todo):
-        print(f"[overtok] {len(todo)} trials packed into {len(specs)} processes (pack: {sweep.pack})", flush=True)
+        print(f"[overtok] {len(todo)} trials packed into {len(specs)} models (pack: {sweep.pack})", flush=True)
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(specs), "workers": workers,

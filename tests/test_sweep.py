@@ -372,10 +372,11 @@ max_concurrent: 2
 reuse_processes: false  # one process per pack, so that pids name the packs
 """)
     plan = overtok(tmp_path, "plan", "packed.yaml")
-    assert plan.returncode == 0 and "4 processes, trials per process [3, 3, 1, 1]" in plan.stdout, plan.stdout[-2000:]
+    assert plan.returncode == 0 and "4 packed models, trials per model [3, 3, 1, 1]" in plan.stdout, plan.stdout[-2000:]
+    assert "trial processes: a new one per trial (reuse_processes: false)" in plan.stdout
     res = overtok(tmp_path, "sweep", "packed.yaml")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "8 trials packed into 4 processes" in res.stdout
+    assert "8 trials packed into 4 models" in res.stdout
     c, parents, children = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "packed")
     assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
     pids = {}
