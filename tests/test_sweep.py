@@ -347,6 +347,8 @@ def test_reused_process_trains_each_trial_as_a_new_one(tmp_path):
     """reuse_processes: true (the default) runs trial after trial in one process; the curves equal those of a
     process per trial."""
     runs = sweep_with_and_without_reuse(tmp_path, REUSE_SWEEP, "reuse", 4, ("train/loss", "val/loss", "val/gen_acc"))
+    plan = overtok(tmp_path / "false", "plan", "reuse.yaml")
+    assert "trial processes: a new one per trial (reuse_processes: false)" in plan.stdout, plan.stdout[-2000:]
     assert len({r.data.tags["overtok.pid"] for r, _ in runs["true"]}) == 1
     assert len({r.data.tags["overtok.pid"] for r, _ in runs["false"]}) == 4
     assert sorted(int(r.data.tags["overtok.process_trial"]) for r, _ in runs["true"]) == [1, 2, 3, 4]
@@ -369,27 +371,27 @@ grid:
 seeds: [0, 1]
 pack: 3
 max_concurrent: 2
-reuse_processes: false  # one process per pack, so that pids name the packs
 """)
     plan = overtok(tmp_path, "plan", "packed.yaml")
     assert plan.returncode == 0 and "4 packed models, trials per model [3, 3, 1, 1]" in plan.stdout, plan.stdout[-2000:]
-    assert "trial processes: a new one per trial (reuse_processes: false)" in plan.stdout
+    assert "trial processes: reused" in plan.stdout
     res = overtok(tmp_path, "sweep", "packed.yaml")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "8 trials packed into 4 models" in res.stdout
     c, parents, children = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "packed")
     assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
-    pids = {}
+    packs = {}  # a pack is one trial of its (reused) process
     for r in children:
-        pids.setdefault(r.data.tags["overtok.pid"], []).append(r)
+        packs.setdefault((r.data.tags["overtok.pid"], r.data.tags["overtok.process_trial"]), []).append(r)
         hist = sorted(c.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)
         assert len(hist) == 4 and hist[-1].value < hist[0].value
         assert "val/gen_acc" in r.data.metrics and r.data.params["train.lr"] in ("0.003", "0.001")
-    assert sorted(len(v) for v in pids.values()) == [1, 1, 3, 3]
-    for group in pids.values():  # a pack holds one d_model, several seeds / lrs
+    assert sorted(len(v) for v in packs.values()) == [1, 1, 3, 3]
+    assert len({pid for pid, _ in packs}) <= 2  # max_concurrent processes, each running pack after pack
+    for group in packs.values():  # a pack holds one d_model, several seeds / lrs
         assert len({r.data.params["model.d_model"] for r in group}) == 1
         assert [r.data.metrics.get("perf/pack_size") for r in group] == ([3.0] * 3 if len(group) == 3 else [None])
-        assert len({r.data.metrics["perf/first_step_s"] for r in group}) == 1  # one process, one first step
+        assert len({r.data.metrics["perf/first_step_s"] for r in group}) == 1  # one model, one first step
     again = overtok(tmp_path, "sweep", "packed.yaml")
     assert again.returncode == 0 and "8 already finished, 0 to run" in again.stdout
 
