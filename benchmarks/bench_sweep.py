@@ -1,9 +1,10 @@
 """Sweep-level GPU benchmarks for issue 6, each through the real CLI (`overtok sweep` / `overtok train`), side by side:
 
 - packed: 8 tiny trials (d 256, 4 layers, seq 512, 8 seeds) run one after another (pack: 1, max_concurrent: 1;
-  in one reused process, and with --packed-no-reuse also with a new process each), all at once as 8 processes sharing the GPU (pack: 1, max_concurrent: 8, gpu 0.125 each), and as one packed
-  process (pack: 8). Aggregate tokens/s: steady state from the runs' logged throughput (compilation excluded),
-  and end to end (all tokens / wall time of the `overtok sweep` command).
+  in one reused process, and with --packed-no-reuse also with a new process each), all at once as 8 processes
+  sharing the GPU (pack: 1, max_concurrent: 8, gpu 0.125 each), and as one packed process (pack: 8). Aggregate
+  tokens/s: steady state from the runs' logged throughput (compilation excluded), and end to end (all tokens /
+  wall time of the `overtok sweep` command).
 - overhead: one tiny trial of a few minutes run by `overtok train` and by `overtok sweep` (one trial, whole GPU);
   ratio of wall times, and each run's steady tokens/s; with --attach also by `overtok sweep` attached to a Ray
   instance that is already running (`ray start --head`, as on a cluster). Each command compiles cold (its own empty inductor cache), so neither gains from the other.

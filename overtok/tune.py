@@ -405,10 +405,10 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
             if POINTS_KEY in result:
                 tracker.add_points(tid, result[POINTS_KEY])
             if result.get("node_id"):
-                rid = tracker.buffers[tid].run_id
-                tracker.c.set_tag(rid, "overtok.node_id", result["node_id"])
-                tracker.c.set_tag(rid, "overtok.pid", str(result.get("pid", "")))
-                tracker.c.set_tag(rid, "overtok.process_trial", str(result.get("process_trial", "")))
+                from mlflow.entities import RunTag
+
+                tracker.c.log_batch(tracker.buffers[tid].run_id, tags=[  # one write, not one per tag
+                    RunTag(f"overtok.{k}", str(result.get(k, ""))) for k in ("node_id", "pid", "process_trial")])
             if result.get(ERROR_KEY):
                 tracker.errors[tid] = result[ERROR_KEY]
             self._progress()
