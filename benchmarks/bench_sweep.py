@@ -33,11 +33,16 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import Rows  # noqa: E402
 
 
-def base_config(args, d, layers, heads, seq, batch, steps) -> dict:
+def base_config(args, d, layers, heads, seq, batch, steps, data: str = "text") -> dict:
+    """data 'text': the corpus tokenized with --tokenizer; 'cfg': the cfg3f grammar, sampled as the trial runs."""
+    if data == "cfg":
+        data_sets = {"kind": "cfg", "grammar": "cfg3f", "batch_size": batch}
+    else:
+        data_sets = {"kind": "text", "corpus": str(Path(args.corpus).resolve()), "tokenizer": str(Path(args.tokenizer).resolve()),
+                     "max_docs": args.max_docs, "val_fraction": 0.05, "batch_size": batch}
     return {
         "model": {"d_model": d, "n_layers": layers, "n_heads": heads, "seq_len": seq},
-        "data": {"kind": "text", "corpus": str(Path(args.corpus).resolve()), "tokenizer": str(Path(args.tokenizer).resolve()),
-                 "max_docs": args.max_docs, "val_fraction": 0.05, "batch_size": batch},
+        "data": data_sets,
         "train": {"lr": 1e-3, "max_steps": steps, "warmup_steps": 20, "eval_every": steps, "eval_batches": 2,
                   "log_every": max(steps // 15, 1), "checkpoint_every": 10**9, "checkpoint_final": False,
                   "compile": not args.smoke, "gen_samples": 0},
@@ -87,6 +92,8 @@ def runs(work: Path, tag: str, experiment: str) -> list[dict]:
 
 
 def prepare(work: Path, cfg: dict) -> None:
+    if cfg["data"]["kind"] != "text":
+        return
     from overtok.config import build_config
     from overtok.data import ensure_prepared
 
@@ -102,19 +109,25 @@ def packed(args, rows):
     work = Path(tempfile.mkdtemp(prefix="bench-packed-"))
     d, layers, heads, seq, batch = (32, 2, 2, 64, 4) if args.smoke else (256, 4, 4, 512, args.packed_batch)
     first, *more = args.packed_compile_eval
-    # (name, pack, max_concurrent, gpu per trial, compile_eval, reuse_processes); the first is the reference
-    variants = [("one after another", 1, 1, 1.0, first, True), ("8 processes at once", 1, 8, 0.125, first, True),
-                ("packed (pack: 8)", 8, 1, 1.0, first, True)]
+    sampler, *other_samplers = args.packed_cfg_samplers if args.packed_data == "cfg" else [None]
+    # (name, pack, max_concurrent, gpu per trial, compile_eval, reuse_processes, CFG sampler); the first is the reference
+    variants = [("one after another", 1, 1, 1.0, first, True, sampler), ("8 processes at once", 1, 8, 0.125, first, True, sampler),
+                ("packed (pack: 8)", 8, 1, 1.0, first, True, sampler)]
     if args.skip_concurrent:
         variants.pop(1)
     if args.packed_no_reuse:
-        variants.insert(1, ("one after another, a process each", 1, 1, 1.0, first, False))
-    variants += [(f"packed (pack: 8), compile_eval {v}", 8, 1, 1.0, v, True) for v in more]
-    prepare(work, base_config(args, d, layers, heads, seq, batch, args.packed_steps))
+        variants.insert(1, ("one after another, a process each", 1, 1, 1.0, first, False, sampler))
+    variants += [(f"packed (pack: 8), compile_eval {v}", 8, 1, 1.0, v, True, sampler) for v in more]
+    for other in other_samplers:  # the same pair with another CFG sampler (e.g. 'sentence', the one before)
+        variants += [(f"one after another, {other} sampler", 1, 1, 1.0, first, True, other),
+                     (f"packed (pack: 8), {other} sampler", 8, 1, 1.0, first, True, other)]
+    prepare(work, base_config(args, d, layers, heads, seq, batch, args.packed_steps, args.packed_data))
     seq_tokens = None
-    for i, (name, pack, conc, gpu, compile_eval, reuse) in enumerate(variants):
-        base = base_config(args, d, layers, heads, seq, batch, args.packed_steps)
+    for i, (name, pack, conc, gpu, compile_eval, reuse, cfg_sampler) in enumerate(variants):
+        base = base_config(args, d, layers, heads, seq, batch, args.packed_steps, args.packed_data)
         base["train"]["compile_eval"] = compile_eval
+        if cfg_sampler:
+            base["data"]["cfg_sampler"] = cfg_sampler
         sweep = {"name": f"packed{i}", "base": base, "seeds": list(range(8)), "pack": pack, "max_concurrent": conc,
                  "resources": {"cpu": 1, "gpu": gpu if not args.smoke else 0}, "reuse_processes": reuse}
         (work / f"packed{i}.yaml").write_text(json.dumps(sweep))
@@ -128,12 +141,16 @@ def packed(args, rows):
         else:  # one at a time: the aggregate is one trial's rate
             agg = statistics.median(per_trial)
         row = {"name": name, "pack": pack, "max_concurrent": conc, "gpu_per_trial": gpu, "compile_eval": compile_eval,
-               "reuse_processes": reuse,
+               "reuse_processes": reuse, "data": args.packed_data, "cfg_sampler": cfg_sampler,
                "wall_s": wall, "tokens": tokens, "end_to_end_tokens_per_s": tokens / wall, "steady_tokens_per_s": agg,
                "per_trial_steady_tokens_per_s": per_trial, "processes": len({r["pid"] for r in rs}),
                "per_trial_phases_s": [{k: r[k] for k in ("setup_s", "first_step_s", "eval_s")} for r in rs]}
         if i == 0:
             seq_tokens = row
+        if pack == 1 and conc == 1:
+            ref = row  # a sampler's packed row is compared with its own one-after-another row too
+        row["steady_vs_its_one_after_another"] = agg / ref["steady_tokens_per_s"]
+        row["end_to_end_vs_its_one_after_another"] = row["end_to_end_tokens_per_s"] / ref["end_to_end_tokens_per_s"]
         row["steady_vs_one_after_another"] = agg / seq_tokens["steady_tokens_per_s"]
         row["end_to_end_vs_one_after_another"] = row["end_to_end_tokens_per_s"] / seq_tokens["end_to_end_tokens_per_s"]
         rows.append(row)
@@ -272,6 +289,10 @@ def main():
     ap.add_argument("--tokenizer", default="../shared/data/tokenizers/gpt-neox-olmo.json")
     ap.add_argument("--max-docs", type=int, default=400)
     ap.add_argument("--packed-steps", type=int, default=1500)
+    ap.add_argument("--packed-data", choices=["text", "cfg"], default="text",
+                    help="packed: the text corpus (V = 50,280) or the cfg3f grammar (V = 7)")
+    ap.add_argument("--packed-cfg-samplers", nargs="+", choices=["block", "sentence"], default=["block"],
+                    help="packed, cfg data: the first sampler for all variants, each other one for one more pair")
     ap.add_argument("--packed-batch", type=int, default=16)
     ap.add_argument("--overhead-steps", type=int, default=6000)
     ap.add_argument("--skip-concurrent", action="store_true")

@@ -203,6 +203,9 @@ class DataConfig:
     """'cfg': sentences sampled on the fly from a grammar; 'text': shards made by `overtok data prepare`."""
     grammar: str = "cfg3f"
     """Packaged grammar name (cfg3b..cfg3k) or a path to a Physics-of-LMs JSON rule table."""
+    cfg_sampler: Literal["block", "sentence"] = "block"
+    """kind: cfg: 'block' draws sentences 64 at a time with numpy (fast enough for a GPU); 'sentence' one at a time in
+    Python, the stream of runs made before the block sampler (same distribution, other sentences; ~10x slower)."""
     path: str = ""
     """Directory written by `overtok data prepare` (kind: text); '' = prepared from ``corpus`` into a cache."""
     corpus: str = ""

@@ -219,15 +219,18 @@ def pack_key(cfg: RunConfig) -> str | None:
 # Fields added after trial ids were first handed out, with the value that reproduces what ran before them: at that
 # value they are left out of the id, so the trials of existing sweeps keep their ids (and stay finished). Changing
 # such a default would silently reuse old results: give the field a new name instead.
-ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "float32"}
+# data.cfg_sampler is the exception: its default became 'block' (a new stream), so that default gives CFG trials new ids.
+ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "float32", "data.cfg_sampler": "sentence"}
 
 
 def trial_id(cfg: RunConfig) -> str:
     """Hash of what determines the result: the resolved config minus naming, tracking and where files go, the loss
     kernel (the same loss up to summation order), CUDA graphs (the same kernels, replayed), DDP's bucket size (the
-    same averages) and whether evaluation is compiled (the same losses up to summation order)."""
-    return _config_hash(cfg, ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel", "train.cuda_graphs",
-                              "train.ddp_bucket_mb", "train.compile_eval"), ADDED_FIELDS)
+    same averages) and whether evaluation is compiled (the same losses up to summation order). Text data has no
+    grammar to sample: data.cfg_sampler is left out of its ids."""
+    drop = ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel", "train.cuda_graphs", "train.ddp_bucket_mb",
+            "train.compile_eval") + (("data.cfg_sampler",) if cfg.data.kind != "cfg" else ())
+    return _config_hash(cfg, drop, ADDED_FIELDS)
 
 
 def _get(d: dict, key: str) -> Any:
@@ -241,7 +244,7 @@ def _config_hash(cfg: RunConfig, drop: tuple[str, ...], drop_at: dict[str, Any] 
     the value given there."""
     d = to_dict(cfg)
     drop += tuple(k for k, v in (drop_at or {}).items() if _get(d, k) == v)
-    for key in drop:
+    for key in dict.fromkeys(drop):
         parent, _, leaf = key.rpartition(".")
         (_get(d, parent) if parent else d).pop(leaf)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from overtok.data.batches import Batches, group_ngrams, split_ngrams
-from overtok.data.cfg import accepts, load_grammar, sample_sentence
+from overtok.data.cfg import (
+    BLOCK_SENTENCES,
+    CFGStream,
+    Grammar,
+    RuleTables,
+    accepts,
+    load_grammar,
+    sample_block,
+    sample_sentence,
+)
 from overtok.data.text import DataError, prepare, read_meta
 from tests.conftest import SHARED, tiny_config
 
@@ -58,6 +67,104 @@ def test_cfg_stream_is_seeded_and_resumable():
     c.load_state_dict(state)
     assert torch.equal(c.next(), x)
     assert not torch.equal(Batches(cfg, "val").next(), Batches(cfg, "train").next())
+
+
+def split_sentences(tokens, eos_id: int) -> list[tuple[int, ...]]:
+    out, cur = [], []
+    for tok in tokens:
+        if tok == eos_id:
+            out.append(tuple(cur))
+            cur = []
+        else:
+            cur.append(tok)
+    assert not cur, "a stream block ends with an EOS"
+    return out
+
+
+def test_block_sampler_draws_sentences_with_the_reference_distribution():
+    """On a small grammar whose sentence probabilities are enumerable (rules of different lengths, 2 or 3 rules per
+    symbol), the block sampler's frequencies match the exact ones, as do the reference sampler's."""
+    # level 0: root; level 1: symbols 0, 1; level 2 (terminals): symbols 0, 1, 2 -> tokens 1, 2, 3
+    rules = [[[(0, 1), (1,), (1, 0, 1)]],
+             [[(0,), (1, 2)], [(2, 2), (0,), (1,)]]]
+    g = Grammar("tiny", rules, [1, 2, 3], eos_id=4, vocab_size=5)
+
+    def derive(level: int, sym: int) -> dict[tuple[int, ...], float]:
+        if level == len(rules):
+            return {(g.terminals[sym],): 1.0}
+        out: dict[tuple[int, ...], float] = {}
+        for rule in rules[level][sym]:
+            part = {(): 1.0 / len(rules[level][sym])}
+            for child in rule:
+                part = {a + b: p * q for a, p in part.items() for b, q in derive(level + 1, child).items()}
+            for k, p in part.items():
+                out[k] = out.get(k, 0.0) + p
+        return out
+
+    exact = derive(0, 0)
+    n = 40_000
+    block = split_sentences(sample_block(RuleTables(g), np.random.default_rng(0), n).tolist(), g.eos_id)
+    rng = random.Random(0)
+    reference = [tuple(sample_sentence(g, rng)) for _ in range(n)]
+    assert len(block) == n
+    for got in (block, reference):
+        counts = {k: 0 for k in exact}
+        for sent in got:
+            counts[sent] += 1  # a sentence the grammar cannot derive raises KeyError
+        for sent, p in exact.items():
+            sd = (n * p * (1 - p)) ** 0.5
+            assert abs(counts[sent] - n * p) <= 5 * sd + 1, (sent, counts[sent], n * p)
+
+
+def test_block_sampler_on_cfg3f_sentences_are_accepted_and_lengths_match():
+    g = load_grammar("cfg3f")
+    block = split_sentences(sample_block(RuleTables(g), np.random.default_rng(1), 1000).tolist(), g.eos_id)
+    assert len(block) == 1000 and all(accepts(g, list(s)) for s in block[:60])
+    rng = random.Random(1)
+    reference = [len(sample_sentence(g, rng)) for _ in range(1000)]
+    lengths = [len(s) for s in block]
+    assert max(lengths) <= g.max_len
+    sd = float(np.std(reference)) * (2 / 1000) ** 0.5  # of the difference of two means of 1,000
+    assert abs(np.mean(lengths) - np.mean(reference)) < 4 * sd
+
+
+def test_cfg_stream_does_not_depend_on_how_it_is_taken():
+    g = load_grammar("cfg3f")
+    whole = CFGStream(g, 5).take(8 * BLOCK_SENTENCES * 250)  # several blocks
+    s, parts = CFGStream(g, 5), []
+    for size in [1, 7, 513, 16_000, 1] * 4:
+        parts.append(s.take(size))
+    got = np.concatenate(parts)
+    assert len(got) <= len(whole) and np.array_equal(got, whole[: len(got)])
+    assert not np.array_equal(CFGStream(g, 6).take(1000), whole[:1000])
+
+
+def test_cfg_stream_state_survives_a_checkpoint_file(tmp_path):
+    """Both samplers' states go through torch.save / torch.load(weights_only=True), as checkpoints do."""
+    g = load_grammar("cfg3f")
+    for sampler in ("block", "sentence"):
+        a = CFGStream(g, 3, sampler)
+        a.take(1234)
+        torch.save({"data": a.state_dict()}, tmp_path / f"{sampler}.pt")
+        b = CFGStream(g, 99)
+        b.load_state_dict(torch.load(tmp_path / f"{sampler}.pt", weights_only=True)["data"])
+        assert b.sampler == sampler
+        assert np.array_equal(a.take(5000), b.take(5000))
+
+
+def test_sentence_sampler_is_the_stream_before_the_block_sampler():
+    """'sentence' reproduces the earlier stream: sample_sentence with random.Random(seed), each followed by EOS; a
+    state saved then (no 'sampler' key) resumes it in a stream made with today's default."""
+    g = load_grammar("cfg3f")
+    rng, expected = random.Random(11), []
+    while len(expected) < 2000:
+        expected += sample_sentence(g, rng) + [g.eos_id]
+    s = CFGStream(g, 11, "sentence")
+    assert s.take(1000).tolist() == expected[:1000]
+    old_state = {"rng": s.py_rng.getstate(), "buffer": list(s.py_buffer)}
+    resumed = CFGStream(g, 11)
+    resumed.load_state_dict(old_state)
+    assert resumed.take(1000).tolist() == expected[1000:2000]
 
 
 def test_ngram_grouping_roundtrip():

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from overtok.sweep import load_sweep, plan_table, trial_plan
-from tests.conftest import ROOT
+from overtok.sweep import load_sweep, plan_table, trial_id, trial_plan
+from tests.conftest import ROOT, tiny_config
 
 SHIPPED = sorted((ROOT / "sweeps").glob("*.yaml"))
 
@@ -64,21 +64,33 @@ def test_trial_ids_are_stable_and_ignore_paths(tmp_path):
 
 def test_fields_added_later_keep_existing_trial_ids():
     # the quickstart's first ids as every earlier release computed them: a new config field must not change them
-    # while it holds the value that reproduces the old behaviour (overtok.sweep.ADDED_FIELDS)
+    # while it holds the value that reproduces the old behaviour (overtok.sweep.ADDED_FIELDS). The CFG sampler's
+    # default changed (a new stream): the sentence sampler, which made the earlier runs, keeps their ids.
     before = ["147c8405f905", "b78f1ae3dfa7", "e5631978cb83"]
-    a = load_sweep(ROOT / "sweeps" / "quickstart.yaml")
+    a = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.data.cfg_sampler=sentence"])
     assert [t.trial_id for t in a.trials[:3]] == before
-    b = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.train.residual_dtype=float32"])
+    block = load_sweep(ROOT / "sweeps" / "quickstart.yaml")
+    assert not {t.trial_id for t in a.trials} & {t.trial_id for t in block.trials}
+    old = "base.data.cfg_sampler=sentence"
+    b = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [old, "base.train.residual_dtype=float32"])
     assert [t.trial_id for t in b.trials[:3]] == before
-    g = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.train.cuda_graphs=false",  # same kernels: same ids
+    g = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [old, "base.train.cuda_graphs=false",  # same kernels: same ids
                                                           "base.train.ddp_bucket_mb=100"])  # same averages
     assert [t.trial_id for t in g.trials[:3]] == before
-    c = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.train.residual_dtype=bfloat16"])
+    c = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [old, "base.train.residual_dtype=bfloat16"])
     assert not {t.trial_id for t in a.trials} & {t.trial_id for t in c.trials}
-    d = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.train.grad_reduce_dtype=float32"])
+    d = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [old, "base.train.grad_reduce_dtype=float32"])
     assert [t.trial_id for t in d.trials[:3]] == before
-    e = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.train.grad_reduce_dtype=bfloat16"])
+    e = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [old, "base.train.grad_reduce_dtype=bfloat16"])
     assert not {t.trial_id for t in a.trials} & {t.trial_id for t in e.trials}
+
+
+def test_cfg_sampler_is_not_part_of_a_text_trial_id():
+    from overtok.config import load_config
+
+    text = ["data.kind=text", "data.path=/data/prepared", "model.vocab_size=100"]
+    assert trial_id(load_config(None, [*text, "data.cfg_sampler=sentence"])) == trial_id(load_config(None, text))
+    assert trial_id(tiny_config(**{"data.cfg_sampler": "sentence"})) != trial_id(tiny_config())
 
 
 BASE = "name: bad\nbase:\n  model: {d_model: 32, n_heads: 2, seq_len: 16}\n  train: {max_steps: 2}\n"

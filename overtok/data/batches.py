@@ -49,7 +49,7 @@ class Batches:
             self.grammar = load_grammar(cfg.data.grammar)
             self.vocab_size = self.grammar.vocab_size
             self.eos_id = self.grammar.eos_id
-            self.stream = CFGStream(self.grammar, seed)
+            self.stream = CFGStream(self.grammar, seed, cfg.data.cfg_sampler)
         else:
             meta = read_meta(cfg.data.path)
             self.vocab_size, self.eos_id = meta["vocab_size"], meta["eos_id"]
@@ -62,7 +62,7 @@ class Batches:
     def next(self, batch_size: int | None = None) -> torch.Tensor:
         B = batch_size or self.cfg.data.batch_size
         if self.cfg.data.kind == "cfg":
-            rows = torch.tensor(self.stream.take(B * self.row_len), dtype=torch.long).view(B, self.row_len)
+            rows = torch.from_numpy(self.stream.take(B * self.row_len)).view(B, self.row_len)
         elif self.split == "train":
             starts = torch.randint(0, len(self.tokens) - self.row_len, (B,), generator=self.gen).tolist()
             rows = torch.from_numpy(np.stack([self.tokens[s : s + self.row_len].astype(np.int64) for s in starts]))
@@ -76,7 +76,7 @@ class Batches:
     def rewind(self) -> None:
         """Validation restarts at the same windows each evaluation (comparable numbers across steps)."""
         if self.cfg.data.kind == "cfg":
-            self.stream = CFGStream(self.grammar, self.cfg.seed + VAL_SEED_OFFSET)
+            self.stream = CFGStream(self.grammar, self.cfg.seed + VAL_SEED_OFFSET, self.cfg.data.cfg_sampler)
         else:
             self.cursor = 0
 

@@ -1,10 +1,15 @@
 """Synthetic context-free grammars of "Physics of Language Models, Part 1" (Allen-Zhu & Li), as used in the
-Over-Tokenized paper's sec. 3.1 (cfg3f): a seeded sampler and a fast membership checker.
+Over-Tokenized paper's sec. 3.1 (cfg3f): seeded samplers and a fast membership checker.
 
 The grammars are layered: level 0 is the root, every symbol at level l rewrites to 2-3 symbols of level
 l+1, and the last level holds the terminals. So every derivation has the same depth and a CYK parse can
 go level by level. Spans are kept as bitsets of end positions per (symbol, start) in Python ints, which
 makes one cfg3f sentence (~250 tokens) a few milliseconds instead of the seconds of a naive DP.
+
+Training streams draw sentences a block at a time with numpy (``sample_block``: every node of a level of every
+sentence in the block expanded in one vectorised step), tens of millions of tokens per second; a tiny model on a
+GPU consumes millions. ``sample_sentence`` (one sentence, pure Python, ``random.Random``) is the reference and
+the sampler of streams made before the block sampler existed (``data.cfg_sampler: sentence``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import torch
 
 GRAMMAR_DIR = Path(__file__).with_name("grammars")
 
@@ -112,25 +120,109 @@ def accepts(g: Grammar, sentence: list[int]) -> bool:
     return bool(ends[0][0] >> n & 1)
 
 
+class RuleTables:
+    """A grammar's rules as flat arrays, per level: symbol s has ``counts[s]`` rules, numbered from ``first[s]``;
+    rule g has ``lengths[g]`` children, ``children[g]`` (padded with -1)."""
+
+    def __init__(self, g: Grammar):
+        self.levels = []
+        for level in g.rules:
+            rules = [rule for sym_rules in level for rule in sym_rules]
+            widest = max(len(rule) for rule in rules)
+            children = np.full((len(rules), widest), -1, dtype=np.intp)
+            for i, rule in enumerate(rules):
+                children[i, : len(rule)] = rule
+            counts = np.array([len(sym_rules) for sym_rules in level], dtype=np.intp)
+            first = np.concatenate(([0], np.cumsum(counts)[:-1]))
+            lengths = np.array([len(rule) for rule in rules], dtype=np.intp)
+            self.levels.append((counts, first, children, lengths))
+        self.terminals = np.array(g.terminals, dtype=np.int64)
+        self.eos_id = g.eos_id
+
+
+def sample_block(t: RuleTables, rng: np.random.Generator, count: int) -> np.ndarray:
+    """``count`` sentences, each followed by EOS, concatenated (int64): the same distribution as
+    ``sample_sentence`` (a rule chosen uniformly at every node), one level of all sentences at a time."""
+    syms = np.zeros(count, dtype=np.intp)  # the current level's symbols of all sentences, in order
+    starts = np.arange(count)  # where each sentence's symbols begin in syms
+    for counts, first, children, lengths in t.levels:
+        # uniform among the symbol's rules (floor(u * c) < c for every float64 u < 1 and small c)
+        rule = np.take(first, syms) + (rng.random(len(syms)) * np.take(counts, syms)).astype(np.intp)
+        sizes = np.take(lengths, rule)
+        before = np.cumsum(sizes) - sizes  # children of the nodes before each node
+        starts = np.take(before, starts)
+        kids = np.take(children, rule, axis=0)
+        syms = kids[kids >= 0]  # row-major: each node's children in order, nodes in order
+    ends = np.append(starts[1:], len(syms))
+    eos_at = ends + np.arange(count)  # each sentence's EOS, after the EOSes of the sentences before it
+    out = np.full(len(syms) + count, t.eos_id, dtype=np.int64)
+    keep = np.ones(len(out), dtype=bool)
+    keep[eos_at] = False
+    out[keep] = np.take(t.terminals, syms)
+    return out
+
+
+CFG_SAMPLERS = ("block", "sentence")
+BLOCK_SENTENCES = 64
+"""Sentences per block of the block sampler: fixed, so that a stream depends only on its seed, not on how much
+each ``take`` asks for."""
+
+
 class CFGStream:
-    """Endless seeded stream of sentences, each followed by EOS, cut into fixed-length rows."""
+    """Endless seeded stream of sentences, each followed by EOS, cut into fixed-length rows.
 
-    def __init__(self, grammar: Grammar, seed: int):
+    sampler 'block' (the default): blocks of ``BLOCK_SENTENCES`` from ``sample_block`` with numpy's PCG64;
+    'sentence': one ``sample_sentence`` at a time with ``random.Random``, the stream of overtok before the block
+    sampler (about 20x slower; reproduces runs made then). The two give different sentences for the same seed,
+    drawn from the same distribution. A state saved by either restores that sampler's stream exactly.
+    """
+
+    def __init__(self, grammar: Grammar, seed: int, sampler: str = "block"):
+        if sampler not in CFG_SAMPLERS:
+            raise ValueError(f"unknown CFG sampler {sampler!r} (known: {', '.join(CFG_SAMPLERS)})")
         self.g = grammar
-        self.rng = random.Random(seed)
-        self.buffer: list[int] = []
+        self.sampler = sampler
+        if sampler == "block":
+            self.tables = RuleTables(grammar)
+            self.rng = np.random.default_rng(seed)
+            self.buffer = np.empty(0, dtype=np.int64)
+        else:
+            self.py_rng = random.Random(seed)
+            self.py_buffer: list[int] = []
 
-    def take(self, n: int) -> list[int]:
-        while len(self.buffer) < n:
-            self.buffer.extend(sample_sentence(self.g, self.rng))
-            self.buffer.append(self.g.eos_id)
-        out, self.buffer = self.buffer[:n], self.buffer[n:]
-        return out
+    def take(self, n: int) -> np.ndarray:
+        """The next ``n`` tokens (int64)."""
+        if self.sampler == "sentence":
+            while len(self.py_buffer) < n:
+                self.py_buffer.extend(sample_sentence(self.g, self.py_rng))
+                self.py_buffer.append(self.g.eos_id)
+            out, self.py_buffer = self.py_buffer[:n], self.py_buffer[n:]
+            return np.array(out, dtype=np.int64)
+        parts, have = [self.buffer], len(self.buffer)
+        while have < n:
+            parts.append(sample_block(self.tables, self.rng, BLOCK_SENTENCES))
+            have += len(parts[-1])
+        stream = np.concatenate(parts) if len(parts) > 1 else self.buffer
+        self.buffer = stream[n:]
+        return stream[:n]
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "buffer": list(self.buffer)}
+        if self.sampler == "sentence":
+            return {"rng": self.py_rng.getstate(), "buffer": list(self.py_buffer)}
+        return {"sampler": "block", "rng": self.rng.bit_generator.state, "buffer": torch.from_numpy(self.buffer.copy())}
 
     def load_state_dict(self, state: dict) -> None:
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
-        self.buffer = list(state["buffer"])
+        """Restore a saved stream, whichever sampler saved it (a state without 'sampler' is the sentence sampler's,
+        as every checkpoint made before the block sampler)."""
+        if state.get("sampler", "sentence") == "sentence":
+            self.sampler = "sentence"
+            version, internal, gauss = state["rng"]
+            self.py_rng = random.Random()
+            self.py_rng.setstate((version, tuple(internal), gauss))
+            self.py_buffer = list(state["buffer"])
+        else:
+            self.sampler = "block"
+            self.tables = RuleTables(self.g)
+            self.rng = np.random.default_rng()
+            self.rng.bit_generator.state = state["rng"]
+            self.buffer = state["buffer"].numpy().astype(np.int64)
