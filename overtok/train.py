@@ -224,9 +224,14 @@ def accumulate(step_model: torch.nn.Module, draw, micro_steps: int, device: torc
             batch = to_device(draw(), device)
             with autocast():
                 _, losses = step_model(batch)
-            (losses["total"].sum() / micro_steps).backward()
+            total = losses["total"] if losses["total"].dim() == 0 else losses["total"].sum()
+            (total / micro_steps if micro_steps > 1 else total).backward()
+        # one micro-batch (the usual case for small models, whose steps the host issues) adds no kernels here
         for k, v in losses.items():
-            parts[k] = parts.get(k, 0.0) + v.detach().float() / micro_steps
+            v = v.detach().float()
+            if micro_steps > 1:
+                v = v / micro_steps
+            parts[k] = parts[k] + v if k in parts else v
     return parts
 
 

@@ -109,3 +109,29 @@ def test_bench_reuse_smoke_finds_nothing_left_after_a_trial(tmp_path):
     assert [(r["trial"], r["d_model"]) for r in rows] == [(1, 48), (2, 32)]
     for r in rows:
         assert r["after_release"]["live_tensors"] == 0 and r["after_release"]["largest"] == []
+
+
+def test_bench_data_times_both_cfg_samplers(tmp_path):
+    out = tmp_path / "data.json"
+    res = subprocess.run([sys.executable, "benchmarks/bench_data.py", "--seconds", "0.2", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["sampler"], r["streams"]) for r in rows] == [("block", 1), ("sentence", 1), ("block", 8), ("sentence", 8)]
+    assert all(r["steps"] > 0 and r["tokens_per_s"] > 0 and r["row_len"] == 513 for r in rows)
+
+
+def test_probe_trainer_host_reports_its_three_timings(tmp_path):
+    cfg = json.loads((ROOT / "benchmarks" / "configs" / "cfg_tiny.json").read_text())
+    cfg["model"] = {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32}
+    cfg["data"]["batch_size"] = 2
+    cfg["train"].update(compile=False, log_every=300, eval_every=600, eval_batches=1)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probe_trainer_host.py"), str(tmp_path / "cfg.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    probe = [line for line in res.stdout.splitlines() if line.startswith("PROBE")]
+    assert [line.rsplit(" ", 2)[0] for line in probe] == [
+        "PROBE wall per step under the profiler:", "PROBE wall per step, no profiler:",
+        "PROBE host time in accumulate (fwd+bwd issue), median"]
+    assert all(float(line.rsplit(" ", 2)[1]) > 0 for line in probe)
