@@ -219,7 +219,8 @@ def pack_key(cfg: RunConfig) -> str | None:
 # Fields added after trial ids were first handed out, with the value that reproduces what ran before them: at that
 # value they are left out of the id, so the trials of existing sweeps keep their ids (and stay finished). Changing
 # such a default would silently reuse old results: give the field a new name instead.
-# data.cfg_sampler is the exception: its default became 'block' (a new stream), so that default gives CFG trials new ids.
+# data.cfg_sampler's default is not the value that ran before ('block' is a new stream): CFG trials at the default
+# get new ids, those set to 'sentence' keep theirs.
 ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "float32", "data.cfg_sampler": "sentence"}
 
 

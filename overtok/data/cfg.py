@@ -173,7 +173,7 @@ class CFGStream:
 
     sampler 'block' (the default): blocks of ``BLOCK_SENTENCES`` from ``sample_block`` with numpy's PCG64;
     'sentence': one ``sample_sentence`` at a time with ``random.Random``, the stream of overtok before the block
-    sampler (about 20x slower; reproduces runs made then). The two give different sentences for the same seed,
+    sampler (about 10x slower, `benchmarks/bench_data.py`; reproduces runs made then). The two give different sentences for the same seed,
     drawn from the same distribution. A state saved by either restores that sampler's stream exactly.
     """
 
