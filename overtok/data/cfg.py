@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 GRAMMAR_DIR = Path(__file__).with_name("grammars")
 
@@ -207,6 +206,8 @@ class CFGStream:
         return stream[:n]
 
     def state_dict(self) -> dict:
+        import torch  # here, not at the top: the sweep driver loads grammars without importing torch
+
         if self.sampler == "sentence":
             return {"rng": self.py_rng.getstate(), "buffer": list(self.py_buffer)}
         return {"sampler": "block", "rng": self.rng.bit_generator.state, "buffer": torch.from_numpy(self.buffer.copy())}
