@@ -122,7 +122,7 @@ def packed(args, rows):
         variants += [(f"one after another, {other} sampler", 1, 1, 1.0, first, True, other),
                      (f"packed (pack: 8), {other} sampler", 8, 1, 1.0, first, True, other)]
     prepare(work, base_config(args, d, layers, heads, seq, batch, args.packed_steps, args.packed_data))
-    seq_tokens = None
+    seq_tokens, refs = None, {}
     for i, (name, pack, conc, gpu, compile_eval, reuse, cfg_sampler) in enumerate(variants):
         base = base_config(args, d, layers, heads, seq, batch, args.packed_steps, args.packed_data)
         base["train"]["compile_eval"] = compile_eval
@@ -147,8 +147,9 @@ def packed(args, rows):
                "per_trial_phases_s": [{k: r[k] for k in ("setup_s", "first_step_s", "eval_s")} for r in rs]}
         if i == 0:
             seq_tokens = row
-        if pack == 1 and conc == 1:
-            ref = row  # a sampler's packed row is compared with its own one-after-another row too
+        if pack == 1 and conc == 1:  # each sampler's rows are also compared with its first one-after-another row
+            refs.setdefault(cfg_sampler, row)
+        ref = refs[cfg_sampler]
         row["steady_vs_its_one_after_another"] = agg / ref["steady_tokens_per_s"]
         row["end_to_end_vs_its_one_after_another"] = row["end_to_end_tokens_per_s"] / ref["end_to_end_tokens_per_s"]
         row["steady_vs_one_after_another"] = agg / seq_tokens["steady_tokens_per_s"]
