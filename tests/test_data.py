@@ -161,7 +161,7 @@ def test_sentence_sampler_is_the_stream_before_the_block_sampler():
         expected += sample_sentence(g, rng) + [g.eos_id]
     s = CFGStream(g, 11, "sentence")
     assert s.take(1000).tolist() == expected[:1000]
-    old_state = {"rng": s.py_rng.getstate(), "buffer": list(s.py_buffer)}
+    old_state = {"rng": s.rng.getstate(), "buffer": s.buffer.tolist()}
     resumed = CFGStream(g, 11)
     resumed.load_state_dict(old_state)
     assert resumed.take(1000).tolist() == expected[1000:2000]

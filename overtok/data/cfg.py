@@ -172,58 +172,52 @@ class CFGStream:
 
     sampler 'block' (the default): blocks of ``BLOCK_SENTENCES`` from ``sample_block`` with numpy's PCG64;
     'sentence': one ``sample_sentence`` at a time with ``random.Random``, the stream of overtok before the block
-    sampler (about 10x slower, `benchmarks/bench_data.py`; reproduces runs made then). The two give different sentences for the same seed,
-    drawn from the same distribution. A state saved by either restores that sampler's stream exactly.
+    sampler (about 10x slower, `benchmarks/bench_data.py`; reproduces runs made then). The two give different
+    sentences for the same seed, drawn from the same distribution. A state saved by either restores that
+    sampler's stream exactly.
     """
 
     def __init__(self, grammar: Grammar, seed: int, sampler: str = "block"):
         if sampler not in CFG_SAMPLERS:
             raise ValueError(f"unknown CFG sampler {sampler!r} (known: {', '.join(CFG_SAMPLERS)})")
         self.g = grammar
+        self.tables = RuleTables(grammar)
         self.sampler = sampler
-        if sampler == "block":
-            self.tables = RuleTables(grammar)
-            self.rng = np.random.default_rng(seed)
-            self.buffer = np.empty(0, dtype=np.int64)
-        else:
-            self.py_rng = random.Random(seed)
-            self.py_buffer: list[int] = []
+        self.rng = np.random.default_rng(seed) if sampler == "block" else random.Random(seed)
+        self.buffer = np.empty(0, dtype=np.int64)  # drawn, not yet taken
+
+    def _draw(self) -> np.ndarray:
+        if self.sampler == "block":
+            return sample_block(self.tables, self.rng, BLOCK_SENTENCES)
+        return np.array(sample_sentence(self.g, self.rng) + [self.g.eos_id], dtype=np.int64)
 
     def take(self, n: int) -> np.ndarray:
         """The next ``n`` tokens (int64)."""
-        if self.sampler == "sentence":
-            while len(self.py_buffer) < n:
-                self.py_buffer.extend(sample_sentence(self.g, self.py_rng))
-                self.py_buffer.append(self.g.eos_id)
-            out, self.py_buffer = self.py_buffer[:n], self.py_buffer[n:]
-            return np.array(out, dtype=np.int64)
         parts, have = [self.buffer], len(self.buffer)
         while have < n:
-            parts.append(sample_block(self.tables, self.rng, BLOCK_SENTENCES))
+            parts.append(self._draw())
             have += len(parts[-1])
         stream = np.concatenate(parts) if len(parts) > 1 else self.buffer
         self.buffer = stream[n:]
         return stream[:n]
 
     def state_dict(self) -> dict:
+        if self.sampler == "sentence":  # the format of every checkpoint made before the block sampler
+            return {"rng": self.rng.getstate(), "buffer": self.buffer.tolist()}
         import torch  # here, not at the top: the sweep driver loads grammars without importing torch
 
-        if self.sampler == "sentence":
-            return {"rng": self.py_rng.getstate(), "buffer": list(self.py_buffer)}
         return {"sampler": "block", "rng": self.rng.bit_generator.state, "buffer": torch.from_numpy(self.buffer.copy())}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a saved stream, whichever sampler saved it (a state without 'sampler' is the sentence sampler's,
         as every checkpoint made before the block sampler)."""
-        if state.get("sampler", "sentence") == "sentence":
-            self.sampler = "sentence"
+        self.sampler = state.get("sampler", "sentence")
+        if self.sampler == "sentence":
             version, internal, gauss = state["rng"]
-            self.py_rng = random.Random()
-            self.py_rng.setstate((version, tuple(internal), gauss))
-            self.py_buffer = list(state["buffer"])
+            self.rng = random.Random()
+            self.rng.setstate((version, tuple(internal), gauss))
+            self.buffer = np.array(state["buffer"], dtype=np.int64)
         else:
-            self.sampler = "block"
-            self.tables = RuleTables(self.g)
             self.rng = np.random.default_rng()
             self.rng.bit_generator.state = state["rng"]
             self.buffer = state["buffer"].numpy().astype(np.int64)
