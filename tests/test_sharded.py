@@ -2,7 +2,9 @@
 equal the unsharded table exactly, for the hashed ids of a real OverEncoding) and the trainer's DDP wrapper. The
 table-level tests run over NCCL too where a machine has two GPUs (marked gpu, skipped elsewhere)."""
 
+import contextlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -20,19 +22,44 @@ def nccl(*values):
     return pytest.param(*values, "nccl", marks=NCCL_MARKS, id="-".join(map(str, values)) + "-nccl")
 
 
-def _init(rank: int, world: int, init_file: str, backend: str = "gloo") -> torch.device:
-    """Join the group; the device this rank's tensors live on (its own GPU under NCCL)."""
+@contextlib.contextmanager
+def _group(rank: int, world: int, run_dir: str, backend: str = "gloo"):
+    """Join the process group for a worker's body and yield the device this rank's tensors live on (its own GPU
+    under NCCL). After a body that ran through, wait until every rank's has (through a file store of its own, no
+    collective), then leave the group: a rank tearing down gloo while a peer still finishes a collective with it can
+    abort that peer (SIGABRT, "terminate called without an active exception", seen once in CI). A body that raised
+    leaves without either; mp.spawn then ends the other ranks."""
     dev = torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(rank)
         dev = torch.device(f"cuda:{rank}")
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
-    return dev
+    dist.init_process_group(backend, init_method=f"file://{run_dir}/store", rank=rank, world_size=world)
+    yield dev
+    done = dist.FileStore(f"{run_dir}/done", world)
+    done.set(f"rank{rank}", "done")
+    done.wait([f"rank{r}" for r in range(world)])
+    dist.destroy_process_group()
 
 
-def _worker(rank: int, world: int, init_file: str, n_rows_override: int | None, backend: str):
-    dev = _init(rank, world, init_file, backend)
-    try:
+def _spawn(worker, tmp_path, *args, world: int = 2):
+    """Run ``worker(rank, world, run_dir, *args)`` in ``world`` processes; the group meets through a file in
+    ``run_dir``, a fresh folder under ``tmp_path``, which is returned. If a rank died by a signal rather than by a
+    failed check, run the whole group once more in a new folder (gloo's teardown aborts, rarely, under load) and
+    say so; a second death, or any exception, fails the test."""
+    for attempt in range(2):
+        run_dir = tmp_path / f"run{attempt}"
+        run_dir.mkdir()
+        try:
+            mp.spawn(worker, args=(world, str(run_dir), *args), nprocs=world, join=True)
+            return run_dir
+        except mp.ProcessExitedException as e:
+            if e.signal_name is None or attempt:
+                raise
+            warnings.warn(f"rank {e.error_index} died by {e.signal_name}; running the group once more", stacklevel=2)
+
+
+def _worker(rank: int, world: int, run_dir: str, n_rows_override: int | None, backend: str):
+    with _group(rank, world, run_dir, backend) as dev:
         from overtok.model import OverEncoding
         from overtok.sharded import ShardedTable
 
@@ -61,21 +88,17 @@ def _worker(rank: int, world: int, init_file: str, n_rows_override: int | None, 
         ref_grad = ref.grad.clone()
         dist.all_reduce(ref_grad)  # the full table's gradient from every rank's batch
         assert torch.allclose(table.weight.grad, ref_grad[table.lo : table.hi], atol=1e-6), "shard gradient differs"
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world,rows,backend", [(2, None, "gloo"), (3, None, "gloo"), (3, 1000, "gloo"),
                                                 nccl(2, None), nccl(2, 1001)])
 def test_sharded_lookup_and_gradients_equal_the_full_table(tmp_path, world, rows, backend):
-    init_file = str(tmp_path / "store")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(world, init_file, rows, backend), nprocs=world, join=True)
+    _spawn(_worker, tmp_path, rows, backend, world=world)
 
 
-def _sparse_worker(rank: int, world: int, init_file: str, compiled: bool, backend: str):
-    dev = _init(rank, world, init_file, backend)
-    try:
+def _sparse_worker(rank: int, world: int, run_dir: str, compiled: bool, backend: str):
+    with _group(rank, world, run_dir, backend) as dev:
         from torch._dynamo.utils import counters
 
         from overtok.model import init_table_rows
@@ -121,13 +144,10 @@ def _sparse_worker(rank: int, world: int, init_file: str, compiled: bool, backen
         table(torch.randint(0, rows, (2, 3), generator=g).to(dev))  # looked up with autograd on, never backpropagated
         with pytest.raises(RuntimeError, match="no backward pass"):
             table.apply_update(1e-2, 0.9, 0.95)
-    finally:
-        dist.destroy_process_group()
 
 
-def _ddp_buffers_worker(rank: int, world: int, init_file: str):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+def _ddp_buffers_worker(rank: int, world: int, run_dir: str):
+    with _group(rank, world, run_dir):
         from overtok.model import Transformer
         from overtok.train import shard_state, wrap_ddp
 
@@ -142,13 +162,11 @@ def _ddp_buffers_worker(rank: int, world: int, init_file: str):
         ddp = wrap_ddp(model, cfg.train, torch.device("cpu"), ignore)  # DDP broadcasts rank 0's state here ...
         ddp(torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len + 1)))  # ... and its buffers every forward
         assert (table.exp_avg == rank + 1).all(), "DDP overwrote a shard's Adam moments with rank 0's"
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_leaves_each_row_sparse_shard_its_own_moments(tmp_path):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_ddp_buffers_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+    _spawn(_ddp_buffers_worker, tmp_path)
 
 
 @pytest.mark.parametrize("world,compiled,backend", [(2, False, "gloo"), (3, False, "gloo"), (2, True, "gloo"),
@@ -158,14 +176,13 @@ def test_sharded_row_sparse_table_updates_like_the_full_table(tmp_path, world, c
     moments and step count of the whole row-sparse table updated with every rank's averaged gradients; the compiled
     update too, compiled once for every number of rows."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_sparse_worker, args=(world, str(tmp_path / "store"), compiled, backend), nprocs=world, join=True)
+    _spawn(_sparse_worker, tmp_path, compiled, backend, world=world)
 
 
-def _train_worker(rank: int, world: int, init_file: str, out_dir: str):
+def _train_worker(rank: int, world: int, out_dir: str):
     import json
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with _group(rank, world, out_dir):
         from overtok.tracking import Sink
         from overtok.train import train
 
@@ -224,8 +241,6 @@ def _train_worker(rank: int, world: int, init_file: str, out_dir: str):
         if rank == 0:
             with open(f"{out_dir}/points.json", "w") as f:
                 json.dump(results, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_data_parallel_training_with_a_sharded_table_equals_the_whole_table(tmp_path):
@@ -235,8 +250,8 @@ def test_data_parallel_training_with_a_sharded_table_equals_the_whole_table(tmp_
     import json
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_train_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
-    pts = json.loads((tmp_path / "points.json").read_text())
+    out_dir = _spawn(_train_worker, tmp_path)
+    pts = json.loads((out_dir / "points.json").read_text())
     whole, sharded, resumed = pts["whole"], pts["sharded"], pts["resumed"]
     sparse, sparse_resumed = pts["sparse"], pts["sparse_resumed"]
     for key in ("train/loss", "val/loss"):  # row-sparse bf16 shards: lazy Adam, so not the dense curve; it trains
@@ -250,13 +265,12 @@ def test_data_parallel_training_with_a_sharded_table_equals_the_whole_table(tmp_
             assert abs(v - sharded[key][step]) < 1e-4 * max(1.0, abs(v)), (key, step, v, sharded[key][step])
         assert resumed[key] == sharded[key], key  # bitwise: resumed from the step-6 checkpoint
     assert "val/gen_acc" in sharded
-    assert sorted(p.name for p in (tmp_path / "resumed").glob("shard_*")) == ["shard_000000006_rank1.pt",
+    assert sorted(p.name for p in (out_dir / "resumed").glob("shard_*")) == ["shard_000000006_rank1.pt",
                                                                               "shard_000000012_rank1.pt"]
 
 
-def _ddp_grad_worker(rank: int, world: int, init_file: str, backend: str):
-    dev = _init(rank, world, init_file, backend)
-    try:
+def _ddp_grad_worker(rank: int, world: int, run_dir: str, backend: str):
+    with _group(rank, world, run_dir, backend) as dev:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from overtok.config import TrainConfig
@@ -295,8 +309,6 @@ def _ddp_grad_worker(rank: int, world: int, init_file: str, backend: str):
                 assert torch.allclose(f32[n], ref, rtol=rtol, atol=1e-7), f"step {step}: {n} differs from plain DDP"
                 assert ((b16[n] - ref).abs() <= bf16_bounds[step][n] + 1e-9).all(), f"step {step}: {n} beyond bf16"
             assert any(not torch.equal(b16[n], ref) for n, ref in plain.items()), "bf16 reduction left no trace"
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=NCCL_MARKS)])
@@ -304,12 +316,11 @@ def test_trainer_ddp_averages_like_plain_ddp_and_reduces_in_bf16_on_request(tmp_
     """train's DDP wrapper (gradients as bucket views) averages exactly as plain DDP, also after the gradients were
     set to None; with train.grad_reduce_dtype = bfloat16 the average differs from it by bf16 rounding only."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_ddp_grad_worker, args=(2, str(tmp_path / "store"), backend), nprocs=2, join=True)
+    _spawn(_ddp_grad_worker, tmp_path, backend)
 
 
-def _accumulate_worker(rank: int, world: int, init_file: str):
-    _init(rank, world, init_file)
-    try:
+def _accumulate_worker(rank: int, world: int, run_dir: str):
+    with _group(rank, world, run_dir):
         import contextlib
 
         from overtok.config import TrainConfig
@@ -359,12 +370,10 @@ def _accumulate_worker(rank: int, world: int, init_file: str):
             assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), f"{n}: accumulated DDP gradient differs"
         mine = torch.stack(losses[3 * rank : 3 * rank + 3]).mean()
         assert torch.allclose(parts["total"], mine, atol=1e-6), "the step's loss is not its micro-batches' mean"
-    finally:
-        dist.destroy_process_group()
 
 
 def test_gradient_accumulation_all_reduces_once_per_step(tmp_path):
     """With train.grad_accum micro-steps under DDP only the last backward all-reduces (the others in no_sync), and
     the gradient still averages every rank's micro-batches."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_accumulate_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+    _spawn(_accumulate_worker, tmp_path)
