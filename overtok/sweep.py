@@ -213,7 +213,12 @@ def pack_key(cfg: RunConfig) -> str | None:
     """Trials with equal keys can share a pack; None if this config cannot be packed (row-sparse OE tables)."""
     if cfg.model.oe.sparse_update and cfg.model.oe.n > 1:
         return None
-    return _config_hash(cfg, ("tracking", "name", "seed", "train.checkpoint_dir", "train.lr"))
+    return _config_hash(cfg, ("tracking", "name", "seed", "train.checkpoint_dir", "train.lr") + _unused_fields(cfg))
+
+
+def _unused_fields(cfg: RunConfig) -> tuple[str, ...]:
+    """Fields this config's data never reads: text has no grammar to sample (data.cfg_sampler)."""
+    return ("data.cfg_sampler",) if cfg.data.kind != "cfg" else ()
 
 
 # Fields added after trial ids were first handed out, with the value that reproduces what ran before them: at that
@@ -227,10 +232,10 @@ ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "f
 def trial_id(cfg: RunConfig) -> str:
     """Hash of what determines the result: the resolved config minus naming, tracking and where files go, the loss
     kernel (the same loss up to summation order), CUDA graphs (the same kernels, replayed), DDP's bucket size (the
-    same averages) and whether evaluation is compiled (the same losses up to summation order). Text data has no
-    grammar to sample: data.cfg_sampler is left out of its ids."""
+    same averages) and whether evaluation is compiled (the same losses up to summation order), nor the fields its
+    data never reads (``_unused_fields``)."""
     drop = ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel", "train.cuda_graphs", "train.ddp_bucket_mb",
-            "train.compile_eval") + (("data.cfg_sampler",) if cfg.data.kind != "cfg" else ())
+            "train.compile_eval") + _unused_fields(cfg)
     return _config_hash(cfg, drop, ADDED_FIELDS)
 
 

@@ -85,12 +85,14 @@ def test_fields_added_later_keep_existing_trial_ids():
     assert not {t.trial_id for t in a.trials} & {t.trial_id for t in e.trials}
 
 
-def test_cfg_sampler_is_not_part_of_a_text_trial_id():
+def test_cfg_sampler_is_not_part_of_a_text_trial_id_nor_pack():
     from overtok.config import load_config
+    from overtok.sweep import pack_key
 
     text = ["data.kind=text", "data.path=/data/prepared", "model.vocab_size=100"]
-    assert trial_id(load_config(None, [*text, "data.cfg_sampler=sentence"])) == trial_id(load_config(None, text))
-    assert trial_id(tiny_config(**{"data.cfg_sampler": "sentence"})) != trial_id(tiny_config())
+    for key in (trial_id, pack_key):
+        assert key(load_config(None, [*text, "data.cfg_sampler=sentence"])) == key(load_config(None, text))
+        assert key(tiny_config(**{"data.cfg_sampler": "sentence"})) != key(tiny_config())
 
 
 BASE = "name: bad\nbase:\n  model: {d_model: 32, n_heads: 2, seq_len: 16}\n  train: {max_steps: 2}\n"
