@@ -144,27 +144,34 @@ def use_fused_loss(loss_kernel: str, device: torch.device) -> bool:
     return loss_kernel == "triton" or (loss_kernel == "auto" and device.type == "cuda" and kernels.available(device))
 
 
-def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, distributed: bool = False):
+def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, distributed: bool = False,
+                  step_graphs: bool = False):
     """What both trainers do to a built model before training: pick the loss kernel (train.loss_kernel) and the
     residual stream's dtype (train.residual_dtype: bfloat16 takes effect under bf16 autocast only), and under
     train.compile compile the OE mix, body, heads and loss (the lookups stay eager: row-sparse tables work through
     autograd hooks), as CUDA graphs where train.cuda_graphs applies, plus on CUDA the small eager parts of OE around
-    the lookup. Returns (autocast: a context factory for forward passes, the perf/* flags every logged step carries:
-    which of these took effect)."""
+    the lookup. ``step_graphs``: the caller can record whole steps (``StepGraph``), which train.cuda_graph_scope =
+    step then asks for instead of torch.compile's graphs. Returns (autocast: a context factory for forward passes,
+    the perf/* flags every logged step carries: which of these took effect)."""
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
     model.fused_loss = use_fused_loss(t.loss_kernel, device)
     model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext
     # with gradient accumulation (several backward passes into the same gradients per step) the graphed run's curve
     # differed from the plain one on the H200 (tests/test_cuda.py, benchmarks/results/gpu_test_cuda_first.log)
     graphs = t.compile and t.cuda_graphs and device.type == "cuda" and not distributed and t.grad_accum == 1
+    whole_step = graphs and step_graphs and t.cuda_graph_scope == "step" and not model.sparse_tables()
+    # autocast's cache of cast weights would be recorded into a step graph and replayed stale: off there
+    autocast = (partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=not whole_step) if use_bf16
+                else contextlib.nullcontext)
     if t.compile:
-        model.body_and_loss = torch.compile(model.body_and_loss, mode="reduce-overhead" if graphs else None)
+        compiled_graphs = graphs and not whole_step
+        model.body_and_loss = torch.compile(model.body_and_loss, mode="reduce-overhead" if compiled_graphs else None)
         if device.type == "cuda":
             model.embed.compile_ids()
             for table in model.sparse_tables():
                 table.compile_update()
     flags = {"perf/fused_loss": float(model.fused_loss), "perf/cuda_graphs": float(graphs),
+             "perf/step_graph": float(whole_step),
              "perf/residual_bf16": float(model.residual_dtype is not None), "perf/compiled_eval": float(compiled_eval(t))}
     return autocast, flags
 
@@ -233,6 +240,74 @@ def accumulate(step_model: torch.nn.Module, draw, micro_steps: int, device: torc
                 v = v / micro_steps
             parts[k] = parts[k] + v if k in parts else v
     return parts
+
+
+class StepGraph:
+    """The training step of one model in one process (train.cuda_graph_scope = step): the batch's copy in, forward,
+    backward, gradient clipping and AdamW, recorded once as a CUDA graph and then replayed, so that the host issues
+    a copy and one launch per step instead of every kernel.
+
+    The first ``WARMUP`` steps run as usual, on a side stream (compilation, cuBLAS's and AdamW's lazy set-up happen
+    there); the next step is recorded (which runs nothing) and replayed, as is every later one. Everything a replay
+    reads or writes stays at the addresses it was recorded with: the batch goes into ``batch``, AdamW reads its
+    learning rate from ``lr`` (every parameter group holds that tensor; the optimizer is made capturable), and the
+    gradients, None when the step is recorded, are written afresh by each replay's backward (no zero_grad inside).
+    Each step returns the recorded outputs: the losses and the gradient norm, overwritten by the next replay."""
+
+    WARMUP = 3
+
+    def __init__(self, model: Transformer, opt: torch.optim.Optimizer, t: TrainConfig, device: torch.device,
+                 autocast):
+        self.model, self.opt, self.autocast, self.device = model, opt, autocast, device
+        self.clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        self.batch: torch.Tensor | None = None  # on the device, allocated at the first step
+        self.lr = torch.tensor(t.lr, dtype=torch.float32, device=device)
+        for group in opt.param_groups:  # before the first step: AdamW then keeps its step counts on the device
+            group["lr"], group["capturable"] = self.lr, True
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.steps = 0
+        self.outputs: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
+
+    def _step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        with self.autocast():
+            _, losses = self.model(self.batch)
+        losses["total"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        return {k: v.detach().float() for k, v in losses.items()}, norm
+
+    def step(self, host_batch: torch.Tensor, lr: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One training step on ``host_batch`` at learning rate ``lr``: (losses, gradient norm) on the device."""
+        self.lr.fill_(lr)
+        if self.batch is None:
+            self.batch = torch.empty_like(host_batch, device=self.device)
+        self.batch.copy_(host_batch.pin_memory(), non_blocking=True)
+        if self.graph is None and self.steps < self.WARMUP:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                out = self._step()
+                self.opt.zero_grad(set_to_none=True)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.steps += 1
+            return out
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self._step()
+        self.graph.replay()
+        self.steps += 1
+        return self.outputs
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """``opt.state_dict()`` as a checkpoint keeps it: a step graph's tensor learning rate as the number it holds
+    and capturable off (what the optimizer was built with), so that any run resumes from it the same way."""
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"], group["capturable"] = group["lr"].item(), False
+    return state
 
 
 # Under train.compile_eval = auto, evaluation runs compiled only when the run evaluates at least this many batches in
@@ -344,7 +419,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     with torch.device(device):  # build in place: OE tables can be tens of GB
         model = Transformer(cfg.model, eos_id=train_data.eos_id)
     opt = make_optimizer(model, t, device)
-    autocast, perf_flags = prepare_model(model, t, device, distributed)
+    autocast, perf_flags = prepare_model(model, t, device, distributed, step_graphs=True)
     sparse_tables = model.sparse_tables()
     sharded, ignore = shard_state(model)
     step_model = wrap_ddp(model, t, device, ignore) if distributed else model
@@ -365,6 +440,9 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         # wrote them) fills in, and what it has is dropped there by step, so curves have no gaps
         sink.replay(state.get("history", []))
 
+    step_graph = None
+    if perf_flags["perf/step_graph"]:  # after the checkpoint's optimizer state, whose groups it adjusts
+        step_graph = StepGraph(model, opt, t, device, autocast)
     flops_per_token = accounting.flops_per_token(cfg.model) / cfg.model.tokenizer_ngram  # per base token
     tokens_per_step = cfg.tokens_per_step * world  # global tokens
     summary: dict[str, float] = {}
@@ -399,10 +477,10 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
                 dist.all_gather_object(data_states, train_data.state_dict())
             if sharded:  # ranks > 0 save their own rows and optimizer state first; rank 0's file completes the set
                 if rank > 0:
-                    save_shard_state(ckpt_dir, step, rank, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+                    save_shard_state(ckpt_dir, step, rank, {"model": model.state_dict(), "optimizer": optimizer_state(opt)})
                 dist.barrier()
             if rank == 0:
-                save_checkpoint(ckpt_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                save_checkpoint(ckpt_dir, {"model": model.state_dict(), "optimizer": optimizer_state(opt), "step": step,
                                            "tokens_seen": tokens_seen, "data_ranks": data_states,
                                            "rng": torch.get_rng_state(), "config": to_dict(cfg),
                                            "history": sink.history, "world": world})
@@ -415,17 +493,21 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         if step == t.fail_at_step:
             raise RuntimeError(f"fail_at_step={step} (deliberate failure for testing)")
         lr = lr_at(step, t)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        parts = accumulate(step_model, train_data.next, t.grad_accum, device, autocast)
-        if sharded:
-            grad_norm = _clip_sharded(model, [p for _, p in sharded], world, t.grad_clip)
+        if step_graph is not None:
+            parts, grad_norm = step_graph.step(train_data.next(), lr)
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for table in sparse_tables:
-            table.apply_update(lr, t.beta1, t.beta2, weight_decay=t.embed_weight_decay)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            parts = accumulate(step_model, train_data.next, t.grad_accum, device, autocast)
+            if sharded:
+                grad_norm = _clip_sharded(model, [p for _, p in sharded], world, t.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                           t.grad_clip if t.grad_clip > 0 else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for table in sparse_tables:
+                table.apply_update(lr, t.beta1, t.beta2, weight_decay=t.embed_weight_decay)
         step += 1
         tokens_seen += tokens_per_step
         if step == first_step:  # compilation happens here: worth knowing apart from the steady rate

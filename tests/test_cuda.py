@@ -51,6 +51,37 @@ def test_cuda_graphs_train_as_without(tmp_path, tag, sets):
         assert on["val/gen_acc"].keys() == off["val/gen_acc"].keys()
 
 
+@pytest.mark.parametrize("tag, sets", [
+    ("dense", {}),
+    ("oe_dense_mtp_ds_clip", {"model.oe.n": 3, "model.oe.k": 2, "model.oe.m": 2000, "model.od_depth": 2,
+                              "model.od_mode": "mtp_ds", "train.grad_clip": 0.05, "train.gen_samples": 64}),
+])
+def test_whole_step_graph_trains_as_compiled_graphs(tmp_path, tag, sets):
+    """train.cuda_graph_scope = step (forward, backward, clipping and AdamW replayed as one CUDA graph) gives the
+    curves of torch.compile's graphs (scope 'compiled'), including the warm-up steps before recording, a learning
+    rate that changes every step (warm-up, cosine), clipping that bites, evaluation and generation in between."""
+    step = _run(tmp_path, f"{tag}-step", True, **{"train.cuda_graph_scope": "step", **sets})
+    compiled = _run(tmp_path, f"{tag}-compiled", True, **sets)
+    assert set(step["perf/step_graph"].values()) == {1.0} and set(compiled["perf/step_graph"].values()) == {0.0}
+    _assert_close(step, compiled, ("train/loss", "val/loss", "train/grad_norm"))
+    if "train.gen_samples" in sets:
+        assert step["val/gen_acc"].keys() == compiled["val/gen_acc"].keys()
+
+
+def test_whole_step_graph_resumes_and_falls_back(tmp_path):
+    """A step-graph run stopped at step 25 resumes from its step-20 checkpoint (warm-up and recording again) to the
+    curve of the uninterrupted run; row-sparse tables, which update outside autograd, run without a step graph."""
+    sets = {"train.cuda_graph_scope": "step", "train.checkpoint_every": 20}
+    full = _run(tmp_path, "full", True, **sets)
+    with pytest.raises(RuntimeError, match="fail_at_step"):
+        _run(tmp_path, "broken", True, **sets, **{"train.fail_at_step": 25})
+    resumed = _run(tmp_path, "broken", True, **sets)
+    _assert_close(resumed, full)
+    sparse = _run(tmp_path, "sparse", True, **sets, **{"model.oe.n": 2, "model.oe.k": 2, "model.oe.m": 2000,
+                                                        "model.oe.sparse_update": True})
+    assert set(sparse["perf/step_graph"].values()) == {0.0} and set(sparse["perf/cuda_graphs"].values()) == {1.0}
+
+
 def test_packed_cuda_graphs_train_as_without(tmp_path):
     curves = {}
     for graphs in (True, False):

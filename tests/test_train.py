@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from overtok.tracking import Sink
 from overtok.train import TrainingDiverged, lr_at, train
@@ -53,6 +54,36 @@ def test_bf16_residual_runs_and_is_recorded(tmp_path, dtype, residual, expect):
     assert [v for _, v in rec.curve("perf/residual_bf16")] == [expect, expect]
     losses = [v for _, v in rec.curve("train/loss")]
     assert len(losses) == 2 and all(0 < v < 20 for v in losses)
+
+
+def test_checkpointed_optimizer_state_holds_a_step_graphs_learning_rate_as_a_number(tmp_path):
+    """A step graph (overtok.train.StepGraph, CUDA only) has AdamW read its learning rate from a tensor; checkpoints
+    keep the number (and capturable off), so a run without step graphs resumes from them, and with them again."""
+    from overtok.train import optimizer_state
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.full((3,), 0.5)
+    opt.step()
+    opt.param_groups[0]["lr"], opt.param_groups[0]["capturable"] = torch.tensor(2.5e-4), True
+    path = tmp_path / "opt.pt"
+    torch.save(optimizer_state(opt), path)
+    state = torch.load(path, weights_only=True)
+    lr = float(torch.tensor(2.5e-4))  # the float32 the tensor holds
+    assert state["param_groups"][0]["lr"] == lr and type(state["param_groups"][0]["lr"]) is float
+    assert state["param_groups"][0]["capturable"] is False
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # the live optimizer keeps its tensor
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=1e-3)
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["lr"] == lr and int(fresh.state[fresh.param_groups[0]["params"][0]]["step"]) == 1
+
+
+def test_step_graph_scope_needs_cuda_and_says_where_it_ran(tmp_path):
+    """train.cuda_graph_scope = step on the CPU: the run trains as usual and records that no step graph ran."""
+    rec = Recorder()
+    train(tiny_config(**{"train.max_steps": 6, "train.log_every": 3, "train.compile": False,
+                         "train.cuda_graph_scope": "step", "train.checkpoint_dir": str(tmp_path)}), rec)
+    assert [v for _, v in rec.curve("perf/step_graph")] == [0.0, 0.0]
 
 
 def test_schedules():
