@@ -265,6 +265,7 @@ class StepGraph:
         for group in opt.param_groups:  # before the first step: AdamW then keeps its step counts on the device
             group["lr"], group["capturable"] = self.lr, True
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.side = torch.cuda.Stream(device)  # the warm-up steps'
         self.steps = 0
         self.outputs: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
 
@@ -283,12 +284,11 @@ class StepGraph:
             self.batch = torch.empty_like(host_batch, device=self.device)
         self.batch.copy_(host_batch.pin_memory(), non_blocking=True)
         if self.graph is None and self.steps < self.WARMUP:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            self.side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.side):
                 out = self._step()
                 self.opt.zero_grad(set_to_none=True)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
             self.steps += 1
             return out
         if self.graph is None:
