@@ -6,7 +6,9 @@
    model without OE stays alive and its timed blocks alternate with each variant's for N rounds;
 3. packed trials at the step level: one tiny model (d 256, 4 layers, seq 512) vs 8 of them packed into one
    (overtok.packed), compiled in torch.compile's default mode or with CUDA graphs (reduce-overhead), the body alone
-   or the whole forward, plus a kernel profile.
+   or the whole forward, plus a kernel profile. The one model can also run its whole step (forward, backward,
+   AdamW with its lr in a GPU tensor) as one CUDA graph recorded by hand (--single-variants whole-step-graph);
+   each one-model row reports the loss of its last step (same batches and step count in every variant).
 
 Step times: the median of steps timed one at a time (CUDA events), and a block of steps issued back to back as
 the trainer issues them. --profile adds the top kernels and every kernel's time per step by category.
@@ -184,6 +186,9 @@ PACKED_VARIANTS = {
     "embed": {"whole": True},
     "graphs+embed": {"compile_mode": "reduce-overhead", "whole": True},
 }
+# the one tiny model: torch.compile's default mode, reduce-overhead (CUDA graphs of the compiled forward and
+# backward, as the trainer), or the default mode with the whole step (forward, backward, AdamW) as one CUDA graph
+SINGLE_VARIANTS = {"default": {}, "graphs": {"compile_mode": "reduce-overhead"}, "whole-step-graph": {"whole_graph": True}}
 
 
 def packed(args, rows):
@@ -196,13 +201,14 @@ def packed(args, rows):
     singles = {}
     for (label, kernel, align), variant in [(k, v) for k in _kernel_variants(args) for v in args.single_variants]:
         kernels.ROW_ALIGN = align or default_align
-        mode = PACKED_VARIANTS[variant].get("compile_mode")
-        single = time_training(sets, args.packed_batch, args.steps * 5, args.warmup, loss_kernel=kernel, compile_mode=mode)
+        single = time_training(sets, args.packed_batch, args.steps * 5, args.warmup, loss_kernel=kernel,
+                               **SINGLE_VARIANTS[variant])
         single["name"], single["row_align"], single["variant"] = f"one tiny model, {variant}, loss {label}", align, variant
         singles[label, variant] = single
         rows.append(single)
         print(f"{single['name']:>56}  {single['step_ms']:8.2f} ms  {single['tokens_per_s']:>12,.0f} tok/s  "
-              f"MFU {single['mfu']:.3f}  back to back {single['step_ms_back_to_back']:.2f} ms", flush=True)
+              f"MFU {single['mfu']:.3f}  back to back {single['step_ms_back_to_back']:.2f} ms  "
+              f"loss {single['first_loss']:.4f} -> {single['last_step_loss']:.4f}", flush=True)
     best = max(s["tokens_per_s"] for s in singles.values())
     for (label, kernel, align), variant in [(k, v) for k in _kernel_variants(args) for v in args.packed_variants]:
         kernels.ROW_ALIGN = align or default_align
@@ -228,10 +234,12 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/gpu.json")
     ap.add_argument("--only", choices=["trainer", "oe", "packed"], nargs="+", default=["trainer", "oe", "packed"])
     ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES), help="trainer sizes to time")
-    ap.add_argument("--packed-variants", nargs="+", choices=list(PACKED_VARIANTS), default=["default"],
-                    help="packed step: torch.compile mode (graphs = reduce-overhead) and scope (embed = whole forward)")
-    ap.add_argument("--single-variants", nargs="+", choices=["default", "graphs"], default=["default"],
-                    help="the one tiny model: torch.compile's default mode and/or reduce-overhead (CUDA graphs)")
+    ap.add_argument("--packed-variants", nargs="*", choices=list(PACKED_VARIANTS), default=["default"],
+                    help="packed step: torch.compile mode (graphs = reduce-overhead) and scope (embed = whole forward); "
+                         "none: time the one tiny model only")
+    ap.add_argument("--single-variants", nargs="+", choices=list(SINGLE_VARIANTS), default=["default"],
+                    help="the one tiny model: torch.compile's default mode, reduce-overhead (CUDA graphs) and/or the "
+                         "whole step as one CUDA graph (CUDA only)")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["stock", "fused"],
                     help="trainer variants timed side by side for each size")
     ap.add_argument("--loss-kernels", nargs="+", choices=["torch", "auto"], default=["torch", "auto"],

@@ -23,7 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import Rows  # noqa: E402
+from benchmarks.common import Rows, config  # noqa: E402
+
+
+def trial_config(d_model: int, compiled: bool, steps: int):
+    """A tiny cfg3f trial (2 layers, 2 heads, seq 32, batch 4: the tests' tiny config) of width ``d_model``."""
+    from overtok.data import resolve_vocab
+
+    return resolve_vocab(config({"model.d_model": d_model, "model.n_layers": 2, "model.n_heads": 2, "model.seq_len": 32,
+                                 "data.batch_size": 4, "train.max_steps": steps, "train.eval_every": 20,
+                                 "train.log_every": 5, "train.gen_samples": 16, "train.warmup_steps": 2,
+                                 "train.compile": compiled}))
 
 
 def live_tensors(dev: torch.device) -> list[torch.Tensor]:
@@ -61,7 +71,6 @@ def snapshot(dev: torch.device, top: int) -> dict:
 def main():
     from overtok.train import pick_device, train
     from overtok.tune import _release
-    from tests.conftest import tiny_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/gpu_reuse_memory.json")
@@ -74,8 +83,7 @@ def main():
     rows = Rows(args.out, " ".join(["benchmarks/bench_reuse.py", *sys.argv[1:]]))
     work = Path(tempfile.mkdtemp(prefix="bench-reuse-"))
     for i, d in enumerate(args.d_models):
-        cfg = tiny_config(**{"model.d_model": d, "train.compile": not args.smoke, "train.max_steps": 5 if args.smoke
-                             else args.steps, "train.eval_every": 20, "train.gen_samples": 16})
+        cfg = trial_config(d, not args.smoke, 5 if args.smoke else args.steps)
         cfg.train.checkpoint_dir = str(work / f"trial{i}")
         t0 = time.time()
         summary = train(cfg, None, device=dev)

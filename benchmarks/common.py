@@ -13,7 +13,7 @@ import torch
 from overtok import accounting
 from overtok.config import load_config
 from overtok.model import Transformer
-from overtok.train import make_optimizer, use_fused_loss
+from overtok.train import decay_groups, make_optimizer, use_fused_loss
 
 
 def config(sets: dict):
@@ -187,7 +187,7 @@ class Bench:
 
     def __init__(self, sets: dict, batch_size: int, compile_body: bool = True, loss_kernel: str = "auto",
                  compile_mode: str | None = None, sdpa: str | None = None, compile_update: bool | None = None,
-                 residual_dtype: torch.dtype | None = None):
+                 residual_dtype: torch.dtype | None = None, whole_graph: bool = False):
         cfg = self.cfg = config(sets)
         self.sets, self.batch_size = sets, batch_size
         dev = self.dev = fresh_device()
@@ -197,6 +197,14 @@ class Bench:
             model = self.model = Transformer(cfg.model)
         self.build_s = time.time() - t0
         self.opt = make_optimizer(model, cfg.train, dev)
+        self.graph = None
+        if whole_graph:  # the step replayed as one CUDA graph: AdamW reads its lr from a tensor, on the GPU
+            if dev.type != "cuda" or compile_mode == "reduce-overhead" or model.sparse_tables():
+                raise ValueError("whole_graph: a CUDA device, torch.compile without its own CUDA graphs, dense tables")
+            t = cfg.train
+            self.opt = torch.optim.AdamW([{"params": ps, "weight_decay": wd} for ps, wd in decay_groups(model, t)],
+                                         lr=torch.tensor(t.lr, device=dev), betas=(t.beta1, t.beta2), fused=True,
+                                         capturable=True)
         model.fused_loss = use_fused_loss(loss_kernel, dev)
         model.residual_dtype = residual_dtype  # applies under autocast (here: on CUDA)
         if compile_body:
@@ -213,22 +221,33 @@ class Bench:
         self.batches = [torch.randint(0, cfg.model.input_vocab_size, (batch_size, T), device=dev) for _ in range(4)]
         self.sdpa = sdpa
         self.meta = {"loss": "fused triton" if model.fused_loss else "torch", "compile_mode": compile_mode or "default",
+                     "whole_step_graph": whole_graph,
                      "sdpa": sdpa or "auto", "residual_dtype": str(residual_dtype or "float32 (embedding's)").replace("torch.", "")}
         with torch.no_grad(), self.autocast():
             self.first_loss = model(self.batches[0])[1]["total"].item()  # the same model and batch for every variant
         self.warmup_s = None
 
     def autocast(self):
-        return torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda")
+        # (autocast's cache of cast weights would be recorded into a whole-step graph: off there)
+        return torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda",
+                              cache_enabled=not self.meta["whole_step_graph"])
 
     def step(self, i: int) -> None:
+        if self.graph is not None:
+            self.static_batch.copy_(self.batches[i % 4])
+            self.graph.replay()
+            return
+        self._step(self.batches[i % 4])
+
+    def _step(self, batch: torch.Tensor) -> None:
         if self.meta["compile_mode"] == "reduce-overhead":  # CUDA graphs: this step's outputs replace the last's
             torch.compiler.cudagraph_mark_step_begin()
         with self.autocast(), sdpa_context(self.sdpa):
-            _, losses = self.model(self.batches[i % 4])
+            _, losses = self.model(batch)
         losses["total"].backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self.last_loss = losses["total"].detach()
         for t in self.tables:
             t.apply_update(1e-3, 0.9, 0.95)
 
@@ -238,10 +257,35 @@ class Bench:
 
     def warm(self, steps: int) -> None:
         t0 = time.time()
-        for i in range(steps):
-            self.step(i)
+        if self.meta["whole_step_graph"]:
+            self._capture(steps)
+        else:
+            for i in range(steps):
+                self.step(i)
         self.sync()
         self.warmup_s = time.time() - t0
+
+    def _capture(self, steps: int) -> None:
+        """Run the warm-up steps (compilation, AdamW's state; the same batches as without the graph) on a side
+        stream, then record one step, reading a fixed input buffer, as a CUDA graph (recording runs nothing). The
+        gradients are None when it is recorded, so each replay's backward writes them afresh rather than adding to
+        them; the graph keeps them (no zero_grad inside)."""
+        self.static_batch = self.batches[0].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(steps):
+                self.static_batch.copy_(self.batches[i % 4])
+                self._step(self.static_batch)
+        torch.cuda.current_stream().wait_stream(side)
+        self.opt.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            with self.autocast(), sdpa_context(self.sdpa):
+                _, losses = self.model(self.static_batch)
+            losses["total"].backward()
+            self.opt.step()
+        self.last_loss = losses["total"].detach()  # the graph's output: each replay's loss
 
     def time(self, steps: int) -> list[float]:
         """Seconds of each step (CUDA events on a GPU)."""
@@ -269,7 +313,8 @@ class Bench:
         cfg = self.cfg
         tokens = self.batch_size * cfg.model.seq_len
         flops = accounting.flops_per_token(cfg.model)
-        out = {"config": self.sets, "batch_size": self.batch_size, "first_loss": self.first_loss, "step_ms": med * 1000,
+        out = {"config": self.sets, "batch_size": self.batch_size, "first_loss": self.first_loss,
+               "last_step_loss": float(self.last_loss), "step_ms": med * 1000,
                "tokens_per_s": tokens / med, "mfu": accounting.mfu(tokens / med, flops),
                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.dev.type == "cuda" else float("nan"),
                "params": accounting.param_groups(cfg.model), "build_s": self.build_s, "warmup_s": self.warmup_s,

@@ -38,6 +38,14 @@ def test_bench_gpu_smoke_runs_every_section(tmp_path):
     assert all(r["step_ms_back_to_back"] > 0 for r in packed)
     for body_only, whole in (packed[0:2], packed[2:4]):  # the same models and batch: the same first loss
         assert abs(body_only["first_loss"] - whole["first_loss"]) < 1e-4
+    singles = [r for r in rows if r["name"].startswith("one tiny model")]
+    assert singles and all(0 < r["last_step_loss"] < 20 and r["whole_step_graph"] is False for r in singles)
+
+    # the whole step as one CUDA graph needs CUDA: a clear error, before anything is timed
+    res = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--smoke", "--only", "packed", "--packed-variants",
+                          "--single-variants", "whole-step-graph", "--out", str(tmp_path / "graph.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "whole_graph: a CUDA device" in res.stderr
 
 
 def test_bench_ddp_smoke_times_every_variant_on_every_rank(tmp_path):
