@@ -263,11 +263,12 @@ class TrainConfig:
     cuda_graph_scope: Literal["compiled", "step"] = "compiled"
     """Where train.cuda_graphs applies: what one CUDA graph replays. 'compiled': the compiled body, heads and loss
     (torch.compile's reduce-overhead mode; the host still issues the lookups, clipping and AdamW, and checks the
-    graphs' inputs every step). 'step': the whole training step, recorded by the trainer after a few eager steps:
-    the batch's copy in, forward, backward, gradient clipping and AdamW, which then reads its learning rate from a
-    GPU tensor; the body compiled in torch.compile's default mode. 'step' needs dense parameters (no row-sparse OE
-    tables, which update outside autograd) and the single-model trainer; elsewhere it acts as 'compiled'. The same
-    results up to float rounding (not part of the trial id); perf/step_graph records where it took effect."""
+    graphs' inputs every step). 'step': the whole training step, recorded by the trainer after a few eager steps
+    (overtok.train.StepGraph): forward, backward, gradient clipping and AdamW, which then reads its learning rates
+    from GPU tensors, the host issuing only the copies of the batch and learning rates and one launch; the body
+    compiled in torch.compile's default mode. Packed trials too. 'step' needs dense parameters (no row-sparse OE
+    tables, which update outside autograd); with them it acts as 'compiled'. The same results up to float rounding
+    (not part of the trial id); perf/step_graph records where it took effect."""
     compile_eval: Literal["auto", "always", "never"] = "auto"
     """With train.compile: whether validation forwards run compiled too. Without gradients the forward is a second
     graph, so compiling it costs a second compilation (seconds to tens of seconds on a GPU), while eager costs a few

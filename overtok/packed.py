@@ -34,6 +34,7 @@ from overtok.model import RMSNorm, Transformer
 from overtok.sweep import PACK_FREE_KEYS, pack_key
 from overtok.tracking import Sink
 from overtok.train import (
+    StepGraph,
     TrainingDiverged,
     _HistorySink,
     _synced_since,
@@ -151,8 +152,9 @@ class PackedAdamW:
         self._views = [(p.unbind(0), m.unbind(0), v.unbind(0))
                        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq)]
         dev = self.params[0].device
-        self.step_count = 0
-        self._step = torch.zeros((), dtype=torch.float32, device=dev)  # the kernel's bias correction reads it
+        # the step count, on the device: the kernel's bias correction reads it, and a replayed step graph
+        # (overtok.train.StepGraph) advances it without the host
+        self._step = torch.zeros((), dtype=torch.float32, device=dev)
 
     @torch.no_grad()
     def step(self, lrs: torch.Tensor, max_norm: float = math.inf) -> torch.Tensor:
@@ -164,7 +166,6 @@ class PackedAdamW:
         per_tensor = torch.stack(torch._foreach_norm([s for g in grads for s in g.unbind(0)]))  # (n * P,)
         norms = per_tensor.view(len(grads), self.P).pow(2).sum(0).sqrt()
         scale = 1.0 / (max_norm / (norms + 1e-6)).clamp(max=1.0) if math.isfinite(max_norm) else None
-        self.step_count += 1
         self._step += 1
         t = self.t
         i = 0
@@ -187,11 +188,10 @@ class PackedAdamW:
             p.grad = None
 
     def state_dict(self) -> dict:
-        return {"step": self.step_count, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+        return {"step": int(self._step.item()), "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count = state["step"]
-        self._step.fill_(self.step_count)
+        self._step.fill_(state["step"])
         for dst, src in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"]):
             dst.copy_(src)
 
@@ -231,7 +231,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     del models
     plain = None  # a plain model for generation, filled from one slice at a time
     opt = PackedAdamW(model, t)
-    autocast, perf_flags = prepare_model(model, t, device)
+    autocast, perf_flags = prepare_model(model, t, device, step_graphs=True)
     ckpt_dir = Path(checkpoint_dir)
     step, tokens_seen, resumed_from = 0, 0, None
     state = load_latest_checkpoint(ckpt_dir)
@@ -246,6 +246,16 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
         for s, h in zip(hsinks, state["history"]):
             s.replay(h)
 
+    max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+
+    def run(batch: torch.Tensor, lrs: torch.Tensor):  # a step graph's step (one micro-batch) on device tensors
+        parts = accumulate(model, lambda: batch, 1, device, autocast)
+        return parts, opt.step(lrs, max_norm)
+
+    def draw() -> torch.Tensor:  # every slice's next batch, on the host
+        return torch.cat([d.next() for d in train_data])
+
+    step_graph = StepGraph(run, opt.zero_grad, device) if perf_flags["perf/step_graph"] else None
     flops_per_token = accounting.flops_per_token(cfg0.model) / cfg0.model.tokenizer_ngram
     summaries: list[dict] = [{} for _ in range(P)]
     alive = [True] * P
@@ -292,10 +302,12 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
         if step == t.fail_at_step:
             raise RuntimeError(f"fail_at_step={step} (deliberate failure for testing)")
         lr_list = [lr_at(step, c.train) for c in cfgs]
-        lrs = to_device(torch.tensor(lr_list), device)
-        parts = accumulate(model, lambda: torch.cat([d.next() for d in train_data]), t.grad_accum, device, autocast)
-        grad_norms = opt.step(lrs, t.grad_clip if t.grad_clip > 0 else math.inf)
-        opt.zero_grad()
+        if step_graph is not None:
+            parts, grad_norms = step_graph.step(draw(), torch.tensor(lr_list))
+        else:
+            parts = accumulate(model, draw, t.grad_accum, device, autocast)
+            grad_norms = opt.step(to_device(torch.tensor(lr_list), device), max_norm)
+            opt.zero_grad()
         step += 1
         tokens_seen += cfg0.tokens_per_step
         if step == first_step:

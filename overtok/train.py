@@ -243,61 +243,71 @@ def accumulate(step_model: torch.nn.Module, draw, micro_steps: int, device: torc
 
 
 class StepGraph:
-    """The training step of one model in one process (train.cuda_graph_scope = step): the batch's copy in, forward,
-    backward, gradient clipping and AdamW, recorded once as a CUDA graph and then replayed, so that the host issues
-    a copy and one launch per step instead of every kernel.
+    """A training step (train.cuda_graph_scope = step) recorded once as a CUDA graph and then replayed, so that the
+    host issues its inputs' copies and one launch per step instead of every kernel.
 
-    The first ``WARMUP`` steps run as usual, on a side stream (compilation, cuBLAS's and AdamW's lazy set-up happen
-    there); the next step is recorded (which runs nothing) and replayed, as is every later one. Everything a replay
-    reads or writes stays at the addresses it was recorded with: the batch goes into ``batch``, AdamW reads its
-    learning rate from ``lr`` (every parameter group holds that tensor; the optimizer is made capturable), and the
-    gradients, None when the step is recorded, are written afresh by each replay's backward (no zero_grad inside).
-    Each step returns the recorded outputs: the losses and the gradient norm, overwritten by the next replay."""
+    ``run(*inputs)`` is the step on device tensors: forward, backward, clipping, the optimizer's update; it returns
+    what the caller reads (losses, gradient norms). ``zero_grad()`` drops the gradients. ``step(*host_inputs)``
+    copies each host tensor (the batch, the learning rates) into a device buffer that keeps its address, then runs
+    the step: the first ``WARMUP`` steps as usual, on a side stream (compilation, cuBLAS's and the optimizer's lazy
+    set-up happen there), each followed by ``zero_grad``; the next step is recorded (which runs nothing) and
+    replayed, as is every later one. ``run`` must read its learning rates from its inputs (an optimizer made
+    capturable, holding the buffer), and the gradients, None when the step is recorded, are then written afresh by
+    each replay's backward. Every step returns ``run``'s outputs; after recording they are the graph's, overwritten
+    by the next replay."""
 
     WARMUP = 3
 
-    def __init__(self, model: Transformer, opt: torch.optim.Optimizer, t: TrainConfig, device: torch.device,
-                 autocast):
-        self.model, self.opt, self.autocast, self.device = model, opt, autocast, device
-        self.clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        self.batch: torch.Tensor | None = None  # on the device, allocated at the first step
-        self.lr = torch.tensor(t.lr, dtype=torch.float32, device=device)
-        for group in opt.param_groups:  # before the first step: AdamW then keeps its step counts on the device
-            group["lr"], group["capturable"] = self.lr, True
+    def __init__(self, run, zero_grad, device: torch.device):
+        self.run, self.zero_grad, self.device = run, zero_grad, device
+        self.inputs: list[torch.Tensor] | None = None  # on the device, allocated at the first step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.side = torch.cuda.Stream(device)  # the warm-up steps'
         self.steps = 0
-        self.outputs: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
+        self.outputs = None
 
-    def _step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        with self.autocast():
-            _, losses = self.model(self.batch)
-        losses["total"].backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.opt.step()
-        return {k: v.detach().float() for k, v in losses.items()}, norm
-
-    def step(self, host_batch: torch.Tensor, lr: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One training step on ``host_batch`` at learning rate ``lr``: (losses, gradient norm) on the device."""
-        self.lr.fill_(lr)
-        if self.batch is None:
-            self.batch = torch.empty_like(host_batch, device=self.device)
-        self.batch.copy_(host_batch.pin_memory(), non_blocking=True)
-        if self.graph is None and self.steps < self.WARMUP:
-            self.side.wait_stream(torch.cuda.current_stream(self.device))
+    def step(self, *host_inputs: torch.Tensor):
+        if self.inputs is None:
+            self.inputs = [torch.empty_like(x, device=self.device) for x in host_inputs]
+        for buf, x in zip(self.inputs, host_inputs):
+            buf.copy_(x.pin_memory(), non_blocking=True)
+        self.steps += 1
+        if self.graph is None and self.steps <= self.WARMUP:
+            current = torch.cuda.current_stream(self.device)
+            self.side.wait_stream(current)
             with torch.cuda.stream(self.side):
-                out = self._step()
-                self.opt.zero_grad(set_to_none=True)
-            torch.cuda.current_stream(self.device).wait_stream(self.side)
-            self.steps += 1
+                out = self.run(*self.inputs)
+                self.zero_grad()
+            current.wait_stream(self.side)
             return out
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.outputs = self._step()
+                self.outputs = self.run(*self.inputs)
         self.graph.replay()
-        self.steps += 1
         return self.outputs
+
+
+def model_step_graph(model: Transformer, opt: torch.optim.Optimizer, t: TrainConfig, device: torch.device,
+                     autocast) -> StepGraph:
+    """``train``'s step as a StepGraph: inputs (batch, lr as a 0-dim float32 tensor); forward, backward,
+    clipping, AdamW (made capturable here, before its first step, so that it keeps its step counts on the device;
+    every parameter group reads the lr buffer); outputs (losses, gradient norm)."""
+    clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+    for group in opt.param_groups:
+        group["capturable"] = True
+
+    def run(batch: torch.Tensor, lr: torch.Tensor):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast():
+            _, losses = model(batch)
+        losses["total"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        return {k: v.detach().float() for k, v in losses.items()}, norm
+
+    return StepGraph(run, lambda: opt.zero_grad(set_to_none=True), device)
 
 
 def optimizer_state(opt: torch.optim.Optimizer) -> dict:
@@ -442,7 +452,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
 
     step_graph = None
     if perf_flags["perf/step_graph"]:  # after the checkpoint's optimizer state, whose groups it adjusts
-        step_graph = StepGraph(model, opt, t, device, autocast)
+        step_graph = model_step_graph(model, opt, t, device, autocast)
     flops_per_token = accounting.flops_per_token(cfg.model) / cfg.model.tokenizer_ngram  # per base token
     tokens_per_step = cfg.tokens_per_step * world  # global tokens
     summary: dict[str, float] = {}
@@ -494,7 +504,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             raise RuntimeError(f"fail_at_step={step} (deliberate failure for testing)")
         lr = lr_at(step, t)
         if step_graph is not None:
-            parts, grad_norm = step_graph.step(train_data.next(), lr)
+            parts, grad_norm = step_graph.step(train_data.next(), torch.tensor(lr, dtype=torch.float32))
         else:
             for group in opt.param_groups:
                 group["lr"] = lr

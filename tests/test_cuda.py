@@ -83,20 +83,24 @@ def test_whole_step_graph_resumes_and_falls_back(tmp_path):
 
 
 def test_packed_cuda_graphs_train_as_without(tmp_path):
+    """Packed trials with torch.compile's graphs, and with the whole step as one graph, train as without graphs."""
     curves = {}
-    for graphs in (True, False):
+    for variant, graphs, scope in (("compiled", True, "compiled"), ("step", True, "step"), ("off", False, "compiled")):
         cfgs = []
         for i, (seed, lr) in enumerate([(0, 3e-3), (1, 1e-3)]):
             c = tiny_config(seed=seed, **{"train.lr": lr, "train.compile": True, "train.cuda_graphs": graphs,
-                                          "train.max_steps": 40, "train.eval_every": 20, "train.log_every": 10})
+                                          "train.cuda_graph_scope": scope, "train.max_steps": 40,
+                                          "train.eval_every": 20, "train.log_every": 10, "train.grad_clip": 0.05})
             c.train.checkpoint_dir = str(tmp_path / f"alone{i}")
             cfgs.append(c)
         sinks = [Collect() for _ in cfgs]
-        train_packed(cfgs, sinks, tmp_path / f"pack-{graphs}", device=CUDA)
-        curves[graphs] = [s.points for s in sinks]
-    for on, off in zip(curves[True], curves[False]):
-        assert set(on["perf/cuda_graphs"].values()) == {1.0}
-        _assert_close(on, off)
+        train_packed(cfgs, sinks, tmp_path / f"pack-{variant}", device=CUDA)
+        curves[variant] = [s.points for s in sinks]
+    for compiled, step, off in zip(curves["compiled"], curves["step"], curves["off"]):
+        assert set(compiled["perf/cuda_graphs"].values()) == {1.0} and set(compiled["perf/step_graph"].values()) == {0.0}
+        assert set(step["perf/step_graph"].values()) == {1.0}
+        _assert_close(compiled, off)
+        _assert_close(step, off, ("train/loss", "val/loss", "train/grad_norm"))
 
 
 REUSE_SWEEP = """
