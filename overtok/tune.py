@@ -94,7 +94,7 @@ def _run_trial(config: dict) -> None:
             return _packed_main(spec)
         cfg: RunConfig = build_config(spec["config"])
         sink = ReportSink(spec["trial_id"])
-        sink.report(**_where())  # recorded as tags
+        sink.report(**_count_trial())  # recorded as tags
         try:
             if config.get("workers", 1) > 1:
                 summary = _data_parallel(config, spec, sink)
@@ -184,7 +184,7 @@ def _packed_main(spec: dict) -> None:
     members = spec["pack"]
     cfgs = [build_config(m["config"]) for m in members]
     sinks = [ReportSink(m["trial_id"]) for m in members]
-    where = _where()
+    where = _count_trial()
     for s in sinks:
         s.report(**where)
     try:
@@ -277,9 +277,9 @@ def _data_parallel(config: dict, spec: dict, sink: ReportSink) -> dict:
     return summary
 
 
-def _where() -> dict:
-    """Where a trial runs: node, process, and the how-manieth trial of that process this is (1 = a new process;
-    more with reuse_processes)."""
+def _count_trial() -> dict:
+    """Count a trial starting in this process, and say where it runs: node, process, and the how-manieth trial of
+    that process it is (1 = a new process; more with reuse_processes). Called once per trial (or pack)."""
     import ray
 
     global _PROCESS_TRIALS

@@ -127,8 +127,9 @@ def test_reused_process_runs_compiled_trials_with_cuda_graphs(tmp_path):
     assert len({r.data.tags["overtok.pid"] for r, _ in runs["false"]}) == 3
     off = {r.data.params["model.d_model"]: c for r, c in runs["false"]}
     for r, on in runs["true"]:
-        _assert_close(on, off[r.data.params["model.d_model"]])
-        assert on["val/gen_acc"].keys() == off[r.data.params["model.d_model"]]["val/gen_acc"].keys()
+        alone = off[r.data.params["model.d_model"]]
+        _assert_close(on, alone)
+        assert on["val/gen_acc"].keys() == alone["val/gen_acc"].keys()
     # Peaks (perf/mem_gb) are not compared: a reused trial peaked 58 MiB higher than alone whenever the trials before
     # it in the process had compiled cold, although nothing stays allocated between trials (bench_reuse.py); see
     # benchmarks/RESULTS.md, section 3.
