@@ -143,3 +143,16 @@ def test_probe_trainer_host_reports_its_three_timings(tmp_path):
         "PROBE wall per step under the profiler:", "PROBE wall per step, no profiler:",
         "PROBE host time in accumulate (fwd+bwd issue), median"]
     assert all(float(line.rsplit(" ", 2)[1]) > 0 for line in probe)
+
+
+def test_bench_step_graph_runs_both_scopes_through_both_trainers(tmp_path):
+    """CPU smoke: each scope's run of one trial and of a pack, with the trainers' own numbers; no step graph here."""
+    out = tmp_path / "step_graph.json"
+    res = subprocess.run([sys.executable, "benchmarks/bench_step_graph.py", "--smoke", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["pack"], r["scope"]) for r in rows] == [(1, "compiled"), (1, "step"), (2, "compiled"), (2, "step")]
+    assert all(r["steady_tokens_per_s"] > 0 and len(r["intervals_tokens_per_s"]) == 2 for r in rows)
+    assert all(r["step_graph"] == 0.0 and 0 < r["last_train_loss"] < 20 for r in rows)
+    assert rows[0]["last_train_loss"] == rows[1]["last_train_loss"]  # the scope changes nothing on the CPU
