@@ -282,7 +282,9 @@ class StepGraph:
             return out
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # (as torch.compile's graph trees record: other threads of the process, such as a Ray worker's, may
+            # call CUDA meanwhile)
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.outputs = self.run(*self.inputs)
         self.graph.replay()
         return self.outputs
