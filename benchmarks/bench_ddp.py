@@ -119,29 +119,32 @@ def _worker(rank: int, world: int, init_file: str, jobs: list, args, results) ->
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        built = []
-        for name, n_proc, sets, train_sets, sync_grads in jobs:
-            mine = rank < n_proc
-            built.append(make_variant(rank, n_proc, sets, train_sets, sync_grads, args) if mine else None)
-            if mine:
-                results[(name, rank)] = {"rank": rank, "step_ms_blocks": [], "warmup_s": built[-1][3], **built[-1][2]}
+    built = []
+    for name, n_proc, sets, train_sets, sync_grads in jobs:
+        mine = rank < n_proc
+        built.append(make_variant(rank, n_proc, sets, train_sets, sync_grads, args) if mine else None)
+        if mine:
+            results[(name, rank)] = {"rank": rank, "step_ms_blocks": [], "warmup_s": built[-1][3], **built[-1][2]}
+        dist.barrier()
+    for _ in range(args.blocks):
+        for (name, *_), b in zip(jobs, built):
+            if b is not None:
+                row = results[(name, rank)]  # (a manager's dict hands out copies: write the row back)
+                row["step_ms_blocks"] = row["step_ms_blocks"] + [time_block(b[0], b[1], args.steps) * 1000]
+                results[(name, rank)] = row
             dist.barrier()
-        for _ in range(args.blocks):
-            for (name, *_), b in zip(jobs, built):
-                if b is not None:
-                    row = results[(name, rank)]  # (a manager's dict hands out copies: write the row back)
-                    row["step_ms_blocks"] = row["step_ms_blocks"] + [time_block(b[0], b[1], args.steps) * 1000]
-                    results[(name, rank)] = row
-                dist.barrier()
-        if args.profile and backend == "nccl":  # every rank steps (collectives), rank 0's kernels are kept
-            for (name, *_), b in zip(jobs, built):
-                prof = profile_steps(b[0], b[1], torch.device(f"cuda:{rank}")) if b is not None else None
-                if rank == 0:
-                    results[(name, rank)] = {**results[(name, rank)], **prof}
-                dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    if args.profile and backend == "nccl":  # every rank steps (collectives), rank 0's kernels are kept
+        for (name, *_), b in zip(jobs, built):
+            prof = profile_steps(b[0], b[1], torch.device(f"cuda:{rank}")) if b is not None else None
+            if rank == 0:
+                results[(name, rank)] = {**results[(name, rank)], **prof}
+            dist.barrier()
+    # every rank done with its collectives (a file store, no collective) before any tears its group down: gloo
+    # aborted a peer once in CI (tests/test_sharded.py); a rank that raised leaves it as it is (mp.spawn ends the rest)
+    done = dist.FileStore(f"{init_file}.done", world)
+    done.set(f"rank{rank}", "done")
+    done.wait([f"rank{r}" for r in range(world)])
+    dist.destroy_process_group()
 
 
 def summarise(name: str, ranks: list[dict], world: int, sets: dict, train_sets: dict, args) -> dict:
