@@ -13,7 +13,7 @@ import torch
 from overtok import accounting
 from overtok.config import load_config
 from overtok.model import Transformer
-from overtok.train import decay_groups, make_optimizer, use_fused_loss
+from overtok.train import make_optimizer, use_fused_loss
 
 
 def config(sets: dict):
@@ -201,10 +201,9 @@ class Bench:
         if whole_graph:  # the step replayed as one CUDA graph: AdamW reads its lr from a tensor, on the GPU
             if dev.type != "cuda" or compile_mode == "reduce-overhead" or model.sparse_tables():
                 raise ValueError("whole_graph: a CUDA device, torch.compile without its own CUDA graphs, dense tables")
-            t = cfg.train
-            self.opt = torch.optim.AdamW([{"params": ps, "weight_decay": wd} for ps, wd in decay_groups(model, t)],
-                                         lr=torch.tensor(t.lr, device=dev), betas=(t.beta1, t.beta2), fused=True,
-                                         capturable=True)
+            lr = torch.tensor(cfg.train.lr, device=dev)
+            for group in self.opt.param_groups:  # before its first step: it keeps its step counts on the device
+                group["lr"], group["capturable"] = lr, True
         model.fused_loss = use_fused_loss(loss_kernel, dev)
         model.residual_dtype = residual_dtype  # applies under autocast (here: on CUDA)
         if compile_body:
@@ -240,16 +239,20 @@ class Bench:
         self._step(self.batches[i % 4])
 
     def _step(self, batch: torch.Tensor) -> None:
+        self._update(batch)
+        self.opt.zero_grad(set_to_none=True)
+        for t in self.tables:
+            t.apply_update(1e-3, 0.9, 0.95)
+
+    def _update(self, batch: torch.Tensor) -> None:
+        """Forward, backward and AdamW on ``batch``; the loss is kept (a recorded graph's: each replay's)."""
         if self.meta["compile_mode"] == "reduce-overhead":  # CUDA graphs: this step's outputs replace the last's
             torch.compiler.cudagraph_mark_step_begin()
         with self.autocast(), sdpa_context(self.sdpa):
             _, losses = self.model(batch)
         losses["total"].backward()
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
         self.last_loss = losses["total"].detach()
-        for t in self.tables:
-            t.apply_update(1e-3, 0.9, 0.95)
 
     def sync(self) -> None:
         if self.dev.type == "cuda":
@@ -278,14 +281,9 @@ class Bench:
                 self.static_batch.copy_(self.batches[i % 4])
                 self._step(self.static_batch)
         torch.cuda.current_stream().wait_stream(side)
-        self.opt.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            with self.autocast(), sdpa_context(self.sdpa):
-                _, losses = self.model(self.static_batch)
-            losses["total"].backward()
-            self.opt.step()
-        self.last_loss = losses["total"].detach()  # the graph's output: each replay's loss
+            self._update(self.static_batch)
 
     def time(self, steps: int) -> list[float]:
         """Seconds of each step (CUDA events on a GPU)."""
