@@ -148,8 +148,10 @@ class PackedAdamW:
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.P = model.pack
-        # per-slice views of the parameters and moments, made once (load_state_dict copies into them in place)
-        self._views = [(p.unbind(0), m.unbind(0), v.unbind(0))
+        # per-slice views of the parameters and moments, made once (load_state_dict copies into them in place); of
+        # the parameters' data: a view with autograd history would keep each parameter's AccumulateGrad node, made
+        # here on the default stream, alive into every backward, which breaks recording a step graph on its stream
+        self._views = [(p.detach().unbind(0), m.unbind(0), v.unbind(0))
                        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq)]
         dev = self.params[0].device
         # the step count, on the device: the kernel's bias correction reads it, and a replayed step graph

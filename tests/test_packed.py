@@ -128,6 +128,16 @@ def test_packed_adamw_equals_torch_adamw_per_slice():
             assert torch.allclose(packed.state_dict()[k][p], v, atol=1e-6), k
 
 
+def test_packed_adamw_views_hold_no_autograd_history():
+    """The optimizer's per-slice views of the parameters carry no autograd history: one that did would keep each
+    parameter's AccumulateGrad node (made on the stream current at construction) alive into every backward, and on
+    the H200 recording the packed step as a CUDA graph (train.cuda_graph_scope = step) then failed."""
+    packed = pack_models([Transformer(tiny_config().model) for _ in range(2)])
+    opt = PackedAdamW(packed, tiny_config().train)
+    views = [v for per_param in opt._views for kind in per_param for v in kind]
+    assert views and all(v.grad_fn is None and not v.requires_grad for v in views)
+
+
 def test_pack_key_groups_only_seed_and_lr():
     a = tiny_config(seed=0)
     assert pack_key(a) == pack_key(tiny_config(seed=5, **{"train.lr": 1e-4}))
