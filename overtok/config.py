@@ -256,18 +256,20 @@ class TrainConfig:
     place (needs triton: CUDA, or the CPU under TRITON_INTERPRET=1); 'torch': the stock loss; 'auto': triton on
     CUDA where it imports, else torch. Same loss and gradients up to summation order (not part of the trial id)."""
     cuda_graphs: bool = True
-    """With train.compile on a CUDA device, in one process: replay the compiled body, heads and loss as CUDA graphs
-    (torch.compile's reduce-overhead mode), so a step costs the host a few launches instead of one per kernel
-    (H200, a tiny model: 9.3 -> 4.1 ms per step, benchmarks/RESULTS.md). Ignored elsewhere (CPU, no compile,
-    data-parallel trials, train.grad_accum > 1). Same kernels, same results (not part of the trial id)."""
-    cuda_graph_scope: Literal["compiled", "step"] = "compiled"
+    """With train.compile on a CUDA device, in one process: replay the training step as CUDA graphs (what they hold:
+    train.cuda_graph_scope), so a step costs the host a few launches instead of one per kernel. Ignored elsewhere
+    (CPU, no compile, data-parallel trials, train.grad_accum > 1). Same kernels, same results (not part of the
+    trial id)."""
+    cuda_graph_scope: Literal["step", "compiled"] = "step"
     """Where train.cuda_graphs applies: what one CUDA graph replays. 'compiled': the compiled body, heads and loss
     (torch.compile's reduce-overhead mode; the host still issues the lookups, clipping and AdamW, and checks the
-    graphs' inputs every step). 'step': the whole training step, recorded by the trainer after a few eager steps
+    graphs' inputs every step; a tiny model on the H200: 9.3 -> 4.1 ms per step against no graphs). 'step' (the
+    default): the whole training step, recorded by the trainer after a few eager steps
     (overtok.train.StepGraph): forward, backward, gradient clipping and AdamW, which then reads its learning rates
     from GPU tensors, the host issuing only the copies of the batch and learning rates and one launch; the body
     compiled in torch.compile's default mode. Packed trials too. 'step' needs dense parameters (no row-sparse OE
-    tables, which update outside autograd); with them it acts as 'compiled'. The same results up to float rounding
+    tables, which update outside autograd); with them it acts as 'compiled'. A tiny trial on the H200: 2.34M ->
+    5.44M tokens/s against 'compiled' (benchmarks/bench_step_graph.py). The same results up to float rounding
     (not part of the trial id); perf/step_graph records where it took effect."""
     compile_eval: Literal["auto", "always", "never"] = "auto"
     """With train.compile: whether validation forwards run compiled too. Without gradients the forward is a second

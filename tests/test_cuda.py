@@ -42,6 +42,8 @@ def _assert_close(a, b, keys=("train/loss", "val/loss")):
     ("gen_acc", {"train.gen_samples": 64}),
 ])
 def test_cuda_graphs_train_as_without(tmp_path, tag, sets):
+    """torch.compile's graphs (train.cuda_graph_scope = compiled) train as without graphs."""
+    sets = {"train.cuda_graph_scope": "compiled", **sets}
     on, off = _run(tmp_path, tag, True, **sets), _run(tmp_path, tag, False, **sets)
     # gradient accumulation runs without graphs (prepare_model)
     assert set(on["perf/cuda_graphs"].values()) == {float(tag != "grad_accum")}
@@ -61,7 +63,7 @@ def test_whole_step_graph_trains_as_compiled_graphs(tmp_path, tag, sets):
     curves of torch.compile's graphs (scope 'compiled'), including the warm-up steps before recording, a learning
     rate that changes every step (warm-up, cosine), clipping that bites, evaluation and generation in between."""
     step = _run(tmp_path, f"{tag}-step", True, **{"train.cuda_graph_scope": "step", **sets})
-    compiled = _run(tmp_path, f"{tag}-compiled", True, **sets)
+    compiled = _run(tmp_path, f"{tag}-compiled", True, **{"train.cuda_graph_scope": "compiled", **sets})
     assert set(step["perf/step_graph"].values()) == {1.0} and set(compiled["perf/step_graph"].values()) == {0.0}
     _assert_close(step, compiled, ("train/loss", "val/loss", "train/grad_norm"))
     if "train.gen_samples" in sets:

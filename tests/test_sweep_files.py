@@ -75,7 +75,7 @@ def test_fields_added_later_keep_existing_trial_ids():
     b = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [old, "base.train.residual_dtype=float32"])
     assert [t.trial_id for t in b.trials[:3]] == before
     g = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [old, "base.train.cuda_graphs=false",  # same kernels: same ids
-                                                          "base.train.cuda_graph_scope=step",
+                                                          "base.train.cuda_graph_scope=compiled",
                                                           "base.train.ddp_bucket_mb=100"])  # same averages
     assert [t.trial_id for t in g.trials[:3]] == before
     c = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [old, "base.train.residual_dtype=bfloat16"])
