@@ -13,7 +13,7 @@ import torch
 from overtok import accounting
 from overtok.config import load_config
 from overtok.model import Transformer
-from overtok.train import make_optimizer, use_fused_loss
+from overtok.train import StepGraph, make_optimizer, use_fused_loss
 
 
 def config(sets: dict):
@@ -197,13 +197,14 @@ class Bench:
             model = self.model = Transformer(cfg.model)
         self.build_s = time.time() - t0
         self.opt = make_optimizer(model, cfg.train, dev)
-        self.graph = None
-        if whole_graph:  # the step replayed as one CUDA graph: AdamW reads its lr from a tensor, on the GPU
+        self.step_graph = None
+        if whole_graph:  # the step replayed as one CUDA graph, as the trainer's (train.cuda_graph_scope = step)
             if dev.type != "cuda" or compile_mode == "reduce-overhead" or model.sparse_tables():
                 raise ValueError("whole_graph: a CUDA device, torch.compile without its own CUDA graphs, dense tables")
-            lr = torch.tensor(cfg.train.lr, device=dev)
             for group in self.opt.param_groups:  # before its first step: it keeps its step counts on the device
-                group["lr"], group["capturable"] = lr, True
+                group["capturable"] = True
+            self.lr = torch.tensor(cfg.train.lr, dtype=torch.float32)  # on the host: copied in at every step
+            self.step_graph = StepGraph(self._update, lambda: self.opt.zero_grad(set_to_none=True), dev)
         model.fused_loss = use_fused_loss(loss_kernel, dev)
         model.residual_dtype = residual_dtype  # applies under autocast (here: on CUDA)
         if compile_body:
@@ -232,9 +233,8 @@ class Bench:
                               cache_enabled=not self.meta["whole_step_graph"])
 
     def step(self, i: int) -> None:
-        if self.graph is not None:
-            self.static_batch.copy_(self.batches[i % 4])
-            self.graph.replay()
+        if self.step_graph is not None:
+            self.step_graph.step(self.batches[i % 4], self.lr)
             return
         self._step(self.batches[i % 4])
 
@@ -244,8 +244,12 @@ class Bench:
         for t in self.tables:
             t.apply_update(1e-3, 0.9, 0.95)
 
-    def _update(self, batch: torch.Tensor) -> None:
-        """Forward, backward and AdamW on ``batch``; the loss is kept (a recorded graph's: each replay's)."""
+    def _update(self, batch: torch.Tensor, lr: torch.Tensor | None = None) -> None:
+        """Forward, backward and AdamW on ``batch`` (lr: a device tensor that AdamW reads, in a step graph); the
+        loss is kept (a recorded graph's: each replay's)."""
+        if lr is not None:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
         if self.meta["compile_mode"] == "reduce-overhead":  # CUDA graphs: this step's outputs replace the last's
             torch.compiler.cudagraph_mark_step_begin()
         with self.autocast(), sdpa_context(self.sdpa):
@@ -259,31 +263,15 @@ class Bench:
             torch.cuda.synchronize()
 
     def warm(self, steps: int) -> None:
+        """``steps`` steps (a step graph: its eager warm-up steps, then it is recorded and replayed)."""
+        if self.step_graph is not None and steps <= StepGraph.WARMUP:
+            raise ValueError(f"whole_graph: warm up more than the step graph's {StepGraph.WARMUP} eager steps, so that "
+                             "it is recorded before the timed steps")
         t0 = time.time()
-        if self.meta["whole_step_graph"]:
-            self._capture(steps)
-        else:
-            for i in range(steps):
-                self.step(i)
+        for i in range(steps):
+            self.step(i)
         self.sync()
         self.warmup_s = time.time() - t0
-
-    def _capture(self, steps: int) -> None:
-        """Run the warm-up steps (compilation, AdamW's state; the same batches as without the graph) on a side
-        stream, then record one step, reading a fixed input buffer, as a CUDA graph (recording runs nothing). The
-        gradients are None when it is recorded, so each replay's backward writes them afresh rather than adding to
-        them; the graph keeps them (no zero_grad inside)."""
-        self.static_batch = self.batches[0].clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for i in range(steps):
-                self.static_batch.copy_(self.batches[i % 4])
-                self._step(self.static_batch)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._update(self.static_batch)
 
     def time(self, steps: int) -> list[float]:
         """Seconds of each step (CUDA events on a GPU)."""

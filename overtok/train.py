@@ -247,11 +247,11 @@ class StepGraph:
     host issues its inputs' copies and one launch per step instead of every kernel.
 
     ``run(*inputs)`` is the step on device tensors: forward, backward, clipping, the optimizer's update; it returns
-    what the caller reads (losses, gradient norms). ``zero_grad()`` drops the gradients. ``step(*host_inputs)``
-    copies each host tensor (the batch, the learning rates) into a device buffer that keeps its address, then runs
-    the step: the first ``WARMUP`` steps as usual, on a side stream (compilation, cuBLAS's and the optimizer's lazy
-    set-up happen there), each followed by ``zero_grad``; the next step is recorded (which runs nothing) and
-    replayed, as is every later one. ``run`` must read its learning rates from its inputs (an optimizer made
+    what the caller reads (losses, gradient norms). ``zero_grad()`` drops the gradients. ``step(*inputs)`` copies
+    each input (the batch, the learning rates: host tensors, or already on the device) into a device buffer that
+    keeps its address, then runs the step: the first ``WARMUP`` steps as usual, on a side stream (compilation,
+    cuBLAS's and the optimizer's lazy set-up happen there), each followed by ``zero_grad``; the next step is
+    recorded (which runs nothing) and replayed, as is every later one. ``run`` must read its learning rates from its inputs (an optimizer made
     capturable, holding the buffer), and the gradients, None when the step is recorded, are then written afresh by
     each replay's backward. Every step returns ``run``'s outputs; after recording they are the graph's, overwritten
     by the next replay."""
@@ -266,11 +266,11 @@ class StepGraph:
         self.steps = 0
         self.outputs = None
 
-    def step(self, *host_inputs: torch.Tensor):
+    def step(self, *inputs: torch.Tensor):
         if self.inputs is None:
-            self.inputs = [torch.empty_like(x, device=self.device) for x in host_inputs]
-        for buf, x in zip(self.inputs, host_inputs):
-            buf.copy_(x.pin_memory(), non_blocking=True)
+            self.inputs = [torch.empty_like(x, device=self.device) for x in inputs]
+        for buf, x in zip(self.inputs, inputs):
+            buf.copy_(x.pin_memory() if x.device.type == "cpu" else x, non_blocking=True)
         self.steps += 1
         if self.graph is None and self.steps <= self.WARMUP:
             current = torch.cuda.current_stream(self.device)
