@@ -1,12 +1,14 @@
 """The whole training step as one CUDA graph (`train.cuda_graph_scope: step`) against torch.compile's graphs of the
 compiled body (`compiled`, the default), through the trainers, side by side in one process: one tiny trial
 (`overtok.train.train`) and a pack of 8 (`overtok.packed.train_packed`) on a config (default
-`benchmarks/configs/cfg_tiny.json`: d 256, 4 layers, seq 512, batch 16, cfg3f), the two scopes' runs alternating for
+`benchmarks/configs/cfg_tiny.json`: d 256, 4 layers, seq 512, batch 16, cfg3f; with --corpus and --tokenizer the
+same model on text, tokenized once per call into its temporary folder), the two scopes' runs alternating for
 `--rounds` rounds. Per run: steady tokens/s (the median of the logged intervals after the first, which holds the
 compilation), setup and first-step seconds, the last logged train loss, and perf/step_graph (whether the step graph
 ran). Between runs the process is released as a reused trial process is (`overtok.tune._release`).
 
-    python benchmarks/bench_step_graph.py --out benchmarks/results/gpu_step_graph.json [--steps 1000] [--rounds 2]
+    python benchmarks/bench_step_graph.py --out benchmarks/results/gpu_step_graph.json [--steps 1000] [--rounds 2] \
+        [--corpus ../shared/data/text --tokenizer ../shared/data/tokenizers/gpt-neox-olmo.json]
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ class Collect(Sink):
             self.points.setdefault(k, []).append(v)
 
 
-def configs(base: dict, scope: str, pack: int, steps: int, log_every: int, smoke: bool):
+def configs(base: dict, scope: str, pack: int, steps: int, log_every: int, smoke: bool, work: Path):
     from overtok.config import build_config
-    from overtok.data import resolve_vocab
+    from overtok.data import ensure_prepared, resolve_vocab
 
     out = []
     for seed in range(pack):
-        cfg = resolve_vocab(build_config({**base, "seed": seed}))
+        cfg = ensure_prepared(resolve_vocab(build_config({**base, "seed": seed})), str(work / "data"))
         t = cfg.train
         t.max_steps, t.log_every, t.cuda_graph_scope = steps, log_every, scope
         t.eval_every, t.checkpoint_every, t.checkpoint_final = steps, 10**9, False
@@ -61,7 +63,7 @@ def run(base: dict, scope: str, pack: int, args, work: Path) -> dict:
     from overtok.tune import _release
 
     dev = pick_device("cpu" if args.smoke else "auto")
-    cfgs = configs(base, scope, pack, args.steps, args.log_every, args.smoke)
+    cfgs = configs(base, scope, pack, args.steps, args.log_every, args.smoke, work)
     sinks = [Collect() for _ in cfgs]
     t0 = time.time()
     if pack == 1:
@@ -92,12 +94,20 @@ def main():
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--packs", type=int, nargs="+", default=[1, 8], help="trials per run: 1 = overtok.train.train")
+    ap.add_argument("--packs", type=int, nargs="+", default=None,
+                    help="trials per run: 1 = overtok.train.train (default 1 and 8; --smoke: 1 and 2)")
+    ap.add_argument("--corpus", default="", help="text data instead of the config's: a corpus folder or file")
+    ap.add_argument("--tokenizer", default="", help="with --corpus: a tokenizer file")
+    ap.add_argument("--max-docs", type=int, default=400, help="with --corpus: documents to tokenize")
     ap.add_argument("--smoke", action="store_true", help="CPU, a 32-wide model, not compiled: checks the script")
     args = ap.parse_args()
     if args.smoke:
-        args.steps, args.log_every, args.rounds, args.packs = 6, 2, 1, [1, 2]
+        args.steps, args.log_every, args.rounds = 6, 2, 1
+    args.packs = args.packs or ([1, 2] if args.smoke else [1, 8])
     base = json.loads(Path(args.config).read_text())
+    if args.corpus:
+        base["data"] = {"kind": "text", "corpus": str(Path(args.corpus).resolve()), "batch_size": base["data"]["batch_size"],
+                        "tokenizer": str(Path(args.tokenizer).resolve()), "max_docs": args.max_docs, "val_fraction": 0.05}
     rows = Rows(args.out, " ".join(["benchmarks/bench_step_graph.py", *sys.argv[1:]]))
     work = Path(tempfile.mkdtemp(prefix="bench-step-graph-"))
     for pack in args.packs:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SHARED
 
 
 def test_bench_gpu_smoke_runs_every_section(tmp_path):
@@ -156,3 +156,17 @@ def test_bench_step_graph_runs_both_scopes_through_both_trainers(tmp_path):
     assert all(r["steady_tokens_per_s"] > 0 and len(r["intervals_tokens_per_s"]) == 2 for r in rows)
     assert all(r["step_graph"] == 0.0 and 0 < r["last_train_loss"] < 20 for r in rows)
     assert rows[0]["last_train_loss"] == rows[1]["last_train_loss"]  # the scope changes nothing on the CPU
+
+
+def test_bench_step_graph_on_text(tmp_path):
+    """CPU smoke with --corpus/--tokenizer: the tiny model on text tokenized by the bench itself (vocabulary from
+    the tokenizer); one trial only."""
+    out = tmp_path / "step_graph_text.json"
+    res = subprocess.run([sys.executable, "benchmarks/bench_step_graph.py", "--smoke", "--packs", "1", "--out", str(out),
+                          "--corpus", str(SHARED / "text" / "austen.txt.xz"), "--max-docs", "40",
+                          "--tokenizer", str(SHARED / "tokenizers" / "gpt-neox-olmo.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["pack"], r["scope"]) for r in rows] == [(1, "compiled"), (1, "step")]
+    assert all(r["config"]["data"]["kind"] == "text" and 8 < r["last_train_loss"] < 12 for r in rows)
