@@ -88,6 +88,7 @@ def main():
         t0 = time.time()
         summary = train(cfg, None, device=dev)
         row = {"trial": i + 1, "d_model": d, "train_s": time.time() - t0, "final_loss": summary.get("train/loss"),
+               "cuda_graphs": summary.get("perf/cuda_graphs"), "step_graph": summary.get("perf/step_graph"),
                "before_release": snapshot(dev, 0)}
         _release()
         row["after_release"] = snapshot(dev, args.top)

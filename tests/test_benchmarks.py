@@ -115,6 +115,7 @@ def test_bench_reuse_smoke_finds_nothing_left_after_a_trial(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [(r["trial"], r["d_model"]) for r in rows] == [(1, 48), (2, 32)]
+    assert all(r["cuda_graphs"] == 0.0 and r["step_graph"] == 0.0 for r in rows)  # recorded; none on the CPU
     for r in rows:
         assert r["after_release"]["live_tensors"] == 0 and r["after_release"]["largest"] == []
 
