@@ -65,24 +65,25 @@ def test_trial_ids_are_stable_and_ignore_paths(tmp_path):
 def test_fields_added_later_keep_existing_trial_ids():
     # the quickstart's first ids as every earlier release computed them: a new config field must not change them
     # while it holds the value that reproduces the old behaviour (overtok.sweep.ADDED_FIELDS). The CFG sampler's
-    # default changed (a new stream): the sentence sampler, which made the earlier runs, keeps their ids.
+    # default changed (a new stream): the sentence sampler, which made the earlier runs, keeps their ids. (The
+    # quickstart then sampled 32 sentences for generation accuracy; it no longer does, a change of its own.)
     before = ["147c8405f905", "b78f1ae3dfa7", "e5631978cb83"]
-    a = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["base.data.cfg_sampler=sentence"])
+    old = ["base.data.cfg_sampler=sentence", "base.train.gen_samples=32"]
+    a = load_sweep(ROOT / "sweeps" / "quickstart.yaml", old)
     assert [t.trial_id for t in a.trials[:3]] == before
     block = load_sweep(ROOT / "sweeps" / "quickstart.yaml")
     assert not {t.trial_id for t in a.trials} & {t.trial_id for t in block.trials}
-    old = "base.data.cfg_sampler=sentence"
-    b = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [old, "base.train.residual_dtype=float32"])
+    b = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [*old, "base.train.residual_dtype=float32"])
     assert [t.trial_id for t in b.trials[:3]] == before
-    g = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [old, "base.train.cuda_graphs=false",  # same kernels: same ids
+    g = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [*old, "base.train.cuda_graphs=false",  # same kernels: same ids
                                                           "base.train.cuda_graph_scope=compiled",
                                                           "base.train.ddp_bucket_mb=100"])  # same averages
     assert [t.trial_id for t in g.trials[:3]] == before
-    c = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [old, "base.train.residual_dtype=bfloat16"])
+    c = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [*old, "base.train.residual_dtype=bfloat16"])
     assert not {t.trial_id for t in a.trials} & {t.trial_id for t in c.trials}
-    d = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [old, "base.train.grad_reduce_dtype=float32"])
+    d = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [*old, "base.train.grad_reduce_dtype=float32"])
     assert [t.trial_id for t in d.trials[:3]] == before
-    e = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [old, "base.train.grad_reduce_dtype=bfloat16"])
+    e = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [*old, "base.train.grad_reduce_dtype=bfloat16"])
     assert not {t.trial_id for t in a.trials} & {t.trial_id for t in e.trials}
 
 
