@@ -14,15 +14,18 @@ def _add_tracking(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from overtok.config import load_config
-    from overtok.data import resolve_vocab
+    from overtok.data import generation_note, resolve_vocab
     from overtok.run import tracked_train
 
     cfg = resolve_vocab(load_config(args.config, args.set), file=args.config)
+    note = generation_note(cfg)
     if args.dry_run:
         from overtok.sweep import describe_config
 
-        print(describe_config(cfg))
+        print(describe_config(cfg) + (f"\nnote: {note}" if note else ""))
         return 0
+    if note:
+        print(f"[overtok] note: {note}", flush=True)
     from overtok.data import ensure_prepared
 
     run_id, summary = tracked_train(ensure_prepared(cfg), args.tracking_uri)
@@ -65,6 +68,8 @@ def cmd_sweep(args) -> int:
     sweep.check_size(args.yes)
     sweep.check_disk(args.yes)
     sweep.check_local_resources()
+    for note in sweep.notes():
+        print(f"[overtok] note: {note}", flush=True)
     res = run_sweep(sweep)
     return 0 if res["failed"] == 0 else 1
 

@@ -240,7 +240,9 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     gen_samples: int = 64
-    """CFG only: sentences sampled at the final evaluation for generation accuracy (0 = skip)."""
+    """CFG only: sentences sampled at the final evaluation for generation accuracy (0 = skip). Where fewer than half
+    of the grammar's sentences fit model.seq_len, samples mostly run past the context and can hardly be accepted:
+    `overtok plan`, `sweep` and `train` then print a note (overtok.data.generation_note)."""
     gen_every: int = 0
     """CFG only: also measure generation accuracy every this many steps (0 = only at the end)."""
     log_every: int = 10

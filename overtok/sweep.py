@@ -200,6 +200,12 @@ class Sweep:
             groups[key].append(t)
         return out
 
+    def notes(self) -> list[str]:
+        """Lines about trials that will run but cannot measure something (each line once, in sweep order)."""
+        from overtok.data import generation_note
+
+        return list(dict.fromkeys(n for t in self.trials if (n := generation_note(t.config))))
+
     def check_size(self, yes: bool) -> None:
         if len(self.trials) > self.max_trials and not yes:
             raise ConfigError(f"{len(self.trials)} trials exceed max_trials={self.max_trials}; pass --yes to run them",
@@ -448,6 +454,7 @@ def plan_table(sweep: Sweep) -> str:
                      f"peak memory per model up to {mem:.2f} GiB (estimate: its trials' sum)")
     lines.append("trial processes: " + ("reused, each runs trial after trial of the same resources (reuse_processes)"
                                         if sweep.reuse_processes else "a new one per trial (reuse_processes: false)"))
+    lines.extend(f"note: {n}" for n in sweep.notes())
     return "\n".join(lines)
 
 

@@ -141,3 +141,19 @@ def test_the_sweep_driver_does_not_import_torch(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_plan_and_train_note_generation_that_cannot_fit_the_context(cli):
+    """Runs whose CFG samples mostly cannot fit the context get a one-line note (once per sweep) from `overtok plan`,
+    `overtok sweep` and `overtok train`; they still run."""
+    quick = ROOT / "sweeps" / "quickstart.yaml"
+    short = load_sweep(quick, ["base.train.gen_samples=8"])  # seq_len 64
+    assert len(short.notes()) == 1 and "0% of cfg3f's sentences fit the context (model.seq_len 64;" in short.notes()[0]
+    assert plan_table(short).endswith("\nnote: " + short.notes()[0])
+    assert load_sweep(quick).notes() == []  # the quickstart samples none
+    assert load_sweep(quick, ["base.train.gen_samples=8", "base.model.seq_len=512"]).notes() == []
+    assert load_sweep(ROOT / "sweeps" / "cfg_paper_tok3.yaml").notes() == []  # 171 3-gram tokens = 513
+    res = cli("train", "--dry-run", "--set", "model.seq_len=40", "--set", "model.tokenizer_ngram=3")
+    assert res.returncode == 0 and "(model.seq_len 40 x 3-gram tokens;" in res.stdout.splitlines()[-1]
+    res = cli("train", "--dry-run", "--set", "model.seq_len=512")
+    assert res.returncode == 0 and "note:" not in res.stdout

@@ -4,8 +4,11 @@ validates and prepares without importing torch) and batches (``overtok.data.batc
 
 from __future__ import annotations
 
+import functools
+import random
+
 from overtok.config import ConfigError, RunConfig
-from overtok.data.cfg import load_grammar
+from overtok.data.cfg import load_grammar, sample_sentence
 from overtok.data.text import DataError, read_meta
 
 
@@ -30,6 +33,30 @@ def resolve_vocab(cfg: RunConfig, file: str | None = None) -> RunConfig:
         return validate(cfg)
     except ConfigError as e:
         raise ConfigError(e.problem, file=file, key=e.key) from None
+
+
+def generation_note(cfg: RunConfig) -> str | None:
+    """A line for runs whose CFG generation accuracy can hardly score: fewer than half of the grammar's sentences
+    (with the EOS before them, the prompt) fit the model's context, so most samples run past it (a sliding window,
+    ``overtok.model.Transformer.generate``) where the model never saw a whole sentence. None otherwise."""
+    if cfg.data.kind != "cfg" or not cfg.train.gen_samples:
+        return None
+    n, seq = cfg.model.tokenizer_ngram, cfg.model.seq_len
+    lengths = _sentence_lengths(cfg.data.grammar)
+    fit = sum(length + 1 <= seq * n for length in lengths) / len(lengths)
+    if fit >= 0.5:
+        return None
+    context = f"model.seq_len {seq}" + (f" x {n}-gram tokens" if n > 1 else "")
+    return (f"train.gen_samples: {fit:.0%} of {cfg.data.grammar}'s sentences fit the context ({context}; "
+            f"{len(lengths)} sampled ones have {lengths[0]}-{lengths[-1]} tokens): most samples run past the "
+            "context, and val/gen_acc is likely near 0")
+
+
+@functools.cache
+def _sentence_lengths(grammar: str, count: int = 256) -> tuple[int, ...]:
+    """Sorted lengths of ``count`` sentences sampled from the grammar with a fixed seed."""
+    g, rng = load_grammar(grammar), random.Random(0)
+    return tuple(sorted(len(sample_sentence(g, rng)) for _ in range(count)))
 
 
 def corpus_vocab_size(cfg: RunConfig) -> int:
