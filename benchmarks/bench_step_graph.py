@@ -24,18 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import Rows  # noqa: E402
-from overtok.tracking import Sink  # noqa: E402
+from overtok.tracking import MemorySink  # noqa: E402
 
 SCOPES = ("compiled", "step")
-
-
-class Collect(Sink):
-    def __init__(self):
-        self.points: dict[str, list[float]] = {}
-
-    def log(self, metrics, step):
-        for k, v in metrics.items():
-            self.points.setdefault(k, []).append(v)
 
 
 def configs(base: dict, scope: str, pack: int, steps: int, log_every: int, smoke: bool, work: Path):
@@ -64,7 +55,7 @@ def run(base: dict, scope: str, pack: int, args, work: Path) -> dict:
 
     dev = pick_device("cpu" if args.smoke else "auto")
     cfgs = configs(base, scope, pack, args.steps, args.log_every, args.smoke, work)
-    sinks = [Collect() for _ in cfgs]
+    sinks = [MemorySink() for _ in cfgs]
     t0 = time.time()
     if pack == 1:
         cfgs[0].train.checkpoint_dir = str(work / f"{scope}-{time.time_ns()}")
@@ -74,7 +65,7 @@ def run(base: dict, scope: str, pack: int, args, work: Path) -> dict:
         train_packed(cfgs, sinks, work / f"pack-{scope}-{time.time_ns()}", device=dev)
         rate_key = "perf/pack_tokens_per_s"
     wall = time.time() - t0
-    pts = sinks[0].points
+    pts = {k: list(by_step.values()) for k, by_step in sinks[0].points.items()}  # each key's values in log order
     rates = pts[rate_key][1:]
     row = {"scope": scope, "pack": pack, "steps": args.steps, "wall_s": wall,
            "steady_tokens_per_s": statistics.median(rates) if rates else float("nan"), "intervals_tokens_per_s": rates,

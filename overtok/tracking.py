@@ -101,6 +101,18 @@ class Sink:
         self.flush()
 
 
+class MemorySink(Sink):
+    """Keeps every logged point in memory, ``points[key][step] = value``: curves of ``train()`` or ``train_packed()``
+    run in a notebook, a test or a benchmark."""
+
+    def __init__(self):
+        self.points: dict[str, dict[int, float]] = {}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            self.points.setdefault(k, {})[step] = v
+
+
 class FanOut(Sink):
     def __init__(self, *sinks: Sink):
         self.sinks = [s for s in sinks if s is not None]

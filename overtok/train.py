@@ -251,9 +251,9 @@ class StepGraph:
     each input (the batch, the learning rates: host tensors, or already on the device) into a device buffer that
     keeps its address, then runs the step: the first ``WARMUP`` steps as usual, on a side stream (compilation,
     cuBLAS's and the optimizer's lazy set-up happen there), each followed by ``zero_grad``; the next step is
-    recorded (which runs nothing) and replayed, as is every later one. ``run`` must read its learning rates from its inputs (an optimizer made
-    capturable, holding the buffer), and the gradients, None when the step is recorded, are then written afresh by
-    each replay's backward. Every step returns ``run``'s outputs; after recording they are the graph's, overwritten
+    recorded (which runs nothing) and replayed, as is every later one. ``run`` must read its learning rates from its
+    inputs (an optimizer made capturable, holding the buffer), and the gradients, None when the step is recorded,
+    are then written afresh by each replay's backward. Every step returns ``run``'s outputs; after recording they are the graph's, overwritten
     by the next replay."""
 
     WARMUP = 3
@@ -290,12 +290,11 @@ class StepGraph:
         return self.outputs
 
 
-def model_step_graph(model: Transformer, opt: torch.optim.Optimizer, t: TrainConfig, device: torch.device,
+def model_step_graph(model: Transformer, opt: torch.optim.Optimizer, max_norm: float, device: torch.device,
                      autocast) -> StepGraph:
     """``train``'s step as a StepGraph: inputs (batch, lr as a 0-dim float32 tensor); forward, backward,
-    clipping, AdamW (made capturable here, before its first step, so that it keeps its step counts on the device;
-    every parameter group reads the lr buffer); outputs (losses, gradient norm)."""
-    clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+    clipping to ``max_norm``, AdamW (made capturable here, before its first step, so that it keeps its step counts on
+    the device; every parameter group reads the lr buffer); outputs (losses, gradient norm)."""
     for group in opt.param_groups:
         group["capturable"] = True
 
@@ -305,7 +304,7 @@ def model_step_graph(model: Transformer, opt: torch.optim.Optimizer, t: TrainCon
         with autocast():
             _, losses = model(batch)
         losses["total"].backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         opt.step()
         return {k: v.detach().float() for k, v in losses.items()}, norm
 
@@ -452,9 +451,10 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         # wrote them) fills in, and what it has is dropped there by step, so curves have no gaps
         sink.replay(state.get("history", []))
 
+    max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
     step_graph = None
     if perf_flags["perf/step_graph"]:  # after the checkpoint's optimizer state, whose groups it adjusts
-        step_graph = model_step_graph(model, opt, t, device, autocast)
+        step_graph = model_step_graph(model, opt, max_norm, device, autocast)
     flops_per_token = accounting.flops_per_token(cfg.model) / cfg.model.tokenizer_ngram  # per base token
     tokens_per_step = cfg.tokens_per_step * world  # global tokens
     summary: dict[str, float] = {}
@@ -514,8 +514,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             if sharded:
                 grad_norm = _clip_sharded(model, [p for _, p in sharded], world, t.grad_clip)
             else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                           t.grad_clip if t.grad_clip > 0 else float("inf"))
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             for table in sparse_tables:

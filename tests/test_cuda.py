@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from overtok.packed import train_packed
+from overtok.tracking import MemorySink
 from overtok.train import train
 from tests.conftest import tiny_config
 from tests.sweeplib import sweep_with_and_without_reuse
-from tests.test_packed import Collect
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -22,7 +22,7 @@ def _run(tmp_path, tag, graphs, **sets):
     cfg = tiny_config(**{"train.compile": True, "train.cuda_graphs": graphs, "train.max_steps": 40,
                          "train.eval_every": 20, "train.log_every": 10, **sets})
     cfg.train.checkpoint_dir = str(tmp_path / f"{tag}-{graphs}")
-    sink = Collect()
+    sink = MemorySink()
     train(cfg, sink, device=CUDA)
     return sink.points
 
@@ -95,7 +95,7 @@ def test_packed_cuda_graphs_train_as_without(tmp_path):
                                           "train.eval_every": 20, "train.log_every": 10, "train.grad_clip": 0.05})
             c.train.checkpoint_dir = str(tmp_path / f"alone{i}")
             cfgs.append(c)
-        sinks = [Collect() for _ in cfgs]
+        sinks = [MemorySink() for _ in cfgs]
         train_packed(cfgs, sinks, tmp_path / f"pack-{variant}", device=CUDA)
         curves[variant] = [s.points for s in sinks]
     for compiled, step, off in zip(curves["compiled"], curves["step"], curves["off"]):

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from overtok import kernels
 from overtok.model import Transformer
 from overtok.packed import pack_models, train_packed
+from overtok.tracking import MemorySink
 from overtok.train import train, use_fused_loss
 from tests.conftest import tiny_config
-from tests.test_packed import Collect, _assert_same, _configs
+from tests.test_packed import _assert_same, _configs
 
 pytestmark = pytest.mark.skipif(not kernels.available(torch.device("cpu")), reason="needs triton (interpreter)")
 CPU = torch.device("cpu")
@@ -94,7 +95,7 @@ def test_trainer_with_fused_loss_follows_the_stock_curve(tmp_path):
         cfg = tiny_config(**{"train.max_steps": 8, "train.eval_every": 4, "train.log_every": 2,
                              "train.loss_kernel": kernel})
         cfg.train.checkpoint_dir = str(tmp_path / kernel)
-        sink = Collect()
+        sink = MemorySink()
         train(cfg, sink, device=CPU)
         curves[kernel] = sink.points
     _assert_same([curves["torch"]], [curves["triton"]])
@@ -105,11 +106,11 @@ def test_trainer_with_fused_loss_follows_the_stock_curve(tmp_path):
 
 def test_packed_trainer_with_fused_loss(tmp_path):
     cfgs = _configs(tmp_path, **{"train.max_steps": 6, "train.eval_every": 3})
-    stock = [Collect() for _ in cfgs]
+    stock = [MemorySink() for _ in cfgs]
     train_packed(cfgs, stock, tmp_path / "stock", device=CPU)
     for c in cfgs:
         c.train.loss_kernel = "triton"
-    fused = [Collect() for _ in cfgs]
+    fused = [MemorySink() for _ in cfgs]
     train_packed(cfgs, fused, tmp_path / "fused", device=CPU)
     _assert_same([s.points for s in stock], [s.points for s in fused])
     assert {v for s in fused for v in s.points["perf/fused_loss"].values()} == {1.0}

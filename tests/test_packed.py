@@ -5,18 +5,9 @@ import torch
 
 from overtok.model import Transformer
 from overtok.packed import PackedAdamW, check_packable, pack_key, pack_models, train_packed, unpack_slice
-from overtok.tracking import Sink
+from overtok.tracking import MemorySink
 from overtok.train import train
 from tests.conftest import tiny_config
-
-
-class Collect(Sink):
-    def __init__(self):
-        self.points = {}
-
-    def log(self, metrics, step):
-        for k, v in metrics.items():
-            self.points.setdefault(k, {})[step] = v
 
 
 def _configs(tmp_path, **extra):
@@ -32,7 +23,7 @@ def _configs(tmp_path, **extra):
 def _alone(cfgs):
     out = []
     for c in cfgs:
-        s = Collect()
+        s = MemorySink()
         train(c, s, device=torch.device("cpu"))
         out.append(s.points)
     return out
@@ -49,7 +40,7 @@ def _assert_same(alone, packed, keys=("train/loss", "train/grad_norm", "val/loss
 def test_packed_equals_separate_runs_with_different_seeds_and_lrs(tmp_path):
     cfgs = _configs(tmp_path)
     alone = _alone(cfgs)
-    sinks = [Collect() for _ in cfgs]
+    sinks = [MemorySink() for _ in cfgs]
     summaries = train_packed(cfgs, sinks, tmp_path / "pack", device=torch.device("cpu"))
     _assert_same(alone, [s.points for s in sinks])
     assert all(s["tokens_seen"] == cfgs[0].train.max_steps * cfgs[0].tokens_per_step for s in summaries)
@@ -61,23 +52,23 @@ def test_packed_oe_mtp_ds_and_tied_embeddings(tmp_path):
     cfgs = _configs(tmp_path, **{"model.oe.n": 3, "model.oe.m": 401, "model.od_depth": 2, "model.od_mode": "mtp_ds",
                                  "model.tie_embeddings": True})
     alone = _alone(cfgs)
-    sinks = [Collect() for _ in cfgs]
+    sinks = [MemorySink() for _ in cfgs]
     train_packed(cfgs, sinks, tmp_path / "pack", device=torch.device("cpu"))
     _assert_same(alone, [s.points for s in sinks], keys=("train/loss", "train/loss_head2", "val/loss"))
 
 
 def test_packed_resume_and_unpack(tmp_path):
     cfgs = _configs(tmp_path)
-    full = [Collect() for _ in cfgs]
+    full = [MemorySink() for _ in cfgs]
     train_packed(cfgs, full, tmp_path / "full", device=torch.device("cpu"))
     # fail after the first checkpoint (step 6), then resume from it
     for c in cfgs:
         c.train.fail_at_step = 8
     with pytest.raises(RuntimeError, match="fail_at_step"):
-        train_packed(cfgs, [Collect() for _ in cfgs], tmp_path / "resumed", device=torch.device("cpu"))
+        train_packed(cfgs, [MemorySink() for _ in cfgs], tmp_path / "resumed", device=torch.device("cpu"))
     for c in cfgs:
         c.train.fail_at_step = -1
-    resumed = [Collect() for _ in cfgs]
+    resumed = [MemorySink() for _ in cfgs]
     train_packed(cfgs, resumed, tmp_path / "resumed", device=torch.device("cpu"))
     for a, b in zip(full, resumed):
         assert a.points["train/loss"] == b.points["train/loss"]  # replayed history + exact continuation
@@ -155,7 +146,7 @@ def test_a_diverging_slice_fails_alone(tmp_path):
     cfgs = _configs(tmp_path)
     alone = _alone([cfgs[0], cfgs[2]])
     cfgs[1].train.lr = float("nan")  # slice 1's weights become NaN at the first step
-    sinks = [Collect() for _ in cfgs]
+    sinks = [MemorySink() for _ in cfgs]
     summaries = train_packed(cfgs, sinks, tmp_path / "pack", device=torch.device("cpu"))
     assert "TrainingDiverged" in summaries[1]["error"] and "train/loss" not in sinks[1].points
     _assert_same(alone, [sinks[0].points, sinks[2].points])

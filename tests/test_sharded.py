@@ -183,23 +183,13 @@ def _train_worker(rank: int, world: int, out_dir: str):
     import json
 
     with _group(rank, world, out_dir):
-        from overtok.tracking import Sink
-        from overtok.train import train
-
-        class Collect(Sink):
-            def __init__(self):
-                self.points = {}
-
-            def log(self, metrics, step):
-                for k, v in metrics.items():
-                    self.points.setdefault(k, {})[str(step)] = v
-
-        # one step's gradients: shard = the DDP-averaged whole-table gradient's rows; the same global norm
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from overtok.model import Transformer
-        from overtok.train import _clip_sharded
+        from overtok.tracking import MemorySink
+        from overtok.train import _clip_sharded, train
 
+        # one step's gradients: shard = the DDP-averaged whole-table gradient's rows; the same global norm
         grads = {}
         for name, shard in (("whole", False), ("sharded", True)):
             cfg = tiny_config(**{"model.oe.n": 3, "model.oe.k": 2, "model.oe.m": 1009, "model.oe.shard": shard})
@@ -228,14 +218,14 @@ def _train_worker(rank: int, world: int, out_dir: str):
                             ("sparse", sparse), ("sparse_resumed", {**sparse, "train.fail_at_step": 8})]:
             cfg = tiny_config(**base, **extra)
             cfg.train.checkpoint_dir = f"{out_dir}/{name}"
-            sink = Collect()
+            sink = MemorySink()
             if name.endswith("resumed"):
                 try:
                     train(cfg, sink)
                 except RuntimeError as e:
                     assert "fail_at_step" in str(e)
                 cfg.train.fail_at_step = -1
-                sink = Collect()
+                sink = MemorySink()
             train(cfg, sink)
             results[name] = sink.points
         if rank == 0:
