@@ -51,6 +51,12 @@ VARIANTS = {
     "fused+bf16res+autotune": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16,
                                "compile_mode": "max-autotune-no-cudagraphs"},
     "fused+bf16res+graphs": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16, "compile_mode": "reduce-overhead"},
+    # SwiGLU's pointwise part by overtok.kernels.swiglu (train.mlp_kernel); inductor's coordinate-descent tuning of
+    # its own kernels' launch configurations
+    "fused+swiglu": {"loss_kernel": "auto", "mlp_kernel": "auto"},
+    "fused+bf16res+swiglu": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16, "mlp_kernel": "auto"},
+    "fused+bf16res+cdt": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16,
+                          "compile_options": {"coordinate_descent_tuning": True}},
 }
 
 
@@ -185,10 +191,12 @@ PACKED_VARIANTS = {
     "graphs": {"compile_mode": "reduce-overhead"},
     "embed": {"whole": True},
     "graphs+embed": {"compile_mode": "reduce-overhead", "whole": True},
+    "swiglu": {"mlp_kernel": "auto"},
 }
 # the one tiny model: torch.compile's default mode, reduce-overhead (CUDA graphs of the compiled forward and
 # backward, as the trainer), or the default mode with the whole step (forward, backward, AdamW) as one CUDA graph
-SINGLE_VARIANTS = {"default": {}, "graphs": {"compile_mode": "reduce-overhead"}, "whole-step-graph": {"whole_graph": True}}
+SINGLE_VARIANTS = {"default": {}, "graphs": {"compile_mode": "reduce-overhead"}, "whole-step-graph": {"whole_graph": True},
+                   "whole-step-graph+swiglu": {"whole_graph": True, "mlp_kernel": "auto"}}
 
 
 def packed(args, rows):

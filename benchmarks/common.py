@@ -13,7 +13,7 @@ import torch
 from overtok import accounting
 from overtok.config import load_config
 from overtok.model import Transformer
-from overtok.train import StepGraph, make_optimizer, use_fused_loss
+from overtok.train import StepGraph, make_optimizer, use_fused_loss, use_kernel
 
 
 def config(sets: dict):
@@ -187,7 +187,8 @@ class Bench:
 
     def __init__(self, sets: dict, batch_size: int, compile_body: bool = True, loss_kernel: str = "auto",
                  compile_mode: str | None = None, sdpa: str | None = None, compile_update: bool | None = None,
-                 residual_dtype: torch.dtype | None = None, whole_graph: bool = False):
+                 residual_dtype: torch.dtype | None = None, whole_graph: bool = False, mlp_kernel: str = "torch",
+                 compile_options: dict | None = None):
         cfg = self.cfg = config(sets)
         self.sets, self.batch_size = sets, batch_size
         dev = self.dev = fresh_device()
@@ -206,9 +207,11 @@ class Bench:
             self.lr = torch.tensor(cfg.train.lr, dtype=torch.float32)  # on the host: copied in at every step
             self.step_graph = StepGraph(self._update, lambda: self.opt.zero_grad(set_to_none=True), dev)
         model.fused_loss = use_fused_loss(loss_kernel, dev)
+        mlp_on = use_kernel(mlp_kernel, dev, "mlp_kernel")
+        model.set_mlp_kernel(mlp_on)
         model.residual_dtype = residual_dtype  # applies under autocast (here: on CUDA)
-        if compile_body:
-            model.body_and_loss = torch.compile(model.body_and_loss, mode=compile_mode)
+        if compile_body:  # (torch.compile takes a mode or inductor options, not both)
+            model.body_and_loss = torch.compile(model.body_and_loss, mode=compile_mode, options=compile_options)
         self.tables = model.sparse_tables()
         if compile_update is None:  # as the trainer
             compile_update = compile_body and dev.type == "cuda"
@@ -221,6 +224,8 @@ class Bench:
         self.batches = [torch.randint(0, cfg.model.input_vocab_size, (batch_size, T), device=dev) for _ in range(4)]
         self.sdpa = sdpa
         self.meta = {"loss": "fused triton" if model.fused_loss else "torch", "compile_mode": compile_mode or "default",
+                     "mlp_kernel": "triton" if mlp_on else "torch",
+                     "compile_options": compile_options or {},
                      "whole_step_graph": whole_graph,
                      "sdpa": sdpa or "auto", "residual_dtype": str(residual_dtype or "float32 (embedding's)").replace("torch.", "")}
         with torch.no_grad(), self.autocast():
@@ -360,7 +365,8 @@ def seeded_models(cfg, P: int, dev: torch.device) -> Transformer:
 
 
 def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, profile: bool = False,
-                loss_kernel: str = "auto", compile_mode: str | None = None, whole: bool = False) -> dict:
+                loss_kernel: str = "auto", compile_mode: str | None = None, whole: bool = False,
+                mlp_kernel: str = "torch") -> dict:
     """Median step time of P same-shape models packed into one (overtok.packed), as ``time_training`` does for one
     model: compiled body, bf16 autocast, PackedAdamW with per-slice clipping. ``compile_mode``: torch.compile's
     mode ("reduce-overhead": CUDA graphs); ``whole``: compile the embedding's lookup with the body (the whole
@@ -373,6 +379,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, pr
     model = seeded_models(cfg, P, dev)
     opt = PackedAdamW(model, cfg.train)
     model.fused_loss = use_fused_loss(loss_kernel, dev)
+    model.set_mlp_kernel(use_kernel(mlp_kernel, dev, "mlp_kernel"))
     if whole:
         model.forward = torch.compile(model.forward, mode=compile_mode)
     else:

@@ -257,6 +257,11 @@ class TrainConfig:
     """Output head + cross-entropy. 'triton': overtok.kernels, one kernel over the logits that leaves their gradient in
     place (needs triton: CUDA, or the CPU under TRITON_INTERPRET=1); 'torch': the stock loss; 'auto': triton on
     CUDA where it imports, else torch. Same loss and gradients up to summation order (not part of the trial id)."""
+    mlp_kernel: Literal["auto", "triton", "torch"] = "auto"
+    """SwiGLU's silu(gate) * up. 'triton': overtok.kernels.swiglu, whose backward reads gate, up and the gradient
+    once and writes both halves of the projection's gradient (inductor's concatenating kernel ran at about half the
+    H200's bandwidth); same needs as loss_kernel; 'torch': torch ops (compiled with the body); 'auto': triton on
+    CUDA where it imports, else torch. Both compute in fp32 and round once (not part of the trial id)."""
     cuda_graphs: bool = True
     """With train.compile on a CUDA device, in one process: replay the training step as CUDA graphs (what they hold:
     train.cuda_graph_scope), so a step costs the host a few launches instead of one per kernel. Ignored elsewhere

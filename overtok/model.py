@@ -72,9 +72,15 @@ class SwiGLU(nn.Module):
         h = cfg.mlp_hidden_size
         self.gate_up = nn.Linear(cfg.d_model, 2 * h, bias=False)
         self.down = nn.Linear(h, cfg.d_model, bias=False)
+        self.kernel = False  # silu(gate) * up by overtok.kernels.swiglu (the trainer sets it: train.mlp_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gu = self.gate_up(x)
+        if self.kernel:
+            from overtok.kernels import swiglu
+
+            return self.down(swiglu(gu))
+        gate, up = gu.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 
@@ -278,6 +284,12 @@ class Transformer(nn.Module):
         T = tokens.shape[1] - L
         # embed once over every position any head needs; causal, so the first T rows equal embed(tokens[:, :T])
         return self.body_and_loss(self.embed.lookup(tokens[:, : T + max(L - 1, 0)]), tokens, T, targets)
+
+    def set_mlp_kernel(self, on: bool) -> None:
+        """Every SwiGLU (trunk and extra heads) computes silu(gate) * up with overtok.kernels.swiglu (on) or torch."""
+        for m in self.modules():
+            if isinstance(m, SwiGLU):
+                m.kernel = on
 
     def sparse_tables(self) -> list[RowSparseTable]:
         return [m for m in self.modules() if isinstance(m, RowSparseTable)]

@@ -134,20 +134,26 @@ def default_checkpoint_dir(cfg: RunConfig) -> Path:
 # Evaluation
 
 
-def use_fused_loss(loss_kernel: str, device: torch.device) -> bool:
-    """Resolve train.loss_kernel on this device (overtok.kernels)."""
+def use_kernel(value: str, device: torch.device, field: str = "train.loss_kernel") -> bool:
+    """Resolve a kernel choice (train.loss_kernel, train.mlp_kernel: auto / triton / torch) on this device: whether
+    overtok.kernels runs."""
     from overtok import kernels
 
-    if loss_kernel == "triton" and not kernels.available(device):
-        raise RuntimeError(f"train.loss_kernel=triton: the fused loss cannot run on {device.type} here "
+    if value == "triton" and not kernels.available(device):
+        raise RuntimeError(f"{field}=triton: overtok.kernels cannot run on {device.type} here "
                            "(needs triton, and on the CPU TRITON_INTERPRET=1); use 'auto' or 'torch'")
-    return loss_kernel == "triton" or (loss_kernel == "auto" and device.type == "cuda" and kernels.available(device))
+    return value == "triton" or (value == "auto" and device.type == "cuda" and kernels.available(device))
+
+
+def use_fused_loss(loss_kernel: str, device: torch.device) -> bool:
+    """Resolve train.loss_kernel on this device (overtok.kernels)."""
+    return use_kernel(loss_kernel, device)
 
 
 def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, distributed: bool = False,
                   step_graphs: bool = False):
-    """What both trainers do to a built model before training: pick the loss kernel (train.loss_kernel) and the
-    residual stream's dtype (train.residual_dtype: bfloat16 takes effect under bf16 autocast only), and under
+    """What both trainers do to a built model before training: pick the loss and MLP kernels (train.loss_kernel,
+    train.mlp_kernel) and the residual stream's dtype (train.residual_dtype: bfloat16 takes effect under bf16 autocast only), and under
     train.compile compile the OE mix, body, heads and loss (the lookups stay eager: row-sparse tables work through
     autograd hooks), as CUDA graphs where train.cuda_graphs applies, plus on CUDA the small eager parts of OE around
     the lookup. ``step_graphs``: the caller can record whole steps (``StepGraph``), which train.cuda_graph_scope =
@@ -155,6 +161,8 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
     the perf/* flags every logged step carries: which of these took effect)."""
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
     model.fused_loss = use_fused_loss(t.loss_kernel, device)
+    mlp_kernel = use_kernel(t.mlp_kernel, device, "train.mlp_kernel")
+    model.set_mlp_kernel(mlp_kernel)
     model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
     # with gradient accumulation (several backward passes into the same gradients per step) the graphed run's curve
     # differed from the plain one on the H200 (tests/test_cuda.py, benchmarks/results/gpu_test_cuda_first.log)
@@ -170,8 +178,8 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
             model.embed.compile_ids()
             for table in model.sparse_tables():
                 table.compile_update()
-    flags = {"perf/fused_loss": float(model.fused_loss), "perf/cuda_graphs": float(graphs),
-             "perf/step_graph": float(whole_step),
+    flags = {"perf/fused_loss": float(model.fused_loss), "perf/mlp_kernel": float(mlp_kernel),
+             "perf/cuda_graphs": float(graphs), "perf/step_graph": float(whole_step),
              "perf/residual_bf16": float(model.residual_dtype is not None), "perf/compiled_eval": float(compiled_eval(t))}
     return autocast, flags
 

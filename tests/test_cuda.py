@@ -135,3 +135,27 @@ def test_reused_process_runs_compiled_trials_with_cuda_graphs(tmp_path):
     # Peaks (perf/mem_gb) are not compared: a reused trial peaked 58 MiB higher than alone whenever the trials before
     # it in the process had compiled cold, although nothing stays allocated between trials (bench_reuse.py); see
     # benchmarks/RESULTS.md, section 3.
+
+
+def test_swiglu_kernel_on_cuda(tmp_path):
+    """overtok.kernels.swiglu against torch at a 124M model's MLP width in bf16, then the trainer with
+    train.mlp_kernel triton vs torch (compiled, the whole step as one CUDA graph)."""
+    import torch.nn.functional as F
+
+    from overtok import kernels
+
+    torch.manual_seed(0)
+    gu = (torch.randn(4096, 2 * 2048, device=CUDA) * 3).bfloat16().requires_grad_()
+    dout = torch.randn(4096, 2048, device=CUDA).bfloat16()
+    out = kernels.swiglu(gu)
+    (gd,) = torch.autograd.grad(out, gu, dout)
+    gate, up = gu.float().chunk(2, -1)
+    ref = F.silu(gate) * up
+    (rd,) = torch.autograd.grad(ref, gu, dout.float())
+    torch.testing.assert_close(out, ref.bfloat16(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gd, rd.bfloat16(), rtol=1e-2, atol=1e-2)
+    runs = {k: _run(tmp_path, f"mlp_{k}", True, **{"train.mlp_kernel": k}) for k in ("torch", "triton")}
+    assert set(runs["triton"]["perf/mlp_kernel"].values()) == {1.0}
+    assert set(runs["torch"]["perf/mlp_kernel"].values()) == {0.0}
+    assert set(runs["triton"]["perf/step_graph"].values()) == {1.0}
+    _assert_close(runs["torch"], runs["triton"])

@@ -127,3 +127,96 @@ def test_loss_kernel_is_not_part_of_the_trial_id():
     from overtok.sweep import trial_id
 
     assert trial_id(tiny_config(**{"train.loss_kernel": "torch"})) == trial_id(tiny_config())
+
+
+# SwiGLU's pointwise part (overtok.kernels.swiglu, train.mlp_kernel)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5, 2 * 7), torch.float32), ((2, 3, 2 * 1500), torch.float32),
+                                         ((4, 2 * 96), torch.bfloat16)])
+def test_swiglu_kernel_equals_torch(shape, dtype):
+    torch.manual_seed(shape[-1])
+    gu = (torch.randn(shape) * 3).to(dtype).requires_grad_()  # wide enough that silu's both regimes are hit
+    dout = torch.randn(*shape[:-1], shape[-1] // 2).to(dtype)
+    out = kernels.swiglu(gu)
+    (gd,) = torch.autograd.grad(out, gu, dout)
+    gate, up = gu.float().chunk(2, -1)  # the reference in fp32, rounded once, as the kernel computes
+    ref = F.silu(gate) * up
+    (rd,) = torch.autograd.grad(ref, gu, dout.float())
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    assert out.dtype == gd.dtype == dtype
+    torch.testing.assert_close(out, ref.to(dtype), **tol)
+    torch.testing.assert_close(gd, rd.to(dtype), **tol)
+
+
+def test_swiglu_kernel_rejects_an_odd_width():
+    with pytest.raises(ValueError, match="must be even"):
+        kernels.swiglu(torch.randn(2, 7))
+
+
+@pytest.mark.parametrize("extra", [{}, {"model.od_depth": 2, "model.od_mode": "mtp"},
+                                   {"model.od_depth": 3, "model.od_mode": "mtp_ds", "model.oe.n": 2, "model.oe.m": 61}])
+def test_model_with_mlp_kernel_equals_torch(extra):
+    cfg = tiny_config(**extra)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    x = torch.randint(0, cfg.model.input_vocab_size, (3, cfg.model.seq_len + cfg.model.lookahead))
+    ref = _grads(model, x)
+    model.set_mlp_kernel(True)
+    assert all(m.kernel for m in model.modules() if hasattr(m, "gate_up"))
+    got = _grads(model, x)
+    for a, b in zip(ref, got):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_compiled_packed_model_with_mlp_kernel():
+    cfg = tiny_config()
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(Transformer(cfg.model))
+    x = torch.randint(0, cfg.model.input_vocab_size, (4, cfg.model.seq_len + cfg.model.lookahead))
+    packed = pack_models(models)
+    ref = _grads(packed, x)
+    packed.set_mlp_kernel(True)
+    packed.body_and_loss = torch.compile(packed.body_and_loss, backend="aot_eager", fullgraph=True)
+    got = _grads(packed, x)
+    for a, b in zip(ref, got):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_trainers_with_mlp_kernel_follow_torch(tmp_path):
+    curves = {}
+    for kernel in ("torch", "triton"):
+        cfg = tiny_config(**{"train.max_steps": 8, "train.eval_every": 4, "train.log_every": 2,
+                             "train.mlp_kernel": kernel})
+        cfg.train.checkpoint_dir = str(tmp_path / kernel)
+        sink = MemorySink()
+        train(cfg, sink, device=CPU)
+        curves[kernel] = sink.points
+    _assert_same([curves["torch"]], [curves["triton"]])
+    assert set(curves["torch"]["perf/mlp_kernel"].values()) == {0.0}
+    assert set(curves["triton"]["perf/mlp_kernel"].values()) == {1.0}
+    # packed trials too
+    cfgs = _configs(tmp_path, **{"train.max_steps": 4, "train.eval_every": 2})
+    runs = {}
+    for kernel in ("torch", "triton"):
+        for c in cfgs:
+            c.train.mlp_kernel = kernel
+        runs[kernel] = [MemorySink() for _ in cfgs]
+        train_packed(cfgs, runs[kernel], tmp_path / f"packed_{kernel}", device=CPU)
+    _assert_same([s.points for s in runs["torch"]], [s.points for s in runs["triton"]])
+    assert {v for s in runs["triton"] for v in s.points["perf/mlp_kernel"].values()} == {1.0}
+
+
+def test_mlp_kernel_resolution_and_trial_id(monkeypatch):
+    from overtok.sweep import trial_id
+    from overtok.train import use_kernel
+
+    assert trial_id(tiny_config(**{"train.mlp_kernel": "torch"})) == trial_id(tiny_config())
+    assert use_kernel("triton", CPU) and not use_kernel("auto", CPU)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="train.mlp_kernel=triton"):
+        use_kernel("triton", CPU, "train.mlp_kernel")
