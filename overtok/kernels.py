@@ -171,41 +171,46 @@ def _swiglu_grid(rows: int, H: int) -> tuple[tuple[int, int], int]:
     return (rows, triton.cdiv(H, block)), block
 
 
-@torch.library.custom_op("overtok::swiglu", mutates_args=())
+# On CUDA a triton_op: torch.compile sees the kernels and launches them from its own generated code, as its own
+# kernels (a custom_op's Python dispatch and Triton's launcher cost the host about 0.2 ms per call on the H200 host,
+# which a step that is not a CUDA graph pays). Triton's CPU interpreter (the tests) cannot be traced that way: there
+# the same functions are plain custom ops.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_define = torch.library.custom_op if _INTERPRET else torch.library.triton_op
+_wrap = (lambda kernel: kernel) if _INTERPRET else torch.library.wrap_triton
+
+
+@_define("overtok::swiglu", mutates_args=())
 def _swiglu(gu: torch.Tensor) -> torch.Tensor:
     """gu (..., 2h) contiguous = [gate | up] -> silu(gate) * up (..., h), computed in fp32, stored in gu's dtype."""
     H = gu.shape[-1] // 2
     out = gu.new_empty(*gu.shape[:-1], H)
     grid, block = _swiglu_grid(gu.numel() // (2 * H), H)
-    _swiglu_fwd[grid](gu, out, H, BLOCK=block, num_warps=4)
+    _wrap(_swiglu_fwd)[grid](gu, out, H, BLOCK=block, num_warps=4)
     return out
 
 
-@_swiglu.register_fake
-def _(gu):
-    return gu.new_empty(*gu.shape[:-1], gu.shape[-1] // 2)
-
-
-@torch.library.custom_op("overtok::swiglu_backward", mutates_args=())
+@_define("overtok::swiglu_backward", mutates_args=())
 def _swiglu_backward(gu: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
-    """d(gate_up) (..., 2h) from gu and the output's gradient dout (..., h)."""
+    """d(gate_up) (..., 2h) from gu and the output's gradient dout (..., h), contiguous."""
     H = gu.shape[-1] // 2
     dgu = torch.empty_like(gu)
     grid, block = _swiglu_grid(gu.numel() // (2 * H), H)
-    _swiglu_bwd[grid](gu, dout.contiguous(), dgu, H, BLOCK=block, num_warps=4)
+    _wrap(_swiglu_bwd)[grid](gu, dout, dgu, H, BLOCK=block, num_warps=4)
     return dgu
 
 
-@_swiglu_backward.register_fake
-def _(gu, dout):
-    return torch.empty_like(gu)
+if _INTERPRET:  # shapes for tracing (a triton_op traces its own function instead)
+    _swiglu.register_fake(lambda gu: gu.new_empty(*gu.shape[:-1], gu.shape[-1] // 2))
+    _swiglu_backward.register_fake(lambda gu, dout: torch.empty_like(gu))
 
 
 def _swiglu_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
 
 
-_swiglu.register_autograd(lambda ctx, dout: _swiglu_backward(ctx.saved_tensors[0], dout), setup_context=_swiglu_setup)
+_swiglu.register_autograd(lambda ctx, dout: _swiglu_backward(ctx.saved_tensors[0], dout.contiguous()),
+                          setup_context=_swiglu_setup)
 
 
 def swiglu(gu: torch.Tensor) -> torch.Tensor:
