@@ -13,7 +13,7 @@ import torch
 from overtok import accounting
 from overtok.config import load_config
 from overtok.model import Transformer
-from overtok.train import StepGraph, make_optimizer, use_fused_loss, use_kernel
+from overtok.train import StepGraph, make_optimizer, use_kernel
 
 
 def config(sets: dict):
@@ -206,7 +206,7 @@ class Bench:
                 group["capturable"] = True
             self.lr = torch.tensor(cfg.train.lr, dtype=torch.float32)  # on the host: copied in at every step
             self.step_graph = StepGraph(self._update, lambda: self.opt.zero_grad(set_to_none=True), dev)
-        model.fused_loss = use_fused_loss(loss_kernel, dev)
+        model.fused_loss = use_kernel(loss_kernel, dev, "loss_kernel")
         mlp_on = use_kernel(mlp_kernel, dev, "mlp_kernel")
         model.set_mlp_kernel(mlp_on)
         model.residual_dtype = residual_dtype  # applies under autocast (here: on CUDA)
@@ -378,7 +378,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, pr
     dev = fresh_device()
     model = seeded_models(cfg, P, dev)
     opt = PackedAdamW(model, cfg.train)
-    model.fused_loss = use_fused_loss(loss_kernel, dev)
+    model.fused_loss = use_kernel(loss_kernel, dev, "loss_kernel")
     model.set_mlp_kernel(use_kernel(mlp_kernel, dev, "mlp_kernel"))
     if whole:
         model.forward = torch.compile(model.forward, mode=compile_mode)

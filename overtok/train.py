@@ -134,7 +134,7 @@ def default_checkpoint_dir(cfg: RunConfig) -> Path:
 # Evaluation
 
 
-def use_kernel(value: str, device: torch.device, field: str = "train.loss_kernel") -> bool:
+def use_kernel(value: str, device: torch.device, field: str) -> bool:
     """Resolve a kernel choice (train.loss_kernel, train.mlp_kernel: auto / triton / torch) on this device: whether
     overtok.kernels runs."""
     from overtok import kernels
@@ -143,11 +143,6 @@ def use_kernel(value: str, device: torch.device, field: str = "train.loss_kernel
         raise RuntimeError(f"{field}=triton: overtok.kernels cannot run on {device.type} here "
                            "(needs triton, and on the CPU TRITON_INTERPRET=1); use 'auto' or 'torch'")
     return value == "triton" or (value == "auto" and device.type == "cuda" and kernels.available(device))
-
-
-def use_fused_loss(loss_kernel: str, device: torch.device) -> bool:
-    """Resolve train.loss_kernel on this device (overtok.kernels)."""
-    return use_kernel(loss_kernel, device)
 
 
 def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, distributed: bool = False,
@@ -160,7 +155,7 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
     step then asks for instead of torch.compile's graphs. Returns (autocast: a context factory for forward passes,
     the perf/* flags every logged step carries: which of these took effect)."""
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
-    model.fused_loss = use_fused_loss(t.loss_kernel, device)
+    model.fused_loss = use_kernel(t.loss_kernel, device, "train.loss_kernel")
     mlp_kernel = use_kernel(t.mlp_kernel, device, "train.mlp_kernel")
     model.set_mlp_kernel(mlp_kernel)
     model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None

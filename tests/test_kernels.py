@@ -10,7 +10,7 @@ from overtok import kernels
 from overtok.model import Transformer
 from overtok.packed import pack_models, train_packed
 from overtok.tracking import MemorySink
-from overtok.train import train, use_fused_loss
+from overtok.train import train, use_kernel
 from tests.conftest import tiny_config
 from tests.test_packed import _assert_same, _configs
 
@@ -44,6 +44,21 @@ def test_no_gradient_work_without_grad():
     assert not loss.requires_grad
 
 
+def _model_and_batch(extra: dict):
+    cfg = tiny_config(**extra)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    return cfg, model, torch.randint(0, cfg.model.input_vocab_size, (3, cfg.model.seq_len + cfg.model.lookahead))
+
+
+def _assert_grads_close(ref, got):
+    """``_grads`` results (losses, parameter gradients) of the same model and batch, two ways."""
+    for a, b in zip(ref, got):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 def _grads(model, x):
     model.zero_grad(set_to_none=True)
     _, losses = model(x)
@@ -54,24 +69,19 @@ def _grads(model, x):
 @pytest.mark.parametrize("extra", [{}, {"model.od_depth": 3, "model.od_mode": "mtp_ds", "model.oe.n": 2, "model.oe.m": 61},
                                    {"model.tie_embeddings": True, "model.od_depth": 2}])
 def test_model_with_fused_loss_equals_stock_loss(extra):
-    cfg = tiny_config(**extra)
-    torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    x = torch.randint(0, cfg.model.input_vocab_size, (3, cfg.model.seq_len + cfg.model.lookahead))
+    cfg, model, x = _model_and_batch(extra)
     stock = _grads(model, x)
     model.fused_loss = True
     logits, _ = model(x)
     assert logits is None  # the fused path never hands the logits out
     fused = _grads(model, x)
-    for a, b in zip(stock, fused):
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    _assert_grads_close(stock, fused)
     # inference still returns logits
     assert model(x[:, : cfg.model.seq_len], targets=False)[0].shape[-1] == cfg.model.output_vocab_size
 
 
-def test_compiled_and_packed_models_with_fused_loss():
+@pytest.mark.parametrize("kernel", ["loss", "mlp"])
+def test_compiled_and_packed_models_with_kernels(kernel):
     cfg = tiny_config()
     models = []
     for seed in range(2):
@@ -80,53 +90,58 @@ def test_compiled_and_packed_models_with_fused_loss():
     x = torch.randint(0, cfg.model.input_vocab_size, (4, cfg.model.seq_len + cfg.model.lookahead))
     packed = pack_models(models)
     stock = _grads(packed, x)
-    packed.fused_loss = True
+    if kernel == "loss":
+        packed.fused_loss = True
+    else:
+        packed.set_mlp_kernel(True)
     packed.body_and_loss = torch.compile(packed.body_and_loss, backend="aot_eager", fullgraph=True)
     fused = _grads(packed, x)
     assert fused[0]["total"].shape == (2,)
-    for a, b in zip(stock, fused):
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    _assert_grads_close(stock, fused)
 
 
-def test_trainer_with_fused_loss_follows_the_stock_curve(tmp_path):
+KERNEL_FIELDS = [("train.loss_kernel", "perf/fused_loss"), ("train.mlp_kernel", "perf/mlp_kernel")]
+
+
+@pytest.mark.parametrize("field,flag", KERNEL_FIELDS)
+def test_trainer_with_kernel_follows_torch(tmp_path, field, flag):
     curves = {}
     for kernel in ("torch", "triton"):
-        cfg = tiny_config(**{"train.max_steps": 8, "train.eval_every": 4, "train.log_every": 2,
-                             "train.loss_kernel": kernel})
+        cfg = tiny_config(**{"train.max_steps": 8, "train.eval_every": 4, "train.log_every": 2, field: kernel})
         cfg.train.checkpoint_dir = str(tmp_path / kernel)
         sink = MemorySink()
         train(cfg, sink, device=CPU)
         curves[kernel] = sink.points
     _assert_same([curves["torch"]], [curves["triton"]])
     # every run records which kernel it used
-    assert set(curves["torch"]["perf/fused_loss"].values()) == {0.0}
-    assert set(curves["triton"]["perf/fused_loss"].values()) == {1.0}
+    assert set(curves["torch"][flag].values()) == {0.0}
+    assert set(curves["triton"][flag].values()) == {1.0}
 
 
-def test_packed_trainer_with_fused_loss(tmp_path):
+@pytest.mark.parametrize("field,flag", KERNEL_FIELDS)
+def test_packed_trainer_with_kernel(tmp_path, field, flag):
     cfgs = _configs(tmp_path, **{"train.max_steps": 6, "train.eval_every": 3})
-    stock = [MemorySink() for _ in cfgs]
-    train_packed(cfgs, stock, tmp_path / "stock", device=CPU)
-    for c in cfgs:
-        c.train.loss_kernel = "triton"
-    fused = [MemorySink() for _ in cfgs]
-    train_packed(cfgs, fused, tmp_path / "fused", device=CPU)
-    _assert_same([s.points for s in stock], [s.points for s in fused])
-    assert {v for s in fused for v in s.points["perf/fused_loss"].values()} == {1.0}
+    runs = {}
+    for kernel in ("torch", "triton"):
+        for c in cfgs:
+            setattr(c.train, field.split(".")[1], kernel)
+        runs[kernel] = [MemorySink() for _ in cfgs]
+        train_packed(cfgs, runs[kernel], tmp_path / kernel, device=CPU)
+    _assert_same([s.points for s in runs["torch"]], [s.points for s in runs["triton"]])
+    assert {v for s in runs["triton"] for v in s.points[flag].values()} == {1.0}
 
 
-def test_loss_kernel_resolution(monkeypatch):
-    assert use_fused_loss("triton", CPU) and not use_fused_loss("auto", CPU) and not use_fused_loss("torch", CPU)
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(RuntimeError, match="train.loss_kernel=triton"):
-        use_fused_loss("triton", CPU)
-
-
-def test_loss_kernel_is_not_part_of_the_trial_id():
+@pytest.mark.parametrize("field", [f for f, _ in KERNEL_FIELDS])
+def test_kernel_resolution_and_trial_id(monkeypatch, field):
     from overtok.sweep import trial_id
 
-    assert trial_id(tiny_config(**{"train.loss_kernel": "torch"})) == trial_id(tiny_config())
+    # the same values up to float rounding: not part of the trial id
+    assert trial_id(tiny_config(**{field: "torch"})) == trial_id(tiny_config())
+    assert use_kernel("triton", CPU, field) and not use_kernel("auto", CPU, field)
+    assert not use_kernel("torch", CPU, field)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match=f"{field}=triton"):
+        use_kernel("triton", CPU, field)
 
 
 # SwiGLU's pointwise part (overtok.kernels.swiglu, train.mlp_kernel)
@@ -157,66 +172,9 @@ def test_swiglu_kernel_rejects_an_odd_width():
 @pytest.mark.parametrize("extra", [{}, {"model.od_depth": 2, "model.od_mode": "mtp"},
                                    {"model.od_depth": 3, "model.od_mode": "mtp_ds", "model.oe.n": 2, "model.oe.m": 61}])
 def test_model_with_mlp_kernel_equals_torch(extra):
-    cfg = tiny_config(**extra)
-    torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    x = torch.randint(0, cfg.model.input_vocab_size, (3, cfg.model.seq_len + cfg.model.lookahead))
+    _, model, x = _model_and_batch(extra)
     ref = _grads(model, x)
     model.set_mlp_kernel(True)
     assert all(m.kernel for m in model.modules() if hasattr(m, "gate_up"))
     got = _grads(model, x)
-    for a, b in zip(ref, got):
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
-
-
-def test_compiled_packed_model_with_mlp_kernel():
-    cfg = tiny_config()
-    models = []
-    for seed in range(2):
-        torch.manual_seed(seed)
-        models.append(Transformer(cfg.model))
-    x = torch.randint(0, cfg.model.input_vocab_size, (4, cfg.model.seq_len + cfg.model.lookahead))
-    packed = pack_models(models)
-    ref = _grads(packed, x)
-    packed.set_mlp_kernel(True)
-    packed.body_and_loss = torch.compile(packed.body_and_loss, backend="aot_eager", fullgraph=True)
-    got = _grads(packed, x)
-    for a, b in zip(ref, got):
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
-
-
-def test_trainers_with_mlp_kernel_follow_torch(tmp_path):
-    curves = {}
-    for kernel in ("torch", "triton"):
-        cfg = tiny_config(**{"train.max_steps": 8, "train.eval_every": 4, "train.log_every": 2,
-                             "train.mlp_kernel": kernel})
-        cfg.train.checkpoint_dir = str(tmp_path / kernel)
-        sink = MemorySink()
-        train(cfg, sink, device=CPU)
-        curves[kernel] = sink.points
-    _assert_same([curves["torch"]], [curves["triton"]])
-    assert set(curves["torch"]["perf/mlp_kernel"].values()) == {0.0}
-    assert set(curves["triton"]["perf/mlp_kernel"].values()) == {1.0}
-    # packed trials too
-    cfgs = _configs(tmp_path, **{"train.max_steps": 4, "train.eval_every": 2})
-    runs = {}
-    for kernel in ("torch", "triton"):
-        for c in cfgs:
-            c.train.mlp_kernel = kernel
-        runs[kernel] = [MemorySink() for _ in cfgs]
-        train_packed(cfgs, runs[kernel], tmp_path / f"packed_{kernel}", device=CPU)
-    _assert_same([s.points for s in runs["torch"]], [s.points for s in runs["triton"]])
-    assert {v for s in runs["triton"] for v in s.points["perf/mlp_kernel"].values()} == {1.0}
-
-
-def test_mlp_kernel_resolution_and_trial_id(monkeypatch):
-    from overtok.sweep import trial_id
-    from overtok.train import use_kernel
-
-    assert trial_id(tiny_config(**{"train.mlp_kernel": "torch"})) == trial_id(tiny_config())
-    assert use_kernel("triton", CPU) and not use_kernel("auto", CPU)
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(RuntimeError, match="train.mlp_kernel=triton"):
-        use_kernel("triton", CPU, "train.mlp_kernel")
+    _assert_grads_close(ref, got)
