@@ -17,7 +17,7 @@ up to summation order; the logits are never returned.
 
 ``linear_cross_entropy(h, w, target)`` takes h (P, N, d), w (P, V, d), target (P, N) and returns the mean loss of
 each of the P slices (P = 1 for one model, P > 1 for packed trials). It runs the Triton kernel on CUDA, and on the
-CPU under Triton's interpreter (``TRITON_PLAIN_OPS=1``, which the tests use); ``available`` says whether it can.
+CPU under Triton's interpreter (``TRITON_INTERPRET=1``, which the tests use); ``available`` says whether it can.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ except ImportError:  # CPU-only installs without triton: the model keeps the sto
 
 
 def available(device: torch.device) -> bool:
-    """Whether the fused kernel can run on this device (CUDA with triton, or the CPU under TRITON_PLAIN_OPS=1)."""
+    """Whether the fused kernel can run on this device (CUDA with triton, or the CPU under TRITON_INTERPRET=1)."""
     if triton is None:
         return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_PLAIN_OPS") == "1")
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 if triton is not None:
@@ -180,7 +180,7 @@ def _swiglu_grid(rows: int, H: int) -> tuple[tuple[int, int], int]:
 # kernels (a custom_op's Python dispatch and Triton's launcher cost the host about 0.2 ms per call on the H200 host,
 # which a step that is not a CUDA graph pays). Triton's CPU interpreter (the tests) cannot be traced that way: there
 # the same functions are plain custom ops (as without triton, where they are never called: ``available``).
-_PLAIN_OPS = os.environ.get("TRITON_PLAIN_OPS") == "1" or triton is None
+_PLAIN_OPS = os.environ.get("TRITON_INTERPRET") == "1" or triton is None
 _define = torch.library.custom_op if _PLAIN_OPS else torch.library.triton_op
 _wrap = (lambda kernel: kernel) if _PLAIN_OPS else torch.library.wrap_triton
 
