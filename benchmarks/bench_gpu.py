@@ -195,7 +195,8 @@ PACKED_VARIANTS = {
 }
 # the one tiny model: torch.compile's default mode, reduce-overhead (CUDA graphs of the compiled forward and
 # backward, as the trainer), or the default mode with the whole step (forward, backward, AdamW) as one CUDA graph
-SINGLE_VARIANTS = {"default": {}, "graphs": {"compile_mode": "reduce-overhead"}, "whole-step-graph": {"whole_graph": True},
+SINGLE_VARIANTS = {"default": {}, "graphs": {"compile_mode": "reduce-overhead"},
+                   "whole-step-graph": {"whole_graph": True},
                    "whole-step-graph+swiglu": {"whole_graph": True, "mlp_kernel": "auto"}}
 
 

@@ -183,7 +183,9 @@ def time_block(step, sync, steps: int) -> float:
 class Bench:
     """One model built as the trainer builds it (optimizer, loss kernel, compiled body and row update), with a
     training step on random tokens, bf16 autocast. ``time`` measures blocks of steps; several benches can be alive
-    at once so that their blocks interleave (``interleaved``)."""
+    at once so that their blocks interleave (``interleaved``). One difference: ``mlp_kernel`` defaults to 'torch'
+    where train.mlp_kernel defaults to 'auto', so that the variants and commands committed before the SwiGLU kernel
+    existed still measure what they measured; variants that want it name it."""
 
     def __init__(self, sets: dict, batch_size: int, compile_body: bool = True, loss_kernel: str = "auto",
                  compile_mode: str | None = None, sdpa: str | None = None, compile_update: bool | None = None,
@@ -328,9 +330,10 @@ class Bench:
 def time_training(sets: dict, batch_size: int, steps: int, warmup: int, profile: bool = False, **kw) -> dict:
     """Median step time (CUDA events) of forward+backward+AdamW(+row-sparse update) on random tokens, bf16 autocast.
 
-    Keywords as ``Bench``: loss_kernel as train.loss_kernel; compile_mode as torch.compile's mode; sdpa pins the
-    attention backend; compile_update: compile the row-sparse tables' update (default: as the trainer, with the
-    body on CUDA); residual_dtype: the residual stream's dtype (None: the embedding's, float32)."""
+    Keywords as ``Bench``: loss_kernel as train.loss_kernel; mlp_kernel as train.mlp_kernel (default 'torch');
+    compile_mode as torch.compile's mode; sdpa pins the attention backend; compile_update: compile the row-sparse
+    tables' update (default: as the trainer, with the body on CUDA); residual_dtype: the residual stream's dtype (None:
+    the embedding's, float32)."""
     b = Bench(sets, batch_size, **kw)
     b.warm(warmup)
     times = b.time(steps)
@@ -379,7 +382,8 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, pr
     model = seeded_models(cfg, P, dev)
     opt = PackedAdamW(model, cfg.train)
     model.fused_loss = use_kernel(loss_kernel, dev, "loss_kernel")
-    model.set_mlp_kernel(use_kernel(mlp_kernel, dev, "mlp_kernel"))
+    mlp_on = use_kernel(mlp_kernel, dev, "mlp_kernel")
+    model.set_mlp_kernel(mlp_on)
     if whole:
         model.forward = torch.compile(model.forward, mode=compile_mode)
     else:
@@ -425,7 +429,8 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, pr
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
            "warmup_s": warm_s, "optimizer": "packed_adamw (fused kernel per slice)",
            "compile_mode": compile_mode or "default", "compiled": "forward" if whole else "body_and_loss",
-           "loss": "fused triton" if model.fused_loss else "torch", "first_loss": first_loss[0], "first_losses": first_loss}
+           "loss": "fused triton" if model.fused_loss else "torch", "first_loss": first_loss[0], "first_losses": first_loss,
+           "mlp_kernel": "triton" if mlp_on else "torch"}
     if profile:
         out.update(profile_steps(step, sync, dev))
     model = opt = batches = step = None  # noqa: F841 - release before the next variant

@@ -148,12 +148,12 @@ def use_kernel(value: str, device: torch.device, field: str) -> bool:
 def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, distributed: bool = False,
                   step_graphs: bool = False):
     """What both trainers do to a built model before training: pick the loss and MLP kernels (train.loss_kernel,
-    train.mlp_kernel) and the residual stream's dtype (train.residual_dtype: bfloat16 takes effect under bf16 autocast only), and under
-    train.compile compile the OE mix, body, heads and loss (the lookups stay eager: row-sparse tables work through
-    autograd hooks), as CUDA graphs where train.cuda_graphs applies, plus on CUDA the small eager parts of OE around
-    the lookup. ``step_graphs``: the caller can record whole steps (``StepGraph``), which train.cuda_graph_scope =
-    step then asks for instead of torch.compile's graphs. Returns (autocast: a context factory for forward passes,
-    the perf/* flags every logged step carries: which of these took effect)."""
+    train.mlp_kernel) and the residual stream's dtype (train.residual_dtype: bfloat16 takes effect under bf16 autocast
+    only), and under train.compile compile the OE mix, body, heads and loss (the lookups stay eager: row-sparse tables
+    work through autograd hooks), as CUDA graphs where train.cuda_graphs applies, plus on CUDA the small eager parts of
+    OE around the lookup. ``step_graphs``: the caller can record whole steps (``StepGraph``), which
+    train.cuda_graph_scope = step then asks for instead of torch.compile's graphs. Returns (autocast: a context factory
+    for forward passes, the perf/* flags every logged step carries: which of these took effect)."""
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
     model.fused_loss = use_kernel(t.loss_kernel, device, "train.loss_kernel")
     mlp_kernel = use_kernel(t.mlp_kernel, device, "train.mlp_kernel")
@@ -246,18 +246,18 @@ def accumulate(step_model: torch.nn.Module, draw, micro_steps: int, device: torc
 
 
 class StepGraph:
-    """A training step (train.cuda_graph_scope = step) recorded once as a CUDA graph and then replayed, so that the
-    host issues its inputs' copies and one launch per step instead of every kernel.
+    """A training step (train.cuda_graph_scope = step) recorded once as a CUDA graph and then replayed, so that the host
+    issues its inputs' copies and one launch per step instead of every kernel.
 
-    ``run(*inputs)`` is the step on device tensors: forward, backward, clipping, the optimizer's update; it returns
-    what the caller reads (losses, gradient norms). ``zero_grad()`` drops the gradients. ``step(*inputs)`` copies
-    each input (the batch, the learning rates: host tensors, or already on the device) into a device buffer that
-    keeps its address, then runs the step: the first ``WARMUP`` steps as usual, on a side stream (compilation,
-    cuBLAS's and the optimizer's lazy set-up happen there), each followed by ``zero_grad``; the next step is
-    recorded (which runs nothing) and replayed, as is every later one. ``run`` must read its learning rates from its
-    inputs (an optimizer made capturable, holding the buffer), and the gradients, None when the step is recorded,
-    are then written afresh by each replay's backward. Every step returns ``run``'s outputs; after recording they are the graph's, overwritten
-    by the next replay."""
+    ``run(*inputs)`` is the step on device tensors: forward, backward, clipping, the optimizer's update; it returns what
+    the caller reads (losses, gradient norms). ``zero_grad()`` drops the gradients. ``step(*inputs)`` copies each input
+    (the batch, the learning rates: host tensors, or already on the device) into a device buffer that keeps its address,
+    then runs the step: the first ``WARMUP`` steps as usual, on a side stream (compilation, cuBLAS's and the optimizer's
+    lazy set-up happen there), each followed by ``zero_grad``; the next step is recorded (which runs nothing) and
+    replayed, as is every later one. ``run`` must read its learning rates from its inputs (an optimizer made capturable,
+    holding the buffer), and the gradients, None when the step is recorded, are then written afresh by each replay's
+    backward. Every step returns ``run``'s outputs; after recording they are the graph's, overwritten by the next
+    replay."""
 
     WARMUP = 3
 
