@@ -58,6 +58,26 @@ VARIANTS = {
     "fused+bf16res+cdt": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16,
                           "compile_options": {"coordinate_descent_tuning": True}},
 }
+# sixteenth session: the loss kernel's rows read once (``tworeads``: as before, overtok.kernels.WHOLE_ROW_MAX = 0);
+# RoPE by overtok.kernels.rope_qkv (train.rope_kernel), its outputs in (B, T, H, hd) memory (``bthd``) or several
+# tokens per program (``tok4``); ``graph``: the whole step as one CUDA graph, as the trainer runs a dense model
+_S16 = {"tworeads": {"kernels": {"WHOLE_ROW_MAX": 0}}, "rope": {"rope_kernel": "auto"},
+        "bthd": {"kernels": {"ROPE_BTHD": True}}, "tok4": {"kernels": {"ROPE_TOKENS": 4}},
+        "graph": {"whole_graph": True}, "bf16res": {"residual_dtype": torch.bfloat16}}
+
+
+def _s16_variant(name: str) -> dict:
+    out = {"loss_kernel": "auto", "mlp_kernel": "auto"}
+    for part in name.split("+")[2:]:
+        extra = _S16[part]
+        out = {**out, **extra, "kernels": {**out.get("kernels", {}), **extra.get("kernels", {})}}
+    return out
+
+
+for _name in ("fused+swiglu+tworeads", "fused+swiglu+graph", "fused+swiglu+rope", "fused+swiglu+rope+bthd",
+              "fused+swiglu+rope+tok4", "fused+swiglu+rope+graph", "fused+swiglu+bf16res+graph",
+              "fused+swiglu+bf16res+rope", "fused+swiglu+bf16res+rope+graph"):
+    VARIANTS[_name] = _s16_variant(_name)
 
 
 def show_profile(r: dict) -> None:
@@ -192,12 +212,14 @@ PACKED_VARIANTS = {
     "embed": {"whole": True},
     "graphs+embed": {"compile_mode": "reduce-overhead", "whole": True},
     "swiglu": {"mlp_kernel": "auto"},
+    "swiglu+rope": {"mlp_kernel": "auto", "rope_kernel": "auto"},
 }
 # the one tiny model: torch.compile's default mode, reduce-overhead (CUDA graphs of the compiled forward and
 # backward, as the trainer), or the default mode with the whole step (forward, backward, AdamW) as one CUDA graph
 SINGLE_VARIANTS = {"default": {}, "graphs": {"compile_mode": "reduce-overhead"},
                    "whole-step-graph": {"whole_graph": True},
-                   "whole-step-graph+swiglu": {"whole_graph": True, "mlp_kernel": "auto"}}
+                   "whole-step-graph+swiglu": {"whole_graph": True, "mlp_kernel": "auto"},
+                   "whole-step-graph+swiglu+rope": {"whole_graph": True, "mlp_kernel": "auto", "rope_kernel": "auto"}}
 
 
 def packed(args, rows):

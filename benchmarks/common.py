@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import platform
@@ -183,14 +184,15 @@ def time_block(step, sync, steps: int) -> float:
 class Bench:
     """One model built as the trainer builds it (optimizer, loss kernel, compiled body and row update), with a
     training step on random tokens, bf16 autocast. ``time`` measures blocks of steps; several benches can be alive
-    at once so that their blocks interleave (``interleaved``). One difference: ``mlp_kernel`` defaults to 'torch'
-    where train.mlp_kernel defaults to 'auto', so that the variants and commands committed before the SwiGLU kernel
-    existed still measure what they measured; variants that want it name it."""
+    at once so that their blocks interleave (``interleaved``). One difference: ``mlp_kernel`` and ``rope_kernel``
+    default to 'torch' where train.mlp_kernel and train.rope_kernel default to 'auto', so that the variants and
+    commands committed before those kernels existed still measure what they measured; variants that want them name
+    them."""
 
     def __init__(self, sets: dict, batch_size: int, compile_body: bool = True, loss_kernel: str = "auto",
                  compile_mode: str | None = None, sdpa: str | None = None, compile_update: bool | None = None,
                  residual_dtype: torch.dtype | None = None, whole_graph: bool = False, mlp_kernel: str = "torch",
-                 compile_options: dict | None = None):
+                 compile_options: dict | None = None, rope_kernel: str = "torch"):
         cfg = self.cfg = config(sets)
         self.sets, self.batch_size = sets, batch_size
         dev = self.dev = fresh_device()
@@ -211,6 +213,8 @@ class Bench:
         model.fused_loss = use_kernel(loss_kernel, dev, "loss_kernel")
         mlp_on = use_kernel(mlp_kernel, dev, "mlp_kernel")
         model.set_mlp_kernel(mlp_on)
+        rope_on = use_kernel(rope_kernel, dev, "rope_kernel")
+        model.set_rope_kernel(rope_on)
         model.residual_dtype = residual_dtype  # applies under autocast (here: on CUDA)
         if compile_body:  # (torch.compile takes a mode or inductor options, not both)
             model.body_and_loss = torch.compile(model.body_and_loss, mode=compile_mode, options=compile_options)
@@ -226,7 +230,7 @@ class Bench:
         self.batches = [torch.randint(0, cfg.model.input_vocab_size, (batch_size, T), device=dev) for _ in range(4)]
         self.sdpa = sdpa
         self.meta = {"loss": "fused triton" if model.fused_loss else "torch", "compile_mode": compile_mode or "default",
-                     "mlp_kernel": "triton" if mlp_on else "torch",
+                     "mlp_kernel": "triton" if mlp_on else "torch", "rope_kernel": "triton" if rope_on else "torch",
                      "compile_options": compile_options or {},
                      "whole_step_graph": whole_graph,
                      "sdpa": sdpa or "auto", "residual_dtype": str(residual_dtype or "float32 (embedding's)").replace("torch.", "")}
@@ -327,18 +331,38 @@ class Bench:
         release(dev)
 
 
-def time_training(sets: dict, batch_size: int, steps: int, warmup: int, profile: bool = False, **kw) -> dict:
+@contextlib.contextmanager
+def kernel_settings(settings: dict | None):
+    """overtok.kernels' module settings (e.g. WHOLE_ROW_MAX, ROPE_BTHD, ROPE_TOKENS) set for the block, then restored.
+    A compiled model reads them when it is traced: build, warm up and time it inside the block."""
+    from overtok import kernels
+
+    old = {k: getattr(kernels, k) for k in settings or {}}
+    for k, v in (settings or {}).items():
+        setattr(kernels, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(kernels, k, v)
+
+
+def time_training(sets: dict, batch_size: int, steps: int, warmup: int, profile: bool = False,
+                  kernels: dict | None = None, **kw) -> dict:
     """Median step time (CUDA events) of forward+backward+AdamW(+row-sparse update) on random tokens, bf16 autocast.
 
-    Keywords as ``Bench``: loss_kernel as train.loss_kernel; mlp_kernel as train.mlp_kernel (default 'torch');
-    compile_mode as torch.compile's mode; sdpa pins the attention backend; compile_update: compile the row-sparse
-    tables' update (default: as the trainer, with the body on CUDA); residual_dtype: the residual stream's dtype (None:
-    the embedding's, float32)."""
-    b = Bench(sets, batch_size, **kw)
-    b.warm(warmup)
-    times = b.time(steps)
-    out = b.result(times, profile=profile, block=b.time_block(steps))
-    b.close()
+    Keywords as ``Bench``: loss_kernel as train.loss_kernel; mlp_kernel and rope_kernel as train.mlp_kernel and
+    train.rope_kernel (default 'torch'); compile_mode as torch.compile's mode; sdpa pins the attention backend;
+    compile_update: compile the row-sparse tables' update (default: as the trainer, with the body on CUDA);
+    residual_dtype: the residual stream's dtype (None: the embedding's, float32); whole_graph: the step as one CUDA
+    graph, as the trainer records it. ``kernels``: overtok.kernels settings for this run (``kernel_settings``)."""
+    with kernel_settings(kernels):
+        b = Bench(sets, batch_size, **kw)
+        b.warm(warmup)
+        times = b.time(steps)
+        out = b.result(times, profile=profile, block=b.time_block(steps))
+        b.close()
+    out["kernel_settings"] = kernels or {}
     return out
 
 
@@ -369,7 +393,7 @@ def seeded_models(cfg, P: int, dev: torch.device) -> Transformer:
 
 def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, profile: bool = False,
                 loss_kernel: str = "auto", compile_mode: str | None = None, whole: bool = False,
-                mlp_kernel: str = "torch") -> dict:
+                mlp_kernel: str = "torch", rope_kernel: str = "torch") -> dict:
     """Median step time of P same-shape models packed into one (overtok.packed), as ``time_training`` does for one
     model: compiled body, bf16 autocast, PackedAdamW with per-slice clipping. ``compile_mode``: torch.compile's
     mode ("reduce-overhead": CUDA graphs); ``whole``: compile the embedding's lookup with the body (the whole
@@ -384,6 +408,8 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, pr
     model.fused_loss = use_kernel(loss_kernel, dev, "loss_kernel")
     mlp_on = use_kernel(mlp_kernel, dev, "mlp_kernel")
     model.set_mlp_kernel(mlp_on)
+    rope_on = use_kernel(rope_kernel, dev, "rope_kernel")
+    model.set_rope_kernel(rope_on)
     if whole:
         model.forward = torch.compile(model.forward, mode=compile_mode)
     else:
@@ -430,7 +456,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, pr
            "warmup_s": warm_s, "optimizer": "packed_adamw (fused kernel per slice)",
            "compile_mode": compile_mode or "default", "compiled": "forward" if whole else "body_and_loss",
            "loss": "fused triton" if model.fused_loss else "torch", "first_loss": first_loss[0], "first_losses": first_loss,
-           "mlp_kernel": "triton" if mlp_on else "torch"}
+           "mlp_kernel": "triton" if mlp_on else "torch", "rope_kernel": "triton" if rope_on else "torch"}
     if profile:
         out.update(profile_steps(step, sync, dev))
     model = opt = batches = step = None  # noqa: F841 - release before the next variant

@@ -262,6 +262,12 @@ class TrainConfig:
     once and writes both halves of the projection's gradient (inductor's concatenating kernel ran at about half the
     H200's bandwidth); same needs as loss_kernel; 'torch': torch ops (compiled with the body); 'auto': triton on
     CUDA where it imports, else torch. Both compute in fp32 and round once (not part of the trial id)."""
+    rope_kernel: Literal["auto", "triton", "torch"] = "auto"
+    """Rotary embedding of queries and keys in training forwards. 'triton': overtok.kernels.rope_qkv, one kernel that
+    reads the qkv projection's output once and writes the attention's inputs, and one that writes the projection's
+    gradient in one pass (inductor took two); same needs as loss_kernel; 'torch': torch ops (compiled with the body);
+    'auto': triton on CUDA where it imports, else torch. Both compute in fp32 and round once (not part of the trial
+    id). Cached generation always uses torch."""
     cuda_graphs: bool = True
     """With train.compile on a CUDA device, in one process: replay the training step as CUDA graphs (what they hold:
     train.cuda_graph_scope), so a step costs the host a few launches instead of one per kernel. Ignored elsewhere

@@ -68,8 +68,29 @@ if triton is not None:
                 g = tl.where(col < V, tl.exp(x - lse) - tl.where(col == t, 1.0, 0.0), 0.0)
                 tl.store(base + col, g.to(logits_ptr.dtype.element_ty), mask=col < VP)
 
+    @triton.jit
+    def _ce_row_whole(logits_ptr, target_ptr, loss_ptr, V, VP, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr):
+        # the same for a row that fits in one block (BLOCK >= VP): read once, kept in registers, gradient written
+        # from them (one read and one write of the logits instead of two reads and one write)
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * VP
+        col = tl.arange(0, BLOCK)
+        x = tl.load(base + col, mask=col < V, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, 0)
+        e = tl.exp(x - m)
+        s = tl.sum(e, 0)
+        lse = m + tl.log(s)
+        t = tl.load(target_ptr + row)
+        tl.store(loss_ptr + row, lse - tl.load(base + t).to(tl.float32))
+        if WRITE_GRAD:
+            g = tl.where(col < V, e / s - tl.where(col == t, 1.0, 0.0), 0.0)
+            tl.store(base + col, g.to(logits_ptr.dtype.element_ty), mask=col < VP)
+
 
 ROW_ALIGN = 64  # the logits' row length is padded to a multiple of this (a real vocabulary, e.g. 50,280, is not)
+# rows up to this many columns (padded to a power of two) are read once and kept in registers (``_ce_row_whole``);
+# longer rows take two reads (``_ce_rows``). 0: always two reads (the kernel before; benchmarks compare the two)
+WHOLE_ROW_MAX = 65536
 
 
 def _launch(logits: torch.Tensor, target: torch.Tensor, V: int, write_grad: bool) -> torch.Tensor:
@@ -78,7 +99,12 @@ def _launch(logits: torch.Tensor, target: torch.Tensor, V: int, write_grad: bool
     R, VP = logits.shape
     assert V <= VP and logits.is_contiguous()
     loss = torch.empty(R, dtype=torch.float32, device=logits.device)
-    block = min(4096, triton.next_power_of_2(VP))
+    whole = triton.next_power_of_2(VP)
+    if whole <= WHOLE_ROW_MAX:
+        _ce_row_whole[(R,)](logits, target, loss, V, VP, BLOCK=whole, WRITE_GRAD=write_grad,
+                            num_warps=max(4, min(32, whole // 2048)))
+        return loss
+    block = min(4096, whole)
     _ce_rows[(R,)](logits, target, loss, V, VP, BLOCK=block, WRITE_GRAD=write_grad,
                    num_warps=8 if block >= 2048 else 4)
     return loss
@@ -223,3 +249,146 @@ def swiglu(gu: torch.Tensor) -> torch.Tensor:
     if gu.shape[-1] % 2:
         raise ValueError(f"swiglu: the last dimension ({gu.shape[-1]}) must be even ([gate | up])")
     return _swiglu(gu.contiguous())
+
+
+
+# Rotary position embedding of the queries and keys, over the qkv projection's output (B, T, 3 * H * hd) = [q | k | v]
+# per token. Compiled by inductor, the forward rotates q and k in one kernel and copies v in another, and the
+# backward writes d(qkv) in two passes (rotating one gradient into a temporary, then assembling all three): on an
+# H200 these took about 2.7 ms of a 124M step (benchmarks/RESULTS.md). Here one program per token reads its q, k
+# and v once and writes the three attention inputs; backward, one program per token reads dq, dk and dv once and
+# writes its row of d(qkv). As ``apply_rope``: pairs (first half, second half) of each head, cos and sin rounded to
+# the activations' dtype, computed in fp32 and rounded once (as inductor's fused kernels compute).
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_pair(src_ptr, src, dst_ptr, dst, c, s, half, mask, SIGN: tl.constexpr):
+        # (x1, x2) -> (x1 c - SIGN x2 s, SIGN x1 s + x2 c): SIGN 1 rotates, -1 rotates back (the gradient)
+        x1 = tl.load(src_ptr + src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src_ptr + src + half, mask=mask, other=0.0).to(tl.float32)
+        dty = dst_ptr.dtype.element_ty
+        tl.store(dst_ptr + dst, (x1 * c - SIGN * x2 * s).to(dty), mask=mask)
+        tl.store(dst_ptr + dst + half, (SIGN * x1 * s + x2 * c).to(dty), mask=mask)
+
+    @triton.jit
+    def _rope_cos_sin(cos_ptr, sin_ptr, t, j, half, mask, dty):
+        c = tl.load(cos_ptr + t * half + j, mask=mask, other=0.0).to(dty).to(tl.float32)
+        s = tl.load(sin_ptr + t * half + j, mask=mask, other=0.0).to(dty).to(tl.float32)
+        return c, s
+
+    @triton.jit
+    def _rope_index(NT, T, H, half, TOK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_J: tl.constexpr):
+        # TOK tokens (flat b * T + t) per program, x heads x the first half of each head's columns
+        tok = tl.program_id(0).to(tl.int64) * TOK + tl.arange(0, TOK)[:, None, None]
+        h = tl.arange(0, BLOCK_H)[None, :, None]
+        j = tl.arange(0, BLOCK_J)[None, None, :]
+        return tok, tok // T, tok % T, h, j, (tok < NT) & (h < H) & (j < half)
+
+    @triton.jit
+    def _rope_fwd(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, NT, T, H, half, o_b, o_h, o_t,
+                  TOK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_J: tl.constexpr):
+        # qkv (B, T, 3, H, 2 half) contiguous -> q, k, v (B, H, T, 2 half) at strides (o_b, o_h, o_t, 1)
+        tok, b, t, h, j, mask = _rope_index(NT, T, H, half, TOK, BLOCK_H, BLOCK_J)
+        c, s = _rope_cos_sin(cos_ptr, sin_ptr, t, j, half, (tok < NT) & (j < half), q_ptr.dtype.element_ty)
+        src = tok * 3 * H * 2 * half + h * 2 * half + j
+        dst = b * o_b + h * o_h + t * o_t + j
+        _rope_pair(qkv_ptr, src, q_ptr, dst, c, s, half, mask, 1.0)
+        _rope_pair(qkv_ptr, src + H * 2 * half, k_ptr, dst, c, s, half, mask, 1.0)
+        v_src = src + 2 * H * 2 * half
+        tl.store(v_ptr + dst, tl.load(qkv_ptr + v_src, mask=mask), mask=mask)
+        tl.store(v_ptr + dst + half, tl.load(qkv_ptr + v_src + half, mask=mask), mask=mask)
+
+    @triton.jit
+    def _rope_bwd(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dqkv_ptr, NT, T, H, half, q_b, q_h, q_t, k_b, k_h, k_t,
+                  v_b, v_h, v_t, TOK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_J: tl.constexpr):
+        # dq, dk, dv (B, H, T, 2 half), each at its own strides (last 1) -> d(qkv) (B, T, 3, H, 2 half)
+        tok, b, t, h, j, mask = _rope_index(NT, T, H, half, TOK, BLOCK_H, BLOCK_J)
+        c, s = _rope_cos_sin(cos_ptr, sin_ptr, t, j, half, (tok < NT) & (j < half), dqkv_ptr.dtype.element_ty)
+        dst = tok * 3 * H * 2 * half + h * 2 * half + j
+        _rope_pair(dq_ptr, b * q_b + h * q_h + t * q_t + j, dqkv_ptr, dst, c, s, half, mask, -1.0)
+        _rope_pair(dk_ptr, b * k_b + h * k_h + t * k_t + j, dqkv_ptr, dst + H * 2 * half, c, s, half, mask, -1.0)
+        v_src = b * v_b + h * v_h + t * v_t + j
+        v_dst = dst + 2 * H * 2 * half
+        tl.store(dqkv_ptr + v_dst, tl.load(dv_ptr + v_src, mask=mask), mask=mask)
+        tl.store(dqkv_ptr + v_dst + half, tl.load(dv_ptr + v_src + half, mask=mask), mask=mask)
+
+
+# tokens per program on a GPU, and at most under Triton's interpreter (the tests), where each program is costly
+ROPE_TOKENS = 1
+ROPE_TOKENS_INTERPRETED = 64
+
+
+def _rope_launch(NT: int, H: int, half: int) -> tuple[tuple[int], dict]:
+    """(grid, block sizes) for NT tokens of H heads of 2 half columns."""
+    tok = min(ROPE_TOKENS_INTERPRETED, triton.next_power_of_2(NT)) if _PLAIN_OPS else ROPE_TOKENS
+    return (triton.cdiv(NT, tok),), {"TOK": tok, "BLOCK_H": triton.next_power_of_2(H),
+                                      "BLOCK_J": triton.next_power_of_2(half), "num_warps": 4}
+
+
+def _rope_outputs(qkv: torch.Tensor, n_heads: int, bthd: bool) -> list[torch.Tensor]:
+    """Three (B, H, T, hd) tensors for q, k, v: contiguous, or (bthd) views of (B, T, H, hd) memory."""
+    B, T, C3 = qkv.shape
+    hd = C3 // (3 * n_heads)
+    if bthd:
+        return [qkv.new_empty(B, T, n_heads, hd).transpose(1, 2) for _ in range(3)]
+    return [qkv.new_empty(B, n_heads, T, hd) for _ in range(3)]
+
+
+@_define("overtok::rope_qkv", mutates_args=())
+def _rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
+              bthd: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv (B, T, 3 H hd) contiguous, cos and sin (T, hd / 2) float32 contiguous -> rotated q, rotated k and v,
+    each (B, H, T, hd) in qkv's dtype (laid out as ``_rope_outputs``)."""
+    q, k, v = _rope_outputs(qkv, n_heads, bthd)
+    B, H, T, hd = q.shape
+    grid, blocks = _rope_launch(B * T, H, hd // 2)
+    _wrap(_rope_fwd)[grid](qkv, cos, sin, q, k, v, B * T, T, H, hd // 2, *q.stride()[:3], **blocks)
+    return q, k, v
+
+
+@_define("overtok::rope_qkv_backward", mutates_args=())
+def _rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor) -> torch.Tensor:
+    """d(qkv) (B, T, 3 H hd) from the gradients of the three outputs (B, H, T, hd), each with a last stride of 1."""
+    B, H, T, hd = dq.shape
+    dqkv = dq.new_empty(B, T, 3 * H * hd)
+    grid, blocks = _rope_launch(B * T, H, hd // 2)
+    _wrap(_rope_bwd)[grid](dq, dk, dv, cos, sin, dqkv, B * T, T, H, hd // 2, *dq.stride()[:3], *dk.stride()[:3],
+                           *dv.stride()[:3], **blocks)
+    return dqkv
+
+
+if _PLAIN_OPS:
+    _rope_qkv.register_fake(lambda qkv, cos, sin, n_heads, bthd: tuple(_rope_outputs(qkv, n_heads, bthd)))
+    _rope_qkv_backward.register_fake(
+        lambda dq, dk, dv, cos, sin: dq.new_empty(dq.shape[0], dq.shape[2], 3 * dq.shape[1] * dq.shape[3]))
+
+
+def _rope_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _rope_grad(ctx, dq, dk, dv):
+    cos, sin = ctx.saved_tensors
+    dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))  # (SDPA's are)
+    return _rope_qkv_backward(dq, dk, dv, cos, sin), None, None, None, None
+
+
+_rope_qkv.register_autograd(_rope_grad, setup_context=_rope_setup)
+
+# where the three attention inputs live: True, (B, T, H, hd) memory seen as (B, H, T, hd) (the attention's output can
+# then come back in the layout the output projection reads); False, contiguous (B, H, T, hd) as inductor wrote them
+ROPE_BTHD = False
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q and k rotated as ``overtok.model.apply_rope`` (positions 0..T-1), and v, from the qkv projection's output
+    (B, T, 3 H hd) = [q | k | v] per token, by the Triton kernels (see ``available``). Returns three (B, H, T, hd)
+    tensors; cos and sin: (at least T, hd / 2) tables."""
+    B, T, C3 = qkv.shape
+    if C3 % (3 * n_heads) or (C3 // (3 * n_heads)) % 2:
+        raise ValueError(f"rope_qkv: width {C3} is not 3 x {n_heads} heads x an even head size")
+    cos, sin = (x[:T].float().contiguous() for x in (cos, sin))
+    return _rope_qkv(qkv.contiguous(), cos, sin, n_heads, ROPE_BTHD)

@@ -52,12 +52,18 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kernel = False  # RoPE by overtok.kernels.rope_qkv in training (the trainer sets it: train.rope_kernel)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
         pos = cache["pos"] if cache is not None else 0
-        q, k = apply_rope(q, cos, sin, pos), apply_rope(k, cos, sin, pos)
+        if self.kernel and cache is None:
+            from overtok.kernels import rope_qkv
+
+            q, k, v = rope_qkv(self.qkv(x), cos, sin, self.n_heads)
+        else:
+            q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+            q, k = apply_rope(q, cos, sin, pos), apply_rope(k, cos, sin, pos)
         if cache is not None:  # generation: keys/values of earlier positions are kept, not recomputed
             cache["k"][:, :, pos : pos + T], cache["v"][:, :, pos : pos + T] = k, v
             k, v = cache["k"][:, :, : pos + T], cache["v"][:, :, : pos + T]
@@ -289,6 +295,13 @@ class Transformer(nn.Module):
         """Every SwiGLU (trunk and extra heads) computes silu(gate) * up with overtok.kernels.swiglu (on) or torch."""
         for m in self.modules():
             if isinstance(m, SwiGLU):
+                m.kernel = on
+
+    def set_rope_kernel(self, on: bool) -> None:
+        """Every attention layer (trunk and extra heads) rotates its queries and keys with overtok.kernels.rope_qkv
+        (on; training and full-sequence forwards) or torch (off, and always for cached generation)."""
+        for m in self.modules():
+            if isinstance(m, Attention):
                 m.kernel = on
 
     def sparse_tables(self) -> list[RowSparseTable]:

@@ -236,12 +236,12 @@ ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "f
 
 
 def trial_id(cfg: RunConfig) -> str:
-    """Hash of what determines the result: the resolved config minus naming, tracking and where files go, the loss
-    and MLP kernels (the same values up to float rounding), CUDA graphs (the same kernels, replayed), DDP's bucket
+    """Hash of what determines the result: the resolved config minus naming, tracking and where files go, the loss,
+    MLP and RoPE kernels (the same values up to float rounding), CUDA graphs (the same kernels, replayed), DDP's bucket
     size (the same averages) and whether evaluation is compiled (the same losses up to summation order), nor the
     fields its data never reads (``_unused_fields``)."""
-    drop = ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel", "train.mlp_kernel", "train.cuda_graphs",
-            "train.cuda_graph_scope", "train.ddp_bucket_mb", "train.compile_eval") + _unused_fields(cfg)
+    drop = ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel", "train.mlp_kernel", "train.rope_kernel",
+            "train.cuda_graphs", "train.cuda_graph_scope", "train.ddp_bucket_mb", "train.compile_eval") + _unused_fields(cfg)
     return _config_hash(cfg, drop, ADDED_FIELDS)
 
 

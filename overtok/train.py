@@ -135,7 +135,7 @@ def default_checkpoint_dir(cfg: RunConfig) -> Path:
 
 
 def use_kernel(value: str, device: torch.device, field: str) -> bool:
-    """Resolve a kernel choice (train.loss_kernel, train.mlp_kernel: auto / triton / torch) on this device: whether
+    """Resolve a kernel choice (train.loss_kernel, mlp_kernel, rope_kernel: auto / triton / torch) on this device: whether
     overtok.kernels runs."""
     from overtok import kernels
 
@@ -147,9 +147,9 @@ def use_kernel(value: str, device: torch.device, field: str) -> bool:
 
 def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, distributed: bool = False,
                   step_graphs: bool = False):
-    """What both trainers do to a built model before training: pick the loss and MLP kernels (train.loss_kernel,
-    train.mlp_kernel) and the residual stream's dtype (train.residual_dtype: bfloat16 takes effect under bf16 autocast
-    only), and under train.compile compile the OE mix, body, heads and loss (the lookups stay eager: row-sparse tables
+    """What both trainers do to a built model before training: pick the loss, MLP and RoPE kernels (train.loss_kernel,
+    mlp_kernel, rope_kernel) and the residual stream's dtype (train.residual_dtype: bfloat16 takes effect under bf16
+    autocast only), and under train.compile compile the OE mix, body, heads and loss (the lookups stay eager: row-sparse tables
     work through autograd hooks), as CUDA graphs where train.cuda_graphs applies, plus on CUDA the small eager parts of
     OE around the lookup. ``step_graphs``: the caller can record whole steps (``StepGraph``), which
     train.cuda_graph_scope = step then asks for instead of torch.compile's graphs. Returns (autocast: a context factory
@@ -158,6 +158,8 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
     model.fused_loss = use_kernel(t.loss_kernel, device, "train.loss_kernel")
     mlp_kernel = use_kernel(t.mlp_kernel, device, "train.mlp_kernel")
     model.set_mlp_kernel(mlp_kernel)
+    rope_kernel = use_kernel(t.rope_kernel, device, "train.rope_kernel")
+    model.set_rope_kernel(rope_kernel)
     model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
     # with gradient accumulation (several backward passes into the same gradients per step) the graphed run's curve
     # differed from the plain one on the H200 (tests/test_cuda.py, benchmarks/results/gpu_test_cuda_first.log)
@@ -174,7 +176,7 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
             for table in model.sparse_tables():
                 table.compile_update()
     flags = {"perf/fused_loss": float(model.fused_loss), "perf/mlp_kernel": float(mlp_kernel),
-             "perf/cuda_graphs": float(graphs), "perf/step_graph": float(whole_step),
+             "perf/rope_kernel": float(rope_kernel), "perf/cuda_graphs": float(graphs), "perf/step_graph": float(whole_step),
              "perf/residual_bf16": float(model.residual_dtype is not None), "perf/compiled_eval": float(compiled_eval(t))}
     return autocast, flags
 

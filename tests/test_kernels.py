@@ -18,8 +18,10 @@ pytestmark = pytest.mark.skipif(not kernels.available(torch.device("cpu")), reas
 CPU = torch.device("cpu")
 
 
+@pytest.mark.parametrize("whole_row_max", [kernels.WHOLE_ROW_MAX, 0], ids=["row-in-registers", "two-reads"])
 @pytest.mark.parametrize("P,N,d,V", [(1, 12, 8, 37), (3, 5, 16, 1000), (2, 7, 8, 5000), (2, 6, 8, 128)])
-def test_loss_and_gradients_equal_the_stock_loss(P, N, d, V):
+def test_loss_and_gradients_equal_the_stock_loss(monkeypatch, P, N, d, V, whole_row_max):
+    monkeypatch.setattr(kernels, "WHOLE_ROW_MAX", whole_row_max)
     torch.manual_seed(P * V)
     h = torch.randn(P, N, d, requires_grad=True)
     w = torch.randn(P, V, d, requires_grad=True)
@@ -80,7 +82,7 @@ def test_model_with_fused_loss_equals_stock_loss(extra):
     assert model(x[:, : cfg.model.seq_len], targets=False)[0].shape[-1] == cfg.model.output_vocab_size
 
 
-@pytest.mark.parametrize("kernel", ["loss", "mlp"])
+@pytest.mark.parametrize("kernel", ["loss", "mlp", "rope"])
 def test_compiled_and_packed_models_with_kernels(kernel):
     cfg = tiny_config()
     models = []
@@ -92,15 +94,18 @@ def test_compiled_and_packed_models_with_kernels(kernel):
     stock = _grads(packed, x)
     if kernel == "loss":
         packed.fused_loss = True
-    else:
+    elif kernel == "mlp":
         packed.set_mlp_kernel(True)
+    else:
+        packed.set_rope_kernel(True)
     packed.body_and_loss = torch.compile(packed.body_and_loss, backend="aot_eager", fullgraph=True)
     fused = _grads(packed, x)
     assert fused[0]["total"].shape == (2,)
     _assert_grads_close(stock, fused)
 
 
-KERNEL_FIELDS = [("train.loss_kernel", "perf/fused_loss"), ("train.mlp_kernel", "perf/mlp_kernel")]
+KERNEL_FIELDS = [("train.loss_kernel", "perf/fused_loss"), ("train.mlp_kernel", "perf/mlp_kernel"),
+                 ("train.rope_kernel", "perf/rope_kernel")]
 
 
 @pytest.mark.parametrize("field,flag", KERNEL_FIELDS)
@@ -178,3 +183,60 @@ def test_model_with_mlp_kernel_equals_torch(extra):
     assert all(m.kernel for m in model.modules() if hasattr(m, "gate_up"))
     got = _grads(model, x)
     _assert_grads_close(ref, got)
+
+
+# RoPE of queries and keys over the qkv projection (overtok.kernels.rope_qkv, train.rope_kernel)
+
+
+@pytest.mark.parametrize("bthd", [False, True], ids=["bhtd", "bthd"])
+@pytest.mark.parametrize("B,T,H,hd,dtype,tokens", [(2, 5, 3, 8, torch.float32, 64), (1, 7, 2, 6, torch.float32, 64),
+                                                   (2, 9, 4, 16, torch.bfloat16, 64), (2, 9, 3, 8, torch.float32, 4)])
+def test_rope_kernel_equals_torch(monkeypatch, B, T, H, hd, dtype, tokens, bthd):
+    """(tokens: per program; 4 leaves 18 tokens in 5 programs, the last one part-masked)"""
+    from overtok.model import apply_rope, rope_tables
+
+    monkeypatch.setattr(kernels, "ROPE_BTHD", bthd)
+    monkeypatch.setattr(kernels, "ROPE_TOKENS_INTERPRETED", tokens)
+    torch.manual_seed(T * H)
+    cos, sin = rope_tables(T + 3, hd, 10_000.0)  # longer tables than the sequence, as a model's with lookahead
+    qkv = torch.randn(B, T, 3 * H * hd).to(dtype).requires_grad_()
+    got = kernels.rope_qkv(qkv, cos, sin, H)
+    assert all(x.shape == (B, H, T, hd) and x.dtype == dtype for x in got)
+    assert got[0].transpose(1, 2).is_contiguous() == bthd
+    # the reference in fp32 with cos and sin rounded to the activations' dtype (as apply_rope), rounded once
+    ref_in = qkv.detach().float().requires_grad_()
+    q, k, v = ref_in.view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)
+    cs = [x.to(dtype).float() for x in (cos, sin)]
+    ref = (apply_rope(q, *cs), apply_rope(k, *cs), v)
+    grads = [torch.randn(B, H, T, hd).to(dtype) for _ in range(3)]
+    grads[1] = grads[1].transpose(2, 3).contiguous().transpose(2, 3)  # a gradient with a last stride other than 1
+    (gq,) = torch.autograd.grad(got, qkv, grads)
+    (rq,) = torch.autograd.grad(ref, ref_in, [g.float() for g in grads])
+    # (bf16: Triton's interpreter may round fp32 -> bf16 differently from torch, by an ulp or two at the extremes)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 4e-2}
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b.to(dtype), **tol)
+    assert gq.dtype == dtype
+    torch.testing.assert_close(gq, rq.to(dtype), **tol)
+
+
+def test_rope_kernel_rejects_odd_heads():
+    with pytest.raises(ValueError, match="even head size"):
+        kernels.rope_qkv(torch.randn(1, 2, 3 * 2 * 5), torch.ones(2, 3), torch.ones(2, 3), 2)
+
+
+@pytest.mark.parametrize("extra", [{}, {"model.od_depth": 3, "model.od_mode": "mtp_ds", "model.oe.n": 2, "model.oe.m": 61}])
+def test_model_with_rope_kernel_equals_torch(extra):
+    cfg, model, x = _model_and_batch(extra)
+    ref = _grads(model, x)
+    model.set_rope_kernel(True)
+    assert all(m.kernel for m in model.modules() if hasattr(m, "qkv"))
+    got = _grads(model, x)
+    _assert_grads_close(ref, got)
+    # cached generation keeps torch's path (the kernel rotates positions 0..T-1 only): the same samples either way
+    samples = []
+    for on in (True, False):
+        model.set_rope_kernel(on)
+        with torch.no_grad():
+            samples.append(model.generate(x[:2, :5], 6, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(samples[0], samples[1], rtol=0, atol=0)
