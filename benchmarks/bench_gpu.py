@@ -58,12 +58,12 @@ VARIANTS = {
     "fused+bf16res+cdt": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16,
                           "compile_options": {"coordinate_descent_tuning": True}},
 }
-# sixteenth session: the loss kernel's rows read once (``tworeads``: as before, overtok.kernels.WHOLE_ROW_MAX = 0);
-# RoPE by overtok.kernels.rope_qkv (train.rope_kernel), its outputs in (B, T, H, hd) memory (``bthd``) or several
-# tokens per program (``tok4``); ``graph``: the whole step as one CUDA graph, as the trainer runs a dense model
-_S16 = {"tworeads": {"kernels": {"WHOLE_ROW_MAX": 0}}, "rope": {"rope_kernel": "auto"},
-        "bthd": {"kernels": {"ROPE_BTHD": True}}, "tok4": {"kernels": {"ROPE_TOKENS": 4}},
-        "graph": {"whole_graph": True}, "bf16res": {"residual_dtype": torch.bfloat16}}
+# sixteenth session: RoPE by overtok.kernels.rope_qkv (train.rope_kernel), its outputs in contiguous (B, H, T, hd)
+# memory (``bhtd``; the default is (B, T, H, hd) memory) or four tokens per program (``tok4``); ``graph``: the whole
+# step as one CUDA graph, as the trainer runs a dense model
+_S16 = {"rope": {"rope_kernel": "auto"}, "bhtd": {"kernels": {"ROPE_BTHD": False}},
+        "tok4": {"kernels": {"ROPE_TOKENS": 4}}, "graph": {"whole_graph": True},
+        "bf16res": {"residual_dtype": torch.bfloat16}}
 
 
 def _s16_variant(name: str) -> dict:
@@ -74,8 +74,7 @@ def _s16_variant(name: str) -> dict:
     return out
 
 
-for _name in ("fused+swiglu+tworeads", "fused+swiglu+graph", "fused+swiglu+rope", "fused+swiglu+rope+bthd",
-              "fused+swiglu+rope+tok4", "fused+swiglu+rope+graph", "fused+swiglu+bf16res+graph",
+for _name in ("fused+swiglu+graph", "fused+swiglu+rope", "fused+swiglu+rope+bhtd", "fused+swiglu+rope+tok4", "fused+swiglu+rope+graph", "fused+swiglu+bf16res+graph",
               "fused+swiglu+bf16res+rope", "fused+swiglu+bf16res+rope+graph"):
     VARIANTS[_name] = _s16_variant(_name)
 

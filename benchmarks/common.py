@@ -333,7 +333,7 @@ class Bench:
 
 @contextlib.contextmanager
 def kernel_settings(settings: dict | None):
-    """overtok.kernels' module settings (e.g. WHOLE_ROW_MAX, ROPE_BTHD, ROPE_TOKENS) set for the block, then restored.
+    """overtok.kernels' module settings (e.g. ROPE_BTHD, ROPE_TOKENS) set for the block, then restored.
     A compiled model reads them when it is traced: build, warm up and time it inside the block."""
     from overtok import kernels
 

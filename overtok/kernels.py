@@ -68,29 +68,8 @@ if triton is not None:
                 g = tl.where(col < V, tl.exp(x - lse) - tl.where(col == t, 1.0, 0.0), 0.0)
                 tl.store(base + col, g.to(logits_ptr.dtype.element_ty), mask=col < VP)
 
-    @triton.jit
-    def _ce_row_whole(logits_ptr, target_ptr, loss_ptr, V, VP, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr):
-        # the same for a row that fits in one block (BLOCK >= VP): read once, kept in registers, gradient written
-        # from them (one read and one write of the logits instead of two reads and one write)
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * VP
-        col = tl.arange(0, BLOCK)
-        x = tl.load(base + col, mask=col < V, other=float("-inf")).to(tl.float32)
-        m = tl.max(x, 0)
-        e = tl.exp(x - m)
-        s = tl.sum(e, 0)
-        lse = m + tl.log(s)
-        t = tl.load(target_ptr + row)
-        tl.store(loss_ptr + row, lse - tl.load(base + t).to(tl.float32))
-        if WRITE_GRAD:
-            g = tl.where(col < V, e / s - tl.where(col == t, 1.0, 0.0), 0.0)
-            tl.store(base + col, g.to(logits_ptr.dtype.element_ty), mask=col < VP)
-
 
 ROW_ALIGN = 64  # the logits' row length is padded to a multiple of this (a real vocabulary, e.g. 50,280, is not)
-# rows up to this many columns (padded to a power of two) are read once and kept in registers (``_ce_row_whole``);
-# longer rows take two reads (``_ce_rows``). 0: always two reads (the kernel before; benchmarks compare the two)
-WHOLE_ROW_MAX = 65536
 
 
 def _launch(logits: torch.Tensor, target: torch.Tensor, V: int, write_grad: bool) -> torch.Tensor:
@@ -99,12 +78,7 @@ def _launch(logits: torch.Tensor, target: torch.Tensor, V: int, write_grad: bool
     R, VP = logits.shape
     assert V <= VP and logits.is_contiguous()
     loss = torch.empty(R, dtype=torch.float32, device=logits.device)
-    whole = triton.next_power_of_2(VP)
-    if whole <= WHOLE_ROW_MAX:
-        _ce_row_whole[(R,)](logits, target, loss, V, VP, BLOCK=whole, WRITE_GRAD=write_grad,
-                            num_warps=max(4, min(32, whole // 2048)))
-        return loss
-    block = min(4096, whole)
+    block = min(4096, triton.next_power_of_2(VP))
     _ce_rows[(R,)](logits, target, loss, V, VP, BLOCK=block, WRITE_GRAD=write_grad,
                    num_warps=8 if block >= 2048 else 4)
     return loss
@@ -314,16 +288,20 @@ if triton is not None:
         tl.store(dqkv_ptr + v_dst + half, tl.load(dv_ptr + v_src + half, mask=mask), mask=mask)
 
 
-# tokens per program on a GPU, and at most under Triton's interpreter (the tests), where each program is costly
-ROPE_TOKENS = 1
+# tokens per program on a GPU (0: enough for about 512 (head, column) pairs, i.e. one at a 124M model's 12 heads of
+# 64, four at a tiny model's 4 heads), and at most under Triton's interpreter (the tests), where programs are costly
+ROPE_TOKENS = 0
 ROPE_TOKENS_INTERPRETED = 64
 
 
 def _rope_launch(NT: int, H: int, half: int) -> tuple[tuple[int], dict]:
     """(grid, block sizes) for NT tokens of H heads of 2 half columns."""
-    tok = min(ROPE_TOKENS_INTERPRETED, triton.next_power_of_2(NT)) if _PLAIN_OPS else ROPE_TOKENS
-    return (triton.cdiv(NT, tok),), {"TOK": tok, "BLOCK_H": triton.next_power_of_2(H),
-                                      "BLOCK_J": triton.next_power_of_2(half), "num_warps": 4}
+    bh, bj = triton.next_power_of_2(H), triton.next_power_of_2(half)
+    if _PLAIN_OPS:
+        tok = min(ROPE_TOKENS_INTERPRETED, triton.next_power_of_2(NT))
+    else:
+        tok = ROPE_TOKENS or max(1, 512 // (bh * bj))
+    return (triton.cdiv(NT, tok),), {"TOK": tok, "BLOCK_H": bh, "BLOCK_J": bj, "num_warps": 4}
 
 
 def _rope_outputs(qkv: torch.Tensor, n_heads: int, bthd: bool) -> list[torch.Tensor]:
@@ -379,7 +357,7 @@ _rope_qkv.register_autograd(_rope_grad, setup_context=_rope_setup)
 
 # where the three attention inputs live: True, (B, T, H, hd) memory seen as (B, H, T, hd) (the attention's output can
 # then come back in the layout the output projection reads); False, contiguous (B, H, T, hd) as inductor wrote them
-ROPE_BTHD = False
+ROPE_BTHD = True
 
 
 def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -164,8 +164,8 @@ def test_swiglu_kernel_on_cuda(tmp_path):
 @pytest.mark.parametrize("bthd", [False, True], ids=["bhtd", "bthd"])
 def test_rope_kernel_on_cuda(tmp_path, monkeypatch, bthd):
     """overtok.kernels.rope_qkv against apply_rope at a 124M model's attention shape in bf16 (values and d(qkv)),
-    the loss kernel's whole-row path against its two-read path at V = 50,304, then the trainer with
-    train.rope_kernel triton vs torch (compiled, the whole step as one CUDA graph)."""
+    in both layouts of its outputs, then the trainer with train.rope_kernel triton vs torch (compiled, the whole step
+    as one CUDA graph)."""
     from overtok import kernels
     from overtok.model import apply_rope, rope_tables
 
@@ -185,18 +185,6 @@ def test_rope_kernel_on_cuda(tmp_path, monkeypatch, bthd):
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b.bfloat16(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(gq, rq.bfloat16(), rtol=1e-2, atol=1e-2)
-    h, w = torch.randn(1, 2048, 768, device=CUDA).bfloat16(), torch.randn(1, 50_304, 768, device=CUDA).bfloat16() / 30
-    t = torch.randint(0, 50_304, (1, 2048), device=CUDA)
-    losses = []
-    for whole in (kernels.WHOLE_ROW_MAX, 0):
-        monkeypatch.setattr(kernels, "WHOLE_ROW_MAX", whole)
-        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-        loss = kernels.linear_cross_entropy(hh, ww, t)
-        loss.sum().backward()
-        losses.append((loss.detach(), hh.grad, ww.grad))
-    torch.testing.assert_close(losses[0][0], losses[1][0], rtol=1e-4, atol=1e-4)  # (about 11.3)
-    for a, b in zip(losses[0][1:], losses[1][1:]):  # (bf16 gradients of about 1e-5: an ulp apart here and there)
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-6)
     runs = {k: _run(tmp_path, f"rope_{k}", True, **{"train.rope_kernel": k}) for k in ("torch", "triton")}
     assert set(runs["triton"]["perf/rope_kernel"].values()) == {1.0}
     assert set(runs["torch"]["perf/rope_kernel"].values()) == {0.0}
