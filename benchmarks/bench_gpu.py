@@ -74,7 +74,8 @@ def _s16_variant(name: str) -> dict:
     return out
 
 
-for _name in ("fused+swiglu+graph", "fused+swiglu+rope", "fused+swiglu+rope+bhtd", "fused+swiglu+rope+tok4", "fused+swiglu+rope+graph", "fused+swiglu+bf16res+graph",
+for _name in ("fused+swiglu+graph", "fused+swiglu+rope", "fused+swiglu+rope+bhtd", "fused+swiglu+rope+tok4",
+              "fused+swiglu+rope+graph", "fused+swiglu+bf16res+graph",
               "fused+swiglu+bf16res+rope", "fused+swiglu+bf16res+rope+graph"):
     VARIANTS[_name] = _s16_variant(_name)
 

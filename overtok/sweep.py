@@ -241,7 +241,8 @@ def trial_id(cfg: RunConfig) -> str:
     size (the same averages) and whether evaluation is compiled (the same losses up to summation order), nor the
     fields its data never reads (``_unused_fields``)."""
     drop = ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel", "train.mlp_kernel", "train.rope_kernel",
-            "train.cuda_graphs", "train.cuda_graph_scope", "train.ddp_bucket_mb", "train.compile_eval") + _unused_fields(cfg)
+            "train.cuda_graphs", "train.cuda_graph_scope", "train.ddp_bucket_mb", "train.compile_eval")
+    drop += _unused_fields(cfg)
     return _config_hash(cfg, drop, ADDED_FIELDS)
 
 

@@ -135,8 +135,8 @@ def default_checkpoint_dir(cfg: RunConfig) -> Path:
 
 
 def use_kernel(value: str, device: torch.device, field: str) -> bool:
-    """Resolve a kernel choice (train.loss_kernel, mlp_kernel, rope_kernel: auto / triton / torch) on this device: whether
-    overtok.kernels runs."""
+    """Resolve a kernel choice (train.loss_kernel, mlp_kernel, rope_kernel: auto / triton / torch) on this device:
+    whether overtok.kernels runs."""
     from overtok import kernels
 
     if value == "triton" and not kernels.available(device):
@@ -149,9 +149,9 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
                   step_graphs: bool = False):
     """What both trainers do to a built model before training: pick the loss, MLP and RoPE kernels (train.loss_kernel,
     mlp_kernel, rope_kernel) and the residual stream's dtype (train.residual_dtype: bfloat16 takes effect under bf16
-    autocast only), and under train.compile compile the OE mix, body, heads and loss (the lookups stay eager: row-sparse tables
-    work through autograd hooks), as CUDA graphs where train.cuda_graphs applies, plus on CUDA the small eager parts of
-    OE around the lookup. ``step_graphs``: the caller can record whole steps (``StepGraph``), which
+    autocast only), and under train.compile compile the OE mix, body, heads and loss (the lookups stay eager:
+    row-sparse tables work through autograd hooks), as CUDA graphs where train.cuda_graphs applies, plus on CUDA the
+    small eager parts of OE around the lookup. ``step_graphs``: the caller can record whole steps (``StepGraph``), which
     train.cuda_graph_scope = step then asks for instead of torch.compile's graphs. Returns (autocast: a context factory
     for forward passes, the perf/* flags every logged step carries: which of these took effect)."""
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
@@ -176,7 +176,8 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
             for table in model.sparse_tables():
                 table.compile_update()
     flags = {"perf/fused_loss": float(model.fused_loss), "perf/mlp_kernel": float(mlp_kernel),
-             "perf/rope_kernel": float(rope_kernel), "perf/cuda_graphs": float(graphs), "perf/step_graph": float(whole_step),
+             "perf/rope_kernel": float(rope_kernel), "perf/cuda_graphs": float(graphs),
+             "perf/step_graph": float(whole_step),
              "perf/residual_bf16": float(model.residual_dtype is not None), "perf/compiled_eval": float(compiled_eval(t))}
     return autocast, flags
 

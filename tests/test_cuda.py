@@ -154,9 +154,15 @@ def test_swiglu_kernel_on_cuda(tmp_path):
     (rd,) = torch.autograd.grad(ref, gu, dout.float())
     torch.testing.assert_close(out, ref.bfloat16(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(gd, rd.bfloat16(), rtol=1e-2, atol=1e-2)
-    runs = {k: _run(tmp_path, f"mlp_{k}", True, **{"train.mlp_kernel": k}) for k in ("torch", "triton")}
-    assert set(runs["triton"]["perf/mlp_kernel"].values()) == {1.0}
-    assert set(runs["torch"]["perf/mlp_kernel"].values()) == {0.0}
+    _assert_trainer_follows_torch(tmp_path, "train.mlp_kernel", "perf/mlp_kernel")
+
+
+def _assert_trainer_follows_torch(tmp_path, field, flag):
+    """The trainer (compiled, the whole step as one CUDA graph) with a kernel field triton vs torch: the same curves,
+    and each run's perf flag says which ran."""
+    runs = {k: _run(tmp_path, f"{field}_{k}", True, **{field: k}) for k in ("torch", "triton")}
+    assert set(runs["triton"][flag].values()) == {1.0}
+    assert set(runs["torch"][flag].values()) == {0.0}
     assert set(runs["triton"]["perf/step_graph"].values()) == {1.0}
     _assert_close(runs["torch"], runs["triton"])
 
@@ -185,8 +191,4 @@ def test_rope_kernel_on_cuda(tmp_path, monkeypatch, bthd):
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b.bfloat16(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(gq, rq.bfloat16(), rtol=1e-2, atol=1e-2)
-    runs = {k: _run(tmp_path, f"rope_{k}", True, **{"train.rope_kernel": k}) for k in ("torch", "triton")}
-    assert set(runs["triton"]["perf/rope_kernel"].values()) == {1.0}
-    assert set(runs["torch"]["perf/rope_kernel"].values()) == {0.0}
-    assert set(runs["triton"]["perf/step_graph"].values()) == {1.0}
-    _assert_close(runs["torch"], runs["triton"])
+    _assert_trainer_follows_torch(tmp_path, "train.rope_kernel", "perf/rope_kernel")

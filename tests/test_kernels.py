@@ -172,13 +172,19 @@ def test_swiglu_kernel_rejects_an_odd_width():
         kernels.swiglu(torch.randn(2, 7))
 
 
+# (the modules each kernel serves: SwiGLU has gate_up, Attention has qkv; trunk and extra heads alike)
+MODULE_KERNELS = {"mlp": ("set_mlp_kernel", "gate_up"), "rope": ("set_rope_kernel", "qkv")}
+
+
+@pytest.mark.parametrize("kind", list(MODULE_KERNELS))
 @pytest.mark.parametrize("extra", [{}, {"model.od_depth": 2, "model.od_mode": "mtp"},
                                    {"model.od_depth": 3, "model.od_mode": "mtp_ds", "model.oe.n": 2, "model.oe.m": 61}])
-def test_model_with_mlp_kernel_equals_torch(extra):
+def test_model_with_module_kernel_equals_torch(kind, extra):
     _, model, x = _model_and_batch(extra)
     ref = _grads(model, x)
-    model.set_mlp_kernel(True)
-    assert all(m.kernel for m in model.modules() if hasattr(m, "gate_up"))
+    setter, attr = MODULE_KERNELS[kind]
+    getattr(model, setter)(True)
+    assert all(m.kernel for m in model.modules() if hasattr(m, attr))
     got = _grads(model, x)
     _assert_grads_close(ref, got)
 
@@ -223,15 +229,9 @@ def test_rope_kernel_rejects_odd_heads():
         kernels.rope_qkv(torch.randn(1, 2, 3 * 2 * 5), torch.ones(2, 3), torch.ones(2, 3), 2)
 
 
-@pytest.mark.parametrize("extra", [{}, {"model.od_depth": 3, "model.od_mode": "mtp_ds", "model.oe.n": 2, "model.oe.m": 61}])
-def test_model_with_rope_kernel_equals_torch(extra):
-    cfg, model, x = _model_and_batch(extra)
-    ref = _grads(model, x)
-    model.set_rope_kernel(True)
-    assert all(m.kernel for m in model.modules() if hasattr(m, "qkv"))
-    got = _grads(model, x)
-    _assert_grads_close(ref, got)
-    # cached generation keeps torch's path (the kernel rotates positions 0..T-1 only): the same samples either way
+def test_cached_generation_keeps_torch_rope():
+    """The kernel rotates positions 0..T-1 only; cached generation takes torch's path: the same samples either way."""
+    _, model, x = _model_and_batch({})
     samples = []
     for on in (True, False):
         model.set_rope_kernel(on)
