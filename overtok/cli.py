@@ -55,9 +55,12 @@ def cmd_plan(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    import time
+
     from overtok.sweep import load_sweep
     from overtok.tune import run_sweep
 
+    started = time.time()  # the checks below (validation, disk, this machine's GPUs and CPUs): the clock's first phase
     sweep = load_sweep(args.sweep, args.set)
     if args.max_concurrent:
         sweep.max_concurrent = args.max_concurrent
@@ -70,7 +73,7 @@ def cmd_sweep(args) -> int:
     sweep.check_local_resources()
     for note in sweep.notes():
         print(f"[overtok] note: {note}", flush=True)
-    res = run_sweep(sweep)
+    res = run_sweep(sweep, started)
     return 0 if res["failed"] == 0 else 1
 
 

@@ -565,9 +565,11 @@ def _shutdown_ray() -> None:
     ray.shutdown()
 
 
-def run_sweep(sweep: Sweep) -> dict:
-    """Run every unfinished trial of ``sweep``; return counts. Resumable: rerun the same command."""
-    clock = [("start", time.time())]  # where the driver's own time goes, printed at the end
+def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
+    """Run every unfinished trial of ``sweep``; return counts. Resumable: rerun the same command. ``started``: when
+    the caller began checking the sweep (its time is printed as the phase ``checks``)."""
+    clock = [("start", started)] if started is not None else []  # where the driver's own time goes, printed at the end
+    clock.append(("checks" if clock else "start", time.time()))
     uri = resolve_tracking_uri(sweep.tracking_uri)
     prep: dict[str, Any] = {}
     ray_started = False

@@ -54,7 +54,8 @@ def test_quickstart_end_to_end(quickstart):
     # where the time went: the trainer's setup and first step per run, the driver's phases at the end
     assert r.data.metrics["perf/setup_s"] > 0 and r.data.metrics["perf/first_step_s"] > 0
     assert [m.step for m in c.get_metric_history(r.info.run_id, "perf/setup_s")] == [tps * 5]
-    assert re.search(r"quickstart: [0-9.]+ s in all: setup [0-9.]+ s, trials [0-9.]+ s, Ray stop [0-9.]+ s", res.stdout)
+    assert re.search(r"quickstart: [0-9.]+ s in all: checks [0-9.]+ s, setup [0-9.]+ s, trials [0-9.]+ s, Ray stop "
+                     r"[0-9.]+ s", res.stdout)
 
 
 def test_rerun_starts_nothing_new(quickstart):
