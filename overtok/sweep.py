@@ -172,7 +172,7 @@ class Sweep:
             return
         workers = trial_workers(self.resources)
         cpus, gpu = trial_demand(self.resources)
-        have_gpu = local_gpus()
+        have_gpu = local_gpus() if gpu > 0 else 0  # (nvidia-smi only where a trial asks for a GPU)
         if gpu > have_gpu:
             raise ConfigError(f"a trial needs {gpu:g} GPU{'s' if gpu != 1 else ''} but this machine has {have_gpu} "
                               "(a local Ray has this machine's); run it on a GPU machine or attach to a cluster "
