@@ -1,5 +1,5 @@
-"""Triton kernels: the fused output head + cross-entropy (below), and SwiGLU's pointwise part (``swiglu``, at the
-end of this file).
+"""Triton kernels: the fused output head + cross-entropy (below), SwiGLU's pointwise part (``swiglu``) and RoPE of
+the queries and keys (``rope_qkv``), the last two at the end of this file.
 
 Fused output head + cross-entropy: the loss and the logits' gradient in one kernel over the logits.
 
@@ -225,13 +225,12 @@ def swiglu(gu: torch.Tensor) -> torch.Tensor:
     return _swiglu(gu.contiguous())
 
 
-
 # Rotary position embedding of the queries and keys, over the qkv projection's output (B, T, 3 * H * hd) = [q | k | v]
 # per token. Compiled by inductor, the forward rotates q and k in one kernel and copies v in another, and the
 # backward writes d(qkv) in two passes (rotating one gradient into a temporary, then assembling all three): on an
-# H200 these took about 2.7 ms of a 124M step (benchmarks/RESULTS.md). Here one program per token reads its q, k
-# and v once and writes the three attention inputs; backward, one program per token reads dq, dk and dv once and
-# writes its row of d(qkv). As ``apply_rope``: pairs (first half, second half) of each head, cos and sin rounded to
+# H200 these took about 2.8 ms of a 124M step, these kernels 1.85 ms (benchmarks/RESULTS.md). Here a program reads a
+# token's q, k and v once and writes the three attention inputs; backward, it reads dq, dk and dv once and writes the
+# token's row of d(qkv). As ``apply_rope``: pairs (first half, second half) of each head, cos and sin rounded to
 # the activations' dtype, computed in fp32 and rounded once (as inductor's fused kernels compute).
 
 if triton is not None:
