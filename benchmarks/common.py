@@ -14,7 +14,7 @@ import torch
 from overtok import accounting
 from overtok.config import load_config
 from overtok.model import Transformer
-from overtok.train import StepGraph, make_optimizer, use_kernel
+from overtok.train import StepGraph, make_optimizer, set_kernels
 
 
 def config(sets: dict):
@@ -170,6 +170,11 @@ def format_categories(cats: dict) -> str:
         f"{k[:48]} {v:.2f}" for k, v in list(c["kernels"].items())[:3])) for name, c in cats.items())
 
 
+def kernel_names(kernels: dict[str, bool]) -> dict[str, str]:
+    """The MLP and RoPE kernels that ran (``set_kernels``), as results record them: 'triton' or 'torch'."""
+    return {f"{kind}_kernel": "triton" if kernels[kind] else "torch" for kind in ("mlp", "rope")}
+
+
 def time_block(step, sync, steps: int) -> float:
     """Mean seconds per step over ``steps`` steps issued back to back, synchronised only at the ends, as the
     trainer runs them (the host issues the next step while the GPU works; per-step timing waits after each)."""
@@ -210,11 +215,7 @@ class Bench:
                 group["capturable"] = True
             self.lr = torch.tensor(cfg.train.lr, dtype=torch.float32)  # on the host: copied in at every step
             self.step_graph = StepGraph(self._update, lambda: self.opt.zero_grad(set_to_none=True), dev)
-        model.fused_loss = use_kernel(loss_kernel, dev, "loss_kernel")
-        mlp_on = use_kernel(mlp_kernel, dev, "mlp_kernel")
-        model.set_mlp_kernel(mlp_on)
-        rope_on = use_kernel(rope_kernel, dev, "rope_kernel")
-        model.set_rope_kernel(rope_on)
+        kernels = set_kernels(model, dev, loss_kernel, mlp_kernel, rope_kernel, field="{}_kernel")
         model.residual_dtype = residual_dtype  # applies under autocast (here: on CUDA)
         if compile_body:  # (torch.compile takes a mode or inductor options, not both)
             model.body_and_loss = torch.compile(model.body_and_loss, mode=compile_mode, options=compile_options)
@@ -230,7 +231,7 @@ class Bench:
         self.batches = [torch.randint(0, cfg.model.input_vocab_size, (batch_size, T), device=dev) for _ in range(4)]
         self.sdpa = sdpa
         self.meta = {"loss": "fused triton" if model.fused_loss else "torch", "compile_mode": compile_mode or "default",
-                     "mlp_kernel": "triton" if mlp_on else "torch", "rope_kernel": "triton" if rope_on else "torch",
+                     **kernel_names(kernels),
                      "compile_options": compile_options or {},
                      "whole_step_graph": whole_graph,
                      "sdpa": sdpa or "auto", "residual_dtype": str(residual_dtype or "float32 (embedding's)").replace("torch.", "")}
@@ -405,11 +406,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, pr
     dev = fresh_device()
     model = seeded_models(cfg, P, dev)
     opt = PackedAdamW(model, cfg.train)
-    model.fused_loss = use_kernel(loss_kernel, dev, "loss_kernel")
-    mlp_on = use_kernel(mlp_kernel, dev, "mlp_kernel")
-    model.set_mlp_kernel(mlp_on)
-    rope_on = use_kernel(rope_kernel, dev, "rope_kernel")
-    model.set_rope_kernel(rope_on)
+    kernels = set_kernels(model, dev, loss_kernel, mlp_kernel, rope_kernel, field="{}_kernel")
     if whole:
         model.forward = torch.compile(model.forward, mode=compile_mode)
     else:
@@ -456,7 +453,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, pr
            "warmup_s": warm_s, "optimizer": "packed_adamw (fused kernel per slice)",
            "compile_mode": compile_mode or "default", "compiled": "forward" if whole else "body_and_loss",
            "loss": "fused triton" if model.fused_loss else "torch", "first_loss": first_loss[0], "first_losses": first_loss,
-           "mlp_kernel": "triton" if mlp_on else "torch", "rope_kernel": "triton" if rope_on else "torch"}
+           **kernel_names(kernels)}
     if profile:
         out.update(profile_steps(step, sync, dev))
     model = opt = batches = step = None  # noqa: F841 - release before the next variant

@@ -293,15 +293,16 @@ class Transformer(nn.Module):
 
     def set_mlp_kernel(self, on: bool) -> None:
         """Every SwiGLU (trunk and extra heads) computes silu(gate) * up with overtok.kernels.swiglu (on) or torch."""
-        for m in self.modules():
-            if isinstance(m, SwiGLU):
-                m.kernel = on
+        self._set_kernel(SwiGLU, on)
 
     def set_rope_kernel(self, on: bool) -> None:
         """Every attention layer (trunk and extra heads) rotates its queries and keys with overtok.kernels.rope_qkv
         (on; training and full-sequence forwards) or torch (off, and always for cached generation)."""
+        self._set_kernel(Attention, on)
+
+    def _set_kernel(self, kind: type[nn.Module], on: bool) -> None:
         for m in self.modules():
-            if isinstance(m, Attention):
+            if isinstance(m, kind):
                 m.kernel = on
 
     def sparse_tables(self) -> list[RowSparseTable]:

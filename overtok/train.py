@@ -145,6 +145,18 @@ def use_kernel(value: str, device: torch.device, field: str) -> bool:
     return value == "triton" or (value == "auto" and device.type == "cuda" and kernels.available(device))
 
 
+def set_kernels(model: Transformer, device: torch.device, loss: str, mlp: str, rope: str,
+                field: str = "train.{}_kernel") -> dict[str, bool]:
+    """Resolve the loss, MLP and RoPE kernel choices (``use_kernel``; ``field`` names them in errors) and set them on
+    ``model``; returns which of them run, {"loss", "mlp", "rope"}."""
+    on = {kind: use_kernel(value, device, field.format(kind)) for kind, value in (("loss", loss), ("mlp", mlp),
+                                                                                  ("rope", rope))}
+    model.fused_loss = on["loss"]
+    model.set_mlp_kernel(on["mlp"])
+    model.set_rope_kernel(on["rope"])
+    return on
+
+
 def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, distributed: bool = False,
                   step_graphs: bool = False):
     """What both trainers do to a built model before training: pick the loss, MLP and RoPE kernels (train.loss_kernel,
@@ -155,11 +167,7 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
     train.cuda_graph_scope = step then asks for instead of torch.compile's graphs. Returns (autocast: a context factory
     for forward passes, the perf/* flags every logged step carries: which of these took effect)."""
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
-    model.fused_loss = use_kernel(t.loss_kernel, device, "train.loss_kernel")
-    mlp_kernel = use_kernel(t.mlp_kernel, device, "train.mlp_kernel")
-    model.set_mlp_kernel(mlp_kernel)
-    rope_kernel = use_kernel(t.rope_kernel, device, "train.rope_kernel")
-    model.set_rope_kernel(rope_kernel)
+    kernels = set_kernels(model, device, t.loss_kernel, t.mlp_kernel, t.rope_kernel)
     model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
     # with gradient accumulation (several backward passes into the same gradients per step) the graphed run's curve
     # differed from the plain one on the H200 (tests/test_cuda.py, benchmarks/results/gpu_test_cuda_first.log)
@@ -175,8 +183,8 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
             model.embed.compile_ids()
             for table in model.sparse_tables():
                 table.compile_update()
-    flags = {"perf/fused_loss": float(model.fused_loss), "perf/mlp_kernel": float(mlp_kernel),
-             "perf/rope_kernel": float(rope_kernel), "perf/cuda_graphs": float(graphs),
+    flags = {"perf/fused_loss": float(kernels["loss"]), "perf/mlp_kernel": float(kernels["mlp"]),
+             "perf/rope_kernel": float(kernels["rope"]), "perf/cuda_graphs": float(graphs),
              "perf/step_graph": float(whole_step),
              "perf/residual_bf16": float(model.residual_dtype is not None), "perf/compiled_eval": float(compiled_eval(t))}
     return autocast, flags
