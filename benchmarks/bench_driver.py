@@ -6,7 +6,9 @@
 
 Every variant runs in its own fresh directory (own MLflow store); each is repeated --repeats times.
 With --ray-init, first the bare `ray.init` of a local instance is timed in fresh processes (import, init, a first
-trivial task, shutdown), for Ray's defaults and for the variants in RAY_INIT.
+trivial task, shutdown), for Ray's defaults and for the variants in RAY_INIT (--ray-init-rows: some of them).
+With --checks, first the CLI's checks before anything starts (CHECKS: nvidia-smi, importing Ray, ...), each in a
+fresh process.
 
     python benchmarks/bench_driver.py --out benchmarks/results/cpu_driver.json [--tree OTHER_CHECKOUT ...] [--ray-init]
 """
@@ -65,6 +67,7 @@ def ray_cli(*args: str) -> None:
 RAY_INIT = [
     ("as overtok sweep (first start)", "include_dashboard=False"),
     ("as overtok sweep", "include_dashboard=False"),
+    ("as overtok sweep, stopped as overtok sweep stops it", "include_dashboard=False"),
     ("no worker prestart", "include_dashboard=False, _system_config={'enable_worker_prestart': False}"),
     ("num_cpus=1 (one prestarted worker)", "include_dashboard=False, num_cpus=1"),
     ("GPUs given (num_gpus=1)", "include_dashboard=False, num_gpus=1"),
@@ -72,6 +75,8 @@ RAY_INIT = [
     ("usage stats off (RAY_USAGE_STATS_ENABLED=0)", "include_dashboard=False"),
 ]
 RAY_INIT_ENV = {"usage stats off (RAY_USAGE_STATS_ENABLED=0)": {"RAY_USAGE_STATS_ENABLED": "0"}}
+# how each start is stopped: ray.shutdown(), except where named here (the driver's stop, its monitor killed first)
+RAY_STOP = {"as overtok sweep, stopped as overtok sweep stops it": "from overtok.tune import _shutdown_ray; _shutdown_ray()"}
 
 CHILD = """
 import json, time
@@ -82,20 +87,21 @@ ray.init(logging_level="WARNING", {kwargs})
 t2 = time.time()
 ray.get(ray.remote(lambda: 1).options(num_cpus=0).remote())
 t3 = time.time()
-ray.shutdown()
+{stop}
 t4 = time.time()
 print("RESULT", json.dumps({{"import_s": t1 - t0, "init_s": t2 - t1, "first_task_s": t3 - t2, "shutdown_s": t4 - t3}}))
 """
 
 
-def ray_init_times(rows, repeats: int) -> None:
+def ray_init_times(rows, repeats: int, only: list[int] | None = None) -> None:
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
     for i in range(repeats):
         for j, (label, kwargs) in enumerate(RAY_INIT):
-            if j == 0 and i > 0:
+            if (j == 0 and i > 0) or (only is not None and j not in only):
                 continue
-            res = subprocess.run([sys.executable, "-c", CHILD.format(kwargs=kwargs)], env={**env, **RAY_INIT_ENV.get(label, {})},
-                                 capture_output=True, text=True)
+            code = CHILD.format(kwargs=kwargs, stop=RAY_STOP.get(label, "ray.shutdown()"))
+            res = subprocess.run([sys.executable, "-c", code], env={**env, **RAY_INIT_ENV.get(label, {})},
+                                 capture_output=True, text=True, cwd=ROOT)
             line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 row = {"ray_init": label, "kwargs": kwargs, "error": (res.stdout + res.stderr)[-1500:]}
@@ -105,6 +111,39 @@ def ray_init_times(rows, repeats: int) -> None:
                 print(f"ray.init {label:>36}: import {row['import_s']:.1f} s, init {row['init_s']:.1f} s, first task "
                       f"{row['first_task_s']:.2f} s, shutdown {row['shutdown_s']:.1f} s", flush=True)
             rows.append(row)
+
+
+# the CLI's checks before anything starts (overtok.sweep), each in a fresh process: what a sweep asking for a GPU
+# and 4 CPUs pays before its clock's first phase ends
+CHECKS = {
+    "nvidia-smi -L (subprocess)": "import subprocess; subprocess.run(['nvidia-smi', '-L'], capture_output=True)",
+    "local_gpus()": "from overtok.sweep import local_gpus; print('COUNT', local_gpus())",
+    "/dev/nvidia<N> nodes": "import re, os; print('COUNT', sum(bool(re.fullmatch(r'nvidia[0-9]+', f)) "
+                            "for f in os.listdir('/dev')))",
+    "/proc/driver/nvidia/gpus": "import os; p = '/proc/driver/nvidia/gpus'; "
+                                "print('COUNT', len(os.listdir(p)) if os.path.isdir(p) else 0)",
+    "import ray": "import ray",
+    "local_cpus(4) (imports Ray)": "from overtok.sweep import local_cpus; local_cpus(4)",
+    "Ray's own GPU count (NVML)": "from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager as M; "
+                                  "print('COUNT', M.get_current_node_num_accelerators())",
+}
+
+
+def check_times(rows, repeats: int) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}  # (local_gpus then asks nvidia-smi)
+    for i in range(repeats):
+        for label, code in CHECKS.items():
+            timed = f"import time, json; t0 = time.time(); {code}; print('RESULT', json.dumps(time.time() - t0))"
+            res = subprocess.run([sys.executable, "-c", timed], env=env, capture_output=True, text=True, cwd=ROOT)
+            line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            row = {"check": label, "repeat": i, **({"s": json.loads(line[7:])} if line else
+                                                    {"error": (res.stdout + res.stderr)[-1500:]})}
+            counts = [int(ln[6:]) for ln in res.stdout.splitlines() if ln.startswith("COUNT ")]
+            if counts:
+                row["count"] = counts[-1]
+            rows.append(row)
+            print(f"check {label:>30}: " + (f"{row['s']:.2f} s" if line else f"failed\n{row['error']}")
+                  + (f" ({row['count']} GPUs)" if "count" in row else ""), flush=True)
 
 
 def ray_init_profile(rows) -> None:
@@ -128,10 +167,14 @@ def main():
     ap.add_argument("--ray-init", action="store_true", help="first time a bare ray.init in fresh processes")
     ap.add_argument("--ray-init-only", action="store_true", help="only the ray.init timings (and profile)")
     ap.add_argument("--ray-init-profile", action="store_true", help="also profile one bare ray.init")
+    ap.add_argument("--ray-init-rows", type=int, nargs="+", help="only these rows of RAY_INIT (0-based)")
+    ap.add_argument("--checks", action="store_true", help="first time the CLI's checks, each in a fresh process")
     args = ap.parse_args()
     rows = Rows(args.out, " ".join(sys.argv))
+    if args.checks:
+        check_times(rows, args.repeats)
     if args.ray_init or args.ray_init_only:
-        ray_init_times(rows, args.repeats)
+        ray_init_times(rows, args.repeats, args.ray_init_rows)
     if args.ray_init_profile:
         ray_init_profile(rows)
     if args.ray_init_only:

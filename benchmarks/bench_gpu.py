@@ -131,7 +131,11 @@ def oe_rounds(args, rows):
     ``--rounds`` rounds, and the ratio is taken within each round (a drift of the machine hits both alike)."""
     d, L, H = SIZES["124M"]
     mode = "reduce-overhead" if args.oe_graphs else None
-    base = Bench(body(d, L, H, T=args.seq), args.oe_batch, compile_mode=mode)
+    kernels = {"mlp_kernel": args.oe_kernels, "rope_kernel": args.oe_kernels}  # both models alike
+    if args.oe_base_step_graph:  # the no-OE model as the trainer runs a dense model: its whole step one CUDA graph
+        base = Bench(body(d, L, H, T=args.seq), args.oe_batch, whole_graph=True, **kernels)
+    else:
+        base = Bench(body(d, L, H, T=args.seq), args.oe_batch, compile_mode=mode, **kernels)
     base.warm(args.warmup)
     base.opt.zero_grad(set_to_none=True)
     resident = torch.cuda.memory_allocated() if base.dev.type == "cuda" else 0  # the base's weights and moments
@@ -139,7 +143,8 @@ def oe_rounds(args, rows):
     for m, update in oe_variants(args):
         t0 = time.time()
         try:
-            v = Bench(oe_sets(args, m, update), args.oe_batch, compile_update=update == "compiled", compile_mode=mode)
+            v = Bench(oe_sets(args, m, update), args.oe_batch, compile_update=update == "compiled", compile_mode=mode,
+                      **kernels)
             v.warm(args.warmup)
             per_round = interleaved({"base": base, "oe": v}, args.steps, args.rounds)
             r = v.result(v.time(1), profile=args.profile)
@@ -292,6 +297,10 @@ def main():
                     help="oe: keep the no-OE model alive and alternate timed blocks with each OE variant for this many rounds")
     ap.add_argument("--oe-graphs", action="store_true",
                     help="oe rounds: compile the no-OE and OE models with CUDA graphs (reduce-overhead), as the trainer")
+    ap.add_argument("--oe-kernels", choices=["torch", "auto"], default="torch",
+                    help="SwiGLU and RoPE kernels of both models in --rounds (auto: the trainer's default on CUDA)")
+    ap.add_argument("--oe-base-step-graph", action="store_true",
+                    help="rounds: the no-OE model's whole step as one CUDA graph, as the trainer runs a dense model")
     ap.add_argument("--packed-batch", type=int, default=16)
     ap.add_argument("--packed-seq", type=int, default=512)
     ap.add_argument("--packed-vocab", type=int, default=50280)  # the OLMo tokenizer's, as in bench_sweep.py

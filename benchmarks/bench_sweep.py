@@ -83,6 +83,7 @@ def runs(work: Path, tag: str, experiment: str) -> list[dict]:
         out.append({"status": r.info.status, "tokens_per_s": tps, "pid": r.data.tags.get("overtok.pid"),
                     "setup_s": r.data.metrics.get("perf/setup_s"), "first_step_s": r.data.metrics.get("perf/first_step_s"),
                     "eval_s": r.data.metrics.get("perf/eval_s"),
+                    "run_s": (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time else None,
                     "tokens": int(r.data.metrics.get("tokens_seen", 0)) or None,
                     "cuda_graphs": r.data.metrics.get("perf/cuda_graphs"),
                     "params": {k: r.data.params.get(k) for k in ("seed", "tokens_per_step", "train.max_steps",
@@ -196,6 +197,9 @@ def overhead(args, rows):
                "sweep_trial_cpu": trial_cpu, "sweep_driver": driver_phases(work / f"sweep{i}.log")}
         for tag, r in got.items():  # the trainer's own clock: setup (data, model) and first step (compilation)
             row[f"{tag}_setup_s"], row[f"{tag}_first_step_s"] = r["setup_s"], r["first_step_s"]
+            # the command's time outside the trial's MLflow run (from its start to its end): process starts,
+            # imports, the driver, Ray
+            row[f"{tag}_run_s"], row[f"{tag}_outside_run_s"] = r["run_s"], walls[tag] - r["run_s"]
         if "sweep_attached" in walls:
             att = runs(work, f"sweepatt{i}", f"{sweep_name}_attached")[0]
             row.update(sweep_attached_wall_s=walls["sweep_attached"], ratio_attached=walls["sweep_attached"] / walls["train"],
@@ -216,6 +220,8 @@ def overhead(args, rows):
               f"{walls['sweep']:.1f} s ({tps['sweep']:,.0f} tok/s) | ratio {row['ratio']:.3f}", flush=True)
         print(f"    setup / first step: train {row['train_setup_s']:.1f} / {row['train_first_step_s']:.1f} s, "
               f"sweep's trial {row['sweep_setup_s']:.1f} / {row['sweep_first_step_s']:.1f} s; sweep driver {row['sweep_driver']}", flush=True)
+        print(f"    the trial's MLflow run: train {row['train_run_s']:.1f} s (outside it {row['train_outside_run_s']:.1f} s), "
+              f"sweep {row['sweep_run_s']:.1f} s (outside it {row['sweep_outside_run_s']:.1f} s)", flush=True)
 
 
 def ddp(args, rows):
