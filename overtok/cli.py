@@ -74,6 +74,7 @@ def cmd_sweep(args) -> int:
     for note in sweep.notes():
         print(f"[overtok] note: {note}", flush=True)
     res = run_sweep(sweep, started)
+    args.exit_now = True  # (see main)
     return 0 if res["failed"] == 0 else 1
 
 
@@ -252,6 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _exit_now(rc: int) -> None:
+    """End the process without the interpreter's teardown. After a sweep, freeing the modules of Ray, Tune and
+    MLflow took 1.2 s on the CPU machine, in C with no Python frame, and every sweep's wall time included it. The
+    exit handlers still run first (logging, temporary files, Ray's), and the standard streams are flushed; all of
+    the sweep's writes (MLflow, Tune's state) returned before this."""
+    import atexit
+    import os
+
+    run_handlers = getattr(atexit, "_run_exitfuncs", None)  # (CPython's; elsewhere the normal exit)
+    if run_handlers is None:
+        return
+    run_handlers()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 def main(argv: list[str] | None = None) -> int:
     from overtok.config import ConfigError
     from overtok.data.text import DataError
@@ -265,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         pass
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        rc = args.fn(args)
+        if argv is None and getattr(args, "exit_now", False):  # the program, not a caller in this process
+            _exit_now(rc)
+        return rc
     except user_errors as e:
         print(f"overtok: error: {e}", file=sys.stderr)
         return 2
