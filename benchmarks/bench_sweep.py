@@ -86,6 +86,7 @@ def runs(work: Path, tag: str, experiment: str) -> list[dict]:
                     "run_s": (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time else None,
                     "tokens": int(r.data.metrics.get("tokens_seen", 0)) or None,
                     "cuda_graphs": r.data.metrics.get("perf/cuda_graphs"),
+                    "kernels": {k: r.data.metrics.get(f"perf/{k}") for k in ("fused_loss", "mlp_kernel", "rope_kernel")},
                     "params": {k: r.data.params.get(k) for k in ("seed", "tokens_per_step", "train.max_steps",
                                                                  "train.grad_reduce_dtype", "train.ddp_bucket_mb",
                                                                  "train.cuda_graphs")}})
@@ -265,14 +266,14 @@ def ddp(args, rows):
         r = runs(work, f"ddp{i}", f"ddp{i}")[0]
         assert r["status"] == "FINISHED", r
         got[name] = row = {"name": name, "resources": resources, "oe": oe_sets or None, "train": train_sets, "env": envs.get(name),
-                           "params": r["params"], "cuda_graphs": r["cuda_graphs"], "wall_s": wall,
+                           "params": r["params"], "cuda_graphs": r["cuda_graphs"], "kernels": r["kernels"], "wall_s": wall,
                            "steady_tokens_per_s": steady(r["tokens_per_s"]), "tokens_per_s_intervals": r["tokens_per_s"],
                            "setup_s": r["setup_s"], "first_step_s": r["first_step_s"]}
         if ref:
             row["vs_1_gpu"] = row["steady_tokens_per_s"] / got[ref]["steady_tokens_per_s"]
         rows.append(row)
         print(f"{name:>36}  wall {wall:6.1f} s  steady {row['steady_tokens_per_s']:>12,.0f} tok/s"
-              + (f"  x{row['vs_1_gpu']:.2f} vs {ref}" if ref else ""), flush=True)
+              + (f"  x{row['vs_1_gpu']:.2f} vs {ref}" if ref else "") + f"  kernels {row['kernels']}", flush=True)
 
 
 def driver_phases(log: Path) -> dict[str, float]:
