@@ -250,6 +250,10 @@ def ddp(args, rows):
     # the default 2-GPU trial with environment variables for its processes (e.g. NCCL_MAX_NCHANNELS: fewer SMs for
     # NCCL's kernels, which run alongside the backward's)
     envs = {f"2 GPUs, DDP, {e}": dict(kv.split("=", 1) for kv in e.split(",")) for e in args.ddp_env}
+    if args.ddp_kernels_off:  # the same pair with the SwiGLU and RoPE kernels off (train.*_kernel: torch)
+        off, label = {"mlp_kernel": "torch", "rope_kernel": "torch"}, ", SwiGLU and RoPE kernels off"
+        variants += [("1 GPU" + label, one, {}, off, None)]
+        variants += [(f"2 GPUs, DDP, {lab}{label}", two, {}, {**sets, **off}, "1 GPU" + label) for lab, sets in ddp_sets]
     variants += [(name, two, {}, {}, "1 GPU") for name in envs]
     if not args.ddp_skip_oe:
         variants.append(("1 GPU, OE table whole", one, oe, {}, None))
@@ -323,6 +327,8 @@ def main():
     ap.add_argument("--ddp-oe-sparse", action="store_true",
                     help="ddp: the OE pair with row-sparse bf16 tables (sharded ones on 2 GPUs)")
     ap.add_argument("--ddp-skip-oe", action="store_true", help="ddp: leave out the OE pair")
+    ap.add_argument("--ddp-kernels-off", action="store_true",
+                    help="ddp: also the 1-GPU and 2-GPU trials with the SwiGLU and RoPE kernels off")
     ap.add_argument("--ddp-oe-m", type=int, default=1_000_001, help="ddp: OE table rows per slice (n = 3, k = 4)")
     ap.add_argument("--repeats", type=int, default=2, help="train/sweep pairs of the overhead benchmark")
     ap.add_argument("--trial-cpu", type=float, nargs="+", default=None,
