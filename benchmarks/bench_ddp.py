@@ -37,6 +37,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from benchmarks.common import Rows, config, profile_steps, time_block  # noqa: E402
+from overtok.sharded import leave_group_together  # noqa: E402
 
 
 def model_sets(args, oe: bool = False) -> dict:
@@ -139,12 +140,8 @@ def _worker(rank: int, world: int, init_file: str, jobs: list, args, results) ->
             if rank == 0:
                 results[(name, rank)] = {**results[(name, rank)], **prof}
             dist.barrier()
-    # every rank done with its collectives (a file store, no collective) before any tears its group down: gloo
-    # aborted a peer once in CI (tests/test_sharded.py); a rank that raised leaves it as it is (mp.spawn ends the rest)
-    done = dist.FileStore(f"{init_file}.done", world)
-    done.set(f"rank{rank}", "done")
-    done.wait([f"rank{r}" for r in range(world)])
-    dist.destroy_process_group()
+    # a rank that raised leaves the group as it is (mp.spawn ends the rest)
+    leave_group_together(f"{init_file}.done", rank, world)
 
 
 def summarise(name: str, ranks: list[dict], world: int, sets: dict, train_sets: dict, args) -> dict:

@@ -74,7 +74,6 @@ def cmd_sweep(args) -> int:
     for note in sweep.notes():
         print(f"[overtok] note: {note}", flush=True)
     res = run_sweep(sweep, started)
-    args.exit_now = True  # (see main)
     return 0 if res["failed"] == 0 else 1
 
 
@@ -206,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p, "override a sweep key")
     p.add_argument("--yes", action="store_true", help="allow grids larger than the size limit and checkpoints larger than the free disk")
     _add_tracking(p)
-    p.set_defaults(fn=cmd_sweep)
+    p.set_defaults(fn=cmd_sweep, exit_now=True)  # (see main)
 
     p = sub.add_parser("export", help="write results/<sweep>/runs.parquet and curves.parquet from MLflow")
     p.add_argument("sweep", help="sweep name (every run logged under it) or YAML (only its current trials)")
@@ -284,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         rc = args.fn(args)
-        if argv is None and getattr(args, "exit_now", False):  # the program, not a caller in this process
+        if argv is None and getattr(args, "exit_now", False):  # as a program, not main() called by other code
             _exit_now(rc)
         return rc
     except user_errors as e:

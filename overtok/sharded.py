@@ -149,3 +149,14 @@ class ShardedRowSparseTable(RowSparseTable):
             local.append(lk["local"])
         g = torch.cat(grads) / dist.get_world_size(self.group)
         self._update_rows(torch.cat(local), g, lr, beta1, beta2, eps, weight_decay)
+
+
+def leave_group_together(done_file: str, rank: int, world: int) -> None:
+    """Leave the default process group once every rank has got here, checked through a file store of its own (no
+    collective). A rank that tears gloo down while a peer still finishes a collective with it can abort that peer
+    (SIGABRT, "terminate called without an active exception", seen once in CI). For process groups started by hand
+    (tests, benchmarks); Ray Train ends its workers' groups itself."""
+    done = dist.FileStore(done_file, world)
+    done.set(f"rank{rank}", "done")
+    done.wait([f"rank{r}" for r in range(world)])
+    dist.destroy_process_group()

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from overtok.sharded import leave_group_together
 from tests.conftest import tiny_config
 
 NCCL_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
@@ -25,20 +26,15 @@ def nccl(*values):
 @contextlib.contextmanager
 def _group(rank: int, world: int, run_dir: str, backend: str = "gloo"):
     """Join the process group for a worker's body and yield the device this rank's tensors live on (its own GPU
-    under NCCL). After a body that ran through, wait until every rank's has (through a file store of its own, no
-    collective), then leave the group: a rank tearing down gloo while a peer still finishes a collective with it can
-    abort that peer (SIGABRT, "terminate called without an active exception", seen once in CI). A body that raised
-    leaves without either; mp.spawn then ends the other ranks."""
+    under NCCL). After a body that ran through, leave the group once every rank's has (``leave_group_together``). A
+    body that raised leaves without either; mp.spawn then ends the other ranks."""
     dev = torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(rank)
         dev = torch.device(f"cuda:{rank}")
     dist.init_process_group(backend, init_method=f"file://{run_dir}/store", rank=rank, world_size=world)
     yield dev
-    done = dist.FileStore(f"{run_dir}/done", world)
-    done.set(f"rank{rank}", "done")
-    done.wait([f"rank{r}" for r in range(world)])
-    dist.destroy_process_group()
+    leave_group_together(f"{run_dir}/done", rank, world)
 
 
 def _spawn(worker, tmp_path, *args, world: int = 2):
