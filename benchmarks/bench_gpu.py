@@ -132,10 +132,9 @@ def oe_rounds(args, rows):
     d, L, H = SIZES["124M"]
     mode = "reduce-overhead" if args.oe_graphs else None
     kernels = {"mlp_kernel": args.oe_kernels, "rope_kernel": args.oe_kernels}  # both models alike
-    if args.oe_base_step_graph:  # the no-OE model as the trainer runs a dense model: its whole step one CUDA graph
-        base = Bench(body(d, L, H, T=args.seq), args.oe_batch, whole_graph=True, **kernels)
-    else:
-        base = Bench(body(d, L, H, T=args.seq), args.oe_batch, compile_mode=mode, **kernels)
+    # the no-OE model as the trainer runs a dense model (its whole step one CUDA graph), or graphed as the OE model
+    graphs = {"whole_graph": True} if args.oe_base_step_graph else {"compile_mode": mode}
+    base = Bench(body(d, L, H, T=args.seq), args.oe_batch, **graphs, **kernels)
     base.warm(args.warmup)
     base.opt.zero_grad(set_to_none=True)
     resident = torch.cuda.memory_allocated() if base.dev.type == "cuda" else 0  # the base's weights and moments

@@ -186,18 +186,26 @@ def test_sweep_through_mlflow_server(tmp_path):
 
 
 def test_driver_stop_leaves_no_ray_process():
-    """The driver stops its own local Ray with its autoscaler monitor killed first: every process that Ray started
-    has exited when the stop returns (the monitor among them)."""
+    """The driver stops its own local Ray with its autoscaler monitor killed first (it has exited when
+    ray.shutdown begins, which would otherwise spend a second waiting on it), and every process that Ray started has
+    exited when the stop returns."""
     code = ("import json, ray; from overtok.tune import _shutdown_ray\n"
             "ray.init(include_dashboard=False, logging_level='ERROR', num_cpus=1)\n"
             "procs = {k: [i.process for i in v] for k, v in ray._private.worker._global_node.all_processes.items()}\n"
+            "seen, shutdown = {}, ray.shutdown\n"
+            "def watched():\n"
+            "    seen['monitor'] = [p.poll() for p in procs['monitor']]\n"
+            "    shutdown()\n"
+            "ray.shutdown = watched\n"
             "_shutdown_ray()\n"
-            "print(json.dumps({k: [p.poll() for p in v] for k, v in procs.items()}))")
+            "print(json.dumps({k: [p.poll() for p in v] for k, v in procs.items()}))\n"
+            "print(json.dumps(seen))")
     res = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     import json
 
-    exits = json.loads(res.stdout.strip().splitlines()[-1])
+    exits, seen = (json.loads(line) for line in res.stdout.strip().splitlines()[-2:])
+    assert seen["monitor"] and all(code is not None for code in seen["monitor"]), seen
     assert "monitor" in exits and "raylet" in exits and "gcs_server" in exits
     assert all(code is not None for codes in exits.values() for code in codes), exits
 
