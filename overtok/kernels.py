@@ -43,48 +43,44 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _ce_rows(logits_ptr, target_ptr, loss_ptr, R, V, VP, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    def _ce_rows(logits_ptr, target_ptr, loss_ptr, V, VP, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr):
         # rows are VP apart, VP a multiple of ROW_ALIGN (Triton then knows every row start is 16-byte aligned and
-        # vectorises the loads); columns V..VP are padding: left out of the softmax, given a zero gradient.
-        # Program p takes rows p, p + G, p + 2G, ... (G programs): with G = R one row each; with G near the number
-        # of SMs only about G rows are read at once, so a row's second read can come from L2 rather than memory.
+        # vectorises the loads); columns V..VP are padding: left out of the softmax, given a zero gradient
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * VP
         offs = tl.arange(0, BLOCK)
-        for row in range(tl.program_id(0), R, tl.num_programs(0)):
-            base = logits_ptr + tl.cast(row, tl.int64) * VP
-            m = float("-inf")  # running max and sum of exp(x - m) over the row (online softmax)
-            s = 0.0
+        m = float("-inf")  # running max and sum of exp(x - m) over the row (online softmax)
+        s = 0.0
+        for start in range(0, VP, BLOCK):
+            col = start + offs
+            x = tl.load(base + col, mask=col < VP, other=float("-inf")).to(tl.float32)
+            x = tl.where(col < V, x, float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        t = tl.load(target_ptr + row)
+        tl.store(loss_ptr + row, lse - tl.load(base + t).to(tl.float32))
+        if WRITE_GRAD:
             for start in range(0, VP, BLOCK):
                 col = start + offs
-                x = tl.load(base + col, mask=col < VP, other=float("-inf")).to(tl.float32)
-                x = tl.where(col < V, x, float("-inf"))
-                m_new = tl.maximum(m, tl.max(x, 0))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-                m = m_new
-            lse = m + tl.log(s)
-            t = tl.load(target_ptr + row)
-            tl.store(loss_ptr + row, lse - tl.load(base + t).to(tl.float32))
-            if WRITE_GRAD:
-                for start in range(0, VP, BLOCK):
-                    col = start + offs
-                    x = tl.load(base + col, mask=col < VP, other=0.0).to(tl.float32)
-                    g = tl.where(col < V, tl.exp(x - lse) - tl.where(col == t, 1.0, 0.0), 0.0)
-                    tl.store(base + col, g.to(logits_ptr.dtype.element_ty), mask=col < VP)
+                x = tl.load(base + col, mask=col < VP, other=0.0).to(tl.float32)
+                g = tl.where(col < V, tl.exp(x - lse) - tl.where(col == t, 1.0, 0.0), 0.0)
+                tl.store(base + col, g.to(logits_ptr.dtype.element_ty), mask=col < VP)
 
 
 ROW_ALIGN = 64  # the logits' row length is padded to a multiple of this (a real vocabulary, e.g. 50,280, is not)
 
 
-def _launch(logits: torch.Tensor, target: torch.Tensor, V: int, write_grad: bool,
-            programs: int | None = None) -> torch.Tensor:
+def _launch(logits: torch.Tensor, target: torch.Tensor, V: int, write_grad: bool) -> torch.Tensor:
     """logits (R, VP) contiguous with V real columns, target (R,) -> per-row loss (R,) fp32; with write_grad,
-    logits become the gradient (zero in the padding columns). programs: how many programs share the rows (None:
-    one per row)."""
+    logits become the gradient (zero in the padding columns)."""
     R, VP = logits.shape
     assert V <= VP and logits.is_contiguous()
     loss = torch.empty(R, dtype=torch.float32, device=logits.device)
     block = min(4096, triton.next_power_of_2(VP))
-    _ce_rows[(min(R, programs or R),)](logits, target, loss, R, V, VP, BLOCK=block, WRITE_GRAD=write_grad,
-                                       num_warps=8 if block >= 2048 else 4)
+    _ce_rows[(R,)](logits, target, loss, V, VP, BLOCK=block, WRITE_GRAD=write_grad,
+                   num_warps=8 if block >= 2048 else 4)
     return loss
 
 
