@@ -63,7 +63,11 @@ VARIANTS = {
 # step as one CUDA graph, as the trainer runs a dense model
 _S16 = {"rope": {"rope_kernel": "auto"}, "bhtd": {"kernels": {"ROPE_BTHD": False}},
         "tok4": {"kernels": {"ROPE_TOKENS": 4}}, "graph": {"whole_graph": True},
-        "bf16res": {"residual_dtype": torch.bfloat16}}
+        "bf16res": {"residual_dtype": torch.bfloat16},
+        # eighteenth session: without inductor's mix-order reductions (RMSNorm's backward computes d(input) by rows
+        # and d(weight) by columns in one kernel, which then cannot take the cast of d(input) to bf16 for the next
+        # matmul: a separate kernel, 23 per 124M step)
+        "nomix": {"compile_options": {"triton.mix_order_reduction": False}}}
 
 
 def _s16_variant(name: str) -> dict:
@@ -76,7 +80,8 @@ def _s16_variant(name: str) -> dict:
 
 for _name in ("fused+swiglu+graph", "fused+swiglu+rope", "fused+swiglu+rope+bhtd", "fused+swiglu+rope+tok4",
               "fused+swiglu+rope+graph", "fused+swiglu+bf16res+graph",
-              "fused+swiglu+bf16res+rope", "fused+swiglu+bf16res+rope+graph"):
+              "fused+swiglu+bf16res+rope", "fused+swiglu+bf16res+rope+graph", "fused+swiglu+rope+graph+nomix",
+              "fused+swiglu+bf16res+rope+graph+nomix"):
     VARIANTS[_name] = _s16_variant(_name)
 
 
