@@ -93,6 +93,14 @@ print("RESULT", json.dumps({{"import_s": t1 - t0, "init_s": t2 - t1, "first_task
 """
 
 
+def run_child(code: str, env: dict) -> tuple[object | None, subprocess.CompletedProcess]:
+    """Run ``code`` in a fresh Python process in the project root: the JSON on its ``RESULT `` line (None where it
+    printed none, i.e. it failed) and the finished process (its output)."""
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    return (json.loads(line[7:]) if line else None), res
+
+
 def ray_init_times(rows, repeats: int, only: list[int] | None = None) -> None:
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
     for i in range(repeats):
@@ -100,14 +108,12 @@ def ray_init_times(rows, repeats: int, only: list[int] | None = None) -> None:
             if (j == 0 and i > 0) or (only is not None and j not in only):
                 continue
             code = CHILD.format(kwargs=kwargs, stop=RAY_STOP.get(label, "ray.shutdown()"))
-            res = subprocess.run([sys.executable, "-c", code], env={**env, **RAY_INIT_ENV.get(label, {})},
-                                 capture_output=True, text=True, cwd=ROOT)
-            line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
+            result, res = run_child(code, {**env, **RAY_INIT_ENV.get(label, {})})
+            if result is None:
                 row = {"ray_init": label, "kwargs": kwargs, "error": (res.stdout + res.stderr)[-1500:]}
                 print(f"ray.init {label}: failed\n{row['error']}", flush=True)
             else:
-                row = {"ray_init": label, "kwargs": kwargs, "repeat": i, **json.loads(line[7:])}
+                row = {"ray_init": label, "kwargs": kwargs, "repeat": i, **result}
                 print(f"ray.init {label:>36}: import {row['import_s']:.1f} s, init {row['init_s']:.1f} s, first task "
                       f"{row['first_task_s']:.2f} s, shutdown {row['shutdown_s']:.1f} s", flush=True)
             rows.append(row)
@@ -134,15 +140,14 @@ def check_times(rows, repeats: int) -> None:
     for i in range(repeats):
         for label, code in CHECKS.items():
             timed = f"import time, json; t0 = time.time(); {code}; print('RESULT', json.dumps(time.time() - t0))"
-            res = subprocess.run([sys.executable, "-c", timed], env=env, capture_output=True, text=True, cwd=ROOT)
-            line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            row = {"check": label, "repeat": i, **({"s": json.loads(line[7:])} if line else
+            seconds, res = run_child(timed, env)
+            row = {"check": label, "repeat": i, **({"s": seconds} if seconds is not None else
                                                     {"error": (res.stdout + res.stderr)[-1500:]})}
             counts = [int(ln[6:]) for ln in res.stdout.splitlines() if ln.startswith("COUNT ")]
             if counts:
                 row["count"] = counts[-1]
             rows.append(row)
-            print(f"check {label:>30}: " + (f"{row['s']:.2f} s" if line else f"failed\n{row['error']}")
+            print(f"check {label:>30}: " + (f"{row['s']:.2f} s" if "s" in row else f"failed\n{row['error']}")
                   + (f" ({row['count']} GPUs)" if "count" in row else ""), flush=True)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_driver import SWEEP  # noqa: E402
+from benchmarks.bench_driver import SWEEP, run_child  # noqa: E402
 from benchmarks.common import Rows  # noqa: E402
 
 STOP = """
@@ -60,9 +60,8 @@ def env() -> dict:
 
 
 def stop_times(rows, i: int) -> None:
-    res = subprocess.run([sys.executable, "-c", STOP], env=env(), capture_output=True, text=True, cwd=ROOT)
-    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    row = {"part": "ray.shutdown", "repeat": i, **(json.loads(line[7:]) if line else {"error": res.stderr[-1500:]})}
+    result, res = run_child(STOP, env())
+    row = {"part": "ray.shutdown", "repeat": i, **(result if result is not None else {"error": res.stderr[-1500:]})}
     rows.append(row)
     print(f"ray.shutdown {row.get('shutdown_s', float('nan')):.2f} s: "
           + ", ".join(f"{k} {v:.3f}" for k, v in row.get("per_process_type_s", {}).items()), flush=True)
