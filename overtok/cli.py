@@ -255,9 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _exit_now(rc: int) -> None:
     """End the process without the interpreter's teardown. After a sweep, freeing the modules of Ray, Tune and
     MLflow took 1.3 s on the CPU machine, in C with no Python frame, and every sweep's wall time included it
-    (benchmarks/probe_driver_exit.py). The
-    exit handlers still run first (logging, temporary files, Ray's), and the standard streams are flushed; all of
-    the sweep's writes (MLflow, Tune's state) returned before this."""
+    (benchmarks/probe_driver_exit.py). The exit handlers still run first (logging, temporary files, Ray's), and the
+    standard streams are flushed; all of the sweep's writes (MLflow, Tune's state) returned before this."""
     import atexit
     import os
 

@@ -1,5 +1,6 @@
 """End-to-end sweeps: real local Ray, real MLflow (SQLite store and an `mlflow server`), real processes."""
 
+import json
 import os
 import re
 import signal
@@ -202,8 +203,6 @@ def test_driver_stop_leaves_no_ray_process():
             "print(json.dumps(seen))")
     res = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    import json
-
     exits, seen = (json.loads(line) for line in res.stdout.strip().splitlines()[-2:])
     assert seen["monitor"] and all(code is not None for code in seen["monitor"]), seen
     assert "monitor" in exits and "raylet" in exits and "gcs_server" in exits
