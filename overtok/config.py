@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -117,10 +118,24 @@ class OEConfig:
     stop_at_eos: bool = False
     """Do not look back across an EOS token (document boundary). Off in the paper."""
     sparse_update: bool = False
-    """Row-sparse tables: gather, gradient and a lazy-Adam update only for the rows a batch touches
-    (overtok/sparse.py). False = an nn.Embedding updated by exact dense AdamW."""
+    """Row-sparse tables: gather, gradient and update only for the rows a batch touches (overtok/sparse.py), by the
+    rule of ``sparse_mode``. False = an nn.Embedding updated by dense AdamW (the reference)."""
+    sparse_mode: Literal["lazy", "exact"] = "lazy"
+    """With sparse_update: 'exact' follows dense AdamW's trajectory (a row touched after s idle steps first gets, in
+    closed form, the momentum tail, moment decay and weight decay dense AdamW would have applied in those steps;
+    every row is brought up to date before evaluation and checkpoints); 'lazy' is torch.optim.SparseAdam's rule (idle
+    rows stand still, moments of idle rows do not decay). Recorded in every run as the ``optimizer`` param."""
     table_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Storage dtype of row-sparse tables and their Adam moments (bfloat16 halves their memory)."""
+    """Storage dtype of row-sparse tables and their Adam moments (bfloat16 halves their memory; row updates are
+    rounded stochastically, so updates below half a bf16 ulp still move a row in expectation)."""
+    table_init_std: float = 0.02
+    """Standard deviation of the normal initialisation of the n-gram table rows (0 = zeros)."""
+    combine: Literal["mean", "sum"] = "mean"
+    """How the 1-gram embedding and the k*(n-1) projected slices are combined: 'mean' divides their sum by
+    1 + k*(n-1) (paper Alg. 1), 'sum' does not."""
+    allow_degenerate: bool = False
+    """Accept a modulus under which some earlier token of the n-gram collapses (m / gcd(m, V^j) < min(m, V) for a
+    j in 1..n-1), e.g. m = 64 V, the paper's Table 4 control. Refused unless this is true."""
     shard: bool = False
     """Data-parallel trials: split the table row-wise over the workers (paper sec. 3.3, overtok/sharded.py), ids
     and rows exchanged all-to-all, so the table grows with the number of GPUs. A single process holds it whole.
@@ -138,13 +153,25 @@ class ModelConfig:
     n_layers: int = 2
     n_heads: int = 4
     mlp_hidden: int = 0
-    """SwiGLU hidden width; 0 = 8/3 * d_model rounded up to a multiple of 32."""
+    """MLP hidden width; 0 = 8/3 * d_model rounded up to a multiple of 32 (swiglu) or 4 * d_model (gelu)."""
     seq_len: int = 128
     """Context length in model positions."""
     tie_embeddings: bool = True
     """Share the 1-gram input embedding with the output head (only when input and output vocab agree)."""
+    pos_encoding: Literal["rope", "learned"] = "rope"
+    """Positions: 'rope' (rotary, in attention) or 'learned' (a GPT-2-style absolute position embedding added to the
+    input, one row per context position, initialised N(0, pos_init_std))."""
+    pos_init_std: float = 0.02
+    """With pos_encoding: learned, the standard deviation of the position embedding's initialisation."""
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    """MLP of every block: 'swiglu' (Llama/OLMo2) or 'gelu' (GPT-2: d -> 4d -> d with exact (erf) GELU)."""
+    embed_init_std: float = 0.02
+    """Standard deviation of the 1-gram token embedding's initialisation (also the head's when tied). PyTorch's
+    nn.Embedding default is 1.0."""
     rope_theta: float = 10000.0
+    """RoPE base period (pos_encoding: rope)."""
     norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
     oe: OEConfig = field(default_factory=OEConfig)
     od_depth: int = 1
     """Number of future tokens predicted (t+1..t+n); 1 is the plain next-token baseline."""
@@ -164,6 +191,8 @@ class ModelConfig:
     def mlp_hidden_size(self) -> int:
         if self.mlp_hidden:
             return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.d_model
         return 32 * -(-(8 * self.d_model // 3) // 32)
 
     @property
@@ -214,9 +243,11 @@ class DataConfig:
     tokenizer: str = ""
     """With ``corpus``: an HF tokenizer.json path, or bpe:<V> to train a BPE on the corpus."""
     max_docs: int = 0
-    """With ``corpus``: use only the first N documents (0 = all)."""
+    """With ``corpus``: use N documents drawn at random across all sources (seeded; 0 = all). Documents are the
+    corpus's own (a source file, an address) cut into pieces of at most 16K characters (overtok.data.text)."""
     val_fraction: float = 0.01
-    """With ``corpus``: fraction of documents held out for validation."""
+    """With ``corpus``: fraction of every source's text held out for validation (whole documents, at least one per
+    source with two or more)."""
     batch_size: int = 16
     """Sequences per micro-batch."""
 
@@ -228,6 +259,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     embed_weight_decay: float = 0.0
     """Weight decay on the token embedding and OE tables (off by default, as usual for embeddings)."""
+    table_weight_decay: float | None = None
+    """Weight decay on the OE n-gram tables alone; None = embed_weight_decay."""
     beta1: float = 0.9
     beta2: float = 0.95
     warmup_steps: int = 20
@@ -445,6 +478,22 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+def degenerate_modulus(vocab_size: int, order: int, modulus: int) -> str | None:
+    """Why ``modulus`` degenerates the n-gram hash of ``order`` over vocabulary V, or None.
+
+    The token j places back enters the hash as ``x * (V^j mod m)``; over the V tokens this takes
+    ``m / gcd(m, V^j)`` distinct values, so the token collapses (beyond what a table of m rows must) when that is
+    below min(m, V). m a multiple of V (the paper's Table 4 control, m = 64 V) keeps only x_t mod m of an n-gram.
+    """
+    for j in range(1, order):
+        distinct = modulus // math.gcd(modulus, vocab_size**j)
+        if distinct < min(modulus, vocab_size):
+            return (f"modulus {modulus} (order {order}) shares the factor {modulus // distinct} with V^{j} "
+                    f"(V = {vocab_size}): the token {j} back takes only {distinct} of min(m, V) = "
+                    f"{min(modulus, vocab_size)} values in the hash")
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation of shapes: one place, raising errors that name the key
 
@@ -483,6 +532,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
     need(t.gen_samples >= 0, "train.gen_samples", "must be >= 0")
     need(t.ddp_bucket_mb > 0, "train.ddp_bucket_mb", f"must be > 0, got {t.ddp_bucket_mb}")
+    for key, val in [("model.embed_init_std", m.embed_init_std), ("model.pos_init_std", m.pos_init_std),
+                     ("model.oe.table_init_std", oe.table_init_std)]:
+        need(math.isfinite(val) and val >= 0, key, f"must be a finite number >= 0, got {val}")
+    need(t.table_weight_decay is None or (math.isfinite(t.table_weight_decay) and t.table_weight_decay >= 0),
+         "train.table_weight_decay", f"must be a finite number >= 0, got {t.table_weight_decay}")
     need(oe.table_dtype == "float32" or oe.sparse_update, "model.oe.table_dtype",
          "bfloat16 tables need model.oe.sparse_update: true (dense AdamW keeps fp32 master weights)")
     if oe.n > 1:
@@ -495,11 +549,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         need(m.output_vocab_size <= 1 << 20, "model.output_ngram",
              f"output vocabulary V^n = {m.output_vocab_size} is too large (n-gram output needs a small V)")
         for order, mod in m.oe_moduli():
-            # m a multiple of V keeps only (x_t mod m), so the previous tokens' contribution vanishes
-            # (paper, Table 4) -- unless the modulus is >= V^order and no reduction happens at all.
-            need(not (mod % v == 0 and mod < v**order), "model.oe.m",
-                 f"modulus {mod} (order {order}) is a multiple of the vocabulary size {v}: "
-                 "the hash would drop the previous tokens")
+            reason = degenerate_modulus(v, order, mod)
+            need(reason is None or oe.allow_degenerate, "model.oe.m",
+                 f"{reason} (set model.oe.allow_degenerate: true to run it on purpose)")
     return cfg
 
 

@@ -50,6 +50,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
+        self.rope = cfg.pos_encoding == "rope"
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.kernel = False  # RoPE by overtok.kernels.rope_qkv in training (the trainer sets it: train.rope_kernel)
@@ -57,13 +58,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         B, T, C = x.shape
         pos = cache["pos"] if cache is not None else 0
-        if self.kernel and cache is None:
+        if self.kernel and self.rope and cache is None:
             from overtok.kernels import rope_qkv
 
             q, k, v = rope_qkv(self.qkv(x), cos, sin, self.n_heads)
         else:
             q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
-            q, k = apply_rope(q, cos, sin, pos), apply_rope(k, cos, sin, pos)
+            if self.rope:
+                q, k = apply_rope(q, cos, sin, pos), apply_rope(k, cos, sin, pos)
         if cache is not None:  # generation: keys/values of earlier positions are kept, not recomputed
             cache["k"][:, :, pos : pos + T], cache["v"][:, :, pos : pos + T] = k, v
             k, v = cache["k"][:, :, : pos + T], cache["v"][:, :, : pos + T]
@@ -90,13 +92,25 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: d -> hidden -> d with GELU (model.mlp: gelu); ``down`` gets the scaled residual init."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_hidden_size, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache)
@@ -121,6 +135,7 @@ class OverEncoding(nn.Module):
         self.num_slices = len(moduli)
         self.stop_at_eos = cfg.oe.stop_at_eos and eos_id is not None
         self.eos_id = eos_id
+        self.divisor = 1 + len(moduli) if cfg.oe.combine == "mean" else 1
         if not moduli:
             return
         self.order = cfg.oe.n
@@ -136,18 +151,21 @@ class OverEncoding(nn.Module):
         # follows the run's seed and is the same on every rank)
         self.table_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
         sharded = cfg.oe.shard and _world_size() > 1
-        if cfg.oe.sparse_update and not sharded:  # keeps its own initialisation, as the runs before shards had
-            self.tables = RowSparseTable(rows, self.width, cfg.oe.table_dtype)
-            self.tables.reset_parameters()
+        if cfg.oe.sparse_update and not sharded and cfg.oe.sparse_mode == "lazy":
+            # lazy tables keep their own initialisation, as the runs before shards had
+            self.tables = RowSparseTable(rows, self.width, cfg.oe.table_dtype, cfg.oe.sparse_mode)
+            self.tables.reset_parameters(cfg.oe.table_init_std)
         else:
-            if cfg.oe.sparse_update:
-                self.tables = ShardedRowSparseTable(rows, self.width, cfg.oe.table_dtype)
+            if cfg.oe.sparse_update and not sharded:  # exact mode: initialised as the dense table it follows
+                self.tables = RowSparseTable(rows, self.width, cfg.oe.table_dtype, cfg.oe.sparse_mode)
+            elif cfg.oe.sparse_update:
+                self.tables = ShardedRowSparseTable(rows, self.width, cfg.oe.table_dtype, cfg.oe.sparse_mode)
             elif sharded:
                 self.tables = ShardedTable(rows, self.width)
             else:
                 self.tables = nn.Embedding(rows, self.width, _weight=torch.empty(rows, self.width))
             # seeded by row chunk, so a sharded table is the same table cut into pieces
-            init_table_rows(self.tables.weight, getattr(self.tables, "lo", 0), self.table_seed)
+            init_table_rows(self.tables.weight, getattr(self.tables, "lo", 0), self.table_seed, cfg.oe.table_init_std)
         self.proj = nn.Linear(self.num_slices * self.width, d, bias=False)
 
     def slice_ids(self, idx: torch.Tensor) -> torch.Tensor:
@@ -169,11 +187,12 @@ class OverEncoding(nn.Module):
         return x, self.tables(self.slice_ids(idx))
 
     def mix(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """Mean of the 1-gram embedding and the projected slices (the trainer compiles this with the body)."""
+        """Mean (or sum: model.oe.combine) of the 1-gram embedding and the projected slices (the trainer compiles
+        this with the body)."""
         if rows is None:
             return x
         ngram = self.proj(rows.flatten(-2))  # (B, T, d) = sum of per-slice projections
-        return (x + ngram) / (1 + self.num_slices)
+        return (x + ngram) / self.divisor if self.divisor != 1 else x + ngram
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.mix(*self.lookup(idx))
@@ -221,6 +240,8 @@ class Transformer(nn.Module):
         self.residual_dtype: torch.dtype | None = None
         d = cfg.d_model
         self.embed = OverEncoding(cfg, eos_id)
+        # learned absolute positions (model.pos_encoding: learned), added to the embedding before the first block
+        self.pos = nn.Parameter(torch.zeros(cfg.seq_len + cfg.lookahead, d)) if cfg.pos_encoding == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.tied = cfg.tie_embeddings and cfg.input_vocab_size == cfg.output_vocab_size
@@ -243,17 +264,19 @@ class Transformer(nn.Module):
         tables = getattr(self.embed, "tables", None)
         for mod in self.modules():
             if mod is not tables:  # OE tables were filled by OverEncoding (init_table_rows)
-                self._init(mod)
+                self._init(mod, cfg.embed_init_std if mod is self.embed.wte else 0.02)
+        if self.pos is not None:
+            nn.init.normal_(self.pos, std=cfg.pos_init_std)
         for name, p in self.named_parameters():  # scaled init of residual projections (GPT-2)
             if name.endswith("proj.weight") and "embed" not in name or name.endswith("down.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
     @staticmethod
-    def _init(mod: nn.Module) -> None:
+    def _init(mod: nn.Module, embedding_std: float) -> None:
         if isinstance(mod, nn.Linear):
             nn.init.normal_(mod.weight, std=0.02)
         elif isinstance(mod, nn.Embedding):
-            nn.init.normal_(mod.weight, std=0.02)
+            nn.init.normal_(mod.weight, std=embedding_std)
 
     def head_weight(self) -> torch.Tensor:
         """The shared output head's weight (V, d), or (P, V, d) packed: the 1-gram embedding when tied."""
@@ -274,8 +297,17 @@ class Transformer(nn.Module):
             return emb
         return emb.to(self.residual_dtype)
 
-    def trunk(self, emb: torch.Tensor) -> torch.Tensor:
-        x = emb
+    def _add_positions(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """x (B, T, d) at positions pos..pos+T-1 plus the learned position embedding (per slice when packed)."""
+        T = x.shape[1]
+        if self.pos.dim() == 3:  # packed (P, positions, d): slice p of the batch gets pos[p]
+            P = self.pos.shape[0]
+            return (x.view(P, -1, T, x.shape[-1]) + self.pos[:, None, pos : pos + T].to(x.dtype)).view(x.shape)
+        return x + self.pos[pos : pos + T].to(x.dtype)
+
+    def trunk(self, emb: torch.Tensor, pos: int = 0) -> torch.Tensor:
+        """The blocks over embeddings (B, T, d) of positions pos..pos+T-1 (learned positions added first)."""
+        x = emb if self.pos is None else self._add_positions(emb, pos)
         for block in self.blocks:
             x = block(x, self.rope_cos, self.rope_sin)
         return x  # (B, T, d), before the final norm
@@ -459,6 +491,8 @@ class Transformer(nn.Module):
     def _cached_step(self, emb: torch.Tensor, caches: list[dict]) -> torch.Tensor:
         """Run new positions (B, T, d) through the trunk with KV caches; returns their logits."""
         x = self._residual(emb)
+        if self.pos is not None:
+            x = self._add_positions(x, caches[0]["pos"])
         for block, cache in zip(self.blocks, caches):
             x = block(x, self.rope_cos, self.rope_sin, cache)
             cache["pos"] += emb.shape[1]

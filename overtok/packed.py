@@ -113,6 +113,8 @@ def pack_models(models: list[Transformer]) -> Transformer:
                 new = PackedRMSNorm(w, mod.eps)
             parent, _, attr = name.rpartition(".")
             setattr(packed.get_submodule(parent) if parent else packed, attr, new)
+    if packed.pos is not None:  # learned positions: (P, positions, d)
+        packed.pos = nn.Parameter(torch.stack([m.pos.detach() for m in models]))
     for name, p in packed.named_parameters():
         if p.shape[0] != P:
             raise ValueError(f"parameter {name} was not packed")

@@ -17,8 +17,16 @@ def run_params(cfg: RunConfig) -> dict:
     params.update({f"params.{k}": v for k, v in accounting.param_groups(cfg.model).items()})
     params["flops_per_token"] = accounting.flops_per_token(cfg.model)
     params["tokens_per_step"] = cfg.tokens_per_step
-    params["optimizer"] = "adamw+oe_lazy_row_adam" if cfg.model.oe.sparse_update and cfg.model.oe.n > 1 else "adamw"
+    params["optimizer"] = optimizer_label(cfg)
     return params
+
+
+def optimizer_label(cfg: RunConfig) -> str:
+    """How the OE tables are optimised: dense AdamW, or row-sparse Adam in its exact or lazy mode."""
+    oe = cfg.model.oe
+    if not (oe.sparse_update and oe.n > 1):
+        return "adamw"
+    return "adamw+oe_row_adam_exact" if oe.sparse_mode == "exact" else "adamw+oe_lazy_row_adam"
 
 
 def tracked_train(cfg: RunConfig, tracking_uri: str = "") -> tuple[str, dict]:

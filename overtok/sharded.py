@@ -111,9 +111,9 @@ class ShardedRowSparseTable(RowSparseTable):
     optimizer step on every rank: call it once per step on every rank, after the backward of every lookup made
     with autograd on since the last call."""
 
-    def __init__(self, num_rows: int, width: int, dtype: str = "float32", group=None):
+    def __init__(self, num_rows: int, width: int, dtype: str = "float32", mode: str = "lazy", group=None):
         rows_per_rank, lo, hi = _shard_range(num_rows, group)
-        super().__init__(hi - lo, width, dtype)
+        super().__init__(hi - lo, width, dtype, mode)
         self.group, self.num_rows, self.rows_per_rank, self.lo, self.hi = group, num_rows, rows_per_rank, lo, hi
         self._lookups: list[dict] = []  # routing of the lookups since the last update, and their gradients
 
@@ -133,7 +133,8 @@ class ShardedRowSparseTable(RowSparseTable):
         return rows
 
     @torch.no_grad()
-    def apply_update(self, lr: float, beta1: float, beta2: float, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    def apply_update(self, lr: float, beta1: float, beta2: float, eps: float = 1e-8, weight_decay: float = 0.0,
+                     grad_scale: torch.Tensor | float = 1.0) -> None:
         lookups, self._lookups = self._lookups, []
         none = torch.empty(0, self.weight.shape[1], device=self.weight.device)  # a lookup of no ids, or no lookup
         local, grads = [torch.empty(0, dtype=torch.long, device=self.weight.device)], [none]
@@ -147,7 +148,7 @@ class ShardedRowSparseTable(RowSparseTable):
             send_counts, recv_counts = lk["counts"]
             grads.append(_exchange(g[lk["order"]].float(), send_counts, recv_counts, self.group))
             local.append(lk["local"])
-        g = torch.cat(grads) / dist.get_world_size(self.group)
+        g = torch.cat(grads) / dist.get_world_size(self.group) * grad_scale
         self._update_rows(torch.cat(local), g, lr, beta1, beta2, eps, weight_decay)
 
 

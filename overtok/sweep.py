@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from overtok import accounting
+from overtok.data.text import FORMAT as TEXT_FORMAT
 from overtok.config import (
     ConfigError,
     RunConfig,
@@ -223,8 +224,12 @@ def pack_key(cfg: RunConfig) -> str | None:
 
 
 def _unused_fields(cfg: RunConfig) -> tuple[str, ...]:
-    """Fields this config's data never reads: text has no grammar to sample (data.cfg_sampler)."""
-    return ("data.cfg_sampler",) if cfg.data.kind != "cfg" else ()
+    """Fields this config never reads: text has no grammar to sample (data.cfg_sampler); dense OE tables have no
+    row-sparse mode (model.oe.sparse_mode)."""
+    unused = ("data.cfg_sampler",) if cfg.data.kind != "cfg" else ()
+    if not (cfg.model.oe.sparse_update and cfg.model.oe.n > 1):
+        unused += ("model.oe.sparse_mode",)
+    return unused
 
 
 # Fields added after trial ids were first handed out, with the value that reproduces what ran before them: at that
@@ -232,7 +237,10 @@ def _unused_fields(cfg: RunConfig) -> tuple[str, ...]:
 # such a default would silently reuse old results: give the field a new name instead.
 # data.cfg_sampler's default is not the value that ran before ('block' is a new stream): CFG trials at the default
 # get new ids, those set to 'sentence' keep theirs.
-ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "float32", "data.cfg_sampler": "sentence"}
+ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "float32", "data.cfg_sampler": "sentence",
+                "model.pos_encoding": "rope", "model.pos_init_std": 0.02, "model.mlp": "swiglu",
+                "model.embed_init_std": 0.02, "model.oe.table_init_std": 0.02, "model.oe.combine": "mean",
+                "model.oe.allow_degenerate": False, "train.table_weight_decay": None}
 
 
 def trial_id(cfg: RunConfig) -> str:
@@ -243,7 +251,10 @@ def trial_id(cfg: RunConfig) -> str:
     drop = ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel", "train.mlp_kernel", "train.rope_kernel",
             "train.cuda_graphs", "train.cuda_graph_scope", "train.ddp_bucket_mb", "train.compile_eval")
     drop += _unused_fields(cfg)
-    return _config_hash(cfg, drop, ADDED_FIELDS)
+    # a corpus is prepared by this version's rules (documents, per-source held-out split): text trials of a corpus
+    # prepared by earlier rules are other experiments
+    extra = {"data.prepare_format": TEXT_FORMAT} if cfg.data.kind == "text" and cfg.data.corpus else None
+    return _config_hash(cfg, drop, ADDED_FIELDS, extra)
 
 
 def _get(d: dict, key: str) -> Any:
@@ -252,10 +263,14 @@ def _get(d: dict, key: str) -> Any:
     return d
 
 
-def _config_hash(cfg: RunConfig, drop: tuple[str, ...], drop_at: dict[str, Any] | None = None) -> str:
+def _config_hash(cfg: RunConfig, drop: tuple[str, ...], drop_at: dict[str, Any] | None = None,
+                 extra: dict[str, Any] | None = None) -> str:
     """Short hash of the resolved config without the dotted keys in ``drop``, nor those of ``drop_at`` that hold
-    the value given there."""
+    the value given there, with the dotted keys of ``extra`` added."""
     d = to_dict(cfg)
+    for key, value in (extra or {}).items():
+        parent, _, leaf = key.rpartition(".")
+        _get(d, parent)[leaf] = value
     drop += tuple(k for k, v in (drop_at or {}).items() if _get(d, k) == v)
     for key in dict.fromkeys(drop):
         parent, _, leaf = key.rpartition(".")

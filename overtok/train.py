@@ -22,6 +22,7 @@ from overtok.config import RunConfig, TrainConfig, to_dict
 from overtok.data.batches import Batches, group_ngrams, split_ngrams
 from overtok.data.cfg import Grammar, accepts, sample_sentence
 from overtok.model import Transformer
+from overtok.sharded import ShardedRowSparseTable
 from overtok.tracking import Sink
 
 
@@ -65,18 +66,22 @@ def lr_at(step: int, t: TrainConfig) -> float:
 def decay_groups(model: Transformer, t: TrainConfig, vector_dim: int = 1) -> list[tuple[list, float]]:
     """(params, weight_decay) groups: decay on matrices, none on vectors (norm weights: ``vector_dim`` dims, 2 in a
     packed model), embed_weight_decay (default 0) on the token embedding and OE tables. Row-sparse tables, which
-    update themselves (overtok/sparse.py), are left out. Empty groups are dropped."""
-    decay, no_decay, embed = [], [], []
+    update themselves (overtok/sparse.py), are left out; with train.table_weight_decay set, the dense OE tables get
+their own group with that decay. Empty groups are dropped."""
+    decay, no_decay, embed, tables = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith(("embed.wte", "embed.tables")):
+        if name.startswith("embed.tables") and t.table_weight_decay is not None:
+            tables.append(p)
+        elif name.startswith(("embed.wte", "embed.tables")):
             embed.append(p)
         elif p.dim() <= vector_dim:
             no_decay.append(p)
         else:
             decay.append(p)
-    groups = [(decay, t.weight_decay), (no_decay, 0.0), (embed, t.embed_weight_decay)]
+    groups = [(decay, t.weight_decay), (no_decay, 0.0), (embed, t.embed_weight_decay),
+              (tables, t.table_weight_decay)]
     return [(params, wd) for params, wd in groups if params]
 
 
@@ -479,11 +484,13 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         torch.cuda.reset_peak_memory_stats(device)
 
     while True:
-        last_step = step == t.max_steps
+        last_step = step >= t.max_steps
 
         # once in a while: evaluate (and on the last step); with sharded tables every rank takes part in the lookups
         if (rank == 0 or sharded) and ((step % t.eval_every == 0 and step > 0) or last_step) and step != resumed_from:
             t_eval = time.time()
+            for table in sparse_tables:  # exact mode: every row up to date before it is read
+                table.flush()
             metrics = {"val/loss": eval_loss(model, val_data, t.eval_batches, device, autocast, compiled_eval(t))}
             metrics["perf/eval_s"] = time.time() - t_eval  # the loss's .item() waited for the GPU
             if cfg.data.kind == "text":
@@ -497,6 +504,8 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
 
         # once in a while: checkpoint (not at step 0; at the end too unless checkpoint_final is off)
         if step > 0 and (step % t.checkpoint_every == 0 or (last_step and t.checkpoint_final)) and step != resumed_from:
+            for table in sparse_tables:
+                table.flush()
             data_states = [train_data.state_dict()]
             if distributed:  # every rank's stream position, so a resumed run continues each one exactly
                 data_states = [None] * world
@@ -525,14 +534,17 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             for group in opt.param_groups:
                 group["lr"] = lr
             parts = accumulate(step_model, train_data.next, t.grad_accum, device, autocast)
+            table_scale = 1.0
             if sharded:
                 grad_norm = _clip_sharded(model, [p for _, p in sharded], world, t.grad_clip)
+            elif sparse_tables and not isinstance(sparse_tables[0], ShardedRowSparseTable):
+                grad_norm, table_scale = clip_with_tables(model, sparse_tables, max_norm)
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             for table in sparse_tables:
-                table.apply_update(lr, t.beta1, t.beta2, weight_decay=t.embed_weight_decay)
+                table.apply_update(lr, t.beta1, t.beta2, weight_decay=table_weight_decay(t), grad_scale=table_scale)
         step += 1
         tokens_seen += tokens_per_step
         if step == first_step:  # compilation happens here: worth knowing apart from the steady rate
@@ -567,6 +579,24 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     summary["tokens_seen"] = tokens_seen
     sink.flush()
     return summary
+
+
+def table_weight_decay(t: TrainConfig) -> float:
+    """The OE tables' weight decay: train.table_weight_decay, else train.embed_weight_decay."""
+    return t.embed_weight_decay if t.table_weight_decay is None else t.table_weight_decay
+
+
+def clip_with_tables(model: Transformer, tables: list, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient clipping that counts row-sparse tables as dense clipping counts an nn.Embedding: the global norm over
+    the dense gradients and the tables' pending gradients (duplicate ids summed). Scales the dense gradients in place;
+    returns (norm, the factor the tables' update applies to their gradient)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    dense = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=tables[0].weight.device)
+    norm = (dense.float() ** 2 + sum(table.grad_sq_norm() for table in tables)).sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    if grads:
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    return norm, coef
 
 
 def _synced_since(t0: float, device: torch.device) -> float:

@@ -74,7 +74,9 @@ def corpus_vocab_size(cfg: RunConfig) -> int:
     if corpus.is_file() and corpus.stat().st_size == 0:
         raise DataError(f"{d.corpus}: empty file")
     if d.tokenizer.startswith("bpe:"):
-        return int(d.tokenizer.split(":", 1)[1])
+        from overtok.data.text import bpe_vocab_size
+
+        return bpe_vocab_size(d.tokenizer)
     if not d.tokenizer or not Path(d.tokenizer).is_file():
         raise DataError(f"{d.tokenizer or '(empty)'}: tokenizer file not found (data.tokenizer)")
     from tokenizers import Tokenizer
@@ -89,13 +91,13 @@ def ensure_prepared(cfg: RunConfig, cache_root: str = "results/data") -> RunConf
     import json
     from pathlib import Path
 
-    from overtok.data.text import prepare
+    from overtok.data.text import FORMAT, prepare, source_table
 
     d = cfg.data
     if d.kind != "text" or d.path:
         return cfg
     # the split does not depend on the training seed: every seed of a sweep validates on the same documents
-    key = json.dumps([str(Path(d.corpus).resolve()), str(Path(d.tokenizer).resolve()) if not d.tokenizer.startswith('bpe:') else d.tokenizer, d.max_docs, d.val_fraction])
+    key = json.dumps([str(Path(d.corpus).resolve()), str(Path(d.tokenizer).resolve()) if not d.tokenizer.startswith('bpe:') else d.tokenizer, d.max_docs, d.val_fraction, FORMAT])
     out = Path(cache_root).resolve() / hashlib.sha1(key.encode()).hexdigest()[:12]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
@@ -103,5 +105,9 @@ def ensure_prepared(cfg: RunConfig, cache_root: str = "results/data") -> RunConf
         if not (out / "meta.json").exists():
             print(f"[overtok] tokenizing {d.corpus} with {d.tokenizer} into {out}", flush=True)
             prepare([Path(d.corpus)], out, d.tokenizer, d.val_fraction, 0, max_docs=d.max_docs)
+        else:
+            print(f"[overtok] {d.corpus} is tokenized in {out}", flush=True)
+            for line in source_table(json.loads((out / "meta.json").read_text())):
+                print(line, flush=True)
     d.path = str(out)
     return cfg

@@ -57,7 +57,11 @@ class Batches:
             if len(self.tokens) <= self.row_len:
                 raise DataError(f"{cfg.data.path}/{split}.bin: {len(self.tokens)} tokens, fewer than one row ({self.row_len})")
             self.gen = torch.Generator().manual_seed(seed)
-            self.cursor = 0  # val: sequential windows
+            self.cursor = 0  # val: windows taken so far since the last rewind
+            # val: an evaluation's windows are spread evenly over the whole split (which is stored source by source),
+            # so that every source is read, not just the first few
+            windows = cfg.train.eval_batches * cfg.data.batch_size
+            self.stride = max(self.row_len, (len(self.tokens) - self.row_len) // max(windows, 1))
 
     def next(self, batch_size: int | None = None) -> torch.Tensor:
         B = batch_size or self.cfg.data.batch_size
@@ -68,8 +72,8 @@ class Batches:
             rows = torch.from_numpy(np.stack([self.tokens[s : s + self.row_len].astype(np.int64) for s in starts]))
         else:
             span = len(self.tokens) - self.row_len
-            starts = [(self.cursor + i * self.row_len) % span for i in range(B)]
-            self.cursor = (self.cursor + B * self.row_len) % span
+            starts = [((self.cursor + i) * self.stride) % span for i in range(B)]
+            self.cursor += B
             rows = torch.from_numpy(np.stack([self.tokens[s : s + self.row_len].astype(np.int64) for s in starts]))
         return group_ngrams(rows, self.vocab_size, self.n)
 

@@ -1,13 +1,13 @@
-"""Real text: tokenize local files into memmapped shards with a held-out split by document.
+"""Real text: tokenize local files into memmapped shards with a held-out split per source.
 
-``overtok data prepare`` reads .txt / .txt.xz / .py.txt.xz (one document per file, or split on a
-separator line), .jsonl (a text field per line) or .parquet (a text column), or a HF ``datasets``
-directory saved with ``save_to_disk`` (its Arrow files), and writes:
+``overtok data prepare`` reads .txt / .txt.xz / .py.txt.xz (split on a document header line where the file has
+one, cut into pieces of at most MAX_DOC_CHARS), .jsonl (a text field per line) or .parquet (a text column), or a
+HF ``datasets`` directory saved with ``save_to_disk`` (its Arrow files). Every input file is a source, and every
+source contributes its share of held-out text. It writes:
 
     OUT/train.bin, OUT/val.bin   flat token ids (uint16 when V <= 65535, else uint32), EOS between documents
-    OUT/meta.json                vocab size, dtype, eos id, token counts, bytes per token, sources
-
-The tokenizer is an HF ``tokenizer.json`` file or a byte-level BPE trained here on the same files.
+    OUT/meta.json                vocab size, dtype, eos id, token counts, bytes per token, per-source counts
+    OUT/tokenizer.json           the tokenizer (given, or a byte-level BPE trained on the training documents)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,10 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
+# Document structure of a file, tried in order; the first pattern found in a file splits it. Patterns match whole
+# lines that only these corpora use as document headers (reST over- and underlines are lines of '=' alone).
 DOC_SEPARATORS = [
     re.compile(r"^# ==== FILE: .* ====$", re.M),  # the code/ corpus: one source file per document
-    re.compile(r"^=== .*$", re.M),  # sotu: one address per document
+    re.compile(r"^=== \d{4}_\S+$", re.M),  # sotu: one address per document, "=== 1790_george_washington_n"
 ]
+FORMAT = 2
+"""meta.json's format: 2 adds per-source counts, the held-out split per source and tokenizer.json."""
+MAX_DOC_CHARS = 16384
+"""Documents longer than this are cut (at blank lines, else at line ends) into pieces of at most this size; prose
+without document structure is grouped from its paragraphs, or lines where it has no blank lines, into pieces of
+this size. The held-out split then samples every source in small units."""
 
 
 class DataError(ValueError):
@@ -41,22 +50,39 @@ def _read_text(path: Path) -> str:
 
 
 def _split_documents(text: str) -> list[str]:
+    """The documents of one file: by its separator lines where it has them, else the whole text; each one cut into
+    pieces of at most MAX_DOC_CHARS (:func:`_cut`)."""
+    docs = [text]
     for sep in DOC_SEPARATORS:
         if sep.search(text):
-            parts = [p.strip("\n") for p in sep.split(text)]
-            return [p for p in parts if p.strip()]
-    # plain prose: blank-line separated blocks grouped into ~8 KB documents
-    docs, cur = [], []
-    size = 0
-    for block in text.split("\n\n"):
-        cur.append(block)
-        size += len(block)
-        if size > 8192:
-            docs.append("\n\n".join(cur))
+            docs = sep.split(text)
+            break
+    return [piece for doc in docs if doc.strip() for piece in _cut(doc.strip("\n"))]
+
+
+def _cut(doc: str, limit: int = MAX_DOC_CHARS) -> list[str]:
+    """``doc`` as consecutive pieces of at most ``limit`` characters, made of whole paragraphs (blank-line
+    separated), or whole lines where a paragraph is longer, or hard cuts where a line is."""
+    if len(doc) <= limit:
+        return [doc]
+    units = []
+    for para in doc.split("\n\n"):
+        if len(para) <= limit:
+            units.append((para, "\n\n"))
+            continue
+        for line in para.split("\n"):
+            units.extend((line[i : i + limit], "\n") for i in range(0, max(len(line), 1), limit))
+        units[-1] = (units[-1][0], "\n\n")
+    pieces, cur, size = [], [], 0
+    for unit, joiner in units:
+        if cur and size + len(unit) > limit:
+            pieces.append("".join(cur).rstrip("\n"))
             cur, size = [], 0
-    if cur and "".join(cur).strip():
-        docs.append("\n\n".join(cur))
-    return docs
+        cur.append(unit + joiner)
+        size += len(unit) + len(joiner)
+    if cur:
+        pieces.append("".join(cur).rstrip("\n"))
+    return [p for p in pieces if p.strip()]
 
 
 def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[tuple[str, str]]:
@@ -98,23 +124,34 @@ def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[tupl
                 yield name, doc
 
 
-def load_tokenizer(spec: str, train_files: list[Path] | None = None, vocab_size: int = 0):
-    """An HF tokenizer.json path, or 'bpe:<V>' to train a byte-level BPE on train_files."""
+def load_tokenizer(spec: str, train_docs: list[str] | None = None):
+    """An HF tokenizer.json path, or 'bpe:<V>' to train a byte-level BPE on ``train_docs``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if spec.startswith("bpe:"):
-        V = int(spec.split(":", 1)[1])
+        V = bpe_vocab_size(spec)
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=V, special_tokens=["<|pad|>", "<|endoftext|>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator((d for _, d in iter_documents(train_files or [])), trainer=trainer)
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(train_docs or [], trainer=trainer)
         return tok
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"{spec}: tokenizer file not found")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception types
+        raise DataError(f"{spec}: not a tokenizer.json file ({str(e).splitlines()[0][:200]})") from None
+
+
+def bpe_vocab_size(spec: str) -> int:
+    """V of a 'bpe:<V>' tokenizer spec (at least 258: the 256 bytes and two special tokens)."""
+    text = spec.split(":", 1)[1]
+    if not text.isdigit() or not 258 <= int(text) <= 1 << 20:
+        raise DataError(f"{spec}: expected bpe:<V> with an integer V from 258 to {1 << 20}")
+    return int(text)
 
 
 def _eos_id(tok) -> int:
@@ -131,33 +168,78 @@ class PrepareResult:
     meta: dict
 
 
+def sample_documents(docs: list[tuple[str, str]], max_docs: int, seed: int) -> list[tuple[str, str]]:
+    """``max_docs`` documents drawn uniformly without replacement across every source (seeded), in file order;
+    all of them when ``max_docs`` is 0 or at least their number."""
+    if not max_docs or max_docs >= len(docs):
+        return docs
+    return [docs[i] for i in sorted(random.Random(seed).sample(range(len(docs)), max_docs))]
+
+
+def split_documents(docs: list[tuple[str, str]], val_fraction: float, seed: int) -> list[bool]:
+    """Which documents are held out (True): per source, documents in the order of a seeded hash of their text are
+    taken until the source's held-out characters reach ``val_fraction`` of its characters (the document that crosses
+    the target is taken when that lands nearer to it); at least one document of every source with two or more,
+    never all of a source's documents. Where this holds out nothing (every source a single document), the last
+    document is held out."""
+    by_source: dict[str, list[int]] = {}
+    for i, (source, _) in enumerate(docs):
+        by_source.setdefault(source, []).append(i)
+    held = [False] * len(docs)
+
+    def rank(i: int) -> bytes:
+        return hashlib.blake2b(f"{seed}:{docs[i][1]}".encode(), digest_size=8).digest()
+
+    for idx in by_source.values():
+        if len(idx) < 2:
+            continue
+        target = val_fraction * sum(len(docs[i][1]) for i in idx)
+        taken = 0
+        for n, i in enumerate(sorted(idx, key=rank)):
+            size = len(docs[i][1])
+            if n == len(idx) - 1 or (n > 0 and taken + size / 2 > target):
+                break
+            held[i] = True
+            taken += size
+    if not any(held):
+        held[-1] = True
+    return held
+
+
 def prepare(inputs: list[Path], out_dir: Path, tokenizer: str, val_fraction: float = 0.01, seed: int = 0,
-            text_field: str = "text", max_docs: int = 0) -> PrepareResult:
-    """Tokenize ``inputs`` into ``out_dir``; documents are assigned to val by a hash of their text (stable)."""
-    tok = load_tokenizer(tokenizer, inputs)
+            text_field: str = "text", max_docs: int = 0, log=print) -> PrepareResult:
+    """Tokenize ``inputs`` into ``out_dir``: documents (``max_docs`` sampled across sources, :func:`sample_documents`),
+    a held-out split per source (:func:`split_documents`), a BPE trained on the training documents alone for
+    'bpe:<V>' (saved as ``out_dir/tokenizer.json``, as is a given tokenizer), and documents and tokens per source
+    for each split in meta.json and in the lines given to ``log``."""
+    if len(docs := [(s, d) for s, d in iter_documents(inputs, text_field) if d and d.strip()]) == 0:
+        raise DataError(f"{', '.join(map(str, inputs))}: no non-empty documents")
+    docs = sample_documents(docs, max_docs, seed)
+    if len(docs) < 2:
+        raise DataError(f"{', '.join(map(str, inputs))}: one document; training and validation need two or more")
+    held = split_documents(docs, val_fraction, seed)
+    tok = load_tokenizer(tokenizer, [d for (_, d), h in zip(docs, held) if not h])
     V = tok.get_vocab_size()
     eos = _eos_id(tok)
     dtype = np.uint16 if V <= 65535 else np.uint32
-    docs = list(iter_documents(inputs, text_field))
-    if max_docs:
-        docs = docs[:max_docs]
-    docs = [(s, d) for s, d in docs if d and d.strip()]
-    if not docs:
-        raise DataError(f"{', '.join(map(str, inputs))}: no non-empty documents")
     out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
     splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     n_bytes = {"train": 0, "val": 0}
-    threshold = int(val_fraction * 2**32)
+    per_source: dict[str, dict[str, int]] = {}
     encoded = tok.encode_batch([d for _, d in docs], add_special_tokens=False)
-    for (_source, doc), enc in zip(docs, encoded):
-        h = int.from_bytes(hashlib.blake2b(f"{seed}:{doc}".encode(), digest_size=4).digest(), "little")
-        split = "val" if h < threshold else "train"
-        splits[split].append(np.asarray(enc.ids + [eos], dtype=dtype))
+    for (source, doc), enc, h in zip(docs, encoded, held):
+        split = "val" if h else "train"
+        ids = np.asarray(enc.ids + [eos], dtype=dtype)
+        splits[split].append(ids)
         n_bytes[split] += len(doc.encode())
-    if not splits["val"]:  # tiny inputs: hold out the last document
-        splits["val"].append(splits["train"].pop())
+        row = per_source.setdefault(source, {"train_documents": 0, "train_tokens": 0, "val_documents": 0,
+                                             "val_tokens": 0})
+        row[f"{split}_documents"] += 1
+        row[f"{split}_tokens"] += int(ids.size)
     meta = {"vocab_size": V, "eos_id": eos, "dtype": np.dtype(dtype).name, "tokenizer": tokenizer,
-            "sources": sorted({s for s, _ in docs}), "format": 1}
+            "tokenizer_file": "tokenizer.json", "sources": dict(sorted(per_source.items())), "format": FORMAT,
+            "max_docs": max_docs, "val_fraction": val_fraction, "seed": seed}
     for split, arrays in splits.items():
         arr = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
         arr.tofile(out_dir / f"{split}.bin")
@@ -165,7 +247,24 @@ def prepare(inputs: list[Path], out_dir: Path, tokenizer: str, val_fraction: flo
         meta[f"{split}_documents"] = len(arrays)
         meta[f"{split}_bytes_per_token"] = n_bytes[split] / max(arr.size, 1)
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    for line in source_table(meta):
+        log(line)
     return PrepareResult(out_dir, meta)
+
+
+def source_table(meta: dict) -> list[str]:
+    """Lines of documents and tokens per source and split (meta.json of format 2), for logs."""
+    rows = meta.get("sources")
+    if not isinstance(rows, dict):
+        return []
+    width = max(len(s) for s in rows)
+    lines = [f"[overtok] {'source':<{width}}  {'train docs':>10} {'train tokens':>13}  {'val docs':>8} {'val tokens':>11} "
+             f"{'val share':>9}"]
+    for source, r in rows.items():
+        share = r["val_tokens"] / max(r["train_tokens"] + r["val_tokens"], 1)
+        lines.append(f"[overtok] {source:<{width}}  {r['train_documents']:>10,} {r['train_tokens']:>13,}  "
+                     f"{r['val_documents']:>8,} {r['val_tokens']:>11,} {share:>9.1%}")
+    return lines
 
 
 def read_meta(path: str | Path) -> dict:
