@@ -101,7 +101,8 @@ def test_tiny_model_overfits_a_batch(name):
     assert losses["next"].item() < 0.1
 
 
-@pytest.mark.parametrize("sets", [{}, {"model.oe.n": 3, "model.oe.m": 401}, {"model.tokenizer_ngram": 2}])
+@pytest.mark.parametrize("sets", [{}, {"model.oe.n": 3, "model.oe.m": 401}, {"model.tokenizer_ngram": 2},
+                                  {"model.pos_encoding": "learned", "model.mlp": "gelu", "model.oe.n": 2, "model.oe.m": 401}])
 def test_kv_cached_generation_samples_the_same_tokens(sets):
     """The KV cache changes the cost of sampling, not the samples (also past the RoPE table: windowed fallback)."""
     cfg = tiny_config(**{"model.seq_len": 16, **sets})
@@ -186,3 +187,23 @@ def test_kernel_tests_run_where_triton_is_installed():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (not a Linux x86_64 dev install)")
     assert kernels.available(torch.device("cpu")) or torch.cuda.is_available()
+
+
+def test_reference_style_options_shape_the_model():
+    """pos_encoding: learned adds a (positions, d) parameter; mlp: gelu is d -> 4d -> d; embed_init_std and
+    oe.table_init_std set the initial spreads; oe.combine: sum skips the 1/(1 + k(n-1)) mean."""
+    cfg = tiny_config(**{"model.pos_encoding": "learned", "model.mlp": "gelu", "model.embed_init_std": 1.0,
+                         "model.oe.n": 3, "model.oe.m": 401, "model.oe.table_init_std": 0.0,
+                         "model.oe.combine": "sum", "model.tie_embeddings": False})
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    d = cfg.model.d_model
+    assert model.pos.shape == (cfg.model.seq_len + 1, d)
+    assert model.blocks[0].mlp.up.weight.shape == (4 * d, d)
+    assert 0.9 < float(model.embed.wte.weight.std()) < 1.1
+    assert float(model.embed.tables.weight.abs().max()) == 0.0
+    x = torch.randint(0, cfg.model.vocab_size, (2, 8))
+    looked = model.embed.lookup(x)
+    torch.testing.assert_close(model.embed.mix(*looked), looked[0] + model.embed.proj(looked[1].flatten(-2)))
+    rope = Transformer(tiny_config().model)
+    assert rope.pos is None and not hasattr(rope.blocks[0].mlp, "up")

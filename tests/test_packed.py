@@ -150,3 +150,15 @@ def test_a_diverging_slice_fails_alone(tmp_path):
     summaries = train_packed(cfgs, sinks, tmp_path / "pack", device=torch.device("cpu"))
     assert "TrainingDiverged" in summaries[1]["error"] and "train/loss" not in sinks[1].points
     _assert_same(alone, [sinks[0].points, sinks[2].points])
+
+
+def test_packed_reference_body_learned_positions_and_gelu(tmp_path):
+    """The reference-style body (learned absolute positions, GELU MLP, untied head, embedding init std 1.0, OE summed
+    instead of averaged) packs: each slice trains as its run alone."""
+    cfgs = _configs(tmp_path, **{"model.pos_encoding": "learned", "model.mlp": "gelu", "model.tie_embeddings": False,
+                                 "model.embed_init_std": 1.0, "model.oe.n": 2, "model.oe.m": 401,
+                                 "model.oe.combine": "sum"})
+    alone = _alone(cfgs)
+    sinks = [MemorySink() for _ in cfgs]
+    train_packed(cfgs, sinks, tmp_path / "pack", device=torch.device("cpu"))
+    _assert_same(alone, [s.points for s in sinks])
