@@ -103,6 +103,19 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_effects(args) -> int:
+    import pandas as pd
+
+    from analysis.effects import effects_markdown, paired_effects
+    from analysis.tables import load_export
+
+    parts = [load_export(_results_dir(d)) for d in args.results]
+    runs = pd.concat([r for r, _ in parts], ignore_index=True)
+    curves = pd.concat([c for _, c in parts], ignore_index=True)
+    print(effects_markdown(paired_effects(runs, curves, tail=args.tail)), end="")
+    return 0
+
+
 def cmd_plots(args) -> int:
     from analysis.commands import plot_sweep
 
@@ -224,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep name, YAML or results directory")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the CIs")
     p.set_defaults(fn=cmd_fit)
+
+    p = sub.add_parser("effects", help="each OE variant against its baseline, seed by seed, with 95%% CIs (Markdown)")
+    p.add_argument("results", nargs="+", help="results directories holding exports (runs of several are pooled)")
+    p.add_argument("--tail", type=int, default=10, help="train loss = mean of this many last logged points")
+    p.set_defaults(fn=cmd_effects)
 
     p = sub.add_parser("plots", help="paper-style figures of an exported sweep -> results/<sweep>/figures/")
     p.add_argument("sweep", help="sweep name, YAML or results directory")

@@ -1,6 +1,7 @@
 """Fits recover known parameters, speedups known ratios; bad tables exit 2; analysis never imports torch."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -180,3 +181,34 @@ def test_speedups_compare_ngram_variants_per_base_token():
                            for t, k in (("b", 1.0), ("v", 3.0)) for x, y in zip(tokens, base)])
     r = _speedups(s, curves)["d8"]["3-gram output"]["train/loss"]
     assert r["mean"] == pytest.approx(1.0)
+
+
+def test_paired_effects_pairs_seeds_within_cells():
+    """Two bodies x {baseline, OE} x 2 seeds: OE's effect per body is the mean of the seed-paired differences of the
+    tail-mean train loss and the final held-out loss; the interval pools the seed spread over both bodies."""
+    from analysis.effects import effects_markdown, paired_effects, verdict
+
+    runs, curves = [], []
+    for body, (d0, d1) in {"rope": (0.10, 0.12), "learned": (-0.30, -0.26)}.items():
+        for n in (1, 3):
+            for seed in (0, 1):
+                tid = f"{body}{n}{seed}"
+                shift = (d0 if seed == 0 else d1) if n == 3 else 0.0
+                runs.append({"trial_id": tid, "status": "FINISHED", "seed": seed, "model.pos_encoding": body,
+                             "model.d_model": 64, "model.oe.n": n, "model.oe.m": 0 if n == 1 else 101,
+                             "train.lr": 1e-3, "data.path": f"/x/{seed}", "final.val/loss": 4.0 + seed * 0.01 + shift})
+                for step in range(20):  # the last 10 points average to 3.0 + shift (+ seed offset)
+                    curves.append({"trial_id": tid, "metric": "train/loss", "step": step,
+                                   "value": 9.0 if step < 10 else 3.0 + seed * 0.01 + shift + (0.05 if step % 2 else -0.05)})
+    eff = paired_effects(pd.DataFrame(runs), pd.DataFrame(curves)).set_index("cell")
+    assert set(eff.index) == {"pos_encoding=rope", "pos_encoding=learned"}
+    rope, learned = eff.loc["pos_encoding=rope"], eff.loc["pos_encoding=learned"]
+    assert rope.d_train == pytest.approx(0.11) and learned.d_val == pytest.approx(-0.28)
+    assert rope.base_train == pytest.approx(3.005)
+    assert rope.train_dof == 2  # one degree of freedom per body
+    # pooled SD of paired differences: deviations +-0.01 and +-0.02 -> sqrt((2*1e-4 + 2*4e-4) / 2)
+    assert rope.train_seed_sd == pytest.approx(math.sqrt(5e-4))
+    assert verdict(learned.d_train_lo, learned.d_train_hi) == "helps"
+    assert verdict(rope.d_val_lo, rope.d_val_hi) == "hurts"
+    assert verdict(-0.1, 0.1) == "no clear effect"
+    assert "| pos_encoding=learned | OE n=3 m=101 | 2 |" in effects_markdown(eff.reset_index())

@@ -1,0 +1,122 @@
+"""Paired effects of each variant against its baseline, seed by seed.
+
+A *cell* is a set of finished runs that share every experiment setting outside the OE section (model size and
+body, data, schedule): its baseline has no OE (``model.oe.n == 1``), its variants are the other OE settings. Each
+variant is paired with the baseline of the same seed; the effect is the mean of the paired differences, with a
+95% interval from Student's t on the pooled within-cell spread of the differences (every cell's seeds contribute
+to one estimate of seed noise, so two seeds per cell still give a usable interval).
+
+Training loss here is the paper's measure as the reference implementation reads it: the mean of the last
+``tail`` logged training losses (one batch each), so the number does not hinge on one batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+# settings that say how a run ran or where its files are, not what it trained
+NOT_EXPERIMENT = ("data.path", "data.corpus", "data.tokenizer", "train.checkpoint_dir", "train.checkpoint_every",
+                  "train.checkpoint_final", "train.compile", "train.compile_eval", "train.loss_kernel",
+                  "train.mlp_kernel", "train.rope_kernel", "train.cuda_graphs", "train.cuda_graph_scope",
+                  "train.ddp_bucket_mb", "train.device", "train.fail_at_step", "train.table_weight_decay")
+
+
+def tail_mean(curves: pd.DataFrame, trial_id: str, metric: str = "train/loss", tail: int = 10) -> float:
+    """Mean of the last ``tail`` logged values of ``metric`` (NaN when the trial logged none)."""
+    c = curves[(curves.trial_id == trial_id) & (curves.metric == metric)].sort_values("step")
+    return float(c["value"].iloc[-tail:].mean()) if len(c) else math.nan
+
+
+def _cell_columns(runs: pd.DataFrame) -> list[str]:
+    return [c for c in runs.columns if c.split(".")[0] in ("model", "data", "train")
+            and not c.startswith("model.oe.") and c not in NOT_EXPERIMENT]
+
+
+def _variant_columns(runs: pd.DataFrame) -> list[str]:
+    return [c for c in runs.columns if c.startswith("model.oe.") or c == "train.table_weight_decay"]
+
+
+def _describe(row: pd.Series, columns: list[str]) -> str:
+    return ", ".join(f"{c.split('.', 1)[1]}={row[c]}" for c in columns) or "-"
+
+
+def paired_effects(runs: pd.DataFrame, curves: pd.DataFrame, tail: int = 10) -> pd.DataFrame:
+    """One row per (cell, variant): cell and variant described by the settings that vary, seeds paired, baseline
+    and variant means of train (``tail_mean``) and held-out loss (final ``val/loss``), their paired differences
+    (mean, per seed, 95% interval) and the interval's degrees of freedom."""
+    df = runs[runs.status == "FINISHED"].drop_duplicates("trial_id").copy()
+    if df.empty:
+        return pd.DataFrame()
+    cell_cols, var_cols = _cell_columns(df), _variant_columns(df)
+    df["_train"] = [tail_mean(curves, t, tail=tail) for t in df.trial_id]
+    df["_val"] = df["final.val/loss"].astype(float)
+    df["_cell"] = df[cell_cols].astype(str).agg("|".join, axis=1)
+    df["_variant"] = df[var_cols].astype(str).agg("|".join, axis=1)
+    vary_cell = [c for c in cell_cols if df[c].astype(str).nunique() > 1]
+    oe_rows = df[df["model.oe.n"] > 1]
+    vary_var = [c for c in var_cols if oe_rows[c].astype(str).nunique() > 1 and c not in ("model.oe.n", "model.oe.m")]
+    rows = []
+    for _, cell in df.groupby("_cell", sort=False):
+        base = cell[cell["model.oe.n"] == 1].set_index("seed")
+        if base.empty:
+            continue
+        for _, var in cell[cell["model.oe.n"] > 1].groupby("_variant", sort=False):
+            var = var.set_index("seed")
+            seeds = sorted(set(var.index) & set(base.index))
+            if not seeds:
+                continue
+            first = var.iloc[0]
+            rows.append({
+                "cell": _describe(first, vary_cell), "variant": f"OE n={first['model.oe.n']} m={first['model.oe.m']}"
+                + (f" ({_describe(first, vary_var)})" if vary_var else ""), "seeds": len(seeds),
+                "base_train": base.loc[seeds, "_train"].mean(), "oe_train": var.loc[seeds, "_train"].mean(),
+                "base_val": base.loc[seeds, "_val"].mean(), "oe_val": var.loc[seeds, "_val"].mean(),
+                "d_train_seeds": [float(var.loc[s, "_train"] - base.loc[s, "_train"]) for s in seeds],
+                "d_val_seeds": [float(var.loc[s, "_val"] - base.loc[s, "_val"]) for s in seeds],
+            })
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    for metric in ("train", "val"):
+        diffs = out[f"d_{metric}_seeds"]
+        out[f"d_{metric}"] = [float(np.mean(d)) for d in diffs]
+        # pooled within-cell variance of the paired differences: sum of squared deviations over sum of (n - 1)
+        ss = sum(float(np.sum((np.asarray(d) - np.mean(d)) ** 2)) for d in diffs)
+        dof = sum(len(d) - 1 for d in diffs)
+        sd = math.sqrt(ss / dof) if dof > 0 else math.nan
+        half = [stats.t.ppf(0.975, dof) * sd / math.sqrt(len(d)) if dof > 0 else math.nan for d in diffs]
+        out[f"d_{metric}_lo"] = out[f"d_{metric}"] - half
+        out[f"d_{metric}_hi"] = out[f"d_{metric}"] + half
+        out[f"{metric}_dof"] = dof
+        out[f"{metric}_seed_sd"] = sd
+    return out
+
+
+def verdict(lo: float, hi: float) -> str:
+    """'helps' / 'hurts' where the interval excludes 0, else 'no clear effect' (losses: lower is better)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "n/a (1 seed)"
+    return "helps" if hi < 0 else "hurts" if lo > 0 else "no clear effect"
+
+
+def effects_markdown(eff: pd.DataFrame) -> str:
+    """The paired-effects table as Markdown (losses to 3 decimals, differences with their 95% intervals)."""
+    if eff.empty:
+        return "(no cell with both a baseline and an OE variant)\n"
+    lines = ["| cell | variant | seeds | train: base -> OE | train diff [95% CI] | held-out: base -> OE | "
+             "held-out diff [95% CI] |", "|---|---|---|---|---|---|---|"]
+    for r in eff.itertuples():
+        lines.append(
+            f"| {r.cell} | {r.variant} | {r.seeds} | {r.base_train:.3f} -> {r.oe_train:.3f} | "
+            f"{r.d_train:+.3f} [{r.d_train_lo:+.3f}, {r.d_train_hi:+.3f}] {verdict(r.d_train_lo, r.d_train_hi)} | "
+            f"{r.base_val:.3f} -> {r.oe_val:.3f} | {r.d_val:+.3f} [{r.d_val_lo:+.3f}, {r.d_val_hi:+.3f}] "
+            f"{verdict(r.d_val_lo, r.d_val_hi)} |")
+    first = eff.iloc[0]
+    lines.append("")
+    lines.append(f"Seed noise of a paired difference (pooled SD): train {first.train_seed_sd:.4f}, held-out "
+                 f"{first.val_seed_sd:.4f}, each with {first.train_dof} degrees of freedom.")
+    return "\n".join(lines) + "\n"
