@@ -135,7 +135,8 @@ def cmd_fit_law(args) -> int:
     else:
         for k, v in res["estimates"].items():
             lo, hi = res["ci"][k]
-            print(f"{k:>10} = {v:.6g}  [{lo:.6g}, {hi:.6g}]")
+            ci = f"[{lo:.6g}, {hi:.6g}]" if lo is not None and hi is not None else "(no CI: --bootstrap below 2)"
+            print(f"{k:>10} = {v:.6g}  {ci}")
     return 0
 
 
@@ -178,6 +179,17 @@ def _results_dir(sweep: str) -> Path:
 
         return Path("results") / load_sweep(p).name
     return Path("results") / sweep
+
+
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def _add_set(p: argparse.ArgumentParser, help: str) -> None:
@@ -235,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="fit scaling laws and speedups of an exported sweep -> results/<sweep>/fits.json")
     p.add_argument("sweep", help="sweep name, YAML or results directory")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the CIs")
+    p.add_argument("--bootstrap", type=_count, default=200, help="bootstrap resamples for the CIs")
     p.set_defaults(fn=cmd_fit)
 
     p = sub.add_parser("effects", help="each OE variant against its baseline, seed by seed, with 95%% CIs (Markdown)")
@@ -251,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("law", choices=["chinchilla", "loglinear"], help="chinchilla: columns N, D, loss; loglinear: vocab, loss")
     p.add_argument("table")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--bootstrap", type=int, default=100)
+    p.add_argument("--bootstrap", type=_count, default=100, help="bootstrap resamples for the CIs (0 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_fit_law)
     p = sub.add_parser("report", help="export, fit, plot and write dashboards/<sweep>/index.html (self-contained)")
@@ -298,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         user_errors += (TableError,)
     except ImportError:
         pass
+    from overtok.errors import CheckpointError, ExportError
+
     args = build_parser().parse_args(argv)
     try:
         rc = args.fn(args)
@@ -307,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors as e:
         print(f"overtok: error: {e}", file=sys.stderr)
         return 2
+    except (ExportError, CheckpointError) as e:  # the environment (disk, links), not the input: one line, exit 1
+        print(f"overtok: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("overtok: interrupted", file=sys.stderr)
         return 130

@@ -498,12 +498,18 @@ def degenerate_modulus(vocab_size: int, order: int, modulus: int) -> str | None:
 # Validation of shapes: one place, raising errors that name the key
 
 
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+NAME_RULE = "required: 1-64 ASCII letters, digits, '-' and '_', starting with a letter or digit"
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     m, oe, t, d = cfg.model, cfg.model.oe, cfg.train, cfg.data
 
     def need(cond: bool, key: str, problem: str) -> None:
         if not cond:
             raise ConfigError(problem, key=key)
+
+    need(NAME_RE.fullmatch(cfg.name) is not None, "name", f"{NAME_RULE}, got {cfg.name!r}")
 
     for key, val in [
         ("model.d_model", m.d_model), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),

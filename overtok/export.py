@@ -13,12 +13,14 @@ the sweep; with a tracking server, per-(run, key) REST calls spread over a threa
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 
 from overtok.config import parse_scalar
+from overtok.errors import ExportError
 from overtok.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_ID_TAG, client, resolve_tracking_uri
 
 SCHEMA_VERSION = 1
@@ -117,6 +119,20 @@ def build_tables(runs, hist: pd.DataFrame, sweep: str) -> tuple[pd.DataFrame, pd
     return df, curves
 
 
+def write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file of this process beside ``path``, fsync, then rename over ``path``: a full
+    disk or a crash leaves the previous file whole, never a truncated one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def export_sweep(sweep: str, tracking_uri: str = "", out: Path | None = None,
                  overrides: list[str] | None = None) -> list[Path]:
     """Write runs.parquet and curves.parquet for a sweep (name or YAML path)."""
@@ -156,10 +172,11 @@ def export_sweep(sweep: str, tracking_uri: str = "", out: Path | None = None,
     df, curves = build_tables(chosen, hist, name)
     out = out or Path("results") / name
     out.mkdir(parents=True, exist_ok=True)
-    df.to_parquet(out / "runs.parquet", index=False)
-    curves.to_parquet(out / "curves.parquet", index=False)
-    (out / "export.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "sweep": name, "tracking_uri": uri,
-                                                 "experiment": experiment, "trials": len(df)}, indent=2))
+    write_atomically(out / "runs.parquet", lambda f: df.to_parquet(f, index=False))
+    write_atomically(out / "curves.parquet", lambda f: curves.to_parquet(f, index=False))
+    write_atomically(out / "export.json", lambda f: f.write_text(json.dumps(
+        {"schema_version": SCHEMA_VERSION, "sweep": name, "tracking_uri": uri, "experiment": experiment,
+         "trials": len(df)}, indent=2)))
     return [out / "runs.parquet", out / "curves.parquet"]
 
 
@@ -205,9 +222,9 @@ def merge_exports(base: Path, reruns: list[Path], out: Path) -> dict:
                            ignore_index=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs.to_parquet(out / "runs.parquet", index=False)
-    curves.to_parquet(out / "curves.parquet", index=False)
+    write_atomically(out / "runs.parquet", lambda f: runs.to_parquet(f, index=False))
+    write_atomically(out / "curves.parquet", lambda f: curves.to_parquet(f, index=False))
     summary = {"schema_version": SCHEMA_VERSION, "sweep": name, "merged_from": [str(p) for p in inputs],
                "trials": len(runs), "replaced": replaced, "added": added, "skipped_not_finished": skipped}
-    (out / "export.json").write_text(json.dumps(summary, indent=2))
+    write_atomically(out / "export.json", lambda f: f.write_text(json.dumps(summary, indent=2)))
     return summary

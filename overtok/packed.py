@@ -275,7 +275,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
             summaries[p].update(metrics)
 
     while True:
-        last_step = step == t.max_steps
+        last_step = step >= t.max_steps
         if ((step % t.eval_every == 0 and step > 0) or last_step) and step != resumed_from:
             t_eval = time.time()
             val = evaluate(model, val_data, t.eval_batches, device, autocast, compiled_eval(t)).tolist()
@@ -283,7 +283,9 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
             for p, c in enumerate(cfgs):
                 metrics = {"val/loss": val[p], "perf/eval_s": eval_s}
                 if c.data.kind == "text":
-                    metrics["val/bpb"] = val[p] / math.log(2) / read_bytes_per_token(c)
+                    bpt = read_bytes_per_token(c)
+                    if bpt > 0:
+                        metrics["val/bpb"] = val[p] / math.log(2) / bpt
                 if c.data.kind == "cfg" and t.gen_samples and (last_step or (t.gen_every and step % t.gen_every == 0)) \
                         and alive[p]:
                     if plain is None:

@@ -35,6 +35,8 @@ from typing import Any
 from overtok import accounting
 from overtok.data.text import FORMAT as TEXT_FORMAT
 from overtok.config import (
+    NAME_RE,
+    NAME_RULE,
     ConfigError,
     RunConfig,
     TrainConfig,
@@ -303,8 +305,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     for k in raw:
         _expect(k in SWEEP_KEYS, f"unknown key (allowed: {', '.join(sorted(SWEEP_KEYS))})", file, str(k), lines)
     name = raw.get("name")
-    _expect(isinstance(name, str) and name.replace("_", "").replace("-", "").isalnum(),
-            "required: a name of letters, digits, '-' and '_'", file, "name", lines)
+    _expect(isinstance(name, str) and NAME_RE.fullmatch(name) is not None, NAME_RULE, file, "name", lines)
     base = raw.get("base", {})
     _expect(isinstance(base, dict), "must be a mapping (a training config)", file, "base", lines)
     grid = raw.get("grid", {}) or {}

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import random
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from overtok import accounting
 from overtok.config import RunConfig, TrainConfig, to_dict
+from overtok.errors import CheckpointError
 from overtok.data.batches import Batches, group_ngrams, split_ngrams
 from overtok.data.cfg import Grammar, accepts, sample_sentence
 from overtok.model import Transformer
@@ -95,14 +97,12 @@ def make_optimizer(model: Transformer, t: TrainConfig, device: torch.device) -> 
 # Checkpoints: written atomically (tmp + rename); a truncated newest file falls back to the previous one.
 
 
-class CheckpointError(RuntimeError):
-    """The checkpoint directory cannot be written (missing, not a directory, read-only, full)."""
-
-
 def _write_atomically(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, fsync, rename: a crash leaves the previous file intact."""
-    tmp = path.with_suffix(".tmp")
+    """torch.save to a temporary file of this writer's own (process and thread in its name), fsync, rename: a crash
+    leaves the previous file intact, and two writers never share a temporary file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
+        _refuse_links(path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp)
         with open(tmp, "rb") as f:
@@ -114,11 +114,24 @@ def _write_atomically(path: Path, state: dict) -> None:
         raise CheckpointError(f"cannot write checkpoint {path}: {e}") from None
 
 
+def _refuse_links(directory: Path) -> None:
+    """A checkpoint directory that is, or lies under (below the working directory), a symbolic link would let writes
+    and the cleanup of old checkpoints reach files outside it: refused."""
+    here = Path.cwd()
+    full = Path(os.path.abspath(directory))
+    # the directory itself, and every folder of its path below the working directory (results/, results/checkpoints/)
+    for p in [full, *(q for q in full.parents if here in q.parents)]:
+        if p.is_symlink():
+            raise CheckpointError(f"checkpoint directory {directory}: {p} is a symbolic link; refusing to write "
+                                  "or delete checkpoints through it")
+
+
 def save_checkpoint(ckpt_dir: Path, state: dict, keep: int = 2) -> Path:
     path = ckpt_dir / f"ckpt_{state['step']:09d}.pt"
     _write_atomically(path, state)
     for old in sorted(ckpt_dir.glob("ckpt_*.pt"))[:-keep]:
-        old.unlink()
+        if not old.is_symlink():  # never delete through a link
+            old.unlink(missing_ok=True)  # another writer may have removed it already
     return path
 
 
@@ -132,7 +145,38 @@ def load_latest_checkpoint(ckpt_dir: Path) -> dict | None:
 
 
 def default_checkpoint_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.train.checkpoint_dir or Path("results") / "checkpoints" / (cfg.tracking.run_name or cfg.name))
+    """train.checkpoint_dir, else results/checkpoints/<trial id>: a run resumes only from a checkpoint of its own
+    configuration (overtok.sweep.trial_id)."""
+    return Path(cfg.train.checkpoint_dir or Path("results") / "checkpoints" / checkpoint_identity(cfg))
+
+
+def checkpoint_identity(cfg: RunConfig) -> str:
+    """The trial id of ``cfg`` without its testing aid train.fail_at_step (a run that failed on purpose resumes as
+    the same run)."""
+    import copy
+
+    from overtok.sweep import trial_id
+
+    c = copy.deepcopy(cfg)
+    c.train.fail_at_step = -1
+    return trial_id(c)
+
+
+def check_checkpoint_config(state: dict, cfg: RunConfig, ckpt_dir: Path) -> None:
+    """Refuse to resume from a checkpoint of another configuration (another trial id)."""
+    from overtok.config import ConfigError, from_dict
+
+    saved = state.get("config")
+    if saved is None:
+        return
+    try:
+        theirs = checkpoint_identity(from_dict(RunConfig, saved))
+    except (ConfigError, TypeError):
+        theirs = "an unreadable configuration"
+    ours = checkpoint_identity(cfg)
+    if theirs != ours:
+        raise CheckpointError(f"{ckpt_dir}: the checkpoint there is of trial {theirs}, this run is trial {ours} (another "
+                              "configuration); point train.checkpoint_dir elsewhere or remove the old checkpoints")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,6 +501,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     step, tokens_seen, resumed_from = 0, 0, None
     state = load_latest_checkpoint(ckpt_dir)
     if state is not None:
+        check_checkpoint_config(state, cfg, ckpt_dir)
         if sharded and state.get("world", world) != world:
             raise CheckpointError(f"{ckpt_dir}: checkpoint of a table sharded over {state['world']} ranks, now {world}")
         own = load_shard_state(ckpt_dir, state["step"], rank) if sharded and rank > 0 else state
@@ -495,7 +540,8 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             metrics["perf/eval_s"] = time.time() - t_eval  # the loss's .item() waited for the GPU
             if cfg.data.kind == "text":
                 bpt = read_bytes_per_token(cfg)
-                metrics["val/bpb"] = metrics["val/loss"] / math.log(2) / bpt
+                if bpt > 0:
+                    metrics["val/bpb"] = metrics["val/loss"] / math.log(2) / bpt
             if cfg.data.kind == "cfg" and t.gen_samples and (last_step or (t.gen_every and step % t.gen_every == 0)):
                 metrics["val/gen_acc"] = generation_accuracy(model, val_data, t.gen_samples, device, cfg.seed)
             if rank == 0:

@@ -18,11 +18,14 @@ import json
 import logging
 import os
 import queue
+import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+from overtok.config import ConfigError
 from overtok.sweep import Sweep, Trial, flat_params, trial_demand, trial_workers
 from overtok.tracking import (
     ROLE_TAG,
@@ -575,11 +578,38 @@ def _shutdown_ray() -> None:
     ray.shutdown()
 
 
+_DRIVER_LOCKS: dict[str, Any] = {}  # open lock files, held until the process ends
+
+
+def hold_driver_lock(sweep: Sweep) -> None:
+    """One driver per sweep: an exclusive lock on <storage>/<sweep>/driver.lock, held until this process ends (the
+    kernel releases it when the process dies, however it dies). A second driver of the same sweep is refused."""
+    import fcntl
+
+    path = Path(sweep.storage_path) / sweep.name / "driver.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"another overtok sweep is running this sweep ({holder}); wait for it to end or stop it",
+                          file=sweep.file, key="name") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    _DRIVER_LOCKS[str(path)] = f
+
+
 def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     """Run every unfinished trial of ``sweep``; return counts. Resumable: rerun the same command. ``started``: when
     the caller began checking the sweep (its time is printed as the phase ``checks``)."""
     clock = [("start", started)] if started is not None else []  # where the driver's own time goes, printed at the end
     clock.append(("checks" if clock else "start", time.time()))
+    hold_driver_lock(sweep)
     uri = resolve_tracking_uri(sweep.tracking_uri)
     prep: dict[str, Any] = {}
     ray_started = False

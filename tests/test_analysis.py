@@ -212,3 +212,14 @@ def test_paired_effects_pairs_seeds_within_cells():
     assert verdict(rope.d_val_lo, rope.d_val_hi) == "hurts"
     assert verdict(-0.1, 0.1) == "no clear effect"
     assert "| pos_encoding=learned | OE n=3 m=101 | 2 |" in effects_markdown(eff.reset_index())
+
+
+def test_fit_law_without_bootstrap_prints_estimates_and_refuses_negative_counts(tmp_path):
+    table = tmp_path / "ll.csv"
+    table.write_text("vocab,loss\n1000,3.0\n10000,2.9\n100000,2.8\n1000000,2.71\n")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "overtok", "fit-law", "loglinear", str(table), *a],  # noqa: E731
+                                    capture_output=True, text=True, cwd=ROOT, timeout=120)
+    ok = run("--bootstrap", "0")
+    assert ok.returncode == 0 and "slope = -0.097" in ok.stdout and "no CI" in ok.stdout, ok.stderr
+    bad = run("--bootstrap", "-5")
+    assert bad.returncode == 2 and "expected an integer >= 0" in bad.stderr and "Traceback" not in bad.stderr

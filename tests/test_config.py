@@ -29,3 +29,22 @@ def test_every_subcommand_has_help(cli):
 def test_ui_refuses_a_wide_bind_without_expose(cli):
     res = cli("ui", "--host", "0.0.0.0")
     assert res.returncode == 2 and "--expose" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_degenerate_moduli_by_arithmetic():
+    """A modulus degenerates when an earlier token of the n-gram takes fewer than min(m, V) values in the hash:
+    m / gcd(m, V^j) < min(m, V). The paper's Table 4 control m = 64 V runs only with allow_degenerate."""
+    from overtok.config import degenerate_modulus
+
+    V = 50280  # 2^3 * 3 * 5 * 419
+    assert degenerate_modulus(V, 2, 64 * V) is not None and "takes only 64" in degenerate_modulus(V, 2, 64 * V)
+    assert degenerate_modulus(V, 3, 1_000_003) is None  # prime
+    assert degenerate_modulus(V, 2, 12_501) is not None  # odd, but shares 3 with V
+    assert degenerate_modulus(V, 2, 12_503) is None
+    assert degenerate_modulus(V, 3, 419 * 1009) is not None  # the token 1 back: factor 419
+    assert degenerate_modulus(7, 2, 448) is None  # 64 V with V = 7: the previous token still takes all 7 values
+    assert degenerate_modulus(7, 2, 14) is not None
+    sets = ["model.vocab_size=50280", "model.oe.n=2", f"model.oe.m={64 * V}", "data.kind=text", "data.path=x"]
+    with pytest.raises(ConfigError, match="allow_degenerate"):
+        load_config(None, sets)
+    assert load_config(None, sets + ["model.oe.allow_degenerate=true"]).model.oe.m == 64 * V

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +186,36 @@ def test_processes_opening_one_fresh_sqlite_store_at_once_all_succeed(tmp_path):
                                   stderr=subprocess.PIPE, text=True) for _ in range(3)]
         outs = [p.communicate(timeout=120) for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0], [e[-1500:] for _, e in outs]
+
+
+def test_a_second_config_trains_from_scratch_not_from_the_first_runs_checkpoint(cli, tmp_path):
+    """Two `overtok train` runs with different learning rates, back to back, in one project: the second finds no
+    checkpoint of its own configuration (checkpoints are keyed by trial id) and trains every step."""
+    sets = ["--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2", "--set",
+            "model.seq_len=32", "--set", "train.max_steps=6", "--set", "train.eval_every=3", "--set",
+            "train.log_every=3", "--set", "train.checkpoint_every=3", "--set", "train.gen_samples=0",
+            "--set", "data.batch_size=4"]
+    first = cli("train", *sets, "--set", "train.lr=1e-3", "--tracking-uri", "sqlite:///results/mlflow.db")
+    assert first.returncode == 0, first.stderr
+    second = cli("train", *sets, "--set", "train.lr=2e-3", "--tracking-uri", "sqlite:///results/mlflow.db")
+    assert second.returncode == 0, second.stderr
+    assert "resumed" not in second.stdout, second.stdout
+    dirs = sorted(p.name for p in (tmp_path / "results" / "checkpoints").iterdir())
+    assert len(dirs) == 2
+    # an explicit checkpoint_dir holding another configuration's checkpoint is refused in one line
+    other = cli("train", *sets, "--set", "train.lr=3e-3", "--set", f"train.checkpoint_dir=results/checkpoints/{dirs[0]}",
+                "--tracking-uri", "sqlite:///results/mlflow.db")
+    assert other.returncode == 1 and "another configuration" in other.stderr
+    assert "Traceback" not in other.stderr and len(other.stderr.strip().splitlines()) == 1
+
+
+def test_checkpoints_are_not_written_or_deleted_through_a_symbolic_link(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "ckpt_000000001.pt").write_bytes(b"not ours")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "link").symlink_to(target)
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        save_checkpoint(Path("results/link"), {"step": 5}, keep=0)
+    assert (target / "ckpt_000000001.pt").read_bytes() == b"not ours"
