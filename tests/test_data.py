@@ -243,3 +243,65 @@ def test_generation_prompts_end_a_sentence_as_in_training(n):
     assert set(prompts) <= seen
     if n > 1:
         assert sum(g.eos_id * V**i for i in range(n)) not in seen and len(set(prompts)) > 1
+
+
+def test_prepare_holds_out_every_source_in_proportion(tmp_path):
+    """Three sources with different structure (one line per sentence and no blank lines; '=== 1790_name' headers;
+    '# ==== FILE:' headers, one file far over the document cap): every source is cut into documents of at most
+    MAX_DOC_CHARS and gives about val_fraction of its tokens to validation; meta.json and the log say so per
+    source; the BPE is trained on training documents only and saved beside the shards."""
+    from overtok.data.text import MAX_DOC_CHARS, _split_documents
+
+    rng = __import__("random").Random(0)
+    words = [f"w{i}" for i in range(300)]
+
+    def sentence():
+        return " ".join(rng.choice(words) for _ in range(12)) + " ."
+
+    (tmp_path / "lines.txt").write_text("\n".join(sentence() for _ in range(8000)) + "\n")
+    (tmp_path / "speeches.txt").write_text("".join(f"=== {1790 + i}_speaker\n" + "\n\n".join(sentence() for _ in range(40))
+                                                   + "\n" for i in range(60)))
+    files = [f"# ==== FILE: pkg/m{i}.py ====\n" + "\n".join(f"x{j} = {j}  # {sentence()}" for j in range(60)) + "\n"
+             for i in range(40)]
+    files.append("# ==== FILE: pkg/huge.py ====\n" + "\n".join(f"y{j} = {j}" for j in range(20000)) + "\n")
+    (tmp_path / "code.py.txt").write_text("".join(files))
+    for f in ("lines.txt", "speeches.txt", "code.py.txt"):
+        docs = _split_documents((tmp_path / f).read_text())
+        assert len(docs) > 10 and max(map(len, docs)) <= MAX_DOC_CHARS, f
+    lines = []
+    res = prepare([tmp_path / f for f in ("lines.txt", "speeches.txt", "code.py.txt")], tmp_path / "out", "bpe:400",
+                  val_fraction=0.05, log=lines.append)
+    sources = res.meta["sources"]
+    assert set(sources) == {"lines.txt", "speeches.txt", "code.py.txt"}
+    for name, row in sources.items():
+        share = row["val_tokens"] / (row["val_tokens"] + row["train_tokens"])
+        assert 0.02 < share < 0.09 and row["val_documents"] >= 1, (name, row)
+    assert sum(r["val_tokens"] for r in sources.values()) == res.meta["val_tokens"]
+    assert any("speeches.txt" in line and "val share" not in line for line in lines)
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    assert tok.get_vocab_size() == res.meta["vocab_size"]
+    # max_docs draws across sources, not the first documents of the first file
+    few = prepare([tmp_path / f for f in ("lines.txt", "speeches.txt", "code.py.txt")], tmp_path / "few", "bpe:400",
+                  val_fraction=0.05, max_docs=30, log=lambda _: None)
+    assert len(few.meta["sources"]) == 3
+
+
+def test_validation_windows_cover_the_whole_split(tmp_path):
+    """An evaluation's windows are spread over the whole held-out split (stored source after source), not taken
+    from its start."""
+    out = tmp_path / "prep"
+    out.mkdir()
+    val = (np.arange(100_000) // 1000).astype(np.uint16)  # each token names its thousand: 0..99
+    val.tofile(out / "val.bin")
+    val.tofile(out / "train.bin")
+    (out / "meta.json").write_text('{"vocab_size": 500, "eos_id": 0, "dtype": "uint16", "train_tokens": 100000, '
+                                   '"val_tokens": 100000, "val_bytes_per_token": 4.0}')
+    cfg = tiny_config(**{"data.kind": "text", "data.path": str(out), "model.vocab_size": 0, "train.eval_batches": 4})
+    batches = Batches(cfg, "val")
+    firsts = [int(batches.next()[i, 0]) for _ in range(4) for i in range(cfg.data.batch_size)]
+    assert min(firsts) == 0 and max(firsts) >= 90  # from the first thousand to the last tenth of the split
+    batches.rewind()
+    assert int(batches.next()[0, 0]) == firsts[0]

@@ -219,3 +219,52 @@ def test_checkpoints_are_not_written_or_deleted_through_a_symbolic_link(tmp_path
     with pytest.raises(CheckpointError, match="symbolic link"):
         save_checkpoint(Path("results/link"), {"step": 5}, keep=0)
     assert (target / "ckpt_000000001.pt").read_bytes() == b"not ours"
+
+
+def test_a_second_driver_of_the_same_sweep_is_refused(tmp_path):
+    """Two `overtok sweep` processes on one sweep: the second exits 2 naming the running driver; the lock goes with
+    the first driver's process."""
+    import fcntl
+
+    write(tmp_path / "two.yaml", TWO_TRIALS.format(name="two", steps=4000))
+    lock = tmp_path / "results" / "ray" / "two" / "driver.lock"
+    first = subprocess.Popen([sys.executable, "-m", "overtok", "sweep", "two.yaml"], cwd=tmp_path, env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: lock.is_file() and "pid" in lock.read_text(), 120, what="the first driver's lock")
+        second = overtok(tmp_path, "sweep", "two.yaml", timeout=120)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        assert "another overtok sweep is running this sweep" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        kill_group(first)
+        first.wait(timeout=60)
+    with open(lock, "a") as f:  # released with the process that held it
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_full_disk_during_export_leaves_the_previous_files_whole(tmp_path):
+    """An export that cannot be written (the file-size limit stands in for a full disk) fails in one line and leaves
+    the previous runs.parquet readable, with no temporary file behind."""
+    code = f"""
+import resource, signal, sys
+import pandas as pd
+from pathlib import Path
+from overtok.export import write_atomically
+from overtok.errors import ExportError
+path = Path({str(tmp_path)!r}) / "runs.parquet"
+write_atomically(path, lambda f: pd.DataFrame({{"a": [1, 2, 3]}}).to_parquet(f))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+big = pd.DataFrame({{"a": range(2_000_000)}}).astype(str)
+try:
+    write_atomically(path, lambda f: big.to_parquet(f, compression=None))
+except ExportError as e:
+    print("ERROR", e)
+"""
+    res = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
+    assert "ERROR cannot write" in res.stdout, res.stdout + res.stderr
+    import pandas as pd
+
+    assert pd.read_parquet(tmp_path / "runs.parquet")["a"].tolist() == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.parquet"]
