@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out (by hash)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
-    p.add_argument("--max-docs", type=int, default=0, help="use only the first N documents (0 = all)")
+    p.add_argument("--max-docs", type=int, default=0, help="use N documents drawn across all sources, seeded by --seed (0 = all)")
     p.set_defaults(fn=cmd_data_prepare)
 
     p = sub.add_parser("plan", help="validate and expand a sweep; print one row per trial; run nothing")
