@@ -498,6 +498,19 @@ def degenerate_modulus(vocab_size: int, order: int, modulus: int) -> str | None:
 # Validation of shapes: one place, raising errors that name the key
 
 
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d{1,2})?")
+
+
+def _check_finite(cfg: Any, prefix: str = "") -> None:
+    """Every float field of the config is a finite number (no .inf / .nan anywhere)."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"must be a finite number, got {value}", key=key)
+
+
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 NAME_RULE = "required: 1-64 ASCII letters, digits, '-' and '_', starting with a letter or digit"
 
@@ -510,6 +523,21 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(problem, key=key)
 
     need(NAME_RE.fullmatch(cfg.name) is not None, "name", f"{NAME_RULE}, got {cfg.name!r}")
+    need(0 <= cfg.seed < 2**32, "seed", f"must be an integer in [0, 2^32), got {cfg.seed}")
+    _check_finite(cfg)
+    need(DEVICE_RE.fullmatch(t.device) is not None, "train.device",
+         f"must be auto, cpu, cuda or cuda:<index>, got {t.device!r}")
+    need(0 <= t.beta1 < 1, "train.beta1", f"must be in [0, 1), got {t.beta1}")
+    need(0 <= t.beta2 < 1, "train.beta2", f"must be in [0, 1), got {t.beta2}")
+    need(t.weight_decay >= 0 and t.embed_weight_decay >= 0, "train.weight_decay" if t.weight_decay < 0
+         else "train.embed_weight_decay", "must be >= 0")
+    need(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    need(d.max_docs >= 0, "data.max_docs", f"must be >= 0 (0 = all), got {d.max_docs}")
+    need(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
+    need(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}")
+    need(m.od_lambda is None or m.od_lambda >= 0, "model.od_lambda", f"must be >= 0, got {m.od_lambda}")
+    need(t.gen_every >= 0, "train.gen_every", f"must be >= 0, got {t.gen_every}")
+    need(t.fail_at_step >= -1, "train.fail_at_step", f"must be >= -1 (-1 = never), got {t.fail_at_step}")
 
     for key, val in [
         ("model.d_model", m.d_model), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
