@@ -57,6 +57,30 @@ for _ch in list("-+0123456789."):
     _Loader.yaml_implicit_resolvers[_ch].insert(0, ("tag:yaml.org,2002:float", _FLOAT_RE))
 
 
+MAX_YAML_NODES = 100_000
+"""Nodes a config or sweep file may expand to (aliases counted at every use): a few hundred bytes of nested
+aliases can otherwise expand to billions of nodes."""
+
+
+def _check_node(node: yaml.Node, budget: list[int]) -> None:
+    """Duplicate keys are refused (naming their line); the expansion is counted against ``budget``."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"expands to more than {MAX_YAML_NODES:,} YAML nodes (nested aliases?)",
+                          line=node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for k, v in node.value:
+            key = str(k.value)
+            if key in seen:
+                raise ConfigError("duplicate key", key=key, line=k.start_mark.line + 1)
+            seen.add(key)
+            _check_node(v, budget)
+    elif isinstance(node, yaml.SequenceNode):
+        for v in node.value:
+            _check_node(v, budget)
+
+
 def _node_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
@@ -76,6 +100,13 @@ def load_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
         raise ConfigError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=str(path)) from None
     try:
         node = yaml.compose(text, Loader=_Loader)
+        if node is not None:
+            try:
+                _check_node(node, [MAX_YAML_NODES])
+            except ConfigError as e:
+                raise ConfigError(e.problem, file=str(path), key=e.key, line=e.line) from None
+            except RecursionError:
+                raise ConfigError("nested too deeply", file=str(path)) from None
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -93,8 +124,17 @@ def load_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
 
 
 def parse_scalar(text: str) -> Any:
-    """Parse a ``--set`` value with the same rules as the YAML files."""
-    return yaml.load(text, Loader=_Loader)
+    """Parse a ``--set`` value with the same rules as the YAML files (safe loader, expansion limit)."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        if node is not None:
+            _check_node(node, [MAX_YAML_NODES])
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        msg = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"value {text[:80]!r} is not valid YAML: {msg}") from None
+    except RecursionError:
+        raise ConfigError(f"value {text[:80]!r} is nested too deeply") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,11 +649,15 @@ def apply_overrides(data: dict, overrides: list[str] | None, flat_sections: tupl
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}", file="--set")
         key, val = (x.strip() for x in item.split("=", 1))
+        try:
+            value = parse_scalar(val)
+        except ConfigError as e:
+            raise ConfigError(e.problem, file="--set", key=key) from None
         section, _, rest = key.partition(".")
         if section in flat_sections and rest:
-            data.setdefault(section, {})[rest] = parse_scalar(val)
+            data.setdefault(section, {})[rest] = value
         else:
-            set_dotted(data, key, parse_scalar(val))
+            set_dotted(data, key, value)
     return data
 
 

@@ -48,3 +48,11 @@ def test_degenerate_moduli_by_arithmetic():
     with pytest.raises(ConfigError, match="allow_degenerate"):
         load_config(None, sets)
     assert load_config(None, sets + ["model.oe.allow_degenerate=true"]).model.oe.m == 64 * V
+
+
+@pytest.mark.parametrize("value, problem", [("[1,", "is not valid YAML"), ("!!python/name:os.system", "constructor"),
+                                            ("&a [*a]", "")])
+def test_set_values_that_are_not_plain_yaml_are_config_errors(value, problem):
+    with pytest.raises(ConfigError, match=problem) as e:
+        load_config(None, [f"train.lr={value}"])
+    assert e.value.key == "train.lr" or "train.lr" in str(e.value)
