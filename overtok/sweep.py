@@ -53,6 +53,7 @@ SWEEP_KEYS = {"name", "base", "grid", "zip", "seeds", "resources", "max_concurre
 TRACKING_KEYS = {"tracking_uri", "experiment"}
 RAY_KEYS = {"address", "storage_path"}
 DEFAULT_MAX_TRIALS = 256
+MAX_EXPANSION = 10_000  # trials a grid may expand to at all (max_trials and --yes apply below it)
 
 
 @dataclass
@@ -357,6 +358,12 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     axes.append([{"seed": s} for s in seeds])
     varied_keys = list(grid) + [k for g in zips for k in g] + (["seed"] if len(seeds) > 1 else [])
 
+    count = 1
+    for axis in axes:
+        count *= len(axis)
+    # counted before expanding: validating each trial costs milliseconds, so a grid of millions would hang
+    _expect(count <= MAX_EXPANSION, f"expands to {count:,} trials; at most {MAX_EXPANSION:,} can be expanded "
+            "(split the grid into several sweeps)", file, "grid", lines)
     trials: list[Trial] = []
     seen: dict[str, dict] = {}
     for combo in itertools.product(*axes):
