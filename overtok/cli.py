@@ -116,6 +116,20 @@ def cmd_effects(args) -> int:
     return 0
 
 
+def cmd_config_show(args) -> int:
+    from overtok.config import load_config, show_config
+
+    print(show_config(load_config(args.config, args.set)))
+    return 0
+
+
+def cmd_config_reference(args) -> int:
+    from overtok.config import config_reference
+
+    print(config_reference(), end="")
+    return 0
+
+
 def cmd_plots(args) -> int:
     from analysis.commands import plot_sweep
 
@@ -217,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
     p.add_argument("--max-docs", type=int, default=0, help="use N documents drawn across all sources, seeded by --seed (0 = all)")
     p.set_defaults(fn=cmd_data_prepare)
+
+    c = sub.add_parser("config", help="configuration: show a resolved config, or the reference of every field")
+    c = c.add_subparsers(dest="config_command", required=True)
+    p = c.add_parser("show", help="print the resolved config (defaults < CONFIG < --set) with each field's note")
+    p.add_argument("config", nargs="?", default=None)
+    _add_set(p, "override a config key")
+    p.set_defaults(fn=cmd_config_show)
+    p = c.add_parser("reference", help="print docs/config.md: every field, its type, default and meaning")
+    p.set_defaults(fn=cmd_config_reference)
 
     p = sub.add_parser("plan", help="validate and expand a sweep; print one row per trial; run nothing")
     p.add_argument("sweep")

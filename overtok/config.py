@@ -190,8 +190,11 @@ class ModelConfig:
     vocab_size: int = 0
     """Base vocabulary V; 0 = take it from the data (grammar or tokenizer)."""
     d_model: int = 64
+    """Width of the residual stream."""
     n_layers: int = 2
+    """Transformer blocks."""
     n_heads: int = 4
+    """Attention heads (d_model / n_heads must be even)."""
     mlp_hidden: int = 0
     """MLP hidden width; 0 = 8/3 * d_model rounded up to a multiple of 32 (swiglu) or 4 * d_model (gelu)."""
     seq_len: int = 128
@@ -295,23 +298,35 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     lr: float = 3e-3
+    """Peak learning rate (after warm-up) of every parameter group."""
     min_lr_ratio: float = 0.1
+    """Final learning rate of cosine and WSD schedules, as a fraction of lr."""
     weight_decay: float = 0.1
+    """Decoupled (AdamW) weight decay on matrices; none on norms and biases."""
     embed_weight_decay: float = 0.0
     """Weight decay on the token embedding and OE tables (off by default, as usual for embeddings)."""
     table_weight_decay: float | None = None
     """Weight decay on the OE n-gram tables alone; None = embed_weight_decay."""
     beta1: float = 0.9
+    """AdamW beta1, in [0, 1)."""
     beta2: float = 0.95
+    """AdamW beta2, in [0, 1)."""
     warmup_steps: int = 20
+    """Optimizer steps of linear warm-up."""
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up: cosine to min_lr_ratio * lr at max_steps, WSD (constant, then a linear decay over decay_fraction of the steps), or constant."""
     decay_fraction: float = 0.2
     """WSD: fraction of steps spent in the final linear decay."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm (OE tables included) to this; 0 = no clipping."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step (each data.batch_size sequences)."""
     max_steps: int = 200
+    """Optimizer steps of the run (each consumes tokens_per_step base tokens; logged metrics use tokens as their step)."""
     eval_every: int = 50
+    """Evaluate every this many optimizer steps (and at the last step)."""
     eval_batches: int = 4
+    """Validation batches per evaluation (their windows spread over the whole held-out split)."""
     gen_samples: int = 64
     """CFG only: sentences sampled at the final evaluation for generation accuracy (0 = skip). Where fewer than half
     of the grammar's sentences fit model.seq_len, samples mostly run past the context and can hardly be accepted:
@@ -319,13 +334,16 @@ class TrainConfig:
     gen_every: int = 0
     """CFG only: also measure generation accuracy every this many steps (0 = only at the end)."""
     log_every: int = 10
+    """Log training metrics every this many optimizer steps."""
     checkpoint_every: int = 100
+    """Checkpoint every this many optimizer steps."""
     checkpoint_dir: str = ""
     """Where checkpoints go; '' = results/checkpoints/<run name>. A run resumes from the latest one there."""
     checkpoint_final: bool = True
     """Also checkpoint at the last step (a finished trial whose status was lost resumes without retraining).
     Turn off for runs with huge OE tables: a checkpoint holds the tables and their optimizer moments."""
     compile: bool = False
+    """torch.compile the body, heads and loss (and on CUDA the OE ids and row updates)."""
     loss_kernel: Literal["auto", "triton", "torch"] = "auto"
     """Output head + cross-entropy. 'triton': overtok.kernels, one kernel over the logits that leaves their gradient in
     place (needs triton: CUDA, or the CPU under TRITON_INTERPRET=1); 'torch': the stock loss; 'auto': triton on
@@ -374,6 +392,7 @@ class TrainConfig:
     reduction overlaps the rest of the backward pass: larger buckets mean fewer collectives and fewer graph splits,
     less overlap. The same averages (not part of the trial id)."""
     device: str = "auto"
+    """'auto' (CUDA when available, else the CPU), 'cpu', 'cuda' or 'cuda:<index>'."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """'auto' = bf16 autocast on CUDA, float32 on CPU."""
     residual_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -389,13 +408,17 @@ class TrackingConfig:
     tracking_uri: str = ""
     """'' = $MLFLOW_TRACKING_URI, else sqlite:///<project>/results/mlflow.db."""
     experiment: str = "overtok"
+    """MLflow experiment of `overtok train` runs (sweeps use the sweep name)."""
     run_name: str = ""
+    """MLflow run name; '' = the config's name."""
 
 
 @dataclass
 class RunConfig:
     name: str = "run"
+    """Run name: 1-64 ASCII letters, digits, '-' and '_' (a sweep sets it to the sweep name)."""
     seed: int = 0
+    """Seed of the model initialisation and the training batches, in [0, 2^32)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -669,3 +692,82 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     except ConfigError as e:
         raise ConfigError(e.problem, file=str(path) if path else "--set", key=e.key) from None
     return build_config(data, file=str(path) if path else "--set", lines=lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Documentation of every field, read from the schema's source (the string under each field)
+
+
+def field_docs() -> dict[str, str]:
+    """{dotted key: the docstring under the field} for every field of RunConfig, read from this module's source."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["_"])))
+    by_class: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            docs: dict[str, str] = {}
+            body = node.body
+            for a, b in zip(body, body[1:] + [None]):
+                if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name):
+                    doc = ""
+                    if isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+                        doc = " ".join(b.value.value.split())
+                    docs[a.target.id] = doc
+            by_class[node.name] = docs
+    out: dict[str, str] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], key + ".")
+            else:
+                out[key] = by_class.get(cls.__name__, {}).get(f.name, "")
+
+    walk(RunConfig, "")
+    return out
+
+
+def config_reference() -> str:
+    """docs/config.md: every field with its type, default and documentation, by section."""
+    hints_of: dict[str, Any] = {}
+
+    def types_of(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                types_of(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                hints_of[f"{prefix}{f.name}"] = hints[f.name]
+
+    types_of(RunConfig, "")
+    defaults = flatten(to_dict(RunConfig()))
+    docs = field_docs()
+    lines = ["# Configuration reference", "",
+             "Generated from `overtok/config.py` by `overtok config reference > docs/config.md` (a test checks it is "
+             "current). Values come from defaults < YAML file < `--set key=value`; `overtok config show [CONFIG] "
+             "[--set ...]` prints a resolved config with these notes.", ""]
+    section = None
+    for key, doc in docs.items():
+        top = key.split(".")[0] if "." in key else "(top level)"
+        if top != section:
+            section = top
+            lines += ([""] if lines[-1] else []) + [f"## {section}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        lines.append(f"| `{key}` | {_type_name(hints_of[key]).replace('|', '/')} | `{defaults[key]!r}` | "
+                     f"{doc.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def show_config(cfg: RunConfig) -> str:
+    """The resolved config, one ``key: value`` line per field, with its default where it differs and its note."""
+    defaults = flatten(to_dict(RunConfig()))
+    docs = field_docs()
+    lines = []
+    for key, value in flatten(to_dict(cfg)).items():
+        note = "" if value == defaults.get(key) else f"   (default {defaults.get(key)!r})"
+        doc = docs.get(key, "")
+        lines.append(f"{key}: {value!r}{note}" + (f"\n    # {doc}" if doc else ""))
+    return "\n".join(lines)

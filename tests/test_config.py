@@ -56,3 +56,19 @@ def test_set_values_that_are_not_plain_yaml_are_config_errors(value, problem):
     with pytest.raises(ConfigError, match=problem) as e:
         load_config(None, [f"train.lr={value}"])
     assert e.value.key == "train.lr" or "train.lr" in str(e.value)
+
+
+def test_config_reference_is_current_and_every_field_documented():
+    """docs/config.md is what `overtok config reference` prints now; every field has a note."""
+    from overtok.config import config_reference, field_docs
+
+    from tests.conftest import ROOT
+
+    assert all(field_docs().values()), [k for k, v in field_docs().items() if not v]
+    assert (ROOT / "docs" / "config.md").read_text() == config_reference(), "regenerate: overtok config reference"
+
+
+def test_config_show_prints_the_resolved_config(cli):
+    res = cli("config", "show", "--set", "model.oe.n=3", "--set", "model.oe.m=1009")
+    assert res.returncode == 0, res.stderr
+    assert "model.oe.n: 3   (default 1)" in res.stdout and "# Largest n-gram order" in res.stdout
