@@ -22,8 +22,11 @@ def cmd_train(args) -> int:
     if args.dry_run:
         from overtok.sweep import describe_config
 
-        print(describe_config(cfg) + (f"\nnote: {note}" if note else ""))
+        from overtok.config import show_config
+
+        print(show_config(cfg) + "\n\n" + describe_config(cfg) + (f"\nnote: {note}" if note else ""))
         return 0
+    _check_device(cfg.train.device, args.config)
     if note:
         print(f"[overtok] note: {note}", flush=True)
     from overtok.data import ensure_prepared
@@ -32,6 +35,21 @@ def cmd_train(args) -> int:
     print(f"[overtok] finished run {run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items())
                                                             if k in ("train/loss", "val/loss", "val/gen_acc", "val/bpb")))
     return 0
+
+
+def _check_device(device: str, file: str | None) -> None:
+    """A CUDA device the machine does not have is a config error, found before any run starts."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    from overtok.config import ConfigError
+
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        raise ConfigError(f"{device} is not available on this machine ({count} CUDA devices)", file=file or "--set",
+                          key="train.device")
 
 
 def cmd_data_prepare(args) -> int:
