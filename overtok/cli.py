@@ -17,7 +17,12 @@ def cmd_train(args) -> int:
     from overtok.data import generation_note, resolve_vocab
     from overtok.run import tracked_train
 
+    from overtok.tracking import resolve_tracking_uri
+
     cfg = resolve_vocab(load_config(args.config, args.set), file=args.config)
+    if not args.dry_run:
+        _check_device(cfg.train.device, args.config)
+        resolve_tracking_uri(args.tracking_uri or cfg.tracking.tracking_uri)  # checked before anything starts
     note = generation_note(cfg)
     if args.dry_run:
         from overtok.sweep import describe_config
@@ -26,7 +31,6 @@ def cmd_train(args) -> int:
 
         print(show_config(cfg) + "\n\n" + describe_config(cfg) + (f"\nnote: {note}" if note else ""))
         return 0
-    _check_device(cfg.train.device, args.config)
     if note:
         print(f"[overtok] note: {note}", flush=True)
     from overtok.data import ensure_prepared
@@ -213,6 +217,24 @@ def _results_dir(sweep: str) -> Path:
     return Path("results") / sweep
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 1-65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535, got {value}")
+    return value
+
+
+def _out_dir(text: str) -> str:
+    """An argparse type: a directory to write into; refused when it exists and is not a directory."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    return text
+
+
 def _count(text: str) -> int:
     """An argparse type: an integer >= 0."""
     try:
@@ -228,8 +250,16 @@ def _add_set(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (the usage stays behind --help)."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="overtok", description=__doc__.splitlines()[0] if __doc__ else None)
+    ap = _Parser(prog="overtok", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one model (one MLflow run)")
@@ -242,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="data commands").add_subparsers(dest="data_command", required=True)
     p = d.add_parser("prepare", help="tokenize local text/JSONL/Parquet files into memmapped shards")
     p.add_argument("inputs", nargs="+", help="files or directories (.txt, .txt.xz, .jsonl, .parquet, HF save_to_disk dirs)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", type=_out_dir, required=True, help="output directory")
     p.add_argument("--tokenizer", required=True, help="HF tokenizer.json path, or bpe:<V> to train a BPE here")
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out (by hash)")
     p.add_argument("--seed", type=int, default=0)
@@ -276,14 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write results/<sweep>/runs.parquet and curves.parquet from MLflow")
     p.add_argument("sweep", help="sweep name (every run logged under it) or YAML (only its current trials)")
     _add_set(p, "with a YAML: the same overrides the sweep ran with")
-    p.add_argument("--out", default="", help="output directory (default results/<sweep>)")
+    p.add_argument("--out", type=_out_dir, default="", help="output directory (default results/<sweep>)")
     _add_tracking(p)
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("merge", help="an export whose trials are replaced by those of later reruns (same trial ids)")
     p.add_argument("base", help="results directory holding the sweep's export")
     p.add_argument("reruns", nargs="+", help="results directories of reruns; their FINISHED trials replace base's")
-    p.add_argument("--out", required=True, help="directory for the merged export (then `overtok report` it)")
+    p.add_argument("--out", type=_out_dir, required=True, help="directory for the merged export (then `overtok report` it)")
     p.set_defaults(fn=cmd_merge)
 
     p = sub.add_parser("fit", help="fit scaling laws and speedups of an exported sweep -> results/<sweep>/fits.json")
@@ -315,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the project's store, bound to 127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=_port, default=5000)
     p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs --expose")
     p.add_argument("--expose", action="store_true", help="allow binding a non-loopback address (no authentication!)")
     _add_tracking(p)

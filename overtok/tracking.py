@@ -23,11 +23,46 @@ SWEEP_TAG = "overtok.sweep"
 ROLE_TAG = "overtok.role"
 
 
+TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql://", "postgresql+psycopg2://", "mysql://",
+                    "mysql+pymysql://")
+
+
+def check_tracking_uri(uri: str, where: str) -> str:
+    """A tracking URI overtok can use: an MLflow server (http, https), a SQLite file whose folder exists, or a
+    database URI MLflow's SQL store takes. Anything else is a ConfigError naming ``where`` it came from."""
+    from overtok.config import ConfigError
+
+    if not uri.startswith(TRACKING_SCHEMES):
+        raise ConfigError(f"unsupported tracking URI {uri[:100]!r}: use sqlite:///PATH, http(s)://HOST:PORT or a "
+                          "postgresql:// or mysql:// database URI", file=where)
+    db = sqlite_path(uri)
+    if db is not None:
+        folder = Path(db).parent
+        if not folder.is_dir():
+            raise ConfigError(f"{uri}: the folder {folder} does not exist (create it, or use another path)", file=where)
+        if Path(db).exists() and not _is_sqlite(Path(db)):
+            raise ConfigError(f"{db} is not a SQLite database (a damaged or foreign file; move it away)", file=where)
+    return uri
+
+
+def _is_sqlite(path: Path) -> bool:
+    """The file starts with SQLite's header, or is empty (a store being created)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    return head == b"" or head == b"SQLite format 3\x00"
+
+
 def resolve_tracking_uri(uri: str = "") -> str:
-    """Explicit > $MLFLOW_TRACKING_URI > SQLite in the project's results/ (never MLflow's implicit default)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    """Explicit > $MLFLOW_TRACKING_URI > SQLite in the project's results/ (never MLflow's implicit default).
+    Checked (:func:`check_tracking_uri`) before anything uses it."""
     if uri:
-        return uri
+        return check_tracking_uri(uri, "--tracking-uri / tracking.tracking_uri")
+    env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if env:
+        return check_tracking_uri(env, "MLFLOW_TRACKING_URI")
     path = Path(DEFAULT_STORE).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
@@ -56,8 +91,15 @@ def client(uri: str):
         return MlflowClient(tracking_uri=uri)
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        c = MlflowClient(tracking_uri=uri)
-        c.search_experiments(max_results=1)
+        try:
+            c = MlflowClient(tracking_uri=uri)
+            c.search_experiments(max_results=1)
+        except Exception as e:  # noqa: BLE001 - a damaged store raises SQLAlchemy's or MLflow's own errors
+            from overtok.config import ConfigError
+
+            raise ConfigError(f"cannot open the MLflow store {db}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]} (a damaged or truncated file? move it away)",
+                              file="tracking URI") from None
     return c
 
 

@@ -41,3 +41,63 @@ def test_malformed_file_exits_2_and_starts_nothing(cli, tmp_path, path):
         if key:
             assert key in line, line
     assert not (tmp_path / "results").exists()
+
+
+# Arguments and data inputs a careless or hostile user gives, each refused with exit 2 and one line before anything
+# starts. Files are written into the test's folder first: name -> bytes.
+ARG_CASES = {
+    "tracking_scheme": (["train", "--set", "train.max_steps=1", "--tracking-uri", "bogus://x"], {}, {},
+                        "unsupported tracking URI"),
+    "tracking_scheme_env": (["export", "quickstart"], {"MLFLOW_TRACKING_URI": "ftp://x"}, {}, "unsupported tracking URI"),
+    "tracking_garbage_db": (["export", "quickstart", "--tracking-uri", "sqlite:///bad.db"], {},
+                            {"bad.db": b"garbage, not a database"}, "not a SQLite database"),
+    "tracking_missing_dir": (["export", "quickstart", "--tracking-uri", "sqlite:///nowhere/x.db"], {}, {},
+                             "does not exist"),
+    "set_broken_yaml": (["train", "--set", "train.lr=[1,"], {}, {}, "is not valid YAML"),
+    "set_python_tag": (["train", "--set", "model=!!python/object/apply:os.system [true]"], {}, {}, "constructor"),
+    "ui_port": (["ui", "--port", "70000"], {}, {}, "a port is 1-65535"),
+    "merge_out_file": (["merge", "a", "b", "--out", "taken"], {}, {"taken": b"x"}, "is not a directory"),
+    "prepare_out_file": (["data", "prepare", "doc.txt", "--out", "taken", "--tokenizer", "bpe:300"], {},
+                         {"taken": b"x", "doc.txt": b"hello world\n\nagain"}, "is not a directory"),
+    "prepare_bad_jsonl": (["data", "prepare", "d.jsonl", "--out", "o", "--tokenizer", "bpe:300"], {},
+                          {"d.jsonl": b'{"text": "ok"}\n{not json\n'}, "not a JSON line"),
+    "prepare_jsonl_array": (["data", "prepare", "d.jsonl", "--out", "o", "--tokenizer", "bpe:300"], {},
+                            {"d.jsonl": b'["text", "x"]\n'}, "a JSON list"),
+    "prepare_jsonl_number": (["data", "prepare", "d.jsonl", "--out", "o", "--tokenizer", "bpe:300"], {},
+                             {"d.jsonl": b'{"text": 42}\n'}, "holds int, not a string"),
+    "prepare_fake_xz": (["data", "prepare", "d.txt.xz", "--out", "o", "--tokenizer", "bpe:300"], {},
+                        {"d.txt.xz": b"this is not xz"}, "not a valid .xz file"),
+    "prepare_corrupt_parquet": (["data", "prepare", "d.parquet", "--out", "o", "--tokenizer", "bpe:300"], {},
+                                {"d.parquet": b"PAR1 not really"}, "not a readable Parquet file"),
+    "prepare_nul_bytes": (["data", "prepare", "d.txt", "--out", "o", "--tokenizer", "bpe:300"], {},
+                          {"d.txt": b"some text\x00more"}, "NUL bytes"),
+    "prepare_bpe_word": (["data", "prepare", "d.txt", "--out", "o", "--tokenizer", "bpe:abc"], {},
+                         {"d.txt": b"a\n\nb"}, "expected bpe:<V>"),
+    "prepare_bpe_zero": (["data", "prepare", "d.txt", "--out", "o", "--tokenizer", "bpe:0"], {},
+                         {"d.txt": b"a\n\nb"}, "expected bpe:<V>"),
+    "prepare_truncated_tokenizer": (["data", "prepare", "d.txt", "--out", "o", "--tokenizer", "tok.json"], {},
+                                    {"d.txt": b"a\n\nb", "tok.json": b'{"version": "1.0", "model": {'},
+                                    "not a tokenizer.json"),
+    "train_bad_grammar_json": (["train", "--set", "data.grammar=g.json"], {}, {"g.json": b"{not json"},
+                               "not a JSON file"),
+    "train_grammar_wrong_shape": (["train", "--set", "data.grammar=g.json"], {}, {"g.json": b'{"all": 3}'},
+                                  "not a Physics-of-LMs rule table"),
+    "fit_law_negative_bootstrap": (["fit-law", "loglinear", "t.csv", "--bootstrap", "-5"], {},
+                                   {"t.csv": b"vocab,loss\n1,2\n"}, "expected an integer >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", ARG_CASES, ids=list(ARG_CASES))
+def test_malformed_argument_exits_2_in_one_line(cli, tmp_path, case):
+    import time
+
+    args, env, files, problem = ARG_CASES[case]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    t0 = time.time()
+    res = cli(*args, env=env, timeout=120)
+    assert res.returncode == 2, (res.stdout[-500:], res.stderr[-1500:])
+    line = res.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line and problem in line, line
+    assert time.time() - t0 < 60
+    assert not (tmp_path / "results" / "mlflow.db").exists() and not (tmp_path / "o").exists()

@@ -79,9 +79,9 @@ def corpus_vocab_size(cfg: RunConfig) -> int:
         return bpe_vocab_size(d.tokenizer)
     if not d.tokenizer or not Path(d.tokenizer).is_file():
         raise DataError(f"{d.tokenizer or '(empty)'}: tokenizer file not found (data.tokenizer)")
-    from tokenizers import Tokenizer
+    from overtok.data.text import load_tokenizer
 
-    return Tokenizer.from_file(d.tokenizer).get_vocab_size()
+    return load_tokenizer(d.tokenizer).get_vocab_size()
 
 
 def ensure_prepared(cfg: RunConfig, cache_root: str = "results/data") -> RunConfig:

@@ -56,12 +56,22 @@ def load_grammar(name_or_path: str) -> Grammar:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in GRAMMAR_DIR.glob("*.json")))
         raise FileNotFoundError(f"grammar {name_or_path!r} not found (packaged: {known})")
-    spec = json.loads(path.read_text())
-    levels = spec["all"]
-    rules = [[[tuple(r) for r in sym["children"]] for sym in level] for level in levels[:-1]]
-    terminals = [sym["id"] for sym in levels[-1]]
-    specials = [spec.get(k, 0) for k in ("eos_token", "mask_token", "sep_token")]
-    return Grammar(path.stem, rules, terminals, spec["eos_token"], max(terminals + specials) + 1)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        levels = spec["all"]
+        rules = [[[tuple(int(i) for i in r) for r in sym["children"]] for sym in level] for level in levels[:-1]]
+        terminals = [int(sym["id"]) for sym in levels[-1]]
+        specials = [int(spec.get(k, 0)) for k in ("eos_token", "mask_token", "sep_token")]
+        eos = int(spec["eos_token"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FileNotFoundError(f"grammar {path}: not a JSON file ({e})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise FileNotFoundError(f"grammar {path}: not a Physics-of-LMs rule table ({type(e).__name__}: {e}; "
+                                "expected 'all' levels of symbols with 'children' and 'id', and 'eos_token')") from None
+    if not levels or not terminals or any(i < 0 or i >= len(nxt) for level, nxt in zip(rules, levels[1:])
+                                          for sym in level for r in sym for i in r):
+        raise FileNotFoundError(f"grammar {path}: rules point outside the next level, or no terminals")
+    return Grammar(path.stem, rules, terminals, eos, max(terminals + specials) + 1)
 
 
 def sample_sentence(g: Grammar, rng: random.Random) -> list[int]:

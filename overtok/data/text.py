@@ -42,11 +42,28 @@ class DataError(ValueError):
 
 
 def _read_text(path: Path) -> str:
-    raw = lzma.open(path).read() if path.suffix == ".xz" else path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        raw = lzma.open(path).read() if path.suffix == ".xz" else path.read_bytes()
+    except (lzma.LZMAError, EOFError) as e:
+        raise DataError(f"{path}: not a valid .xz file ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    if "\x00" in text:
+        raise DataError(f"{path}: contains NUL bytes (at offset {text.index(chr(0))}): not text")
+    return text
+
+
+def _text_value(value, where: str) -> str:
+    """A document's text: a string without NUL characters."""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: the text field holds {type(value).__name__}, not a string")
+    if "\x00" in value:
+        raise DataError(f"{where}: the text contains NUL characters")
+    return value
 
 
 def _split_documents(text: str) -> list[str]:
@@ -106,19 +123,33 @@ def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[tupl
             lines = _read_text(f).splitlines()
             for ln, line in enumerate(lines, 1):
                 if line.strip():
-                    rec = json.loads(line)
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{f}:{ln}: not a JSON line ({e.msg} at column {e.colno})") from None
+                    if not isinstance(rec, dict):
+                        raise DataError(f"{f}:{ln}: a JSON {type(rec).__name__}, not an object with a "
+                                        f"{text_field!r} field")
                     if text_field not in rec:
                         raise DataError(f"{f}:{ln}: no field {text_field!r}")
-                    yield name, rec[text_field]
+                    yield name, _text_value(rec[text_field], f"{f}:{ln}")
         elif name.endswith((".parquet", ".arrow")):
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            table = pq.read_table(f) if name.endswith(".parquet") else pa.ipc.open_stream(f).read_all()
+            try:
+                table = pq.read_table(f) if name.endswith(".parquet") else pa.ipc.open_stream(f).read_all()
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{f}: not a readable {'Parquet' if name.endswith('.parquet') else 'Arrow'} file "
+                                f"({str(e).splitlines()[0][:200]})") from None
             if text_field not in table.column_names:
                 raise DataError(f"{f}: no column {text_field!r} (has {table.column_names})")
-            for doc in table.column(text_field).to_pylist():
-                yield name, doc
+            column = table.column(text_field)
+            if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                raise DataError(f"{f}: column {text_field!r} holds {column.type}, not strings")
+            for i, doc in enumerate(column.to_pylist()):
+                if doc is not None:
+                    yield name, _text_value(doc, f"{f}: row {i}")
         else:
             for doc in _split_documents(_read_text(f)):
                 yield name, doc
@@ -212,13 +243,16 @@ def prepare(inputs: list[Path], out_dir: Path, tokenizer: str, val_fraction: flo
     a held-out split per source (:func:`split_documents`), a BPE trained on the training documents alone for
     'bpe:<V>' (saved as ``out_dir/tokenizer.json``, as is a given tokenizer), and documents and tokens per source
     for each split in meta.json and in the lines given to ``log``."""
+    given = None if tokenizer.startswith("bpe:") else load_tokenizer(tokenizer)  # checked before any reading
+    if given is None:
+        bpe_vocab_size(tokenizer)
     if len(docs := [(s, d) for s, d in iter_documents(inputs, text_field) if d and d.strip()]) == 0:
         raise DataError(f"{', '.join(map(str, inputs))}: no non-empty documents")
     docs = sample_documents(docs, max_docs, seed)
     if len(docs) < 2:
         raise DataError(f"{', '.join(map(str, inputs))}: one document; training and validation need two or more")
     held = split_documents(docs, val_fraction, seed)
-    tok = load_tokenizer(tokenizer, [d for (_, d), h in zip(docs, held) if not h])
+    tok = given or load_tokenizer(tokenizer, [d for (_, d), h in zip(docs, held) if not h])
     V = tok.get_vocab_size()
     eos = _eos_id(tok)
     dtype = np.uint16 if V <= 65535 else np.uint32
