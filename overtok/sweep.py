@@ -168,12 +168,22 @@ class Sweep:
                               f"{free / 2**30:.1f} GiB free; raise train.checkpoint_every, set train.checkpoint_final: "
                               "false, or pass --yes", file=self.file, key="base.train.checkpoint_every")
 
+    def starts_local_ray(self) -> bool:
+        """Whether the sweep's Ray will be a new local one: no ray.address, no RAY_ADDRESS, no Ray instance started
+        on this machine with ``ray start``."""
+        return not (self.ray_address or os.environ.get("RAY_ADDRESS") or _ray_address_file().exists())
+
     def check_local_resources(self) -> None:
-        """Refuse (before anything starts) a sweep whose trial needs more GPUs or CPUs than this machine has, when
-        its Ray will be a new local one (no ray.address, no RAY_ADDRESS, no Ray instance started here with
-        ``ray start``): Ray would wait for them forever. A cluster decides for itself (its nodes may come later)."""
-        if self.ray_address or os.environ.get("RAY_ADDRESS") or _ray_address_file().exists():
+        """Refuse (before anything starts) a sweep whose trial needs more GPUs or CPUs than this machine has, or a
+        custom resource, when its Ray will be a new local one (:meth:`starts_local_ray`): Ray would wait for them
+        forever. A cluster decides for itself (its nodes may come later)."""
+        if not self.starts_local_ray():
             return
+        custom = sorted(k for k in self.resources if k not in ("cpu", "gpu", "workers"))
+        if custom:
+            raise ConfigError(f"a trial needs the custom resource {custom[0]!r}, which a local Ray does not have; "
+                              "attach to a cluster whose nodes declare it with --address", file=self.file,
+                              key=f"resources.{custom[0]}", line=self.lines.get(f"resources.{custom[0]}"))
         workers = trial_workers(self.resources)
         cpus, gpu = trial_demand(self.resources)
         have_gpu = local_gpus() if gpu > 0 else 0  # (nvidia-smi only where a trial asks for a GPU)

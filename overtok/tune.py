@@ -467,6 +467,10 @@ def _error_text(trial) -> str:
 
 
 def _init_ray(sweep: Sweep) -> None:
+    if not sweep.ray_address and sweep.starts_local_ray():
+        # a new local Ray serves this process alone: its GCS, raylets and workers listen on 127.0.0.1 only (Ray's
+        # single-machine switch, read when ray is first imported; without it they listen on every interface)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -475,6 +479,13 @@ def _init_ray(sweep: Sweep) -> None:
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     if sweep.ray_address:
         ray.init(address=sweep.ray_address, logging_level="WARNING", log_to_driver=True)
+        missing = sorted(k for k in sweep.resources if k not in ("cpu", "gpu", "workers")
+                         and k not in ray.cluster_resources())
+        if missing:
+            ray.shutdown()
+            raise ConfigError(f"no node of the Ray cluster at {sweep.ray_address} declares the custom resource "
+                              f"{missing[0]!r}: its trials would wait forever (start nodes with --resources)",
+                              file=sweep.file, key=f"resources.{missing[0]}")
     else:
         # local Ray; the dashboard stays off (nothing listens beyond what Ray itself needs). Workers find overtok
         # through PYTHONPATH inherited from this process: a runtime_env with the same variable would make Ray start

@@ -83,3 +83,79 @@ def kill_group(proc):
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def stop_processes_mentioning(text: str, timeout: float = 30.0) -> list[int]:
+    """SIGTERM, then SIGKILL, the processes whose command line contains ``text`` (a folder only the test's own
+    processes were given); returns their pids. Processes the test did not start are never touched."""
+    def matching():
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                pids.append(int(proc.name))
+        return pids
+
+    found = matching()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in matching():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + timeout
+        while matching() and time.time() < deadline:
+            time.sleep(0.5)
+    return found
+
+
+def listening_sockets_of_tree(root: int) -> list[tuple[str, int, str]]:
+    """(local address, port, process name) of every listening TCP socket held by ``root`` or its descendants, read
+    from /proc (addresses as Linux prints them, e.g. 0100007F for 127.0.0.1, 00000000 for every interface)."""
+    parent = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+                parent[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+
+    def in_tree(pid):
+        while pid and pid in parent:
+            if pid == root:
+                return True
+            pid = parent[pid]
+        return False
+
+    listen = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if f[3] == "0A":  # LISTEN
+                addr, port = f[1].rsplit(":", 1)
+                listen[f[9]] = (addr, int(port, 16))
+    out = []
+    for pid in [p for p in parent if in_tree(p)]:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in listen:
+                out.append((*listen[target[8:-1]], name))
+    return out

@@ -3,10 +3,13 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +19,9 @@ from tests.sweeplib import (
     env,
     free_port,
     kill_group,
+    listening_sockets_of_tree,
     overtok,
+    stop_processes_mentioning,
     sweep_runs,
     sweep_with_and_without_reuse,
     wait_for,
@@ -212,13 +217,18 @@ def test_driver_stop_leaves_no_ray_process():
 def test_sweep_joins_a_two_node_cluster(tmp_path):
     ray = [sys.executable, "-m", "ray.scripts.scripts"]
     port = free_port()
-    e = env({"RAY_AUTH_MODE": "token"})  # token auth stays on; same-machine nodes share ~/.ray/auth_token
+    # token auth stays on; same-machine nodes share ~/.ray/auth_token. The nodes keep their sessions under this test's
+    # own temp dir, which names the processes to stop afterwards (never `ray stop`: it would stop every Ray here)
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ot2n", dir="/tmp"))  # short: Ray's socket paths live under it
+    e = env({"RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(ray_tmp)})
     try:
         subprocess.run([*ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                        "--node-ip-address=127.0.0.1"], env=e, check=True, capture_output=True,
+                        "--node-ip-address=127.0.0.1", f"--temp-dir={ray_tmp}"], env=e, check=True, capture_output=True,
                        timeout=120)
         subprocess.run([*ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", '--resources={"worker_node": 2}',
-                        "--node-ip-address=127.0.0.1"], env=e, check=True, capture_output=True, timeout=120)
+                        "--node-ip-address=127.0.0.1", f"--temp-dir={ray_tmp}"], env=e, check=True, capture_output=True, timeout=120)
         write(tmp_path / "failing.yaml", FAIL_SWEEP.replace("[-1, 7]", "[-1]").replace(
             "max_concurrent: 2", "max_concurrent: 2\nresources: {cpu: 1, worker_node: 1}"))
         res = overtok(tmp_path, "sweep", "failing.yaml", "--address", f"127.0.0.1:{port}", env=e)
@@ -233,7 +243,8 @@ def test_sweep_joins_a_two_node_cluster(tmp_path):
         assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
         assert {r.data.tags["overtok.node_id"] for r in children} == set(worker)
     finally:
-        subprocess.run([*ray, "stop", "--force"], env=e, capture_output=True, timeout=120)
+        stop_processes_mentioning(str(ray_tmp))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_export_fit_plots_on_the_quickstart_sweep(quickstart):
@@ -296,6 +307,7 @@ def test_export_by_yaml_keeps_only_the_current_trials(quickstart):
     ("{cpu: 1, gpu: 64}", "resources.gpu", "a trial needs 64 GPUs but this machine has"),
     ("{cpu: 4096}", "resources.cpu", "a trial needs 4096 CPUs but this machine has"),
     ("{cpu: 3000, workers: 2}", "resources.cpu", "a trial needs 6000 CPUs (2 workers x 3000)"),
+    ("{cpu: 1, tpu_pod: 1}", "resources.tpu_pod", "the custom resource 'tpu_pod', which a local Ray does not have"),
 ])
 def test_sweep_asking_more_than_this_machine_exits_2_and_starts_nothing(tmp_path, resources, key, problem):
     """A new local Ray has this machine's CPUs and GPUs; a trial that needs more would wait forever."""
@@ -446,3 +458,32 @@ resources: {cpu: 2}
     with pytest.raises(ConfigError, match="a trial needs 2 CPUs but this machine has 1") as e:
         sweep.check_local_resources()
     assert e.value.key == "resources.cpu"
+
+
+def test_a_local_sweep_listens_on_loopback_only(tmp_path):
+    """The Ray a sweep starts for itself (and its workers) listens on 127.0.0.1, never on every interface."""
+    write(tmp_path / "lo.yaml", """
+name: lo
+base:
+  model: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}
+  train: {max_steps: 3000, log_every: 100, eval_every: 3000, checkpoint_every: 3000, gen_samples: 0}
+""")
+    fresh = {"RAY_TMPDIR": tempfile.mkdtemp(prefix="otlo", dir="/tmp")}  # no `ray start` instance to attach to
+    proc = subprocess.Popen([sys.executable, "-m", "overtok", "sweep", "lo.yaml"], cwd=tmp_path, env=env(fresh),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    seen = []
+    try:
+        def raylet_listens():
+            seen[:] = listening_sockets_of_tree(proc.pid)
+            names = {name for _, _, name in seen}
+            return {"raylet", "gcs_server"} <= names and any(n.startswith("ray::") for n in names)
+
+        wait_for(raylet_listens, 180, every=1.0, what="the sweep's Ray and a trial worker listening")
+        seen[:] = listening_sockets_of_tree(proc.pid)
+    finally:
+        kill_group(proc)
+        proc.wait(timeout=60)
+        stop_processes_mentioning(fresh["RAY_TMPDIR"])
+        shutil.rmtree(fresh["RAY_TMPDIR"], ignore_errors=True)
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+    assert seen and all(addr in loopback for addr, _, _ in seen), seen
