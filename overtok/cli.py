@@ -371,8 +371,17 @@ def _exit_now(rc: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also while modules are still being imported
+        print("overtok: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from overtok.config import ConfigError
     from overtok.data.text import DataError
+    from overtok.errors import CheckpointError, ExportError
 
     user_errors: tuple[type[Exception], ...] = (ConfigError, DataError)
     try:
@@ -381,8 +390,6 @@ def main(argv: list[str] | None = None) -> int:
         user_errors += (TableError,)
     except ImportError:
         pass
-    from overtok.errors import CheckpointError, ExportError
-
     args = build_parser().parse_args(argv)
     try:
         rc = args.fn(args)
@@ -395,9 +402,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, CheckpointError) as e:  # the environment (disk, links), not the input: one line, exit 1
         print(f"overtok: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("overtok: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from urllib.parse import quote
 
 import pandas as pd
 
+from overtok.config import NAME_RE, NAME_RULE, ConfigError
+
 DEFAULT_UI = "http://127.0.0.1:5000"
 
 CSS = """
@@ -191,6 +193,16 @@ def _fits_html(fits: dict) -> str:
     return "".join(out)
 
 
+def check_ui_url(ui: str) -> str:
+    """The MLflow UI's base URL: http(s) only, so that run links can never become script links."""
+    from urllib.parse import urlparse
+
+    u = urlparse(ui)
+    if u.scheme not in ("http", "https") or not u.netloc:
+        raise ConfigError(f"--ui must be an http(s) URL of the MLflow UI, got {ui[:100]!r}", file="--ui")
+    return ui
+
+
 def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root: Path = Path("."),
                  overrides: list[str] | None = None) -> Path:
     """export -> fit -> figures -> dashboards/<sweep>/index.html. ``sweep`` may also be a results directory with an
@@ -199,6 +211,8 @@ def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root:
     from analysis.commands import fit_sweep, plot_sweep
     from analysis.tables import TableError
     from overtok.export import export_sweep
+
+    check_ui_url(ui)
     from overtok.tracking import client, resolve_tracking_uri
 
     offline = Path(sweep).is_dir() and (Path(sweep) / "runs.parquet").exists()
@@ -206,6 +220,9 @@ def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root:
     results = paths[0].parent
     runs = pd.read_parquet(paths[0])
     name = str(runs.sweep.iloc[0]) if len(runs) else results.name
+    if NAME_RE.fullmatch(name) is None:  # the page's path comes from the export's data: never a path of its own
+        raise ConfigError(f"{paths[0]}: its sweep name {name[:80]!r} is not a sweep name ({NAME_RULE})",
+                          file=str(paths[0]), key="sweep")
     fits: dict = {}
     try:
         fits = json.loads(fit_sweep(results, bootstrap=100).read_text())

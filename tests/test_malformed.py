@@ -82,6 +82,7 @@ ARG_CASES = {
                                "not a JSON file"),
     "train_grammar_wrong_shape": (["train", "--set", "data.grammar=g.json"], {}, {"g.json": b'{"all": 3}'},
                                   "not a Physics-of-LMs rule table"),
+    "report_script_url": (["report", "exp", "--ui", "javascript:alert(1)"], {}, {}, "must be an http(s) URL"),
     "fit_law_negative_bootstrap": (["fit-law", "loglinear", "t.csv", "--bootstrap", "-5"], {},
                                    {"t.csv": b"vocab,loss\n1,2\n"}, "expected an integer >= 0"),
 }
@@ -101,3 +102,38 @@ def test_malformed_argument_exits_2_in_one_line(cli, tmp_path, case):
     assert "\n" not in line and "Traceback" not in line and problem in line, line
     assert time.time() - t0 < 60
     assert not (tmp_path / "results" / "mlflow.db").exists() and not (tmp_path / "o").exists()
+
+
+def test_report_of_a_crafted_export_writes_nothing_outside(cli, tmp_path):
+    """An export whose sweep column is a path (../../elsewhere) is refused: the page's path never comes from data."""
+    import pandas as pd
+
+    src = ROOT / "results" / "quickstart"
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    runs = pd.read_parquet(src / "runs.parquet")
+    runs["sweep"] = "../../elsewhere"
+    runs.to_parquet(exp / "runs.parquet")
+    shutil.copy(src / "curves.parquet", exp / "curves.parquet")
+    res = cli("report", "exp", timeout=300)
+    assert res.returncode == 2 and "is not a sweep name" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path.parent / "elsewhere").exists() and not (tmp_path / "dashboards").exists()
+
+
+@pytest.mark.parametrize("delay", [0.6, 1.5])
+def test_ctrl_c_early_in_report_exits_130_in_one_line(tmp_path, delay):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    shutil.copytree(ROOT / "results" / "quickstart", tmp_path / "exp", ignore=shutil.ignore_patterns("figures"))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "overtok", "report", "exp"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert err.strip() == "overtok: interrupted", err[-2000:]
