@@ -73,13 +73,60 @@ def sqlite_path(uri: str) -> str | None:
     return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
 
 
+CONNECT_TIMEOUT_S = 10.0
+"""How long a tracking server or Ray head may take to accept a connection before overtok gives up with one line."""
+_REACHED: set[str] = set()
+
+
+def check_server(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """An http(s) tracking server must answer its /health page within ``timeout`` seconds (once per process);
+    otherwise a ConfigError says so, instead of MLflow's minutes of retries."""
+    import urllib.error
+    import urllib.request
+
+    if uri in _REACHED or not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # it answered
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        from overtok.config import ConfigError
+
+        reason = getattr(e, "reason", e)
+        raise ConfigError(f"the tracking server {uri} does not answer ({reason}; waited up to {timeout:g} s); start it "
+                          "or pass another --tracking-uri", file="tracking URI") from None
+    _REACHED.add(uri)
+
+
+def check_ray_head(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """A Ray head given as HOST:PORT must accept a TCP connection within ``timeout`` seconds."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return  # 'auto', 'ray://...' and the like: Ray's own resolution
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        from overtok.config import ConfigError
+
+        raise ConfigError(f"the Ray head at {address} does not answer ({e.strerror or e}; waited up to {timeout:g} s)",
+                          file="--address") from None
+
+
 def client(uri: str):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # bounded waits: a request that gets no answer fails after 30 s, retried twice (the sink keeps unsent points and
+    # sends them again later, so nothing is lost to a short outage)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     from mlflow.tracking import MlflowClient
 
     # never mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI, which child processes would inherit
     db = sqlite_path(uri)
     if db is None:
+        check_server(uri)
         return MlflowClient(tracking_uri=uri)
     # a SQLite store is created (or migrated) when first opened; processes that open one fresh file at once (a sweep
     # and the dashboard, runs started together) would each run MLflow's schema migration and all but one fail

@@ -137,3 +137,29 @@ def test_ctrl_c_early_in_report_exits_130_in_one_line(tmp_path, delay):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
     assert err.strip() == "overtok: interrupted", err[-2000:]
+
+
+def test_servers_that_do_not_answer_cost_one_line_and_bounded_time(cli, tmp_path):
+    """A tracking server that accepts connections but never answers, and a Ray head where nothing listens: export,
+    sweep and train each give up within the connect timeout (10 s) with one line."""
+    import socket
+    import time
+
+    from tests.sweeplib import free_port
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)  # the kernel completes connections; nobody ever reads or answers
+    uri = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    (tmp_path / "s.yaml").write_text("name: s\nbase: {train: {max_steps: 2}}\n")
+    try:
+        for args in (["export", "quickstart", "--tracking-uri", uri], ["sweep", "s.yaml", "--tracking-uri", uri],
+                     ["train", "--set", "train.max_steps=1", "--tracking-uri", uri],
+                     ["sweep", "s.yaml", "--address", f"127.0.0.1:{free_port()}"]):
+            t0 = time.time()
+            res = cli(*args, timeout=120)
+            line = res.stderr.strip()
+            assert res.returncode == 2 and "does not answer" in line and "\n" not in line, (args, res.stderr[-2000:])
+            assert time.time() - t0 < 45, args
+    finally:
+        hole.close()
