@@ -494,6 +494,20 @@ def _init_ray(sweep: Sweep) -> None:
         paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in paths]
         os.environ["PYTHONPATH"] = os.pathsep.join(paths)
         ray.init(include_dashboard=False, logging_level="WARNING")
+    protect_ray_token()
+
+
+def protect_ray_token() -> None:
+    """Ray writes the token of a new local cluster (~/.ray/auth_token, or $RAY_AUTH_TOKEN_PATH) readable by every
+    user of the machine; it is a credential: owner-only."""
+    from pathlib import Path
+
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        if path.is_file() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError:
+        pass  # not ours to change: Ray's own permissions stand
 
 
 def _data_parallel_concurrency(max_concurrent: int | None, resources: dict) -> int | None:

@@ -468,7 +468,9 @@ base:
   model: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}
   train: {max_steps: 3000, log_every: 100, eval_every: 3000, checkpoint_every: 3000, gen_samples: 0}
 """)
-    fresh = {"RAY_TMPDIR": tempfile.mkdtemp(prefix="otlo", dir="/tmp")}  # no `ray start` instance to attach to
+    home = tmp_path / "home"  # Ray writes the token of a new local cluster (auth on by default) under $HOME
+    home.mkdir()
+    fresh = {"RAY_TMPDIR": tempfile.mkdtemp(prefix="otlo", dir="/tmp"), "HOME": str(home)}  # nothing to attach to
     proc = subprocess.Popen([sys.executable, "-m", "overtok", "sweep", "lo.yaml"], cwd=tmp_path, env=env(fresh),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     seen = []
@@ -485,5 +487,7 @@ base:
         proc.wait(timeout=60)
         stop_processes_mentioning(fresh["RAY_TMPDIR"])
         shutil.rmtree(fresh["RAY_TMPDIR"], ignore_errors=True)
+    token = home / ".ray" / "auth_token"
+    assert token.is_file() and token.stat().st_mode & 0o777 == 0o600  # the new cluster's credential: owner-only
     loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
     assert seen and all(addr in loopback for addr, _, _ in seen), seen
