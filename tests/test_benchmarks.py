@@ -15,7 +15,7 @@ def test_bench_gpu_smoke_runs_every_section(tmp_path):
     res = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--smoke", "--only", "trainer", "oe", "packed",
                           "--variants", "fused", "fused+bf16res", "--rounds", "2", "--packed-variants", "default", "embed",
                           "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert not [r for r in rows if "error" in r]
@@ -44,7 +44,7 @@ def test_bench_gpu_smoke_runs_every_section(tmp_path):
     # the whole step as one CUDA graph needs CUDA: a clear error, before anything is timed
     res = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--smoke", "--only", "packed", "--packed-variants",
                           "--single-variants", "whole-step-graph", "--out", str(tmp_path / "graph.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert res.returncode != 0 and "whole_graph: a CUDA device" in res.stderr
 
 
@@ -53,7 +53,7 @@ def test_bench_ddp_smoke_times_every_variant_on_every_rank(tmp_path):
     out = tmp_path / "ddp.json"
     res = subprocess.run([sys.executable, "benchmarks/bench_ddp.py", "--smoke", "--grad-dtypes", "bfloat16",
                           "--bucket-mb", "1", "--grad-accum", "2", "--oe-m", "1001", "--oe-sparse", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [r["name"] for r in rows] == ["1 process", "2 processes, no sync", "2 processes",
@@ -76,7 +76,7 @@ def test_bench_ddp_smoke_times_every_variant_on_every_rank(tmp_path):
 def test_bench_eval_smoke_times_eager_and_compiled_evaluation(tmp_path):
     out = tmp_path / "eval.json"
     res = subprocess.run([sys.executable, "benchmarks/bench_eval.py", "--smoke", "--cases", "tiny", "packed",
-                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [(r["name"], r["models"]) for r in rows] == [("tiny", 1), ("packed", 8)]
@@ -111,7 +111,7 @@ def test_bench_reuse_smoke_finds_nothing_left_after_a_trial(tmp_path):
     still alive (a reference kept anywhere would show here)."""
     out = tmp_path / "reuse.json"
     res = subprocess.run([sys.executable, "benchmarks/bench_reuse.py", "--smoke", "--d-models", "48", "32",
-                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [(r["trial"], r["d_model"]) for r in rows] == [(1, 48), (2, 32)]
@@ -123,7 +123,7 @@ def test_bench_reuse_smoke_finds_nothing_left_after_a_trial(tmp_path):
 def test_bench_data_times_both_cfg_samplers(tmp_path):
     out = tmp_path / "data.json"
     res = subprocess.run([sys.executable, "benchmarks/bench_data.py", "--seconds", "0.2", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [(r["sampler"], r["streams"]) for r in rows] == [("block", 1), ("sentence", 1), ("block", 8), ("sentence", 8)]
@@ -137,7 +137,7 @@ def test_probe_trainer_host_reports_its_three_timings(tmp_path):
     cfg["train"].update(compile=False, log_every=300, eval_every=600, eval_batches=1)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probe_trainer_host.py"), str(tmp_path / "cfg.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     probe = [line for line in res.stdout.splitlines() if line.startswith("PROBE")]
     assert [line.rsplit(" ", 2)[0] for line in probe] == [
@@ -150,7 +150,7 @@ def test_bench_step_graph_runs_both_scopes_through_both_trainers(tmp_path):
     """CPU smoke: each scope's run of one trial and of a pack, with the trainers' own numbers; no step graph here."""
     out = tmp_path / "step_graph.json"
     res = subprocess.run([sys.executable, "benchmarks/bench_step_graph.py", "--smoke", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [(r["pack"], r["scope"]) for r in rows] == [(1, "compiled"), (1, "step"), (2, "compiled"), (2, "step")]
@@ -166,7 +166,7 @@ def test_bench_step_graph_on_text(tmp_path):
     res = subprocess.run([sys.executable, "benchmarks/bench_step_graph.py", "--smoke", "--packs", "1", "--out", str(out),
                           "--corpus", str(SHARED / "text" / "austen.txt.xz"), "--max-docs", "40",
                           "--tokenizer", str(SHARED / "tokenizers" / "gpt-neox-olmo.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [(r["pack"], r["scope"]) for r in rows] == [(1, "compiled"), (1, "step")]
