@@ -31,17 +31,52 @@ def _clean(obj):
     return obj
 
 
-def fit_law_table(law: str, table: str, bootstrap: int = 100, seed: int = 0) -> dict:
-    df = read_table(table)
+def parse_columns(spec: str) -> dict[str, str]:
+    """'params=N,tokens=D' -> {'params': 'N', 'tokens': 'D'}: the table's column names mapped to the law's."""
+    out: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        src, sep, dst = item.partition("=")
+        if not sep or not src or not dst:
+            raise TableError(f"--columns: expected TABLE_COLUMN=LAW_COLUMN items separated by commas, got {item!r}")
+        out[src.strip()] = dst.strip()
+    return out
+
+
+def _check_spread(t: pd.DataFrame, columns: list[str], table: str) -> None:
+    """A law cannot be fitted along a column that does not vary, or whose values overflow on the log scale."""
+    for c in columns:
+        if t[c].nunique() < 2:
+            raise TableError(f"{table}: column {c!r} needs at least 2 distinct values (it is constant)")
+        if not np.isfinite(np.log(t[c].to_numpy(float))).all() or (t[c] > 1e300).any():
+            raise TableError(f"{table}: column {c!r} has values too large to fit")
+
+
+def fit_law_table(law: str, table: str, bootstrap: int = 100, seed: int = 0, columns: str = "",
+                  progress=None, plot: str = "") -> dict:
+    df = read_table(table).rename(columns=parse_columns(columns))
     if law == "chinchilla":
         t = require(df, ["N", "D", "loss"], positive=["N", "D", "loss"], min_rows=MIN_POINTS[law], name=table)
-        res = fits.fit_chinchilla(t.N, t.D, t.loss, bootstrap=bootstrap, seed=seed)
+        _check_spread(t, ["N", "D"], table)
+        res = fits.fit_chinchilla(t.N, t.D, t.loss, bootstrap=bootstrap, seed=seed, progress=progress)
     else:
         t = require(df, ["vocab", "loss"], positive=["vocab", "loss"], min_rows=MIN_POINTS[law], name=table)
-        if t.vocab.nunique() < 2:
-            raise TableError(f"{table}: column 'vocab' needs at least 2 distinct values")
+        _check_spread(t, ["vocab"], table)
         res = fits.fit_loglinear(t.vocab, t.loss, bootstrap=bootstrap, seed=seed)
-    return _clean(res.to_dict())
+    out = _clean(res.to_dict())
+    out["formula"] = fits.formula(law, res.estimates)
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        plots.law_axes(law, t, res.estimates, ax)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        plt.close(fig)
+        out["plot"] = plot
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -123,18 +123,23 @@ def _fit_once(logN, logD, logL, starts: np.ndarray, n_local: int) -> np.ndarray:
 
 
 def fit_chinchilla(N, D, loss, bootstrap: int = 100, seed: int = 0, starts: np.ndarray | None = None,
-                   n_local: int = 64) -> FitResult:
-    """Fit L = E + A N^-alpha + B D^-beta; estimates E, A, B, alpha, beta with bootstrap CIs."""
+                   n_local: int = 64, progress=None) -> FitResult:
+    """Fit L = E + A N^-alpha + B D^-beta; estimates E, A, B, alpha, beta with bootstrap CIs. ``progress(done,
+    total)`` is called after the full fit (done 0) and after each bootstrap resample."""
     logN, logD, logL = np.log(np.asarray(N, float)), np.log(np.asarray(D, float)), np.log(np.asarray(loss, float))
     starts = default_start_grid() if starts is None else starts
     theta = _fit_once(logN, logD, logL, starts, n_local)
+    if progress:
+        progress(0, bootstrap)
     rng = np.random.default_rng(seed)
     boots = []
-    for _ in range(bootstrap):
+    for i in range(bootstrap):
         idx = rng.integers(0, len(logN), len(logN))
         # resamples start from the full-data optimum and the best few grid points (the optimum rarely moves far)
         local = np.vstack([theta, starts])
         boots.append(_fit_once(logN[idx], logD[idx], logL[idx], local, n_local=2))
+        if progress:
+            progress(i + 1, bootstrap)
     boots = np.array(boots).reshape(-1, 5)
 
     def natural(t):
@@ -144,6 +149,15 @@ def fit_chinchilla(N, D, loss, bootstrap: int = 100, seed: int = 0, starts: np.n
     nb = natural(boots) if len(boots) else {k: np.array([]) for k in est}
     return FitResult("chinchilla", est, {k: _percentile_ci(np.asarray(nb[k])) for k in est}, len(logN), bootstrap,
                      {"objective": "sum of Huber(delta=1e-3) on log L", "starts": len(starts), "local_runs": n_local})
+
+
+def formula(law: str, est: dict[str, float]) -> str:
+    """The fitted law as one line of text."""
+    if law == "chinchilla":
+        return (f"L(N, D) = {est['E']:.4g} + {est['A']:.4g} / N^{est['alpha']:.4g} + "
+                f"{est['B']:.4g} / D^{est['beta']:.4g}")
+    sign = "-" if est["slope"] < 0 else "+"
+    return f"L = {est['intercept']:.4g} {sign} {abs(est['slope']):.4g} log10(vocab)"
 
 
 def chinchilla_predict(est: dict[str, float], N, D) -> np.ndarray:

@@ -129,3 +129,34 @@ def table2(summary: pd.DataFrame) -> pd.DataFrame:
                          "delta_train": v.final_train_loss.mean() - b_train, "delta_val": v.final_val_loss.mean() - b_val,
                          "gen_acc": v.gen_acc.mean()})
     return pd.DataFrame(rows)
+
+
+def law_axes(law: str, table: pd.DataFrame, est: dict[str, float], ax):
+    """The data and the fitted law: loss against D, one colour per N (rounded to 0.1 in log10), with the law's
+    curves (chinchilla); loss against log10(vocab) with the fitted line (loglinear)."""
+    import matplotlib.pyplot as plt
+
+    from analysis.fits import chinchilla_predict, formula
+
+    if law == "chinchilla":
+        logn = np.round(np.log10(table.N.to_numpy(float)), 1)
+        groups = np.unique(logn)
+        cmap = plt.get_cmap("viridis", max(len(groups), 2))
+        grid = np.geomspace(table.D.min(), table.D.max(), 100)
+        for i, g in enumerate(groups):
+            d = table[np.isclose(logn, g)]
+            ax.scatter(d.D, d.loss, s=12, color=cmap(i), label=f"N ~ 1e{g:g}")
+            ax.plot(grid, chinchilla_predict(est, 10**g, grid), color=cmap(i), lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens D")
+        if len(groups) <= 12:
+            ax.legend(fontsize=6)
+    else:
+        x = np.log10(table.vocab.to_numpy(float))
+        ax.scatter(x, table.loss, s=14)
+        grid = np.linspace(x.min(), x.max(), 50)
+        ax.plot(grid, est["intercept"] + est["slope"] * grid, color="C1")
+        ax.set_xlabel("log10(vocab)")
+    ax.set_ylabel("loss")
+    ax.set_title(formula(law, est), fontsize=8)
+    return ax

@@ -170,10 +170,20 @@ def cmd_fit_law(args) -> int:
 
     from analysis.commands import fit_law_table
 
-    res = fit_law_table(args.law, args.table, bootstrap=args.bootstrap, seed=args.seed)
+    def progress(done: int, total: int) -> None:
+        if args.json:
+            return
+        if done == 0:
+            print(f"[overtok] fitted; {total} bootstrap resamples for the CIs", file=sys.stderr, flush=True)
+        elif done == total or done % max(1, total // 10) == 0:
+            print(f"[overtok] bootstrap {done}/{total}", file=sys.stderr, flush=True)
+
+    res = fit_law_table(args.law, args.table, bootstrap=args.bootstrap, seed=args.seed, columns=args.columns,
+                        progress=progress, plot=args.plot)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
+        print(res["formula"])
         for k, v in res["estimates"].items():
             lo, hi = res["ci"][k]
             ci = f"[{lo:.6g}, {hi:.6g}]" if lo is not None and hi is not None else "(no CI: --bootstrap below 2)"
@@ -340,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--bootstrap", type=_count, default=100, help="bootstrap resamples for the CIs (0 = none)")
+    p.add_argument("--columns", default="", help="map the table's columns to the law's, e.g. params=N,tokens=D")
+    p.add_argument("--plot", default="", help="also draw the data and the fitted law into this image file")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_fit_law)
     p = sub.add_parser("report", help="export, fit, plot and write dashboards/<sweep>/index.html (self-contained)")

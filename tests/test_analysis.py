@@ -223,3 +223,22 @@ def test_fit_law_without_bootstrap_prints_estimates_and_refuses_negative_counts(
     assert ok.returncode == 0 and "slope = -0.097" in ok.stdout and "no CI" in ok.stdout, ok.stderr
     bad = run("--bootstrap", "-5")
     assert bad.returncode == 2 and "expected an integer >= 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_fit_law_maps_columns_prints_the_formula_and_draws_the_fit(tmp_path):
+    rng = np.random.default_rng(0)
+    n, d = np.exp(rng.uniform(13, 18, 40)), np.exp(rng.uniform(16, 21, 40))
+    loss = 1.8 + 400 / n**0.34 + 400 / d**0.28
+    pd.DataFrame({"params": n, "tokens": d, "loss": loss}).to_csv(tmp_path / "t.csv", index=False)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "overtok", "fit-law", "chinchilla", str(tmp_path / "t.csv"),  # noqa: E731
+                                     *a], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    res = run("--columns", "params=N,tokens=D", "--bootstrap", "4", "--plot", str(tmp_path / "fit.png"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("L(N, D) = 1.8") and "bootstrap 4/4" in res.stderr
+    assert (tmp_path / "fit.png").stat().st_size > 10_000
+    missing = run("--bootstrap", "0")  # without the mapping the law's columns are missing
+    assert missing.returncode == 2 and "missing column 'N'" in missing.stderr
+    pd.DataFrame({"N": 1e8, "D": d, "loss": loss}).to_csv(tmp_path / "flat.csv", index=False)
+    flat = subprocess.run([sys.executable, "-m", "overtok", "fit-law", "chinchilla", str(tmp_path / "flat.csv")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert flat.returncode == 2 and "column 'N' needs at least 2 distinct values" in flat.stderr
