@@ -90,14 +90,14 @@ def cmd_sweep(args) -> int:
         sweep.ray_address = args.address
     if args.tracking_uri:
         sweep.tracking_uri = args.tracking_uri
-    from overtok.tracking import check_ray_head, check_server, resolve_tracking_uri
-
-    check_server(resolve_tracking_uri(sweep.tracking_uri))
-    if sweep.ray_address:
-        check_ray_head(sweep.ray_address)
     sweep.check_size(args.yes)
     sweep.check_disk(args.yes)
     sweep.check_local_resources()
+    from overtok.tracking import check_ray_head, check_server, resolve_tracking_uri
+
+    if sweep.ray_address:
+        check_ray_head(sweep.ray_address)
+    check_server(resolve_tracking_uri(sweep.tracking_uri))
     for note in sweep.notes():
         print(f"[overtok] note: {note}", flush=True)
     res = run_sweep(sweep, started)

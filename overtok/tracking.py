@@ -28,8 +28,8 @@ TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql://", "postg
 
 
 def check_tracking_uri(uri: str, where: str) -> str:
-    """A tracking URI overtok can use: an MLflow server (http, https), a SQLite file whose folder exists, or a
-    database URI MLflow's SQL store takes. Anything else is a ConfigError naming ``where`` it came from."""
+    """A tracking URI overtok can use: an MLflow server (http, https), a SQLite file whose folder exists (folders
+    under the project's results/ are created), or a database URI MLflow's SQL store takes. Anything else is a ConfigError naming ``where`` it came from."""
     from overtok.config import ConfigError
 
     if not uri.startswith(TRACKING_SCHEMES):
@@ -38,6 +38,9 @@ def check_tracking_uri(uri: str, where: str) -> str:
     db = sqlite_path(uri)
     if db is not None:
         folder = Path(db).parent
+        results = Path(DEFAULT_STORE).parent.resolve()
+        if not folder.is_dir() and (folder.resolve() == results or results in folder.resolve().parents):
+            folder.mkdir(parents=True, exist_ok=True)  # the project's own results tree
         if not folder.is_dir():
             raise ConfigError(f"{uri}: the folder {folder} does not exist (create it, or use another path)", file=where)
         if Path(db).exists() and not _is_sqlite(Path(db)):
