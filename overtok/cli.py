@@ -101,6 +101,8 @@ def cmd_sweep(args) -> int:
     for note in sweep.notes():
         print(f"[overtok] note: {note}", flush=True)
     res = run_sweep(sweep, started)
+    if res.get("interrupted"):
+        return 130
     return 0 if res["failed"] == 0 else 1
 
 

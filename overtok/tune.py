@@ -603,6 +603,31 @@ def _shutdown_ray() -> None:
     ray.shutdown()
 
 
+class _DropTuneRestoreHint(logging.Filter):
+    """Tune's end-of-run lines on an interrupted experiment ("Resume experiment with: Tuner.restore(...)", "Trials
+    did not complete"): overtok resumes by rerunning the sweep, and says so itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "Resume experiment with" not in msg and "Trials did not complete" not in msg
+
+
+def remove_old_tune_runs(sweep: Sweep) -> None:
+    """Tune's own state of earlier runs of this sweep (<storage>/<sweep>-<YYYYmmdd-HHMMSS>/): overtok resumes from
+    MLflow and the trials' checkpoints (<storage>/<sweep>/trials/), never from it. Called while holding the
+    driver lock; links are never followed."""
+    import re
+    import shutil
+
+    pattern = re.compile(re.escape(sweep.name) + r"-\d{8}-\d{6}")
+    root = Path(sweep.storage_path)
+    if not root.is_dir():
+        return
+    for d in root.iterdir():
+        if pattern.fullmatch(d.name) and d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
+
+
 _DRIVER_LOCKS: dict[str, Any] = {}  # open lock files, held until the process ends
 
 
@@ -635,6 +660,7 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     clock = [("start", started)] if started is not None else []  # where the driver's own time goes, printed at the end
     clock.append(("checks" if clock else "start", time.time()))
     hold_driver_lock(sweep)
+    remove_old_tune_runs(sweep)
     uri = resolve_tracking_uri(sweep.tracking_uri)
     prep: dict[str, Any] = {}
     ray_started = False
@@ -697,10 +723,14 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
                                   callbacks=[callback], verbose=0),
     )
     status = "FINISHED"
+    hint = _DropTuneRestoreHint()
+    logging.getLogger("ray.tune.tune").addFilter(hint)  # overtok's own line says how to resume
     try:
         tuner.fit()
     except KeyboardInterrupt:
         status = "KILLED"
+    finally:
+        logging.getLogger("ray.tune.tune").removeFilter(hint)
     clock.append(("trials", time.time()))
     interrupted = set(callback.running)
     for tid in interrupted:  # Ctrl-C: leave them resumable
@@ -709,6 +739,7 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
         status = "KILLED"
     counts = {"trials": total, "finished": callback.done + skipped, "failed": callback.failed, "skipped": skipped}
     tracker.end_parent(status if not callback.failed else "FAILED", counts)
+    counts["interrupted"] = status == "KILLED"
     print(f"[overtok] sweep {sweep.name}: {counts['finished']}/{total} finished, {callback.failed} failed"
           + (", interrupted (rerun to resume)" if status == "KILLED" else ""), flush=True)
     _shutdown_ray()

@@ -491,3 +491,51 @@ base:
     assert token.is_file() and token.stat().st_mode & 0o777 == 0o600  # the new cluster's credential: owner-only
     loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
     assert seen and all(addr in loopback for addr, _, _ in seen), seen
+
+
+def test_ctrl_c_of_a_sweep_exits_130_and_leaves_it_resumable(tmp_path):
+    """Ctrl-C (SIGINT to the sweep's process group, as a terminal sends it) while a trial trains: exit 130, overtok's
+    own line says how to resume, Tune's Tuner.restore hint is not printed, the trial's run is KILLED."""
+    write(tmp_path / "cc.yaml", """
+name: cc
+base:
+  model: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}
+  train: {max_steps: 100000, log_every: 10, eval_every: 100000, checkpoint_every: 50, gen_samples: 0}
+""")
+    uri = f"sqlite:///{tmp_path}/results/mlflow.db"
+    proc = subprocess.Popen([sys.executable, "-m", "overtok", "sweep", "cc.yaml"], cwd=tmp_path, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        def training():
+            c, _, runs = sweep_runs(uri, "cc")
+            return runs and c.get_metric_history(runs[0].info.run_id, "train/loss")
+
+        wait_for(training, 240, every=1.0, what="the trial to log a loss")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted (rerun to resume)" in out and "Tuner.restore" not in out, out[-3000:]
+    _, _, runs = sweep_runs(uri, "cc")
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
+def test_old_tune_state_of_a_sweep_is_removed_not_followed(tmp_path):
+    from overtok.sweep import load_sweep
+    from overtok.tune import remove_old_tune_runs
+
+    write(tmp_path / "old.yaml", "name: old\nbase: {}\nray: {storage_path: st}\n")
+    st = tmp_path / "st"
+    for d in ("old-20260101-120000", "old-20260102-120000", "old", "older-20260101-120000"):
+        (st / d).mkdir(parents=True)
+    (tmp_path / "keep").mkdir()
+    (st / "old-20260103-120000").symlink_to(tmp_path / "keep")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        remove_old_tune_runs(load_sweep("old.yaml"))
+    finally:
+        os.chdir(cwd)
+    assert sorted(p.name for p in st.iterdir()) == ["old", "old-20260103-120000", "older-20260101-120000"]
+    assert (tmp_path / "keep").is_dir()
