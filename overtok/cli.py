@@ -115,6 +115,26 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from overtok.status import status_table, sweep_status
+
+    print(status_table(*sweep_status(args.sweep, args.tracking_uri, args.set)))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from overtok.status import stop_trial
+
+    st = stop_trial(args.sweep, args.trial, args.tracking_uri, args.set, wait_s=args.wait)
+    if st.status == "RUNNING":
+        print(f"[overtok] asked trial {st.trial_id} to stop; it has not stopped within {args.wait:g} s (it stops at its "
+              "next logging step)")
+    else:
+        print(f"[overtok] trial {st.trial_id} ({st.name}) stopped: {st.status} at {st.tokens:,.0f} tokens; rerun the "
+              "sweep to resume it")
+    return 0
+
+
 def cmd_merge(args) -> int:
     from overtok.export import merge_exports
 
@@ -319,6 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="allow grids larger than the size limit and checkpoints larger than the free disk")
     _add_tracking(p)
     p.set_defaults(fn=cmd_sweep, exit_now=True)  # (see main)
+
+    p = sub.add_parser("status", help="finished / running / pending / failed trials of a sweep, last loss, ETA")
+    p.add_argument("sweep", help="sweep YAML (its trials, pending ones too) or name (its logged runs)")
+    _add_set(p, "with a YAML: the same overrides the sweep ran with")
+    _add_tracking(p)
+    p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("stop", help="ask one running trial to checkpoint and stop (KILLED, resumable); the sweep goes on")
+    p.add_argument("sweep", help="sweep YAML or name")
+    p.add_argument("--trial", required=True, help="the trial id, or its first characters")
+    p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the trial to stop")
+    _add_set(p, "with a YAML: the same overrides the sweep ran with")
+    _add_tracking(p)
+    p.set_defaults(fn=cmd_stop)
 
     p = sub.add_parser("export", help="write results/<sweep>/runs.parquet and curves.parquet from MLflow")
     p.add_argument("sweep", help="sweep name (every run logged under it) or YAML (only its current trials)")

@@ -28,6 +28,18 @@ from overtok.sharded import ShardedRowSparseTable
 from overtok.tracking import Sink
 
 
+STOP_FILE = "STOP"
+"""A file of this name in a run's checkpoint directory asks the run to checkpoint and stop (``overtok stop``)."""
+
+
+class TrialStopped(Exception):
+    """The run checkpointed and stopped on request (``overtok stop``); rerunning resumes it."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"stopped on request at step {step}")
+
+
 class TrainingDiverged(RuntimeError):
     def __init__(self, step: int, reason: str):
         self.step = step
@@ -548,8 +560,12 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
                 sink.log(metrics, tokens_seen)
                 summary.update(metrics)
 
+        # a stop request (overtok stop) is honoured at a logging step: checkpoint, then stop
+        stopping = (not distributed and not last_step and step > 0 and step % t.log_every == 0
+                    and (ckpt_dir / STOP_FILE).exists())
         # once in a while: checkpoint (not at step 0; at the end too unless checkpoint_final is off)
-        if step > 0 and (step % t.checkpoint_every == 0 or (last_step and t.checkpoint_final)) and step != resumed_from:
+        if step > 0 and (step % t.checkpoint_every == 0 or (last_step and t.checkpoint_final) or stopping) \
+                and step != resumed_from:
             for table in sparse_tables:
                 table.flush()
             data_states = [train_data.state_dict()]
@@ -567,6 +583,10 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
                                            "history": sink.history, "world": world})
                 sink.flush()
 
+        if stopping:
+            sink.flush()
+            (ckpt_dir / STOP_FILE).unlink(missing_ok=True)
+            raise TrialStopped(step)
         if last_step:
             break
 

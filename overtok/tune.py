@@ -44,6 +44,7 @@ from overtok.tracking import (
 
 POINTS_KEY = "overtok_points"
 ERROR_KEY = "overtok_error"
+STOPPED_KEY = "overtok_stopped"  # the step at which a trial stopped on request (overtok stop)
 MEMBER_KEY = "overtok_trial"  # the sweep trial a result belongs to (Tune overwrites its own "trial_id" key)
 
 
@@ -88,14 +89,17 @@ def trial_main(config: dict) -> None:
 
 
 def _run_trial(config: dict) -> None:
+    from pathlib import Path
+
     from overtok.config import RunConfig, build_config
-    from overtok.train import train
+    from overtok.train import STOP_FILE, TrialStopped, train
 
     spec = json.loads(config["trial"])
     try:
         if "pack" in spec:
             return _packed_main(spec)
         cfg: RunConfig = build_config(spec["config"])
+        (Path(cfg.train.checkpoint_dir) / STOP_FILE).unlink(missing_ok=True)  # a request of an earlier sweep run
         sink = ReportSink(spec["trial_id"])
         sink.report(**_count_trial())  # recorded as tags
         try:
@@ -103,6 +107,9 @@ def _run_trial(config: dict) -> None:
                 summary = _data_parallel(config, spec, sink)
             else:
                 summary = train(cfg, sink)
+        except TrialStopped as e:
+            sink.report(**{STOPPED_KEY: e.step})
+            return
         except Exception as e:
             _report_failure(sink, f"{type(e).__name__}: {e}")
             raise
@@ -384,6 +391,7 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
             self.t0 = time.time()
             self.done = self.failed = 0
             self.running: set[str] = set()
+            self.stopped: set[str] = set()
             self.last_line = ""
             self.last_print = 0.0
 
@@ -405,6 +413,8 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             tid = result.get(MEMBER_KEY) or self._tids(trial)[0]  # a pack's results name their member
+            if result.get(STOPPED_KEY):
+                self.stopped.add(tid)
             if POINTS_KEY in result:
                 tracker.add_points(tid, result[POINTS_KEY])
             if result.get("node_id"):
@@ -420,6 +430,12 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
             for tid in self._tids(trial):
                 if tid in tracker.errors:  # a pack member that diverged while the others finished
                     self._fail(tid, tracker.errors[tid])
+                    continue
+                if tid in self.stopped:  # overtok stop: checkpointed, resumable by rerunning the sweep
+                    tracker.end(tid, "KILLED")
+                    self.running.discard(tid)
+                    print(f"[overtok] trial {by_id[tid].run_name} stopped on request (rerun the sweep to resume)",
+                          flush=True)
                     continue
                 tracker.end(tid, "FINISHED")
                 self.running.discard(tid)
@@ -438,7 +454,7 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
             print(f"[overtok] trial {by_id[tid].run_name} FAILED: {err.splitlines()[-1] if err else '?'}", flush=True)
 
         def _progress(self, force: bool = False):
-            finished = self.done + self.failed
+            finished = self.done + self.failed + len(self.stopped)
             left = total - skipped - finished
             elapsed = time.time() - self.t0
             eta = f"{elapsed / finished * left:.0f}s" if finished else "?"
@@ -735,13 +751,17 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     interrupted = set(callback.running)
     for tid in interrupted:  # Ctrl-C: leave them resumable
         tracker.end(tid, "KILLED")
-    if interrupted:
-        status = "KILLED"
-    counts = {"trials": total, "finished": callback.done + skipped, "failed": callback.failed, "skipped": skipped}
+    was_interrupted = status == "KILLED" or bool(interrupted)
+    counts = {"trials": total, "finished": callback.done + skipped, "failed": callback.failed, "skipped": skipped,
+              "stopped": len(callback.stopped)}
+    # an interrupted sweep, or one with trials stopped on request, did not run every trial to its end: resumable
+    status = "KILLED" if was_interrupted or callback.stopped else "FINISHED"
     tracker.end_parent(status if not callback.failed else "FAILED", counts)
-    counts["interrupted"] = status == "KILLED"
+    counts["interrupted"] = was_interrupted
     print(f"[overtok] sweep {sweep.name}: {counts['finished']}/{total} finished, {callback.failed} failed"
-          + (", interrupted (rerun to resume)" if status == "KILLED" else ""), flush=True)
+          + (f", {len(callback.stopped)} stopped on request" if callback.stopped else "")
+          + (", interrupted" if was_interrupted else "")
+          + (" (rerun to resume)" if status == "KILLED" else ""), flush=True)
     _shutdown_ray()
     clock.append(("Ray stop", time.time()))
     print(f"[overtok] sweep {sweep.name}: {clock[-1][1] - clock[0][1]:.1f} s in all: "

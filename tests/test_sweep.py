@@ -539,3 +539,43 @@ def test_old_tune_state_of_a_sweep_is_removed_not_followed(tmp_path):
         os.chdir(cwd)
     assert sorted(p.name for p in st.iterdir()) == ["old", "old-20260103-120000", "older-20260101-120000"]
     assert (tmp_path / "keep").is_dir()
+
+
+def test_status_and_stop_of_one_trial_while_the_sweep_runs(tmp_path):
+    """overtok status lists running and pending trials with their last loss; overtok stop makes one running trial
+    checkpoint and end KILLED while the sweep goes on; a rerun resumes it from that checkpoint and finishes it."""
+    write(tmp_path / "st.yaml", """
+name: st
+base:
+  model: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}
+  train: {log_every: 10, eval_every: 100000, checkpoint_every: 100000, gen_samples: 0}
+zip:
+  - {train.max_steps: [4000, 100], model.od_depth: [1, 2]}
+max_concurrent: 1
+""")
+    uri = f"sqlite:///{tmp_path}/results/mlflow.db"
+    proc = subprocess.Popen([sys.executable, "-m", "overtok", "sweep", "st.yaml"], cwd=tmp_path, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        def logging_loss():
+            c, _, runs = sweep_runs(uri, "st")
+            return [r for r in runs if c.get_metric_history(r.info.run_id, "train/loss")]
+
+        wait_for(logging_loss, 240, every=1.0, what="a trial logging its loss")
+        victim = next(r for r in logging_loss() if r.data.params["train.max_steps"] == "4000").data.tags["overtok.trial_id"]
+        status = overtok(tmp_path, "status", "st.yaml", timeout=120)
+        assert status.returncode == 0, status.stderr
+        assert f"{victim}" in status.stdout and "RUNNING" in status.stdout and "PENDING" in status.stdout
+        stop = overtok(tmp_path, "stop", "st.yaml", "--trial", victim[:6], timeout=240)
+        assert stop.returncode == 0 and "stopped: KILLED" in stop.stdout, stop.stdout + stop.stderr
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert "1 stopped on request" in out and "1/2 finished" in out, out[-3000:]
+    rerun = overtok(tmp_path, "sweep", "st.yaml", timeout=400)
+    assert rerun.returncode == 0 and "resumed from" in rerun.stdout + rerun.stderr, rerun.stdout[-3000:]
+    c, _, runs = sweep_runs(uri, "st")
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 2
+    again = overtok(tmp_path, "status", "st", timeout=120)
+    assert "2 finished" in again.stdout, again.stdout
