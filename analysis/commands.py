@@ -255,6 +255,9 @@ def plot_sweep(results_dir: Path) -> list[Path]:
     t2.to_csv(out / "table2.csv", index=False)
     (out / "table2.md").write_text(_markdown(t2))
     written += [out / "table2.csv", out / "table2.md"]
+    for stale in out.iterdir():  # figures an earlier export made that this one does not: gone, not shown stale
+        if stale.suffix in (".png", ".pdf") and stale not in written and not stale.is_symlink():
+            stale.unlink()
     return written
 
 

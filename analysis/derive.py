@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.fits import ema
+from analysis.effects import tail_mean
 
 # Parameter-count conventions side by side: OE tables can be 10-100x the transformer body.
 N_CONVENTIONS = {
@@ -40,8 +40,8 @@ def base_tokens_per_loss(runs: pd.DataFrame) -> np.ndarray:
     return (pd.Series(n_tok, index=runs.index).fillna(1) * pd.Series(n_out, index=runs.index).fillna(1)).to_numpy(float)
 
 
-def summarize(runs: pd.DataFrame, curves: pd.DataFrame, smooth: float = 0.1) -> pd.DataFrame:
-    """Finished trials with: size, N under each convention, tokens, final EMA train loss, final val loss,
+def summarize(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """Finished trials with: size, N under each convention, tokens, final train loss (``TRAIN_LOSS``), final val loss,
     generation accuracy, input vocabulary (V + OE rows, V for baselines) and the variant label."""
     df = runs[runs.status == "FINISHED"].copy()
     if df.empty:
@@ -49,10 +49,7 @@ def summarize(runs: pd.DataFrame, curves: pd.DataFrame, smooth: float = 0.1) -> 
     df["size"] = [size_label(r) for r in df.to_dict("records")]
     for name, cols in N_CONVENTIONS.items():
         df[f"N_{name}"] = sum(df[c] for c in cols if c in df.columns)
-    finals = []
-    for tid in df.trial_id:
-        _, v = curve(curves, tid, "train/loss")
-        finals.append(float(ema(v, smooth)[-1]) if len(v) else np.nan)
+    finals = [tail_mean(curves, tid) for tid in df.trial_id]  # the one definition of a run's train loss
     # per base token: an n-gram tokenizer's position holds n base tokens, an n-gram output head predicts the joint
     # of the next n tokens (a sum of n next-token losses); dividing by both makes every variant comparable
     per = base_tokens_per_loss(df)

@@ -1,7 +1,8 @@
 """Paired effects of each variant against its baseline, seed by seed.
 
-A *cell* is a set of finished runs that share every experiment setting outside the OE section (model size and
-body, data, schedule): its baseline has no OE (``model.oe.n == 1``), its variants are the other OE settings. Each
+A *cell* is a set of finished runs that share every experiment setting outside the variant's own (the OE section,
+OD/MTP heads, n-gram tokenizer or output): model size and body, data, schedule. Its baseline is the plain model
+(the export's ``variant`` "Baseline", else ``model.oe.n == 1``); its variants are the other settings. Each
 variant is paired with the baseline of the same seed; the effect is the mean of the paired differences, with a
 95% interval from Student's t on the pooled within-cell spread of the differences (every cell's seeds contribute
 to one estimate of seed noise, so two seeds per cell still give a usable interval).
@@ -18,6 +19,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+TRAIN_TAIL = 10
+TRAIN_LOSS = (f"train loss = the mean of a run's last {TRAIN_TAIL} logged training losses (one batch each, next-token "
+              "loss per base token)")
+
 # settings that say how a run ran or where its files are, not what it trained
 NOT_EXPERIMENT = ("data.path", "data.corpus", "data.tokenizer", "train.checkpoint_dir", "train.checkpoint_every",
                   "train.checkpoint_final", "train.compile", "train.compile_eval", "train.loss_kernel",
@@ -25,26 +30,35 @@ NOT_EXPERIMENT = ("data.path", "data.corpus", "data.tokenizer", "train.checkpoin
                   "train.ddp_bucket_mb", "train.device", "train.fail_at_step", "train.table_weight_decay")
 
 
-def tail_mean(curves: pd.DataFrame, trial_id: str, metric: str = "train/loss", tail: int = 10) -> float:
+def tail_mean(curves: pd.DataFrame, trial_id: str, metric: str = "train/loss", tail: int = TRAIN_TAIL) -> float:
     """Mean of the last ``tail`` logged values of ``metric`` (NaN when the trial logged none)."""
     c = curves[(curves.trial_id == trial_id) & (curves.metric == metric)].sort_values("step")
     return float(c["value"].iloc[-tail:].mean()) if len(c) else math.nan
 
 
+VARIANT_KEYS = ("model.oe.", "model.od_", "model.tokenizer_ngram", "model.output_ngram", "train.table_weight_decay")
+
+
 def _cell_columns(runs: pd.DataFrame) -> list[str]:
     return [c for c in runs.columns if c.split(".")[0] in ("model", "data", "train")
-            and not c.startswith("model.oe.") and c not in NOT_EXPERIMENT]
+            and not c.startswith(VARIANT_KEYS) and c not in NOT_EXPERIMENT]
 
 
 def _variant_columns(runs: pd.DataFrame) -> list[str]:
-    return [c for c in runs.columns if c.startswith("model.oe.") or c == "train.table_weight_decay"]
+    return [c for c in runs.columns if c.startswith(VARIANT_KEYS)]
+
+
+def _is_baseline(df: pd.DataFrame) -> pd.Series:
+    if "variant" in df.columns:
+        return df["variant"] == "Baseline"
+    return df["model.oe.n"] == 1
 
 
 def _describe(row: pd.Series, columns: list[str]) -> str:
     return ", ".join(f"{c.split('.', 1)[1]}={row[c]}" for c in columns) or "-"
 
 
-def paired_effects(runs: pd.DataFrame, curves: pd.DataFrame, tail: int = 10) -> pd.DataFrame:
+def paired_effects(runs: pd.DataFrame, curves: pd.DataFrame, tail: int = TRAIN_TAIL) -> pd.DataFrame:
     """One row per (cell, variant): cell and variant described by the settings that vary, seeds paired, baseline
     and variant means of train (``tail_mean``) and held-out loss (final ``val/loss``), their paired differences
     (mean, per seed, 95% interval) and the interval's degrees of freedom."""
@@ -52,27 +66,37 @@ def paired_effects(runs: pd.DataFrame, curves: pd.DataFrame, tail: int = 10) -> 
     if df.empty:
         return pd.DataFrame()
     cell_cols, var_cols = _cell_columns(df), _variant_columns(df)
-    df["_train"] = [tail_mean(curves, t, tail=tail) for t in df.trial_id]
-    df["_val"] = df["final.val/loss"].astype(float)
+    from analysis.derive import base_tokens_per_loss
+
+    per = base_tokens_per_loss(df)  # n-gram tokenizer / output variants on the baseline's per-token scale
+    df["_train"] = [tail_mean(curves, t, tail=tail) for t in df.trial_id] / per
+    df["_val"] = df["final.val/loss"].astype(float) / per
     df["_cell"] = df[cell_cols].astype(str).agg("|".join, axis=1)
     df["_variant"] = df[var_cols].astype(str).agg("|".join, axis=1)
     vary_cell = [c for c in cell_cols if df[c].astype(str).nunique() > 1]
-    oe_rows = df[df["model.oe.n"] > 1]
-    vary_var = [c for c in var_cols if oe_rows[c].astype(str).nunique() > 1 and c not in ("model.oe.n", "model.oe.m")]
+    df["_base"] = _is_baseline(df)
+    var_rows = df[~df["_base"]]
+    vary_var = [c for c in var_cols if var_rows[c].astype(str).nunique() > 1 and c not in ("model.oe.n", "model.oe.m")
+                and "variant" not in df.columns]
     rows = []
     for _, cell in df.groupby("_cell", sort=False):
-        base = cell[cell["model.oe.n"] == 1].set_index("seed")
+        base = cell[cell["_base"]].set_index("seed")
         if base.empty:
             continue
-        for _, var in cell[cell["model.oe.n"] > 1].groupby("_variant", sort=False):
+        for _, var in cell[~cell["_base"]].groupby("_variant", sort=False):
             var = var.set_index("seed")
             seeds = sorted(set(var.index) & set(base.index))
             if not seeds:
                 continue
             first = var.iloc[0]
+            label = first["variant"] if "variant" in var.columns else f"OE n={first['model.oe.n']} m={first['model.oe.m']}"
+            differs = [c for c in var_cols if "variant" in df.columns and var_rows[c].astype(str).nunique() > 1
+                       and c.startswith(("model.oe.sparse", "model.oe.table", "model.oe.combine", "train.table"))]
             rows.append({
-                "cell": _describe(first, vary_cell), "variant": f"OE n={first['model.oe.n']} m={first['model.oe.m']}"
-                + (f" ({_describe(first, vary_var)})" if vary_var else ""), "seeds": len(seeds),
+                "size": f"d{first.get('model.d_model', '?')}-L{first.get('model.n_layers', '?')}",
+                "cell": _describe(first, vary_cell), "variant": label
+                + (f" ({_describe(first, vary_var or differs)})" if vary_var or differs else ""), "seeds": len(seeds),
+                "trial_ids": list(var.loc[seeds, "trial_id"]), "base_trial_ids": list(base.loc[seeds, "trial_id"]),
                 "base_train": base.loc[seeds, "_train"].mean(), "oe_train": var.loc[seeds, "_train"].mean(),
                 "base_val": base.loc[seeds, "_val"].mean(), "oe_val": var.loc[seeds, "_val"].mean(),
                 "d_train_seeds": [float(var.loc[s, "_train"] - base.loc[s, "_train"]) for s in seeds],

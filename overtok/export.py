@@ -77,7 +77,7 @@ def variant_label(row: dict) -> str:
         parts.append(f"{row['model.output_ngram']}-gram output")
     n, depth, mode = row.get("model.oe.n", 1), row.get("model.od_depth", 1), row.get("model.od_mode", "linear")
     if n > 1:
-        name = f"OE-{_fmt_rows(row['model.oe.m'])}" + (f" ({n}-gram)" if n != 2 else "")
+        name = f"OE-{_fmt_rows(row['model.oe.m'])} ({n}-gram)"
         if depth > 1 and mode == "mtp_ds":
             return " + ".join(parts + [name.replace("OE-", "OT-", 1)])
         parts.append(name)

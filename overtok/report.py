@@ -80,10 +80,15 @@ def compare_url(ui: str, experiment_id: str, run_ids: list[str]) -> str:
 
 
 def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, experiment_id: str | None,
-                 ui: str = DEFAULT_UI, varied: list[str] | None = None) -> Path:
-    """Write the page from an export (runs.parquet rows), fits.json and the figures directory.
+                 ui: str = DEFAULT_UI, varied: list[str] | None = None, curves: pd.DataFrame | None = None) -> Path:
+    """Write the page from an export (runs.parquet rows and curves.parquet), fits.json and the figures directory.
 
     ``experiment_id`` None: built from a copied results directory (MLflow store elsewhere), no MLflow links."""
+    from analysis.effects import tail_mean
+
+    curves = curves if curves is not None else pd.DataFrame(columns=["trial_id", "metric", "step", "value"])
+    runs = runs.copy()
+    runs["train_loss"] = [tail_mean(curves, t) for t in runs.trial_id] if len(runs) else []
     sweep = str(runs.sweep.iloc[0]) if len(runs) else out.parent.name
     varied = varied or sorted(c for c in runs.columns if c.startswith("varied."))
     status = runs.status.value_counts().to_dict() if len(runs) else {}
@@ -105,12 +110,14 @@ def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, e
         parts.append(f"<div class=card>{_e(label)}<b>{_e(val)}</b></div>")
     parts.append("</div>")
 
+    parts.append(headline_html(runs, curves, fits))
+
     # run table
     cols = [("run", "run_name", True), ("status", "status", True), ("variant", "variant", True)]
     if "export" in runs.columns and runs["export"].nunique() > 1:  # a merged export (overtok merge): whose row
         cols.append(("from export", "export", True))
     cols += [(v.removeprefix("varied."), v, False) for v in varied]
-    cols += [("train loss", "final.train/loss", False), ("val loss", "final.val/loss", False),
+    cols += [("train loss", "train_loss", False), ("val loss", "final.val/loss", False),
              ("gen acc", "final.val/gen_acc", False), ("tokens", "tokens_seen", False), ("tokens/s", "tokens_per_s", False)]
     cols = [c for c in cols if c[1] in runs.columns or c[1] in ("run_name", "status")]
     parts.append("<h2>Runs</h2><table class=sortable id=runs><thead><tr>")
@@ -154,6 +161,38 @@ def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, e
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(parts), encoding="utf-8")
     return out
+
+
+def headline_html(runs: pd.DataFrame, curves: pd.DataFrame, fits: dict) -> str:
+    """Per model size and body, each variant's change in train and held-out loss against its baseline, seed-paired
+    with 95% CIs ("n/a, 1 seed" otherwise), and its speedup from fits.json; the definition of train loss."""
+    from analysis.effects import TRAIN_LOSS, paired_effects, verdict
+
+    eff = paired_effects(runs, curves) if len(runs) and len(curves) else pd.DataFrame()
+    out = ["<h2>Headline</h2>", f"<p class=muted>{_e(TRAIN_LOSS)}; held-out loss = the last evaluation. Differences "
+           "are variant minus baseline of the same seed (negative = better), with 95% CIs from the seed-to-seed "
+           "spread pooled over the page's cells.</p>"]
+    if eff.empty:
+        out.append("<p class=muted>no variant with a finished baseline of the same configuration yet</p>")
+        return "".join(out)
+    speed = fits.get("speedup") or {}
+    out.append("<table class=sortable id=headline><thead><tr><th class=l>cell</th><th class=l>variant</th>"
+               "<th class=r>seeds</th><th class=r>train diff</th><th class=l>train 95% CI</th><th class=r>held-out diff"
+               "</th><th class=l>held-out 95% CI</th><th class=l>speedup</th></tr></thead><tbody>")
+    for r in eff.itertuples():
+        def ci(lo: float, hi: float) -> str:
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                return "n/a, 1 seed"
+            return f"[{lo:+.4f}, {hi:+.4f}] {verdict(lo, hi)}"
+
+        per_metric = (speed.get(r.size) or {}).get(r.variant, {})
+        sp = [f"{metric}: " + ("never reaches the baseline's final value" if s.get("not_reached") else
+                               f"{_num(s.get('mean'))}x") for metric, s in per_metric.items()]
+        out.append("<tr>" + _cell(r.cell, True) + _cell(r.variant, True) + _cell(r.seeds) + _cell(round(r.d_train, 4))
+                   + _cell(ci(r.d_train_lo, r.d_train_hi), True) + _cell(round(r.d_val, 4))
+                   + _cell(ci(r.d_val_lo, r.d_val_hi), True) + _cell("; ".join(sp) or "-", True) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
 
 
 def _fits_html(fits: dict) -> str:
@@ -219,6 +258,8 @@ def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root:
     paths = [Path(sweep) / "runs.parquet"] if offline else export_sweep(sweep, tracking_uri, overrides=overrides)
     results = paths[0].parent
     runs = pd.read_parquet(paths[0])
+    curves_file = results / "curves.parquet"
+    curves = pd.read_parquet(curves_file) if curves_file.exists() else None
     name = str(runs.sweep.iloc[0]) if len(runs) else results.name
     if NAME_RE.fullmatch(name) is None:  # the page's path comes from the export's data: never a path of its own
         raise ConfigError(f"{paths[0]}: its sweep name {name[:80]!r} is not a sweep name ({NAME_RULE})",
@@ -230,8 +271,10 @@ def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root:
     except TableError:
         pass  # nothing finished yet: the page shows the run table alone
     if offline:
-        return build_report(runs, fits, results / "figures", root / "dashboards" / name / "index.html", None, ui)
+        return build_report(runs, fits, results / "figures", root / "dashboards" / name / "index.html", None, ui,
+                            curves=curves)
     exp_meta = json.loads((results / "export.json").read_text())
     c = client(resolve_tracking_uri(tracking_uri or exp_meta["tracking_uri"]))
     exp_id = c.get_experiment_by_name(exp_meta["experiment"]).experiment_id
-    return build_report(runs, fits, results / "figures", root / "dashboards" / name / "index.html", exp_id, ui)
+    return build_report(runs, fits, results / "figures", root / "dashboards" / name / "index.html", exp_id, ui,
+                        curves=curves)

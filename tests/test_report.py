@@ -83,3 +83,28 @@ def test_report_from_a_copied_results_directory(quickstart, tmp_path):
     text = (tmp_path / "dashboards" / "quickstart" / "index.html").read_text()
     assert "no MLflow store here" in text and "#/experiments/" not in text
     assert text.count("<tr>") >= 12 and (copy / "fits.json").exists() and list((copy / "figures").glob("*.png"))
+
+
+def test_headline_pairs_variants_with_their_baseline_and_plots_drop_stale_figures(tmp_path):
+    """The page's headline: each OE variant of the committed vocab_scaling export against its size's baseline (one
+    seed there: 'n/a, 1 seed') and the definition of train loss stated;
+    a figure the export no longer makes is removed by plots."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    shutil.copytree(ROOT / "results" / "vocab_scaling", tmp_path / "vs")
+    (tmp_path / "vs" / "figures" / "fig2_cfg_accuracy.png").write_bytes(b"stale")
+    res = subprocess.run([sys.executable, "-m", "overtok", "report", "vs"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    page = (tmp_path / "dashboards" / "vocab_scaling" / "index.html").read_text()
+    head = page[page.index("<h2>Headline"):page.index("<h2>Runs")]
+    assert "mean of a run&#x27;s last 10 logged training losses" in head
+    assert head.count(">n/a, 1 seed<") == 16  # 8 variants x (train, held-out)
+    first = re.search(r'data-v="(-?[0-9.]+)">[-0-9.]+</td><td class=l data-v="n/a, 1 seed"', head)
+    assert first is not None
+    assert not (tmp_path / "vs" / "figures" / "fig2_cfg_accuracy.png").exists()
