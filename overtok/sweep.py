@@ -451,11 +451,27 @@ def trial_plan(trial: Trial, on_gpu: bool = False, workers: int = 1) -> dict[str
             "ckpt_gb": accounting.checkpoint_bytes(cfg.model) / 2**30}
 
 
+PLAN_LEGEND = ("columns: N_* parameters by group (body = blocks and norms; embedding, OE tables and projection, head, "
+               "extra OD/MTP heads); flops_per_token = training FLOPs per position (6 N + attention); tokens = base "
+               "tokens the trial trains on; memory_gb = estimated peak GPU memory of the trial (per worker); ckpt_gb = "
+               "one checkpoint (2 are kept); est_min = estimated minutes alone on one whole GPU of the calibration's "
+               "kind (* = body size outside the measured range)")
+
+
 def plan_table(sweep: Sweep) -> str:
+    from overtok.estimate import load_calibration, trial_seconds
+
     workers = trial_workers(sweep.resources)
-    rows = [trial_plan(t, on_gpu=sweep.resources.get("gpu", 0) > 0, workers=workers) for t in sweep.trials]
+    on_gpu = sweep.resources.get("gpu", 0) > 0
+    rows = [trial_plan(t, on_gpu=on_gpu, workers=workers) for t in sweep.trials]
+    cal = load_calibration() if on_gpu else None
+    if cal is not None:
+        for t, r in zip(sweep.trials, rows):
+            secs, inside = trial_seconds(t.config, r["total_flops"], cal, workers)
+            r["est_seconds"] = secs
+            r["est_min"] = f"{secs / 60:.1f}" + ("" if inside else "*")
     cols = ["trial_id", *sweep.varied_keys, "N_body", "N_embedding", "N_oe_tables", "N_oe_proj", "N_head",
-            "N_extra_heads", "flops_per_token", "tokens", "memory_gb", "ckpt_gb"]
+            "N_extra_heads", "flops_per_token", "tokens", "memory_gb", "ckpt_gb"] + (["est_min"] if cal else [])
     cells = [[c.split(".")[-1] if "." in c else c for c in cols]]
     for r in rows:
         out = []
@@ -488,8 +504,47 @@ def plan_table(sweep: Sweep) -> str:
                      f"peak memory per model up to {mem:.2f} GiB (estimate: its trials' sum)")
     lines.append("trial processes: " + ("reused, each runs trial after trial of the same resources (reuse_processes)"
                                         if sweep.reuse_processes else "a new one per trial (reuse_processes: false)"))
+    lines += _plan_time_and_room(sweep, rows, cal, workers)
+    lines.append(PLAN_LEGEND)
     lines.extend(f"note: {n}" for n in sweep.notes())
     return "\n".join(lines)
+
+
+def _plan_time_and_room(sweep: Sweep, rows: list[dict], cal, workers: int) -> list[str]:
+    """Estimated GPU time and wall time; the memory of the trials that share one GPU; checkpoints against the free
+    disk where they go."""
+    import shutil
+
+    out = []
+    gpu = sweep.resources.get("gpu", 0.0)
+    if gpu > 0 and cal is None:
+        out.append("time: no calibration at hand (benchmarks/results/gpu_trainer_fused.json), no estimate")
+    elif gpu > 0:
+        gpu_s = sum(r["est_seconds"] for r in rows)
+        have = local_gpus() if sweep.starts_local_ray() else 0
+        gpus = max(have, 1)
+        outside = sum(str(r["est_min"]).endswith("*") for r in rows)
+        out.append(f"time (estimate from {cal.gpu} measurements of {cal.date}, MFU {cal.points[0][1]:.2f}-"
+                   f"{cal.points[-1][1]:.2f} at {_fmt_count(cal.points[0][0])}-{_fmt_count(cal.points[-1][0])} body "
+                   f"parameters): {gpu_s / 3600:.2f} GPU-hours; about {gpu_s / gpus / 60:.0f} min of wall time on "
+                   f"{gpus} GPU{'s' if gpus > 1 else ''}" + ("" if have else " (no GPU here: one assumed)")
+                   + ", plus each trial's start-up and compilation (not modelled)"
+                   + (f"; {outside} trial(s) outside the measured sizes (*)" if outside else ""))
+        per_gpu = max(1, int(1 / gpu)) if gpu < 1 else 1
+        if sweep.max_concurrent:
+            per_gpu = min(per_gpu, sweep.max_concurrent)
+        share = sorted((r["memory_gb"] for r in rows), reverse=True)[:per_gpu]
+        out.append(f"memory: up to {per_gpu} trial(s) share one GPU (resources.gpu {gpu:g}, max_concurrent "
+                   f"{sweep.max_concurrent or 'unset'}): the largest {len(share)} together need about {sum(share):.1f} GiB"
+                   f" (an H100 has 80 GiB, an H200 141 GiB)")
+    need = sweep.checkpoint_bytes_needed()
+    where = Path(sweep.storage_path)
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    out.append(f"disk: new checkpoints need about {need / 2**30:.1f} GiB; {where} has {free / 2**30:.1f} GiB free"
+               + (" -- `overtok sweep` will refuse this without --yes" if need > free else ""))
+    return out
 
 
 def describe_config(cfg: RunConfig) -> str:

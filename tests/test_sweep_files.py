@@ -5,7 +5,7 @@ import os
 import pytest
 
 from overtok.sweep import load_sweep, plan_table, trial_id, trial_plan
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, SHARED, tiny_config
 
 SHIPPED = sorted((ROOT / "sweeps").glob("*.yaml"))
 
@@ -157,3 +157,16 @@ def test_plan_and_train_note_generation_that_cannot_fit_the_context(cli):
     assert res.returncode == 0 and "(model.seq_len 40 x 3-gram tokens;" in res.stdout.splitlines()[-1]
     res = cli("train", "--dry-run", "--set", "model.seq_len=512")
     assert res.returncode == 0 and "note:" not in res.stdout
+
+
+def test_plan_estimates_time_memory_and_disk_of_a_gpu_sweep(cli):
+    """overtok plan of a GPU sweep: minutes per trial from the committed H200 calibration, GPU-hours, the memory of
+    the trials that share a GPU, the checkpoint disk against the free disk, and a legend."""
+    from tests.conftest import ROOT
+
+    res = cli("plan", str(ROOT / "sweeps" / "ot_grid.yaml"), "--set", f"base.data.corpus={SHARED}/text",
+              "--set", f"base.data.tokenizer={SHARED}/tokenizers/gpt-neox-olmo.json")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "est_min" in out and "GPU-hours" in out and "from NVIDIA H200 measurements of 2026-11-29" in out
+    assert "share one GPU" in out and "disk: new checkpoints need about" in out and "columns: N_*" in out
