@@ -457,13 +457,15 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
             finished = self.done + self.failed + len(self.stopped)
             left = total - skipped - finished
             elapsed = time.time() - self.t0
-            eta = f"{elapsed / finished * left:.0f}s" if finished else "?"
-            line = (f"[overtok] sweep {tracker.sweep.name}: done {self.done + skipped}/{total} "
-                    f"(skipped {skipped}) | running {len(self.running)} | failed {self.failed} | "
-                    f"pending {max(left - len(self.running), 0)} | elapsed {elapsed:.0f}s | ETA {eta}")
-            if force or (line != self.last_line and time.time() - self.last_print > 2):
-                print(line, flush=True)
-                self.last_line, self.last_print = line, time.time()
+            counts = (f"[overtok] sweep {tracker.sweep.name}: done {self.done + skipped}/{total} "
+                      f"(skipped {skipped}) | running {len(self.running)} | failed {self.failed} | "
+                      f"pending {max(left - len(self.running), 0)}")
+            eta = f" | ETA {elapsed / finished * left:.0f}s" if finished and left else ""
+            # a line when the counts change, else once a minute
+            if force or (counts != self.last_line and time.time() - self.last_print > 2) or \
+                    time.time() - self.last_print > 60:
+                print(f"{counts} | elapsed {elapsed:.0f}s{eta}", flush=True)
+                self.last_line, self.last_print = counts, time.time()
 
     return TrackingCallback()
 
@@ -489,6 +491,12 @@ def _init_ray(sweep: Sweep) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    # quieter logs: Ray's note that token authentication is on (it stays on); colours only on a terminal
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    if not sys.stdout.isatty():
+        import colorama  # Ray's own dependency, which colours its worker log prefixes
+
+        colorama.init(strip=True, convert=False)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # our trials write no result.json (auto loggers off); Tune's end-of-run analysis would warn about it

@@ -517,6 +517,8 @@ base:
         kill_group(proc)
     assert proc.returncode == 130, out[-3000:]
     assert "interrupted (rerun to resume)" in out and "Tuner.restore" not in out, out[-3000:]
+    # a log written to a pipe: no terminal colours, no note about token authentication, no "ETA ?" lines
+    assert "\x1b[" not in out and "Token authentication is enabled" not in out and "ETA ?" not in out, out[-3000:]
     _, _, runs = sweep_runs(uri, "cc")
     assert [r.info.status for r in runs] == ["KILLED"]
 
