@@ -10,7 +10,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4$(comma)<2.15,torch==2.13.0)
 comma := ,
 
-.PHONY: install dev demo test lint clean chromium
+.PHONY: install dev demo test lint clean chromium postgres
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,12 +25,16 @@ demo: install
 	$(VENV)/bin/overtok sweep sweeps/quickstart.yaml
 	$(VENV)/bin/overtok report sweeps/quickstart.yaml
 
-test: install chromium
+test: install chromium postgres
 	$(PY) -m pytest -q -ra tests
 
 # the report test opens the dashboard in Debian's headless Chromium
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+# the tracking-database test starts a throwaway cluster of Debian's PostgreSQL server on 127.0.0.1
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
 
 lint: install
 	$(VENV)/bin/ruff check overtok analysis tests benchmarks
