@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED
+from tests.conftest import ROOT, SHARED
 from tests.sweeplib import (
     SMALL,
     env,
@@ -224,11 +224,13 @@ def test_sweep_joins_a_two_node_cluster(tmp_path):
     ray_tmp = Path(tempfile.mkdtemp(prefix="ot2n", dir="/tmp"))  # short: Ray's socket paths live under it
     e = env({"RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(ray_tmp)})
     try:
-        subprocess.run([*ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                        "--node-ip-address=127.0.0.1", f"--temp-dir={ray_tmp}"], env=e, check=True, capture_output=True,
+        # the cluster recipes' own node commands (docs/cluster/ray_nodes.sh, sourced by slurm_sweep.sh)
+        nodes = {**e, "RAY": " ".join(ray), "RAY_PORT": str(port), "RAY_TEMP_DIR": str(ray_tmp)}
+        recipe = f"source {ROOT / 'docs' / 'cluster' / 'ray_nodes.sh'}; "
+        subprocess.run(["bash", "-c", recipe + "start_head 127.0.0.1 1 0"], env=nodes, check=True, capture_output=True,
                        timeout=120)
-        subprocess.run([*ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", '--resources={"worker_node": 2}',
-                        "--node-ip-address=127.0.0.1", f"--temp-dir={ray_tmp}"], env=e, check=True, capture_output=True, timeout=120)
+        subprocess.run(["bash", "-c", recipe + """start_worker 127.0.0.1 127.0.0.1 2 0 --resources='{"worker_node": 2}'"""],
+                       env=nodes, check=True, capture_output=True, timeout=120)
         write(tmp_path / "failing.yaml", FAIL_SWEEP.replace("[-1, 7]", "[-1]").replace(
             "max_concurrent: 2", "max_concurrent: 2\nresources: {cpu: 1, worker_node: 1}"))
         res = overtok(tmp_path, "sweep", "failing.yaml", "--address", f"127.0.0.1:{port}", env=e)
