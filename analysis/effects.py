@@ -71,12 +71,12 @@ def paired_effects(runs: pd.DataFrame, curves: pd.DataFrame, tail: int = TRAIN_T
     per = base_tokens_per_loss(df)  # n-gram tokenizer / output variants on the baseline's per-token scale
     df["_train"] = [tail_mean(curves, t, tail=tail) for t in df.trial_id] / per
     df["_val"] = df["final.val/loss"].astype(float) / per
-    df["_cell"] = df[cell_cols].astype(str).agg("|".join, axis=1)
-    df["_variant"] = df[var_cols].astype(str).agg("|".join, axis=1)
-    vary_cell = [c for c in cell_cols if df[c].astype(str).nunique() > 1]
+    df["_cell"] = df[cell_cols].map(repr).agg("|".join, axis=1)  # repr: NaN and None become text too
+    df["_variant"] = df[var_cols].map(repr).agg("|".join, axis=1)
+    vary_cell = [c for c in cell_cols if df[c].map(repr).nunique() > 1]
     df["_base"] = _is_baseline(df)
     var_rows = df[~df["_base"]]
-    vary_var = [c for c in var_cols if var_rows[c].astype(str).nunique() > 1 and c not in ("model.oe.n", "model.oe.m")
+    vary_var = [c for c in var_cols if var_rows[c].map(repr).nunique() > 1 and c not in ("model.oe.n", "model.oe.m")
                 and "variant" not in df.columns]
     rows = []
     for _, cell in df.groupby("_cell", sort=False):
@@ -90,7 +90,7 @@ def paired_effects(runs: pd.DataFrame, curves: pd.DataFrame, tail: int = TRAIN_T
                 continue
             first = var.iloc[0]
             label = first["variant"] if "variant" in var.columns else f"OE n={first['model.oe.n']} m={first['model.oe.m']}"
-            differs = [c for c in var_cols if "variant" in df.columns and var_rows[c].astype(str).nunique() > 1
+            differs = [c for c in var_cols if "variant" in df.columns and var_rows[c].map(repr).nunique() > 1
                        and c.startswith(("model.oe.sparse", "model.oe.table", "model.oe.combine", "train.table"))]
             rows.append({
                 "size": f"d{first.get('model.d_model', '?')}-L{first.get('model.n_layers', '?')}",

@@ -134,7 +134,7 @@ class RowSparseTable(nn.Module):
                                    beta1, beta2, eps, weight_decay)
         self.exp_avg[rows] = m
         self.exp_avg_sq[rows] = v
-        self.weight[rows] = stochastic_round(p, self.weight.dtype)
+        self.weight[rows] = stochastic_round(p, self.weight.dtype, self.step * 2, rows)
         if self.mode == "exact":
             self.last[rows] = int(self.step)
 
@@ -203,7 +203,7 @@ class RowSparseTable(nn.Module):
             v[far] *= (beta2**r).float().unsqueeze(1)
             if wd:
                 p[far] *= (log_decay[upto] - log_decay[last[far] + K]).exp().float().unsqueeze(1)
-        self.weight[rows] = stochastic_round(p, self.weight.dtype)
+        self.weight[rows] = stochastic_round(p, self.weight.dtype, upto * 2 + 1, rows)
         self.exp_avg[rows] = m.to(self.exp_avg.dtype)
         self.exp_avg_sq[rows] = v.to(self.exp_avg_sq.dtype)
         self.last[rows] = upto
@@ -223,14 +223,28 @@ class RowSparseTable(nn.Module):
         self._pending.clear()
 
 
-def stochastic_round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, salt: torch.Tensor | int = 0,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
     """float32 ``x`` in ``dtype``: bfloat16 rounded stochastically (up with probability equal to the distance to the
-    lower neighbour over the gap, so the rounding is unbiased: E[round(x)] = x); other dtypes by a plain cast."""
+    lower neighbour over the gap, so the rounding is unbiased: E[round(x)] = x); other dtypes by a plain cast.
+
+    The random bits are a hash of each element's identity (its table row, given as ``rows`` for the rows of a 2-D
+    ``x``, and column; else its position in ``x``) and ``salt`` (the table's step), not draws from a torch generator:
+    an update rounds the same way in every run, on every rank and after a resume, a row written twice in one update
+    gets the same value both times, and no RNG stream is consumed.
+    """
     if dtype != torch.bfloat16:
         return x.to(dtype)
     bits = x.float().contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # the low 16 bits are 0: exact cast
+    if rows is not None:
+        idx = rows.long()[:, None] * bits.shape[1] + torch.arange(bits.shape[1], device=bits.device)
+    else:
+        idx = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64).view(bits.shape)
+    z = (idx ^ ((salt * 0x9E3779B1) & 0xFFFFFFFF)) & 0xFFFFFFFF  # a 32-bit hash of (position, salt), in int64
+    z = (((z >> 16) ^ z) * 0x45D9F3B) & 0xFFFFFFFF
+    z = (((z >> 16) ^ z) * 0x45D9F3B) & 0xFFFFFFFF
+    noise = ((z >> 16) ^ z) & 0xFFFF
+    return ((bits.long() + noise) & -65536).to(torch.int32).view(torch.float32).to(torch.bfloat16)
 
 
 def _coalesced_sq_norm(ids: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:

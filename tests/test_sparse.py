@@ -234,11 +234,15 @@ def test_bf16_stochastic_rounding_moves_rows_by_updates_below_half_an_ulp():
     torch.manual_seed(0)
     x = torch.ones(4096, dtype=torch.bfloat16)
     nearest = x.clone()
-    for _ in range(1000):
-        x = stochastic_round(x.float() + 1e-5, torch.bfloat16)
+    for step in range(1000):
+        x = stochastic_round(x.float() + 1e-5, torch.bfloat16, step)
         nearest = (nearest.float() + 1e-5).to(torch.bfloat16)
     assert torch.equal(nearest, torch.ones_like(nearest))
     assert float(x.float().mean() - 1) == pytest.approx(0.01, rel=0.05)
+    # negative values round unbiased too, and the rounding depends on the salt alone (reproducible, no RNG used)
+    y = torch.full((4096,), -1.0 - 0.3 * 2**-7)
+    assert float(stochastic_round(y, torch.bfloat16, 7).float().mean()) == pytest.approx(float(y.mean()), abs=2e-4)
+    assert torch.equal(stochastic_round(y, torch.bfloat16, 7), stochastic_round(y, torch.bfloat16, 7))
 
 
 def test_exact_mode_resumes_from_a_checkpoint(tmp_path):

@@ -263,13 +263,13 @@ def test_export_fit_plots_on_the_quickstart_sweep(quickstart):
     assert len(runs) == 12 and (runs.schema_version == 1).all() and (runs.status == "FINISHED").all()
     assert {"trial_id", "variant", "input_vocab_size", "params.body", "params.oe_tables", "flops_per_token",
             "tokens_seen", "final.train/loss", "best.val/loss", "tokens_per_s"} <= set(runs.columns)
-    assert set(runs.variant) >= {"Baseline", "OD-2", "OE-400", "OE-400 (3-gram)"}
+    assert set(runs.variant) >= {"Baseline", "OD-2", "OE-400 (2-gram)", "OE-400 (3-gram)"}
     assert set(runs.input_vocab_size) == {7, 7 + 400, 7 + 400 + 402}
     assert {"trial_id", "step", "metric", "value"} <= set(curves.columns)
     assert (curves[curves.metric == "train/loss"].groupby("trial_id").size() == 4).all()
     fitted = json.loads((out / "fits.json").read_text())
     assert set(fitted["loglinear"]["final_train_loss"]) == {"d32-L2", "d64-L3"}
-    assert "OE-400" in fitted["speedup"]["d32-L2"]
+    assert "OE-400 (2-gram)" in fitted["speedup"]["d32-L2"]
     acc = fitted["cfg_generation_accuracy_ci"]["Baseline"]["d32-L2"]
     assert acc["samples"] > 0 and acc["ci95"][0] <= acc["accuracy"] <= acc["ci95"][1]
     for name in ("fig1_loss_vs_size", "fig2_cfg_accuracy", "fig4_curves_speedup", "fig5_loss_vs_vocab", "fig9_loss_diff"):
