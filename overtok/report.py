@@ -69,14 +69,27 @@ def _cell(v, left=False) -> str:
     return f'<td{" class=l" if left else ""} data-v="{_e(sort_v)}">{_e(text)}</td>'
 
 
+ML_MODE = "workflowType=machine_learning"  # MLflow 3 opens links in its GenAI mode without it
+
+
 def run_url(ui: str, experiment_id: str, run_id: str) -> str:
-    return f"{ui}/#/experiments/{quote(str(experiment_id))}/runs/{quote(run_id)}"
+    return f"{ui}/#/experiments/{quote(str(experiment_id))}/runs/{quote(run_id)}?{ML_MODE}"
 
 
 def compare_url(ui: str, experiment_id: str, run_ids: list[str]) -> str:
     runs = quote(json.dumps(list(run_ids)), safe="")
     exps = quote(json.dumps([str(experiment_id)]), safe="")
-    return f"{ui}/#/compare-runs?runs={runs}&experiments={exps}"
+    return f"{ui}/#/compare-runs?runs={runs}&experiments={exps}&{ML_MODE}"
+
+
+def metric_url(ui: str, experiment_id: str, run_ids: list[str], metric: str = "train/loss") -> str:
+    """MLflow's metric page: ``metric`` against step (base tokens, overtok's step) for the given runs."""
+    def q(value) -> str:
+        return quote(json.dumps(value), safe="")
+
+    return (f"{ui}/#/metric?runs={q(list(run_ids))}&metric={q(metric)}&experiments={q([str(experiment_id)])}"
+            f"&plot_metric_keys={q([metric])}&plot_layout={q({})}&x_axis=step&y_axis_scale=linear"
+            f"&line_smoothness=1&show_point=false&deselected_curves={q([])}&last_linear_y_axis_range={q([])}&{ML_MODE}")
 
 
 def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, experiment_id: str | None,
@@ -141,7 +154,9 @@ def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, e
         parts.append("<h2>Compare in MLflow</h2><ul>")
         for (d, L), g in runs.groupby(["model.d_model", "model.n_layers"]):
             url = compare_url(ui, experiment_id, list(g.run_id))
-            parts.append(f'<li><a href="{_e(url)}">d{_e(d)}-L{_e(L)}: all {len(g)} input vocabularies / OD depths</a></li>')
+            curves_link = metric_url(ui, experiment_id, list(g.run_id))
+            parts.append(f'<li><a href="{_e(url)}">d{_e(d)}-L{_e(L)}: all {len(g)} input vocabularies / OD depths</a>'
+                         f' &middot; <a class=curves href="{_e(curves_link)}">their train/loss against tokens</a></li>')
         parts.append(f"</ul><p class=muted>Links point at the MLflow UI at {_e(ui)} (start it with <code>overtok ui</code>).</p>")
 
     # fits

@@ -4,12 +4,14 @@ a run name with <script> shown as text. A screenshot is written next to the page
 import json
 import re
 import shutil
+import os
 import subprocess
+import sys
 
 import pytest
 
 from tests.conftest import ROOT
-from tests.sweeplib import overtok, sweep_runs
+from tests.sweeplib import overtok, sweep_runs, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -108,3 +110,50 @@ def test_headline_pairs_variants_with_their_baseline_and_plots_drop_stale_figure
     first = re.search(r'data-v="(-?[0-9.]+)">[-0-9.]+</td><td class=l data-v="n/a, 1 seed"', head)
     assert first is not None
     assert not (tmp_path / "vs" / "figures" / "fig2_cfg_accuracy.png").exists()
+
+
+def test_mlflow_links_open_runs_and_curves_in_the_mlflow_ui(quickstart, tmp_path):
+    """The dashboard's MLflow links, opened in headless Chromium against `overtok ui` on the sweep's store: a run
+    link shows the run in the model-training view, and a size's curves link shows MLflow's metric page with
+    train/loss for the runs it compares."""
+    import html as html_lib
+    import re
+
+    from tests.sweeplib import free_port, kill_group
+
+    work, res, _ = quickstart
+    assert res.returncode == 0
+    port = free_port()
+    ui = f"http://127.0.0.1:{port}"
+    out = overtok(work, "report", "quickstart", "--ui", ui)
+    assert out.returncode == 0, out.stderr[-2000:]
+    page = (work / "dashboards" / "quickstart" / "index.html").read_text()
+    curves = [html_lib.unescape(u) for u in re.findall(r'<a class=curves href="([^"]+)"', page)]
+    runs = [html_lib.unescape(u) for u in re.findall(r'href="([^"]+/runs/[^"]+)"', page)]
+    assert curves and runs and all("workflowType=machine_learning" in u for u in curves + runs)
+    server = subprocess.Popen([sys.executable, "-m", "overtok", "ui", "--port", str(port)], cwd=work,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: _answers(ui), 180, what="overtok ui")
+
+        def dom(url: str) -> str:
+            profile = tmp_path / f"profile{abs(hash(url))}"
+            return subprocess.run(CHROME + [f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--dump-dom",
+                                            url], capture_output=True, text=True, timeout=180).stdout
+
+        metric = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom(curves[0])))
+        assert "Metric Details" in metric and "train/loss" in metric and "Latest" in metric, metric[-3000:]
+        run = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom(runs[0])))
+        assert "train/loss" in run and "Parameters" in run, run[-3000:]
+    finally:
+        kill_group(server)
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:
+        return False
