@@ -517,16 +517,39 @@ def _init_ray(sweep: Sweep) -> None:
         paths = [p for p in sys.path if p]
         paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in paths]
         os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+        if sweep.starts_local_ray():
+            create_ray_token()
         ray.init(include_dashboard=False, logging_level="WARNING")
     protect_ray_token()
 
 
-def protect_ray_token() -> None:
-    """Ray writes the token of a new local cluster (~/.ray/auth_token, or $RAY_AUTH_TOKEN_PATH) readable by every
-    user of the machine; it is a credential: owner-only."""
-    from pathlib import Path
+def _ray_token_path() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
 
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+def create_ray_token() -> None:
+    """Before a new local Ray with token authentication starts: where no token exists yet, create it owner-only
+    (0600; Ray's own would be readable by every user of the machine), in Ray's format (64 hex digits). Ray then
+    finds and uses it."""
+    import secrets
+
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = _ray_token_path()
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError:
+        return  # not writable here: Ray makes its own
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+
+
+def protect_ray_token() -> None:
+    """A token file Ray wrote (~/.ray/auth_token, or $RAY_AUTH_TOKEN_PATH) is a credential: owner-only."""
+    path = _ray_token_path()
     try:
         if path.is_file() and path.stat().st_mode & 0o077:
             path.chmod(0o600)

@@ -139,8 +139,10 @@ max_concurrent: 2
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     ckpts = tmp_path / "results" / "ray" / "killme" / "trials"
     try:
-        wait_for(lambda: len(list(ckpts.glob("*/ckpt_*.pt"))) >= 2, 240, what="two checkpoints")
-        time.sleep(2)
+        # both trials running, each past its first checkpoint (one trial's two checkpoints are not enough: it could
+        # finish before the kill while the other has not started)
+        wait_for(lambda: len({p.parent for p in ckpts.glob("*/ckpt_*.pt")}) >= 2, 240, what="checkpoints of both trials")
+        time.sleep(1)
         os.kill(proc.pid, signal.SIGKILL)  # the driver only
         proc.wait(10)
     finally:
