@@ -16,7 +16,6 @@ def cmd_train(args) -> int:
     from overtok.config import load_config
     from overtok.data import generation_note, resolve_vocab
     from overtok.run import tracked_train
-
     from overtok.tracking import resolve_tracking_uri
 
     cfg = resolve_vocab(load_config(args.config, args.set), file=args.config)
@@ -25,9 +24,8 @@ def cmd_train(args) -> int:
         resolve_tracking_uri(args.tracking_uri or cfg.tracking.tracking_uri)  # checked before anything starts
     note = generation_note(cfg)
     if args.dry_run:
-        from overtok.sweep import describe_config
-
         from overtok.config import show_config
+        from overtok.sweep import describe_config
 
         print(show_config(cfg) + "\n\n" + describe_config(cfg) + (f"\nnote: {note}" if note else ""))
         return 0

@@ -32,15 +32,14 @@ class TrialState:
 
 
 def _sweep_runs(sweep: str, tracking_uri: str, overrides: list[str] | None):
-    """(sweep name, {trial id: Trial} from the YAML or {}, pack size, MLflow client, latest trial run per id)."""
-    trials, pack = {}, 1
+    """(sweep name, {trial id: Trial} from the YAML or {}, ids of packed trials, MLflow client, latest run per id)."""
+    trials = {}
     if sweep.endswith((".yaml", ".yml")):
         from overtok.sweep import load_sweep
 
         s = load_sweep(sweep, overrides)
         name, experiment, tracking_uri = s.name, s.experiment, tracking_uri or s.tracking_uri
         trials = {t.trial_id: t for t in s.trials}
-        pack = s.pack
         packed = {t.trial_id for group in s.packs() if len(group) > 1 for t in group}
     else:
         name = experiment = sweep

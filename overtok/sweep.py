@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from overtok import accounting
-from overtok.data.text import FORMAT as TEXT_FORMAT
 from overtok.config import (
     NAME_RE,
     NAME_RULE,
@@ -47,6 +46,7 @@ from overtok.config import (
     set_dotted,
     to_dict,
 )
+from overtok.data.text import FORMAT as TEXT_FORMAT
 
 SWEEP_KEYS = {"name", "base", "grid", "zip", "seeds", "resources", "max_concurrent", "max_failures", "tracking", "ray",
               "max_trials", "description", "pack", "reuse_processes"}

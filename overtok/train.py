@@ -20,13 +20,12 @@ import torch
 
 from overtok import accounting
 from overtok.config import RunConfig, TrainConfig, to_dict
-from overtok.errors import CheckpointError
 from overtok.data.batches import Batches, group_ngrams, split_ngrams
 from overtok.data.cfg import Grammar, accepts, sample_sentence
+from overtok.errors import CheckpointError
 from overtok.model import Transformer
 from overtok.sharded import ShardedRowSparseTable
 from overtok.tracking import Sink
-
 
 STOP_FILE = "STOP"
 """A file of this name in a run's checkpoint directory asks the run to checkpoint and stop (``overtok stop``)."""

@@ -61,7 +61,6 @@ def test_set_values_that_are_not_plain_yaml_are_config_errors(value, problem):
 def test_config_reference_is_current_and_every_field_documented():
     """docs/config.md is what `overtok config reference` prints now; every field has a note."""
     from overtok.config import config_reference, field_docs
-
     from tests.conftest import ROOT
 
     assert all(field_docs().values()), [k for k, v in field_docs().items() if not v]

@@ -2,9 +2,9 @@
 a run name with <script> shown as text. A screenshot is written next to the page and to tests/output/."""
 
 import json
+import os
 import re
 import shutil
-import os
 import subprocess
 import sys
 
