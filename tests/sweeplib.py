@@ -1,5 +1,6 @@
 """Helpers for the end-to-end sweep tests (real Ray, real MLflow)."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -159,3 +160,34 @@ def listening_sockets_of_tree(root: int) -> list[tuple[str, int, str]]:
             if target.startswith("socket:[") and target[8:-1] in listen:
                 out.append((*listen[target[8:-1]], name))
     return out
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, artifact_root: Path):
+    """A real `mlflow server` on 127.0.0.1:<free port> over ``backend_uri``, up (its /health answers) when the
+    block starts, stopped (SIGINT, then SIGKILL) when it ends; yields its URL."""
+    import urllib.request
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", backend_uri, "--default-artifact-root", str(artifact_root)],
+        env=env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 180, what=f"mlflow server on {backend_uri.split(':')[0]}")
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            kill_group(server)

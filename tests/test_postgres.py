@@ -4,16 +4,13 @@ here on 127.0.0.1) with a local artifact root; a sweep tracks into it, and expor
 import glob
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.sweeplib import env, free_port, kill_group, overtok, sweep_runs, wait_for, write
+from tests.sweeplib import free_port, mlflow_server, overtok, sweep_runs, write
 
 pytestmark = pytest.mark.slow
 
@@ -56,21 +53,7 @@ def postgres():
 
 
 def test_sweep_export_and_report_through_a_postgres_backed_mlflow_server(tmp_path, postgres):
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", postgres, "--default-artifact-root", str(tmp_path / "artifacts")],
-        env=env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        def up():
-            try:
-                return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
-            except OSError:
-                return False
-
-        wait_for(up, 180, what="mlflow server on PostgreSQL")
+    with mlflow_server(postgres, tmp_path / "artifacts") as uri:
         write(tmp_path / "pg.yaml", """
 name: pg
 base:
@@ -90,15 +73,8 @@ grid:
         assert rep.returncode == 0, rep.stderr[-2000:]
         assert (tmp_path / "dashboards" / "pg" / "index.html").is_file()
         assert not (tmp_path / "results" / "mlflow.db").exists()  # everything went to the database
-        # the rows really live in PostgreSQL
         import psycopg
 
-        with psycopg.connect(postgres) as conn, conn.cursor() as cur:
+        with psycopg.connect(postgres) as conn, conn.cursor() as cur:  # the rows really live in PostgreSQL
             cur.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'")
             assert cur.fetchone()[0] >= 2
-    finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            kill_group(server)

@@ -20,6 +20,7 @@ from tests.sweeplib import (
     free_port,
     kill_group,
     listening_sockets_of_tree,
+    mlflow_server,
     overtok,
     stop_processes_mentioning,
     sweep_runs,
@@ -163,34 +164,13 @@ max_concurrent: 2
 
 
 def test_sweep_through_mlflow_server(tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "art")],
-        env=env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
-    try:
-        import urllib.request
-
-        def up():
-            try:
-                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-            except OSError:
-                return False
-
-        wait_for(up, 120, what="mlflow server")
+    with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "art") as uri:
         write(tmp_path / "failing.yaml", FAIL_SWEEP.replace("[-1, 7]", "[-1]"))
-        res = overtok(tmp_path, "sweep", "failing.yaml", "--tracking-uri", f"http://127.0.0.1:{port}")
+        res = overtok(tmp_path, "sweep", "failing.yaml", "--tracking-uri", uri)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        c, parents, children = sweep_runs(f"http://127.0.0.1:{port}", "failing")
+        c, parents, children = sweep_runs(uri, "failing")
         assert len(parents) == 1 and len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
         assert not (tmp_path / "results" / "mlflow.db").exists()  # everything went to the server
-    finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            kill_group(server)
 
 
 def test_driver_stop_leaves_no_ray_process():
