@@ -191,6 +191,13 @@ class Sweep:
             raise ConfigError(f"a trial needs {gpu:g} GPU{'s' if gpu != 1 else ''} but this machine has {have_gpu} "
                               "(a local Ray has this machine's); run it on a GPU machine or attach to a cluster "
                               "with --address", file=self.file, key="resources.gpu", line=self.lines.get("resources.gpu"))
+        cuda = sorted({t.config.train.device for t in self.trials if t.config.train.device.startswith("cuda")})
+        if cuda:
+            index = max(int(d.split(":", 1)[1]) if ":" in d else 0 for d in cuda)
+            if index >= local_gpus():
+                raise ConfigError(f"trials ask for train.device {cuda[-1]} but this machine has {local_gpus()} CUDA "
+                                  "GPUs (a local Ray has this machine's)", file=self.file, key="base.train.device",
+                                  line=self.lines.get("base.train.device"))
         have_cpu = local_cpus(cpus)
         if cpus > have_cpu:
             each = f" ({workers} workers x {self.resources.get('cpu', 1.0):g})" if workers > 1 else ""
@@ -322,6 +329,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     grid = raw.get("grid", {}) or {}
     _expect(isinstance(grid, dict), "must be a mapping of dotted keys to lists", file, "grid", lines)
     for k, v in grid.items():
+        _expect(isinstance(k, str), f"keys must be dotted config keys (strings), got {k!r}", file, "grid", lines)
         _expect(isinstance(v, list) and len(v) > 0, "must be a non-empty list", file, f"grid.{k}", lines)
         _expect(k != "seed", "seeds are an axis of their own: use the top-level key seeds: [...]", file, "grid.seed",
                 lines)
@@ -330,6 +338,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     for i, group in enumerate(zips):
         key = f"zip[{i}]"
         _expect(isinstance(group, dict) and group, "must be a mapping of dotted keys to lists", file, key, lines)
+        _expect(all(isinstance(k, str) for k in group), "keys must be dotted config keys (strings)", file, key, lines)
         lengths = {len(v) if isinstance(v, list) else -1 for v in group.values()}
         _expect(len(lengths) == 1 and min(lengths) > 0, "lists must be non-empty and of equal length", file, key, lines)
     seeds = raw.get("seeds", [base.get("seed", 0)])

@@ -83,6 +83,8 @@ ARG_CASES = {
     "train_grammar_wrong_shape": (["train", "--set", "data.grammar=g.json"], {}, {"g.json": b'{"all": 3}'},
                                   "not a Physics-of-LMs rule table"),
     "report_script_url": (["report", "exp", "--ui", "javascript:alert(1)"], {}, {}, "must be an http(s) URL"),
+    "sweep_cuda_missing": (["sweep", "s.yaml"], {"RAY_TMPDIR": "/nonexistent-ray-tmp"},
+                           {"s.yaml": b"name: nocuda\nbase: {train: {device: cuda}}\n"}, "this machine has 0 CUDA GPUs"),
     "fit_law_negative_bootstrap": (["fit-law", "loglinear", "t.csv", "--bootstrap", "-5"], {},
                                    {"t.csv": b"vocab,loss\n1,2\n"}, "expected an integer >= 0"),
 }
