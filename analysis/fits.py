@@ -133,10 +133,11 @@ def fit_chinchilla(N, D, loss, bootstrap: int = 100, seed: int = 0, starts: np.n
         progress(0, bootstrap)
     rng = np.random.default_rng(seed)
     boots = []
+    # resamples start from the full-data optimum and the 32 grid points best on the full data (the optimum rarely
+    # moves far; ranking all starts again for every resample cost as much as the local runs)
+    local = np.vstack([theta, starts[np.argsort(_grid_objective(starts, logN, logD, logL))[:32]]])
     for i in range(bootstrap):
         idx = rng.integers(0, len(logN), len(logN))
-        # resamples start from the full-data optimum and the best few grid points (the optimum rarely moves far)
-        local = np.vstack([theta, starts])
         boots.append(_fit_once(logN[idx], logD[idx], logL[idx], local, n_local=2))
         if progress:
             progress(i + 1, bootstrap)

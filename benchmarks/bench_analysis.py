@@ -5,6 +5,7 @@
 2. the Chinchilla multi-start fit on 250 points (target < 20 s), with and without 100 bootstrap resamples.
 
     python benchmarks/bench_analysis.py --out benchmarks/results/analysis.json
+    python benchmarks/bench_analysis.py --only-fit --out benchmarks/results/analysis_fit.json   # part 2 alone
 """
 
 from __future__ import annotations
@@ -65,26 +66,43 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/analysis.json")
     ap.add_argument("--runs", type=int, default=500)
     ap.add_argument("--points", type=int, default=2000)
+    ap.add_argument("--only-fit", action="store_true", help="only the Chinchilla fits (no MLflow store)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
-        t0 = time.time()
-        build_store(uri, args.runs, args.points)
-        print(f"store built: {args.runs} runs x {args.points} points in {time.time() - t0:.0f}s", flush=True)
-        from overtok.export import export_sweep
+        if not args.only_fit:
+            export_rows(tmp, args, rows)
+    fit_rows(rows)
+    for r in rows:
+        print(f"{r['task']:>55}  {r['seconds']:7.2f} s  {r.get('points', '')}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+                                          "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+                                          "command": " ".join(sys.argv), "results": rows}, indent=2))
 
-        t0 = time.time()
-        export_sweep("bench", uri, Path(tmp) / "out")
-        t_export = time.time() - t0
-        import pandas as pd
 
-        n_points = len(pd.read_parquet(Path(tmp) / "out" / "curves.parquet"))
-        rows.append({"task": "overtok export (bulk SQL)", "runs": args.runs, "points": n_points, "seconds": t_export})
-        t0 = time.time()
-        n_loop = per_key_loop(uri)
-        rows.append({"task": "get_metric_history per (run, key)", "runs": args.runs, "points": n_loop,
-                     "seconds": time.time() - t0})
+def export_rows(tmp: str, args, rows: list) -> None:
+    """Export of a store of args.runs x args.points against the per-(run, key) loop."""
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    t0 = time.time()
+    build_store(uri, args.runs, args.points)
+    print(f"store built: {args.runs} runs x {args.points} points in {time.time() - t0:.0f}s", flush=True)
+    from overtok.export import export_sweep
+
+    t0 = time.time()
+    export_sweep("bench", uri, Path(tmp) / "out")
+    t_export = time.time() - t0
+    import pandas as pd
+
+    n_points = len(pd.read_parquet(Path(tmp) / "out" / "curves.parquet"))
+    rows.append({"task": "overtok export (bulk SQL)", "runs": args.runs, "points": n_points, "seconds": t_export})
+    t0 = time.time()
+    n_loop = per_key_loop(uri)
+    rows.append({"task": "get_metric_history per (run, key)", "runs": args.runs, "points": n_loop,
+                 "seconds": time.time() - t0})
+
+
+def fit_rows(rows: list) -> None:
     rng = np.random.default_rng(0)
     N = np.exp(rng.uniform(np.log(1e7), np.log(1e10), 250))
     D = np.exp(rng.uniform(np.log(1e9), np.log(1e12), 250))
@@ -94,12 +112,6 @@ def main():
         t0 = time.time()
         fits.fit_chinchilla(N, D, L, bootstrap=boot)
         rows.append({"task": f"Chinchilla fit, 250 points, 4500 starts, {boot} bootstrap", "seconds": time.time() - t0})
-    for r in rows:
-        print(f"{r['task']:>55}  {r['seconds']:7.2f} s  {r.get('points', '')}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
-                                          "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-                                          "command": " ".join(sys.argv), "results": rows}, indent=2))
 
 
 if __name__ == "__main__":
