@@ -133,6 +133,21 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def cmd_export_model(args) -> int:
+    from overtok.hf import export_model
+
+    print(f"[overtok] wrote {export_model(args.checkpoint, args.out)} (load it with transformers' "
+          "AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from overtok.hf import generate_text
+
+    print(generate_text(args.checkpoint, args.prompt, args.tokens, args.temperature, args.seed))
+    return 0
+
+
 def cmd_merge(args) -> int:
     from overtok.export import merge_exports
 
@@ -358,6 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_out_dir, default="", help="output directory (default results/<sweep>)")
     _add_tracking(p)
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("export-model", help="a trained model as a Hugging Face transformers directory (Llama)")
+    p.add_argument("checkpoint", help="a checkpoint file (ckpt_*.pt) or a directory of them (the newest is used)")
+    p.add_argument("--out", type=_out_dir, required=True, help="output directory")
+    p.set_defaults(fn=cmd_export_model)
+
+    p = sub.add_parser("generate", help="continue a text prompt with a trained model")
+    p.add_argument("checkpoint", help="a checkpoint file (ckpt_*.pt) or a directory of them (the newest is used)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--tokens", type=_count, default=64, help="tokens to sample (fewer if the model ends the text)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=_count, default=0)
+    p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("merge", help="an export whose trials are replaced by those of later reruns (same trial ids)")
     p.add_argument("base", help="results directory holding the sweep's export")
