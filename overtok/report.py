@@ -93,7 +93,8 @@ def metric_url(ui: str, experiment_id: str, run_ids: list[str], metric: str = "t
 
 
 def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, experiment_id: str | None,
-                 ui: str = DEFAULT_UI, varied: list[str] | None = None, curves: pd.DataFrame | None = None) -> Path:
+                 ui: str = DEFAULT_UI, varied: list[str] | None = None, curves: pd.DataFrame | None = None,
+                 pending: list[str] | None = None) -> Path:
     """Write the page from an export (runs.parquet rows and curves.parquet), fits.json and the figures directory.
 
     ``experiment_id`` None: built from a copied results directory (MLflow store elsewhere), no MLflow links."""
@@ -124,6 +125,7 @@ def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, e
     parts.append("</div>")
 
     parts.append(headline_html(runs, curves, fits))
+    parts.append(data_html(runs, pending or []))
 
     # run table
     cols = [("run", "run_name", True), ("status", "status", True), ("variant", "variant", True)]
@@ -176,6 +178,38 @@ def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, e
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(parts), encoding="utf-8")
     return out
+
+
+def data_html(runs: pd.DataFrame, pending: list[str]) -> str:
+    """The data (corpus or grammar, tokenizer, tokens per source when the prepared corpus is at hand), the training
+    budget, the trials' summed training time, and the sweep's trials that have no run yet."""
+    out = ["<h2>Data and budget</h2><ul>"]
+    first = runs.iloc[0] if len(runs) else {}
+    kind = first.get("data.kind", "?") if len(runs) else "?"
+    if kind == "text":
+        out.append(f"<li>text: <code>{_e(first.get('data.corpus') or first.get('data.path', '?'))}</code>, tokenizer "
+                   f"<code>{_e(first.get('data.tokenizer', '?'))}</code>, V = {_e(first.get('model.vocab_size', '?'))}"
+                   "</li>")
+        meta = Path(str(first.get("data.path", ""))) / "meta.json"
+        sources = json.loads(meta.read_text()).get("sources") if meta.is_file() else None
+        if isinstance(sources, dict):
+            out.append("<li>tokens per source (train / held-out): " + ", ".join(
+                f"{_e(name)} {r['train_tokens']:,} / {r['val_tokens']:,}" for name, r in sources.items()) + "</li>")
+    elif len(runs):
+        out.append(f"<li>CFG grammar <code>{_e(first.get('data.grammar', '?'))}</code></li>")
+    if {"train.max_steps", "tokens_per_step"} <= set(runs.columns) and len(runs):
+        budget = runs[["train.max_steps", "tokens_per_step"]].astype(float).prod(axis=1)
+        out.append(f"<li>budget per trial: {int(budget.min()):,}"
+                   + (f"-{int(budget.max()):,}" if budget.max() != budget.min() else "")
+                   + " base tokens (optimizer steps x tokens per step)</li>")
+    if {"tokens_seen", "tokens_per_s"} <= set(runs.columns) and len(runs):
+        secs = (runs.tokens_seen / runs.tokens_per_s).where(runs.tokens_per_s > 0, 0).fillna(0)
+        out.append(f"<li>training time, summed over trials: {float(secs.sum()) / 3600:.2f} h (tokens / tokens per s; "
+                   "start-up and evaluation not included); hardware: not recorded in the export</li>")
+    if pending:
+        out.append(f"<li>pending (no run yet): {len(pending)} trial(s): " + ", ".join(_e(p) for p in pending) + "</li>")
+    out.append("</ul>")
+    return "".join(out)
 
 
 def headline_html(runs: pd.DataFrame, curves: pd.DataFrame, fits: dict) -> str:
@@ -270,6 +304,11 @@ def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root:
     from overtok.tracking import client, resolve_tracking_uri
 
     offline = Path(sweep).is_dir() and (Path(sweep) / "runs.parquet").exists()
+    pending: list[str] = []
+    if sweep.endswith((".yaml", ".yml")):
+        from overtok.sweep import load_sweep
+
+        declared = load_sweep(sweep, overrides).trials
     paths = [Path(sweep) / "runs.parquet"] if offline else export_sweep(sweep, tracking_uri, overrides=overrides)
     results = paths[0].parent
     runs = pd.read_parquet(paths[0])
@@ -291,5 +330,8 @@ def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root:
     exp_meta = json.loads((results / "export.json").read_text())
     c = client(resolve_tracking_uri(tracking_uri or exp_meta["tracking_uri"]))
     exp_id = c.get_experiment_by_name(exp_meta["experiment"]).experiment_id
+    if sweep.endswith((".yaml", ".yml")):
+        have = set(runs.trial_id)
+        pending = [f"{t.run_name}" for t in declared if t.trial_id not in have]
     return build_report(runs, fits, results / "figures", root / "dashboards" / name / "index.html", exp_id, ui,
-                        curves=curves)
+                        curves=curves, pending=pending)

@@ -157,3 +157,19 @@ def _answers(url: str) -> bool:
         return urllib.request.urlopen(url, timeout=2).status == 200
     except OSError:
         return False
+
+
+def test_report_of_a_partial_sweep_lists_its_pending_trials(quickstart):
+    """The quickstart's grid with one more OD depth: the page lists the 6 trials that have no run yet, and states the
+    data and budget."""
+    from tests.sweeplib import SMALL
+
+    work, res, _ = quickstart
+    assert res.returncode == 0
+    sets = [f"--set={s}" for s in SMALL] + ["--set=grid.model.od_depth=[1, 2, 3]"]
+    out = overtok(work, "report", "quickstart.yaml", *sets)
+    assert out.returncode == 0, out.stderr[-2000:]
+    page = (work / "dashboards" / "quickstart" / "index.html").read_text()
+    data = page[page.index("<h2>Data and budget"):page.index("<h2>Runs")]
+    assert "pending (no run yet): 6 trial(s)" in data and "od_depth=3" in data
+    assert "CFG grammar" in data and "budget per trial" in data
