@@ -244,13 +244,27 @@ def headline_html(runs: pd.DataFrame, curves: pd.DataFrame, fits: dict) -> str:
     return "".join(out)
 
 
+def fit_flags(n_points: int, ci) -> str:
+    """Warnings a fit's reader needs: few points (under 4) or an interval that includes zero (or none at all)."""
+    flags = []
+    if n_points and n_points < 4:
+        flags.append(f"only {n_points} points")
+    lo, hi = (ci or [None, None])[:2]
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        flags.append("no CI")
+    elif lo <= 0 <= hi:
+        flags.append("CI includes 0")
+    return ", ".join(flags)
+
+
 def _fits_html(fits: dict) -> str:
     rows = []
     for metric, per_size in (fits.get("loglinear") or {}).items():
         for size, f in per_size.items():
             est, ci = f["estimates"], f["ci"]
+            flags = fit_flags(f.get("n_points", 0), ci["slope"])
             rows.append(("log-linear " + metric, size, f"L = {_num(est['intercept'])} + {_num(est['slope'])} log10(V+m)",
-                         f"slope CI [{_num(ci['slope'][0])}, {_num(ci['slope'][1])}]"))
+                         f"slope CI [{_num(ci['slope'][0])}, {_num(ci['slope'][1])}]" + (f" ({flags})" if flags else "")))
     for variant, per_conv in (fits.get("chinchilla") or {}).items():
         for conv, f in per_conv.items():
             est = f["estimates"]

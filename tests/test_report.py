@@ -110,6 +110,8 @@ def test_headline_pairs_variants_with_their_baseline_and_plots_drop_stale_figure
     first = re.search(r'data-v="(-?[0-9.]+)">[-0-9.]+</td><td class=l data-v="n/a, 1 seed"', head)
     assert first is not None
     assert not (tmp_path / "vs" / "figures" / "fig2_cfg_accuracy.png").exists()
+    fits = page[page.index("<h2>Fitted laws"):]
+    assert "(CI includes 0)" in fits  # the committed vocab_scaling slopes' CIs include zero
 
 
 def test_mlflow_links_open_runs_and_curves_in_the_mlflow_ui(quickstart, tmp_path):
