@@ -268,3 +268,21 @@ except ExportError as e:
 
     assert pd.read_parquet(tmp_path / "runs.parquet")["a"].tolist() == [1, 2, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.parquet"]
+
+
+def test_overtok_train_refuses_a_checkpoint_directory_behind_a_link(cli, tmp_path):
+    """`overtok train` with its checkpoint directory under a symbolic link (results/link -> elsewhere): one line,
+    and the link's target keeps its files (nothing written or deleted through the link)."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "ckpt_000000001.pt").write_bytes(b"not ours")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "link").symlink_to(target)
+    res = cli("train", "--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
+              "--set", "model.seq_len=32", "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2",
+              "--set", "train.gen_samples=0", "--set", "train.checkpoint_dir=results/link/run",
+              "--tracking-uri", "sqlite:///results/mlflow.db")
+    assert res.returncode == 1 and "symbolic link" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert sorted(p.name for p in target.iterdir()) == ["ckpt_000000001.pt"]
+    assert (target / "ckpt_000000001.pt").read_bytes() == b"not ours"
