@@ -5,7 +5,9 @@ A model without OE, OD/MTP heads or n-gram vocabularies, with RoPE, SwiGLU and R
 exactly a Llama model: the fused qkv and gate/up projections are split into Llama's q/k/v and gate/up, RoPE uses
 the same half-split rotation and frequencies, and the head is tied or not as trained. It is written as a standard
 Llama checkpoint (config.json, model.safetensors) that `AutoModelForCausalLM.from_pretrained` loads without custom
-code, with the training data's tokenizer beside it.
+code. A model with Over-Encoding, learned positions or a GELU MLP is written with a self-contained modeling file
+(``overtok/hf_modeling.py``, copied as modeling_overtok.py) that loads with ``trust_remote_code=True``. The training
+data's tokenizer goes beside either.
 """
 
 from __future__ import annotations
@@ -52,6 +54,17 @@ def build_model(cfg: RunConfig, state: dict):
     model = Transformer(cfg.model)
     model.load_state_dict(state)
     return model.eval()
+
+
+def export_problem(cfg: RunConfig) -> str | None:
+    """Why this model cannot be exported at all, or None."""
+    m = cfg.model
+    checks = [(m.od_depth > 1, "it has OD/MTP heads"),
+              (m.tokenizer_ngram > 1 or m.output_ngram > 1, "it has an n-gram vocabulary"),
+              (m.oe.n > 1 and m.oe.stop_at_eos, "its OE stops at EOS (model.oe.stop_at_eos)"),
+              (m.oe.n > 1 and m.oe.shard, "its OE table was sharded over ranks (each checkpoint file holds a part)")]
+    reasons = [why for bad, why in checks if bad]
+    return ", ".join(reasons) if reasons else None
 
 
 def llama_problem(cfg: RunConfig) -> str | None:
@@ -109,10 +122,10 @@ def export_model(checkpoint: str | Path, out: str | Path) -> Path:
     from safetensors.torch import save_file
 
     cfg, state = load_checkpoint(checkpoint)
-    why = llama_problem(cfg)
+    why = export_problem(cfg)
     if why:
-        raise ConfigError(f"{checkpoint}: not exportable as a Llama model: {why} (only overtok's default body without "
-                          "OE, OD or n-gram vocabularies is exported)", file=str(checkpoint))
+        raise ConfigError(f"{checkpoint}: not exportable: {why} (models with extra heads or n-gram vocabularies are "
+                          "not transformers causal LMs)", file=str(checkpoint))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = tokenizer_file(cfg)
@@ -125,9 +138,40 @@ def export_model(checkpoint: str | Path, out: str | Path) -> Path:
         (out / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>" if eos is not None else None,
              "model_max_length": cfg.model.seq_len}, indent=2))
-    (out / "config.json").write_text(json.dumps(llama_config(cfg, eos), indent=2))
-    save_file(llama_state(cfg, state), str(out / "model.safetensors"), metadata={"format": "pt"})
+    if llama_problem(cfg) is None:
+        (out / "config.json").write_text(json.dumps(llama_config(cfg, eos), indent=2))
+        save_file(llama_state(cfg, state), str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        shutil.copy(Path(__file__).with_name("hf_modeling.py"), out / "modeling_overtok.py")
+        (out / "config.json").write_text(json.dumps(overtok_config(cfg, eos), indent=2))
+        save_file(overtok_state(state), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def overtok_config(cfg: RunConfig, eos_id: int | None) -> dict:
+    """config.json of the remote-code model (overtok/hf_modeling.py)."""
+    from overtok.ngram import hash_weights
+
+    m = cfg.model
+    moduli = m.oe_moduli()
+    order = m.oe.n if moduli else 1
+    return {"architectures": ["OvertokForCausalLM"], "model_type": "overtok",
+            "auto_map": {"AutoConfig": "modeling_overtok.OvertokConfig",
+                         "AutoModelForCausalLM": "modeling_overtok.OvertokForCausalLM"},
+            "vocab_size": m.vocab_size, "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
+            "mlp_hidden": m.mlp_hidden_size, "seq_len": m.seq_len, "rope_theta": m.rope_theta, "norm_eps": m.norm_eps,
+            "pos_encoding": m.pos_encoding, "mlp": m.mlp, "tied": m.tie_embeddings,
+            "oe_order": order, "oe_moduli": [mod for _, mod in moduli],
+            "oe_hash_weights": [hash_weights(m.vocab_size, o, mod) + [0] * (order - o) for o, mod in moduli],
+            "oe_divisor": (1 + len(moduli)) if moduli and m.oe.combine == "mean" else 1,
+            "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32"}
+
+
+def overtok_state(state: dict) -> dict[str, torch.Tensor]:
+    """overtok's parameters under the remote-code model's names (``decoder.`` + overtok's), float32; a row-sparse
+    table's optimizer state stays behind."""
+    keep = {k: v for k, v in state.items() if not k.startswith("embed.tables.") or k == "embed.tables.weight"}
+    return {f"decoder.{k}": v.detach().to(torch.float32).contiguous().clone() for k, v in keep.items()}
 
 
 def generate_text(checkpoint: str | Path, prompt: str, tokens: int = 64, temperature: float = 1.0,
