@@ -12,6 +12,12 @@ PAPER_STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "leg
                "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": 120}
 
 
+def _legend(ax) -> None:
+    """A legend where something is labelled (matplotlib warns about an empty one)."""
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend()
+
+
 def _variant_order(summary: pd.DataFrame) -> list[str]:
     order = summary.groupby("variant")["input_vocab_size"].first().sort_values(kind="stable")
     names = list(order.index)
@@ -31,7 +37,7 @@ def loss_vs_size(summary: pd.DataFrame, ax, metric: str = "final_train_loss"):
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("training loss" if "train" in metric else "validation loss")
     ax.set_title("Loss vs model size")
-    ax.legend()
+    _legend(ax)
     return ax
 
 
@@ -48,7 +54,7 @@ def cfg_accuracy(summary: pd.DataFrame, ax):
     ax.set_ylim(0, 1.0)
     ax.set_ylabel("generation accuracy")
     ax.set_title("CFG generation accuracy")
-    ax.legend()
+    _legend(ax)
     return ax
 
 
@@ -67,7 +73,7 @@ def curves_with_speedup(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: s
     ax.set_xlabel("tokens")
     ax.set_ylabel("training loss per base token (EMA)")
     ax.set_title(f"Training curves, {size}")
-    ax.legend()
+    _legend(ax)
     return ax
 
 
@@ -109,7 +115,7 @@ def loss_diff_vs_tokens(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: s
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss - baseline loss")
     ax.set_title(f"Loss difference to baseline, {size}")
-    ax.legend()
+    _legend(ax)
     return ax
 
 
