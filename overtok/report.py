@@ -204,8 +204,10 @@ def data_html(runs: pd.DataFrame, pending: list[str]) -> str:
                    + " base tokens (optimizer steps x tokens per step)</li>")
     if {"tokens_seen", "tokens_per_s"} <= set(runs.columns) and len(runs):
         secs = (runs.tokens_seen / runs.tokens_per_s).where(runs.tokens_per_s > 0, 0).fillna(0)
+        devices = sorted({str(d) for d in runs.get("device", pd.Series(dtype=str)).dropna() if str(d)})
         out.append(f"<li>training time, summed over trials: {float(secs.sum()) / 3600:.2f} h (tokens / tokens per s; "
-                   "start-up and evaluation not included); hardware: not recorded in the export</li>")
+                   "start-up and evaluation not included); hardware: "
+                   + (_e(", ".join(devices)) if devices else "not recorded in this export") + "</li>")
     if pending:
         out.append(f"<li>pending (no run yet): {len(pending)} trial(s): " + ", ".join(_e(p) for p in pending) + "</li>")
     out.append("</ul>")

@@ -294,7 +294,17 @@ def _count_trial() -> dict:
 
     global _PROCESS_TRIALS
     _PROCESS_TRIALS += 1
-    return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "process_trial": _PROCESS_TRIALS}
+    return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "process_trial": _PROCESS_TRIALS,
+            "device": _device_name()}
+
+
+def _device_name() -> str:
+    """The hardware a trial trains on: the GPU's name where Ray gave it one, else the CPU count."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({os.cpu_count()} cores)"
 
 
 _PROCESS_TRIALS = 0
@@ -421,7 +431,7 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
                 from mlflow.entities import RunTag
 
                 tracker.c.log_batch(tracker.buffers[tid].run_id, tags=[  # one write, not one per tag
-                    RunTag(f"overtok.{k}", str(result.get(k, ""))) for k in ("node_id", "pid", "process_trial")])
+                    RunTag(f"overtok.{k}", str(result.get(k, ""))) for k in ("node_id", "pid", "process_trial", "device")])
             if result.get(ERROR_KEY):
                 tracker.errors[tid] = result[ERROR_KEY]
             self._progress()

@@ -174,4 +174,4 @@ def test_report_of_a_partial_sweep_lists_its_pending_trials(quickstart):
     page = (work / "dashboards" / "quickstart" / "index.html").read_text()
     data = page[page.index("<h2>Data and budget"):page.index("<h2>Runs")]
     assert "pending (no run yet): 6 trial(s)" in data and "od_depth=3" in data
-    assert "CFG grammar" in data and "budget per trial" in data
+    assert "CFG grammar" in data and "budget per trial" in data and "hardware: CPU (" in data
