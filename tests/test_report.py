@@ -25,7 +25,8 @@ var imgs=Array.prototype.slice.call(document.images);
 var out={errors:__errors,title:document.title,rows:document.querySelectorAll('#runs tbody tr').length,
 images:imgs.length,loaded:imgs.filter(function(i){return i.complete&&i.naturalWidth>0}).length,
 evil_text:Array.prototype.some.call(document.querySelectorAll('#runs td'),function(td){return td.textContent.indexOf('<script>')>=0}),
-scripts:document.scripts.length};
+scripts:document.scripts.length,headline:document.querySelectorAll('#headline tbody tr').length,
+headline_text:(document.querySelector('#headline')||{textContent:''}).textContent};
 var pre=document.createElement('pre');pre.id='__check';pre.textContent=JSON.stringify(out);document.body.appendChild(pre);},300)});</script>"""
 
 CHROME = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -60,6 +61,8 @@ def test_report_in_headless_chromium(quickstart, tmp_path):
     assert check["rows"] == len(children) == 12
     assert check["images"] >= 5 and check["loaded"] == check["images"]
     assert check["evil_text"] and check["title"] != "pwned"
+    # the headline: the quickstart's 5 variants at each of its 2 sizes against their baselines, one seed each
+    assert check["headline"] == 10 and "n/a, 1 seed" in check["headline_text"], check
 
     shot = page.with_name("screenshot.png")
     subprocess.run(CHROME + [f"--user-data-dir={profile}2", "--window-size=1400,2400", f"--screenshot={shot}",
