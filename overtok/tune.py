@@ -531,6 +531,11 @@ def _init_ray(sweep: Sweep) -> None:
             create_ray_token()
         ray.init(include_dashboard=False, logging_level="WARNING")
     protect_ray_token()
+    # Ray appends a hint about its log deduplication to the first deduplicated line, once per driver; marking it
+    # as said keeps the sweep's log to the lines themselves ("[repeated Nx across cluster]" stays)
+    from ray.util.debug import log_once
+
+    log_once("log_dedup_warning")
 
 
 def _ray_token_path() -> Path:
