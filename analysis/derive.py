@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.effects import tail_mean
+from analysis.effects import tail_means
 
 # Parameter-count conventions side by side: OE tables can be 10-100x the transformer body.
 N_CONVENTIONS = {
@@ -49,7 +49,7 @@ def summarize(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     df["size"] = [size_label(r) for r in df.to_dict("records")]
     for name, cols in N_CONVENTIONS.items():
         df[f"N_{name}"] = sum(df[c] for c in cols if c in df.columns)
-    finals = [tail_mean(curves, tid) for tid in df.trial_id]  # the one definition of a run's train loss
+    finals = tail_means(curves).reindex(df.trial_id).to_numpy(float)  # the one definition of a run's train loss
     # per base token: an n-gram tokenizer's position holds n base tokens, an n-gram output head predicts the joint
     # of the next n tokens (a sum of n next-token losses); dividing by both makes every variant comparable
     per = base_tokens_per_loss(df)

@@ -30,10 +30,11 @@ NOT_EXPERIMENT = ("data.path", "data.corpus", "data.tokenizer", "train.checkpoin
                   "train.ddp_bucket_mb", "train.device", "train.fail_at_step", "train.table_weight_decay")
 
 
-def tail_mean(curves: pd.DataFrame, trial_id: str, metric: str = "train/loss", tail: int = TRAIN_TAIL) -> float:
-    """Mean of the last ``tail`` logged values of ``metric`` (NaN when the trial logged none)."""
-    c = curves[(curves.trial_id == trial_id) & (curves.metric == metric)].sort_values("step")
-    return float(c["value"].iloc[-tail:].mean()) if len(c) else math.nan
+def tail_means(curves: pd.DataFrame, metric: str = "train/loss", tail: int = TRAIN_TAIL) -> pd.Series:
+    """Per trial id, the mean of the last ``tail`` logged values of ``metric`` (by step): one pass over the curves
+    for every trial (a trial that logged none is absent, i.e. NaN after a reindex)."""
+    c = curves[curves.metric == metric].sort_values(["trial_id", "step"])
+    return c.groupby("trial_id", sort=False)["value"].apply(lambda v: float(v.iloc[-tail:].mean()))
 
 
 VARIANT_KEYS = ("model.oe.", "model.od_", "model.tokenizer_ngram", "model.output_ngram", "train.table_weight_decay")
@@ -60,7 +61,7 @@ def _describe(row: pd.Series, columns: list[str]) -> str:
 
 def paired_effects(runs: pd.DataFrame, curves: pd.DataFrame, tail: int = TRAIN_TAIL) -> pd.DataFrame:
     """One row per (cell, variant): cell and variant described by the settings that vary, seeds paired, baseline
-    and variant means of train (``tail_mean``) and held-out loss (final ``val/loss``), their paired differences
+    and variant means of train (``tail_means``) and held-out loss (final ``val/loss``), their paired differences
     (mean, per seed, 95% interval) and the interval's degrees of freedom."""
     df = runs[runs.status == "FINISHED"].drop_duplicates("trial_id").copy()
     if df.empty:
@@ -69,7 +70,7 @@ def paired_effects(runs: pd.DataFrame, curves: pd.DataFrame, tail: int = TRAIN_T
     from analysis.derive import base_tokens_per_loss
 
     per = base_tokens_per_loss(df)  # n-gram tokenizer / output variants on the baseline's per-token scale
-    df["_train"] = [tail_mean(curves, t, tail=tail) for t in df.trial_id] / per
+    df["_train"] = tail_means(curves, tail=tail).reindex(df.trial_id).to_numpy(float) / per
     df["_val"] = df["final.val/loss"].astype(float) / per
     df["_cell"] = df[cell_cols].map(repr).agg("|".join, axis=1)  # repr: NaN and None become text too
     df["_variant"] = df[var_cols].map(repr).agg("|".join, axis=1)

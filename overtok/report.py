@@ -98,11 +98,11 @@ def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, e
     """Write the page from an export (runs.parquet rows and curves.parquet), fits.json and the figures directory.
 
     ``experiment_id`` None: built from a copied results directory (MLflow store elsewhere), no MLflow links."""
-    from analysis.effects import tail_mean
+    from analysis.effects import tail_means
 
     curves = curves if curves is not None else pd.DataFrame(columns=["trial_id", "metric", "step", "value"])
     runs = runs.copy()
-    runs["train_loss"] = [tail_mean(curves, t) for t in runs.trial_id] if len(runs) else []
+    runs["train_loss"] = tail_means(curves).reindex(runs.trial_id).to_numpy(float) if len(runs) else []
     sweep = str(runs.sweep.iloc[0]) if len(runs) else out.parent.name
     varied = varied or sorted(c for c in runs.columns if c.startswith("varied."))
     status = runs.status.value_counts().to_dict() if len(runs) else {}
