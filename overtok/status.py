@@ -23,6 +23,7 @@ class TrialState:
     tokens_per_s: float = math.nan
     checkpoint_dir: str = ""
     packed: bool = False
+    run_id: str = ""
 
     @property
     def eta_s(self) -> float:
@@ -63,6 +64,11 @@ def _sweep_runs(sweep: str, tracking_uri: str, overrides: list[str] | None):
 
 def sweep_status(sweep: str, tracking_uri: str = "", overrides: list[str] | None = None) -> tuple[str, list[TrialState]]:
     """Every trial of the sweep (the YAML's, or every run logged under the name) with its state."""
+    name, states, _ = _status(sweep, tracking_uri, overrides)
+    return name, states
+
+
+def _status(sweep: str, tracking_uri: str, overrides: list[str] | None):
     name, trials, packed, c, latest = _sweep_runs(sweep, tracking_uri, overrides)
     out = []
     for tid in list(trials) + [t for t in latest if t not in trials]:
@@ -80,13 +86,14 @@ def sweep_status(sweep: str, tracking_uri: str = "", overrides: list[str] | None
             pass
         st.checkpoint_dir = trial.config.train.checkpoint_dir if trial else params.get("train.checkpoint_dir", "")
         if r is not None:
+            st.run_id = r.info.run_id
             hist = c.get_metric_history(r.info.run_id, "train/loss")
             if hist:
                 last = max(hist, key=lambda m: m.step)
                 st.tokens, st.loss = float(last.step), float(last.value)
             st.tokens_per_s = float(r.data.metrics.get("perf/tokens_per_s", math.nan))
         out.append(st)
-    return name, out
+    return name, out, c
 
 
 def status_table(name: str, states: list[TrialState]) -> str:
@@ -120,7 +127,7 @@ def stop_trial(sweep: str, trial: str, tracking_uri: str = "", overrides: list[s
     the sweep resumes it); wait up to ``wait_s`` seconds for its run to end."""
     from overtok.train import STOP_FILE
 
-    name, states = sweep_status(sweep, tracking_uri, overrides)
+    name, states, c = _status(sweep, tracking_uri, overrides)
     match = [s for s in states if s.trial_id.startswith(trial)]
     if len(match) != 1:
         raise ConfigError(f"{'no' if not match else 'more than one'} trial of sweep {name!r} has an id starting with "
@@ -139,9 +146,8 @@ def stop_trial(sweep: str, trial: str, tracking_uri: str = "", overrides: list[s
                           "machine (run overtok stop where the trial runs)", file="--trial")
     (Path(st.checkpoint_dir) / STOP_FILE).write_text("stop requested by overtok stop\n")
     deadline = time.time() + wait_s
-    while time.time() < deadline:
+    while time.time() < deadline:  # only the run's status, once a second; the whole state once it has changed
         time.sleep(1.0)
-        now = {s.trial_id: s for s in sweep_status(sweep, tracking_uri, overrides)[1]}[st.trial_id]
-        if now.status != "RUNNING":
-            return now
+        if c.get_run(st.run_id).info.status != "RUNNING":
+            return {s.trial_id: s for s in sweep_status(sweep, tracking_uri, overrides)[1]}[st.trial_id]
     return st
