@@ -154,15 +154,19 @@ class Sweep:
         return sum(kept_checkpoints(t.config.train) * accounting.checkpoint_bytes(t.config.model) for t in self.trials
                    if not Path(t.config.train.checkpoint_dir).exists())
 
-    def check_disk(self, yes: bool) -> None:
-        """Refuse (before anything starts) a sweep whose checkpoints would not fit on the storage disk."""
+    def free_disk(self) -> tuple[Path, int]:
+        """(the nearest existing folder of storage_path, its free bytes): where the checkpoints will go."""
         import shutil
 
-        need = self.checkpoint_bytes_needed()
         where = Path(self.storage_path)
         while not where.exists():
             where = where.parent
-        free = shutil.disk_usage(where).free
+        return where, shutil.disk_usage(where).free
+
+    def check_disk(self, yes: bool) -> None:
+        """Refuse (before anything starts) a sweep whose checkpoints would not fit on the storage disk."""
+        need = self.checkpoint_bytes_needed()
+        where, free = self.free_disk()
         if need > free and not yes:
             raise ConfigError(f"checkpoints need about {need / 2**30:.1f} GiB (2 kept per trial) but {where} has "
                               f"{free / 2**30:.1f} GiB free; raise train.checkpoint_every, set train.checkpoint_final: "
@@ -522,8 +526,6 @@ def plan_table(sweep: Sweep) -> str:
 def _plan_time_and_room(sweep: Sweep, rows: list[dict], cal, workers: int) -> list[str]:
     """Estimated GPU time and wall time; the memory of the trials that share one GPU; checkpoints against the free
     disk where they go."""
-    import shutil
-
     out = []
     gpu = sweep.resources.get("gpu", 0.0)
     if gpu > 0 and cal is None:
@@ -547,10 +549,7 @@ def _plan_time_and_room(sweep: Sweep, rows: list[dict], cal, workers: int) -> li
                    f"{sweep.max_concurrent or 'unset'}): the largest {len(share)} together need about {sum(share):.1f} GiB"
                    f" (an H100 has 80 GiB, an H200 141 GiB)")
     need = sweep.checkpoint_bytes_needed()
-    where = Path(sweep.storage_path)
-    while not where.exists():
-        where = where.parent
-    free = shutil.disk_usage(where).free
+    where, free = sweep.free_disk()
     out.append(f"disk: new checkpoints need about {need / 2**30:.1f} GiB; {where} has {free / 2**30:.1f} GiB free"
                + (" -- `overtok sweep` will refuse this without --yes" if need > free else ""))
     return out
