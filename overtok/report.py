@@ -109,7 +109,7 @@ def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, e
     tokens = float(runs.get("tokens_seen", pd.Series(dtype=float)).fillna(0).sum())
     gpu_h = 0.0  # trial wall time (tokens / mean tokens/s) x the GPU fraction it held
     if {"tokens_seen", "tokens_per_s", "resources.gpu"} <= set(runs.columns):
-        secs = (runs.tokens_seen / runs.tokens_per_s).where(runs.tokens_per_s > 0, 0).fillna(0)
+        secs = _trial_seconds(runs)
         gpu_h = float((secs * pd.to_numeric(runs["resources.gpu"], errors="coerce").fillna(0)).sum() / 3600)
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>overtok: {_e(sweep)}</title>",
@@ -180,6 +180,11 @@ def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, e
     return out
 
 
+def _trial_seconds(runs: pd.DataFrame) -> pd.Series:
+    """Each trial's training time: tokens over its mean tokens/s (0 where no rate was logged)."""
+    return (runs.tokens_seen / runs.tokens_per_s).where(runs.tokens_per_s > 0, 0).fillna(0)
+
+
 def data_html(runs: pd.DataFrame, pending: list[str]) -> str:
     """The data (corpus or grammar, tokenizer, tokens per source when the prepared corpus is at hand), the training
     budget, the trials' summed training time, and the sweep's trials that have no run yet."""
@@ -203,7 +208,7 @@ def data_html(runs: pd.DataFrame, pending: list[str]) -> str:
                    + (f"-{int(budget.max()):,}" if budget.max() != budget.min() else "")
                    + " base tokens (optimizer steps x tokens per step)</li>")
     if {"tokens_seen", "tokens_per_s"} <= set(runs.columns) and len(runs):
-        secs = (runs.tokens_seen / runs.tokens_per_s).where(runs.tokens_per_s > 0, 0).fillna(0)
+        secs = _trial_seconds(runs)
         devices = sorted({str(d) for d in runs.get("device", pd.Series(dtype=str)).dropna() if str(d)})
         out.append(f"<li>training time, summed over trials: {float(secs.sum()) / 3600:.2f} h (tokens / tokens per s; "
                    "start-up and evaluation not included); hardware: "
