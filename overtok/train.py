@@ -140,10 +140,16 @@ def _refuse_links(directory: Path) -> None:
 def save_checkpoint(ckpt_dir: Path, state: dict, keep: int = 2) -> Path:
     path = ckpt_dir / f"ckpt_{state['step']:09d}.pt"
     _write_atomically(path, state)
-    for old in sorted(ckpt_dir.glob("ckpt_*.pt"))[:-keep]:
-        if not old.is_symlink():  # never delete through a link
-            old.unlink(missing_ok=True)  # another writer may have removed it already
+    _remove_old(ckpt_dir, "ckpt_*.pt", keep)
     return path
+
+
+def _remove_old(ckpt_dir: Path, pattern: str, keep: int) -> None:
+    """Delete all but the ``keep`` newest files matching ``pattern``; never through a link, and a file another
+    writer removed first is no error."""
+    for old in sorted(ckpt_dir.glob(pattern))[:-keep]:
+        if not old.is_symlink():
+            old.unlink(missing_ok=True)
 
 
 def load_latest_checkpoint(ckpt_dir: Path) -> dict | None:
@@ -696,8 +702,7 @@ def _clip_sharded(model: Transformer, shards: list[torch.nn.Parameter], world: i
 def save_shard_state(ckpt_dir: Path, step: int, rank: int, state: dict, keep: int = 2) -> None:
     """A rank's own part of a checkpoint with row-sharded tables (its rows and optimizer state)."""
     _write_atomically(ckpt_dir / f"shard_{step:09d}_rank{rank}.pt", state)
-    for old in sorted(ckpt_dir.glob(f"shard_*_rank{rank}.pt"))[:-keep]:
-        old.unlink()
+    _remove_old(ckpt_dir, f"shard_*_rank{rank}.pt", keep)
 
 
 def load_shard_state(ckpt_dir: Path, step: int, rank: int) -> dict:
