@@ -29,6 +29,13 @@ def overtok(cwd, *args, timeout=600, **kw):
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def start_sweep(cwd, sweep_file: str) -> subprocess.Popen:
+    """`overtok sweep SWEEP_FILE` in the background, in a process group of its own (kill_group ends it and its Ray),
+    its stdout and stderr together as text."""
+    return subprocess.Popen([sys.executable, "-m", "overtok", "sweep", sweep_file], cwd=cwd, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
 def sweep_runs(uri, experiment):
     from overtok.tracking import client
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from overtok.train import CheckpointError, load_latest_checkpoint, save_checkpoint
-from tests.sweeplib import env, free_port, kill_group, overtok, sweep_runs, wait_for, write
+from tests.sweeplib import env, free_port, kill_group, overtok, start_sweep, sweep_runs, wait_for, write
 
 TWO_TRIALS = """
 name: {name}
@@ -38,8 +38,7 @@ def _complete_curve(c, run, steps):
 def test_sigkill_of_one_trial_worker_retries_it_from_its_checkpoint(tmp_path):
     write(tmp_path / "wk.yaml", TWO_TRIALS.format(name="wk", steps=400))
     uri = f"sqlite:///{tmp_path}/results/mlflow.db"
-    proc = subprocess.Popen([sys.executable, "-m", "overtok", "sweep", "wk.yaml"], cwd=tmp_path, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = start_sweep(tmp_path, "wk.yaml")
     try:
         ckpts = tmp_path / "results" / "ray" / "wk" / "trials"
 

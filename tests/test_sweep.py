@@ -22,6 +22,7 @@ from tests.sweeplib import (
     listening_sockets_of_tree,
     mlflow_server,
     overtok,
+    start_sweep,
     stop_processes_mentioning,
     sweep_runs,
     sweep_with_and_without_reuse,
@@ -487,8 +488,7 @@ base:
   train: {max_steps: 100000, log_every: 10, eval_every: 100000, checkpoint_every: 50, gen_samples: 0}
 """)
     uri = f"sqlite:///{tmp_path}/results/mlflow.db"
-    proc = subprocess.Popen([sys.executable, "-m", "overtok", "sweep", "cc.yaml"], cwd=tmp_path, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = start_sweep(tmp_path, "cc.yaml")
     try:
         def training():
             c, _, runs = sweep_runs(uri, "cc")
@@ -540,8 +540,7 @@ zip:
 max_concurrent: 1
 """)
     uri = f"sqlite:///{tmp_path}/results/mlflow.db"
-    proc = subprocess.Popen([sys.executable, "-m", "overtok", "sweep", "st.yaml"], cwd=tmp_path, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = start_sweep(tmp_path, "st.yaml")
     try:
         def logging_loss():
             c, _, runs = sweep_runs(uri, "st")
