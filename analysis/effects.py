@@ -30,10 +30,15 @@ NOT_EXPERIMENT = ("data.path", "data.corpus", "data.tokenizer", "train.checkpoin
                   "train.ddp_bucket_mb", "train.device", "train.fail_at_step", "train.table_weight_decay")
 
 
-def tail_means(curves: pd.DataFrame, metric: str = "train/loss", tail: int = TRAIN_TAIL) -> pd.Series:
-    """Per trial id, the mean of the last ``tail`` logged values of ``metric`` (by step): one pass over the curves
-    for every trial (a trial that logged none is absent, i.e. NaN after a reindex)."""
-    c = curves[curves.metric == metric].sort_values(["trial_id", "step"])
+def tail_means(curves: pd.DataFrame, metric: str = "train/loss", tail: int = TRAIN_TAIL,
+               until: float | None = None) -> pd.Series:
+    """Per trial id, the mean of the last ``tail`` logged values of ``metric`` (by step; with ``until``, among the
+    points at step <= until): one pass over the curves for every trial (a trial that logged none is absent, i.e.
+    NaN after a reindex)."""
+    c = curves[curves.metric == metric]
+    if until is not None:
+        c = c[c.step <= until]
+    c = c.sort_values(["trial_id", "step"])
     return c.groupby("trial_id", sort=False)["value"].apply(lambda v: float(v.iloc[-tail:].mean()))
 
 
@@ -59,10 +64,15 @@ def _describe(row: pd.Series, columns: list[str]) -> str:
     return ", ".join(f"{c.split('.', 1)[1]}={row[c]}" for c in columns) or "-"
 
 
-def paired_effects(runs: pd.DataFrame, curves: pd.DataFrame, tail: int = TRAIN_TAIL) -> pd.DataFrame:
+def paired_effects(runs: pd.DataFrame, curves: pd.DataFrame, tail: int = TRAIN_TAIL,
+                   at_tokens: float | None = None) -> pd.DataFrame:
     """One row per (cell, variant): cell and variant described by the settings that vary, seeds paired, baseline
     and variant means of train (``tail_means``) and held-out loss (final ``val/loss``), their paired differences
-    (mean, per seed, 95% interval) and the interval's degrees of freedom."""
+    (mean, per seed, 95% interval) and the interval's degrees of freedom.
+
+    With ``at_tokens``, both losses are read at that point of training instead of at the end: train loss from the
+    points logged at step <= at_tokens, held-out loss from the last evaluation at step <= at_tokens (for example,
+    the end of the first epoch, before the training loss starts to count repeated data)."""
     df = runs[runs.status == "FINISHED"].drop_duplicates("trial_id").copy()
     if df.empty:
         return pd.DataFrame()
@@ -70,8 +80,11 @@ def paired_effects(runs: pd.DataFrame, curves: pd.DataFrame, tail: int = TRAIN_T
     from analysis.derive import base_tokens_per_loss
 
     per = base_tokens_per_loss(df)  # n-gram tokenizer / output variants on the baseline's per-token scale
-    df["_train"] = tail_means(curves, tail=tail).reindex(df.trial_id).to_numpy(float) / per
-    df["_val"] = df["final.val/loss"].astype(float) / per
+    df["_train"] = tail_means(curves, tail=tail, until=at_tokens).reindex(df.trial_id).to_numpy(float) / per
+    if at_tokens is None:
+        df["_val"] = df["final.val/loss"].astype(float) / per
+    else:
+        df["_val"] = tail_means(curves, "val/loss", 1, at_tokens).reindex(df.trial_id).to_numpy(float) / per
     df["_cell"] = df[cell_cols].map(repr).agg("|".join, axis=1)  # repr: NaN and None become text too
     df["_variant"] = df[var_cols].map(repr).agg("|".join, axis=1)
     vary_cell = [c for c in cell_cols if df[c].map(repr).nunique() > 1]

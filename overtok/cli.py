@@ -174,7 +174,7 @@ def cmd_effects(args) -> int:
     parts = [load_export(_results_dir(d)) for d in args.results]
     runs = pd.concat([r for r, _ in parts], ignore_index=True)
     curves = pd.concat([c for _, c in parts], ignore_index=True)
-    print(effects_markdown(paired_effects(runs, curves, tail=args.tail)), end="")
+    print(effects_markdown(paired_effects(runs, curves, tail=args.tail, at_tokens=args.at_tokens)), end="")
     return 0
 
 
@@ -279,6 +279,17 @@ def _port(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a port is 1-65535, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (``1e6``-style text allowed when it is a whole number)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if not value.is_integer() or value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return int(value)
 
 
 def _out_dir(text: str) -> str:
@@ -403,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("effects", help="each OE variant against its baseline, seed by seed, with 95%% CIs (Markdown)")
     p.add_argument("results", nargs="+", help="results directories holding exports (runs of several are pooled)")
-    p.add_argument("--tail", type=int, default=10, help="train loss = mean of this many last logged points")
+    p.add_argument("--tail", type=_positive, default=10, help="train loss = mean of this many last logged points")
+    p.add_argument("--at-tokens", type=_positive, default=None, metavar="T",
+                   help="read both losses at T base tokens (points logged at step <= T) instead of at the end")
     p.set_defaults(fn=cmd_effects)
 
     p = sub.add_parser("plots", help="paper-style figures of an exported sweep -> results/<sweep>/figures/")

@@ -291,6 +291,12 @@ class DataConfig:
     val_fraction: float = 0.01
     """With ``corpus``: fraction of every source's text held out for validation (whole documents, at least one per
     source with two or more)."""
+    text_sampler: Literal["epoch", "random"] = "epoch"
+    """kind: text, training windows: 'epoch' reads the training split as disjoint windows in a shuffled order, each
+    window once per epoch (new order and window offset every epoch), so that before the first epoch ends the training
+    loss is measured on text the model has not seen, as in the paper's single-pass runs; 'random' draws every window at
+    a uniformly random offset, with replacement (the stream of runs made before this field: after 0.5 epochs about 40%
+    of a batch's tokens were already trained on)."""
     batch_size: int = 16
     """Sequences per micro-batch."""
 

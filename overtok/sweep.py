@@ -248,9 +248,9 @@ def pack_key(cfg: RunConfig) -> str | None:
 
 
 def _unused_fields(cfg: RunConfig) -> tuple[str, ...]:
-    """Fields this config never reads: text has no grammar to sample (data.cfg_sampler); dense OE tables have no
-    row-sparse mode (model.oe.sparse_mode)."""
-    unused = ("data.cfg_sampler",) if cfg.data.kind != "cfg" else ()
+    """Fields this config never reads: text has no grammar to sample (data.cfg_sampler), a grammar no training split
+    (data.text_sampler); dense OE tables have no row-sparse mode (model.oe.sparse_mode)."""
+    unused = ("data.cfg_sampler",) if cfg.data.kind != "cfg" else ("data.text_sampler",)
     if not (cfg.model.oe.sparse_update and cfg.model.oe.n > 1):
         unused += ("model.oe.sparse_mode",)
     return unused
@@ -259,12 +259,13 @@ def _unused_fields(cfg: RunConfig) -> tuple[str, ...]:
 # Fields added after trial ids were first handed out, with the value that reproduces what ran before them: at that
 # value they are left out of the id, so the trials of existing sweeps keep their ids (and stay finished). Changing
 # such a default would silently reuse old results: give the field a new name instead.
-# data.cfg_sampler's default is not the value that ran before ('block' is a new stream): CFG trials at the default
-# get new ids, those set to 'sentence' keep theirs.
+# data.cfg_sampler's and data.text_sampler's defaults are not the values that ran before ('block' and 'epoch' are new
+# streams): trials at the default get new ids, those set to 'sentence' / 'random' keep theirs.
 ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "float32", "data.cfg_sampler": "sentence",
                 "model.pos_encoding": "rope", "model.pos_init_std": 0.02, "model.mlp": "swiglu",
                 "model.embed_init_std": 0.02, "model.oe.table_init_std": 0.02, "model.oe.combine": "mean",
-                "model.oe.allow_degenerate": False, "train.table_weight_decay": None}
+                "model.oe.allow_degenerate": False, "train.table_weight_decay": None,
+                "data.text_sampler": "random"}
 
 
 def trial_id(cfg: RunConfig) -> str:

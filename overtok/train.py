@@ -506,7 +506,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     t = cfg.train
     device = device or pick_device(t.device)
     torch.manual_seed(cfg.seed)
-    train_data, val_data = Batches(cfg, "train", rank=rank), Batches(cfg, "val")
+    train_data, val_data = Batches(cfg, "train", rank, world), Batches(cfg, "val")
     with torch.device(device):  # build in place: OE tables can be tens of GB
         model = Transformer(cfg.model, eos_id=train_data.eos_id)
     opt = make_optimizer(model, t, device)

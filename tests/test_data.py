@@ -1,4 +1,5 @@
 import functools
+import json
 import random
 
 import numpy as np
@@ -305,3 +306,45 @@ def test_validation_windows_cover_the_whole_split(tmp_path):
     assert min(firsts) == 0 and max(firsts) >= 90  # from the first thousand to the last tenth of the split
     batches.rewind()
     assert int(batches.next()[0, 0]) == firsts[0]
+
+
+def _position_corpus(tmp_path, n_tokens: int):
+    """A prepared 'corpus' whose token i is i: every row of a batch names the window it was cut from."""
+    out = tmp_path / "positions"
+    out.mkdir()
+    np.arange(n_tokens, dtype=np.uint16).tofile(out / "train.bin")
+    np.arange(1000, dtype=np.uint16).tofile(out / "val.bin")
+    (out / "meta.json").write_text(json.dumps({"vocab_size": 65535, "eos_id": 0, "dtype": "uint16"}))
+    return out
+
+
+def test_epoch_sampler_reads_each_window_once_per_epoch_and_resumes(tmp_path):
+    """data.text_sampler: epoch: within an epoch the rows are disjoint windows covering the split (up to the offset's
+    remainder), the next epoch cuts at another offset in another order, two ranks read disjoint halves, and a
+    restored state continues mid-epoch with the same rows."""
+    path = _position_corpus(tmp_path, 4000)
+    cfg = tiny_config(**{"data.kind": "text", "data.path": str(path), "model.vocab_size": 65535,
+                         "model.seq_len": 63, "data.batch_size": 4})  # rows of 64 tokens
+    data = Batches(cfg, "train")
+    per_epoch = len(data.order)
+    assert per_epoch in (61, 62)  # (4000 - offset) // 64
+    rows = torch.cat([data.next() for _ in range(per_epoch // 4)])
+    starts = rows[:, 0].tolist()
+    assert len(set(starts)) == len(starts) and all(torch.equal(r, torch.arange(r[0], r[0] + 64)) for r in rows)
+    assert len({s % 64 for s in starts}) == 1  # one cut per epoch
+    assert starts != sorted(starts)  # shuffled
+    epoch2 = Batches(cfg, "train")
+    for _ in range(40):  # ~2.6 epochs: the offsets or orders differ between epochs
+        epoch2.next()
+    state = epoch2.state_dict()
+    expected = [epoch2.next() for _ in range(20)]  # crosses an epoch boundary
+    resumed = Batches(cfg, "train")
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.next(), x) for x in expected)
+    r0, r1 = Batches(cfg, "train", 0, 2), Batches(cfg, "train", 1, 2)
+    a = set(torch.cat([r0.next() for _ in range(7)])[:, 0].tolist())
+    b = set(torch.cat([r1.next() for _ in range(7)])[:, 0].tolist())
+    assert len(a) == len(b) == 28 and not a & b
+    rand = Batches(tiny_config(**{"data.kind": "text", "data.path": str(path), "model.vocab_size": 65535,
+                                  "model.seq_len": 63, "data.batch_size": 4, "data.text_sampler": "random"}), "train")
+    assert len({s % 64 for s in torch.cat([rand.next() for _ in range(8)])[:, 0].tolist()}) > 1

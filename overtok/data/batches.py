@@ -35,16 +35,23 @@ def split_ngrams(ids: torch.Tensor, vocab_size: int, n: int) -> torch.Tensor:
 
 
 class Batches:
-    """Rows of (T + L) model tokens, L = lookahead. ``next()`` returns a LongTensor (B, T + L)."""
+    """Rows of (T + L) model tokens, L = lookahead. ``next()`` returns a LongTensor (B, T + L).
 
-    def __init__(self, cfg: RunConfig, split: str, rank: int = 0):
+    Text training rows follow ``data.text_sampler``: 'epoch' cuts the split into disjoint windows at an offset drawn
+    per epoch and reads them in a shuffled order, rank r of W taking every W-th window of the common order (the
+    ranks read disjoint text); 'random' draws each row at a uniformly random start, each rank from its own seed."""
+
+    def __init__(self, cfg: RunConfig, split: str, rank: int = 0, world: int = 1):
         self.cfg = cfg
         self.split = split
         m = cfg.model
         self.n = m.tokenizer_ngram
         self.row_len = (m.seq_len + m.lookahead) * self.n  # base tokens per row
-        # each data-parallel rank draws its own training stream; validation is the same everywhere
-        seed = cfg.seed + (VAL_SEED_OFFSET if split == "val" else 7919 * rank)
+        # validation is the same everywhere; with the random sampler each data-parallel rank draws its own training
+        # stream, with the epoch sampler the ranks share one order and split it
+        self.epochwise = split == "train" and cfg.data.kind == "text" and cfg.data.text_sampler == "epoch"
+        self.rank, self.world = rank, world
+        seed = cfg.seed + (VAL_SEED_OFFSET if split == "val" else 0 if self.epochwise else 7919 * rank)
         if cfg.data.kind == "cfg":
             self.grammar = load_grammar(cfg.data.grammar)
             self.vocab_size = self.grammar.vocab_size
@@ -62,11 +69,36 @@ class Batches:
             # so that every source is read, not just the first few
             windows = cfg.train.eval_batches * cfg.data.batch_size
             self.stride = max(self.row_len, (len(self.tokens) - self.row_len) // max(windows, 1))
+            if self.epochwise:
+                self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        """Draw this epoch's window offset and order (from ``gen``, whose state before the draw is kept so that a
+        resumed stream draws the same epoch again)."""
+        self.epoch_state = self.gen.get_state()
+        offset = int(torch.randint(0, self.row_len, (), generator=self.gen))
+        if len(self.tokens) - offset < self.row_len:
+            offset = 0
+        count = (len(self.tokens) - offset) // self.row_len
+        self.order = offset + torch.randperm(count, generator=self.gen) * self.row_len
+        self.pos = self.rank  # index into ``order`` of this rank's next window
+
+    def _epoch_starts(self, B: int) -> list[int]:
+        starts = []
+        for _ in range(B):
+            if self.pos >= len(self.order):
+                self._start_epoch()
+            starts.append(int(self.order[self.pos]))
+            self.pos += self.world
+        return starts
 
     def next(self, batch_size: int | None = None) -> torch.Tensor:
         B = batch_size or self.cfg.data.batch_size
         if self.cfg.data.kind == "cfg":
             rows = torch.from_numpy(self.stream.take(B * self.row_len)).view(B, self.row_len)
+        elif self.epochwise:
+            starts = self._epoch_starts(B)
+            rows = torch.from_numpy(np.stack([self.tokens[s : s + self.row_len].astype(np.int64) for s in starts]))
         elif self.split == "train":
             starts = torch.randint(0, len(self.tokens) - self.row_len, (B,), generator=self.gen).tolist()
             rows = torch.from_numpy(np.stack([self.tokens[s : s + self.row_len].astype(np.int64) for s in starts]))
@@ -87,6 +119,8 @@ class Batches:
     def state_dict(self) -> dict:
         if self.cfg.data.kind == "cfg":
             return {"cfg": self.stream.state_dict()}
+        if self.epochwise:
+            return {"gen": self.epoch_state, "cursor": self.cursor, "pos": self.pos}
         return {"gen": self.gen.get_state(), "cursor": self.cursor}
 
     def load_state_dict(self, state: dict) -> None:
@@ -95,6 +129,9 @@ class Batches:
         else:
             self.gen.set_state(state["gen"])
             self.cursor = state["cursor"]
+            if self.epochwise:
+                self._start_epoch()  # redraws the saved epoch's offset and order
+                self.pos = state["pos"]
 
     @property
     def epoch_tokens(self) -> int | None:
