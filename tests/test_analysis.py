@@ -214,6 +214,30 @@ def test_paired_effects_pairs_seeds_within_cells():
     assert "| pos_encoding=learned | OE n=3 m=101 | 2 |" in effects_markdown(eff.reset_index())
 
 
+def test_paired_effects_at_tokens_reads_both_losses_at_that_point():
+    """--at-tokens T: train loss from the points logged at step <= T, held-out loss from the last evaluation at
+    step <= T (OE better early, worse at the end)."""
+    from analysis.effects import paired_effects
+
+    runs, curves = [], []
+    for n in (1, 3):
+        for seed in (0, 1):
+            tid = f"t{n}{seed}"
+            runs.append({"trial_id": tid, "status": "FINISHED", "seed": seed, "model.d_model": 64, "model.oe.n": n,
+                         "model.oe.m": 0 if n == 1 else 101, "final.val/loss": 4.0 + (0.2 if n == 3 else 0)})
+            for step in range(1, 21):
+                early = step <= 10
+                d = (-0.3 if early else 0.1) if n == 3 else 0.0
+                curves.append({"trial_id": tid, "metric": "train/loss", "step": step, "value": 5.0 + d + 0.01 * seed})
+                if step % 5 == 0:
+                    curves.append({"trial_id": tid, "metric": "val/loss", "step": step, "value": 5.5 + d})
+    runs, curves = pd.DataFrame(runs), pd.DataFrame(curves)
+    end, early = paired_effects(runs, curves).iloc[0], paired_effects(runs, curves, at_tokens=12).iloc[0]
+    assert end.d_train == pytest.approx(0.1) and end.d_val == pytest.approx(0.2)
+    assert early.d_train == pytest.approx(-0.3 * 0.8 + 0.1 * 0.2) and early.d_val == pytest.approx(-0.3)
+    assert early.base_val == pytest.approx(5.5)
+
+
 def test_fit_law_without_bootstrap_prints_estimates_and_refuses_negative_counts(tmp_path):
     table = tmp_path / "ll.csv"
     table.write_text("vocab,loss\n1000,3.0\n10000,2.9\n100000,2.8\n1000000,2.71\n")
