@@ -5,7 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.effects import tail_means
+TRAIN_TAIL = 10  # a run's train loss = the mean of its last TRAIN_TAIL logged training losses (analysis.effects)
+
+
+def tail_means(curves: pd.DataFrame, metric: str = "train/loss", tail: int = TRAIN_TAIL,
+               until: float | None = None) -> pd.Series:
+    """Per trial id, the mean of the last ``tail`` logged values of ``metric`` (by step; with ``until``, among the
+    points at step <= until): one pass over the curves for every trial (a trial that logged none is absent, i.e.
+    NaN after a reindex)."""
+    c = curves[curves.metric == metric]
+    if until is not None:
+        c = c[c.step <= until]
+    c = c.sort_values(["trial_id", "step"])
+    return c.groupby("trial_id", sort=False)["value"].apply(lambda v: float(v.iloc[-tail:].mean()))
+
 
 # Parameter-count conventions side by side: OE tables can be 10-100x the transformer body.
 N_CONVENTIONS = {
@@ -41,7 +54,7 @@ def base_tokens_per_loss(runs: pd.DataFrame) -> np.ndarray:
 
 
 def summarize(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
-    """Finished trials with: size, N under each convention, tokens, final train loss (``TRAIN_LOSS``), final val loss,
+    """Finished trials with: size, N under each convention, tokens, final train loss (``analysis.effects.TRAIN_LOSS``), final val loss,
     generation accuracy, input vocabulary (V + OE rows, V for baselines) and the variant label."""
     df = runs[runs.status == "FINISHED"].copy()
     if df.empty:

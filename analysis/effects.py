@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-TRAIN_TAIL = 10
+from analysis.derive import TRAIN_TAIL, base_tokens_per_loss, tail_means
+
 TRAIN_LOSS = (f"train loss = the mean of a run's last {TRAIN_TAIL} logged training losses (one batch each, next-token "
               "loss per base token)")
 
@@ -28,18 +29,6 @@ NOT_EXPERIMENT = ("data.path", "data.corpus", "data.tokenizer", "train.checkpoin
                   "train.checkpoint_final", "train.compile", "train.compile_eval", "train.loss_kernel",
                   "train.mlp_kernel", "train.rope_kernel", "train.cuda_graphs", "train.cuda_graph_scope",
                   "train.ddp_bucket_mb", "train.device", "train.fail_at_step", "train.table_weight_decay")
-
-
-def tail_means(curves: pd.DataFrame, metric: str = "train/loss", tail: int = TRAIN_TAIL,
-               until: float | None = None) -> pd.Series:
-    """Per trial id, the mean of the last ``tail`` logged values of ``metric`` (by step; with ``until``, among the
-    points at step <= until): one pass over the curves for every trial (a trial that logged none is absent, i.e.
-    NaN after a reindex)."""
-    c = curves[curves.metric == metric]
-    if until is not None:
-        c = c[c.step <= until]
-    c = c.sort_values(["trial_id", "step"])
-    return c.groupby("trial_id", sort=False)["value"].apply(lambda v: float(v.iloc[-tail:].mean()))
 
 
 VARIANT_KEYS = ("model.oe.", "model.od_", "model.tokenizer_ngram", "model.output_ngram", "train.table_weight_decay")
@@ -77,8 +66,6 @@ def paired_effects(runs: pd.DataFrame, curves: pd.DataFrame, tail: int = TRAIN_T
     if df.empty:
         return pd.DataFrame()
     cell_cols, var_cols = _cell_columns(df), _variant_columns(df)
-    from analysis.derive import base_tokens_per_loss
-
     per = base_tokens_per_loss(df)  # n-gram tokenizer / output variants on the baseline's per-token scale
     df["_train"] = tail_means(curves, tail=tail, until=at_tokens).reindex(df.trial_id).to_numpy(float) / per
     if at_tokens is None:

@@ -7,7 +7,7 @@ the built model's numel.
 
 from __future__ import annotations
 
-from overtok.config import ModelConfig
+from overtok.config import ModelConfig, RunConfig, flatten, to_dict
 
 
 def _block_params(cfg: ModelConfig) -> int:
@@ -126,3 +126,23 @@ def checkpoint_bytes(cfg: ModelConfig) -> int:
     dense = sum(g.values()) - (g["oe_tables"] if cfg.oe.sparse_update else 0)
     tables = 3 * (2 if cfg.oe.table_dtype == "bfloat16" else 4) * g["oe_tables"] if cfg.oe.sparse_update else 0
     return 12 * dense + tables
+
+
+def run_params(cfg: RunConfig) -> dict:
+    """The params a run records: flat config (without tracking) plus the accounting every analysis needs (one name
+    per concept, as in the Parquet export)."""
+    params = flatten(to_dict(cfg))
+    params = {k: v for k, v in params.items() if not k.startswith("tracking.")}
+    params.update({f"params.{k}": v for k, v in param_groups(cfg.model).items()})
+    params["flops_per_token"] = flops_per_token(cfg.model)
+    params["tokens_per_step"] = cfg.tokens_per_step
+    params["optimizer"] = optimizer_label(cfg)
+    return params
+
+
+def optimizer_label(cfg: RunConfig) -> str:
+    """How the OE tables are optimised: dense AdamW, or row-sparse Adam in its exact or lazy mode."""
+    oe = cfg.model.oe
+    if not (oe.sparse_update and oe.n > 1):
+        return "adamw"
+    return "adamw+oe_row_adam_exact" if oe.sparse_mode == "exact" else "adamw+oe_lazy_row_adam"

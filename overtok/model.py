@@ -23,6 +23,14 @@ from overtok.sharded import ShardedRowSparseTable, ShardedTable
 from overtok.sparse import RowSparseTable
 
 
+def packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (P*B, ..., in), w (P, out, in) -> (P*B, ..., out): slice p of the batch times w[p] (packed models,
+    overtok.packed)."""
+    P = w.shape[0]
+    y = torch.bmm(x.reshape(P, -1, x.shape[-1]), w.transpose(1, 2))
+    return y.view(*x.shape[:-1], w.shape[1])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -286,8 +294,6 @@ class Transformer(nn.Module):
         """Shared output head (tied to the 1-gram embedding when vocabularies agree)."""
         w = self.head_weight()
         if w.dim() == 3:  # packed (P, V, d)
-            from overtok.packed import packed_linear
-
             return packed_linear(h, w)
         return F.linear(h, w)
 

@@ -30,14 +30,13 @@ import torch.nn.functional as F
 from overtok import accounting
 from overtok.config import RunConfig, to_dict
 from overtok.data.batches import Batches
-from overtok.model import RMSNorm, Transformer
-from overtok.sweep import PACK_FREE_KEYS, pack_key
+from overtok.identity import PACK_FREE_KEYS, pack_key
+from overtok.model import RMSNorm, Transformer, packed_linear
 from overtok.tracking import Sink
 from overtok.train import (
+    HistorySink,
     StepGraph,
     TrainingDiverged,
-    _HistorySink,
-    _synced_since,
     accumulate,
     compiled_eval,
     decay_groups,
@@ -49,18 +48,12 @@ from overtok.train import (
     prepare_model,
     read_bytes_per_token,
     save_checkpoint,
+    synced_since,
     to_device,
 )
 
 # ----------------------------------------------------------------------------------------------
 # Packed modules
-
-
-def packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (P*B, ..., in), w (P, out, in) -> (P*B, ..., out): slice p of the batch times w[p]."""
-    P = w.shape[0]
-    y = torch.bmm(x.reshape(P, -1, x.shape[-1]), w.transpose(1, 2))
-    return y.view(*x.shape[:-1], w.shape[1])
 
 
 class PackedLinear(nn.Module):
@@ -222,7 +215,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     check_packable(cfgs)
     P = len(cfgs)
     cfg0, t = cfgs[0], cfgs[0].train
-    hsinks = [_HistorySink(s or Sink()) for s in sinks]
+    hsinks = [HistorySink(s or Sink()) for s in sinks]
     device = device or pick_device(t.device)
     train_data = [Batches(c, "train") for c in cfgs]
     val_data = [Batches(c, "val") for c in cfgs]
@@ -317,7 +310,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
         step += 1
         tokens_seen += cfg0.tokens_per_step
         if step == first_step:
-            startup["perf/first_step_s"] = _synced_since(t_last, device)
+            startup["perf/first_step_s"] = synced_since(t_last, device)
             print(f"[overtok] pack of {P}: setup {startup['perf/setup_s']:.1f} s, first step "
                   f"{startup['perf/first_step_s']:.1f} s" + (" (compilation included)" if t.compile else ""), flush=True)
 

@@ -98,7 +98,7 @@ def build_report(runs: pd.DataFrame, fits: dict, figures_dir: Path, out: Path, e
     """Write the page from an export (runs.parquet rows and curves.parquet), fits.json and the figures directory.
 
     ``experiment_id`` None: built from a copied results directory (MLflow store elsewhere), no MLflow links."""
-    from analysis.effects import tail_means
+    from analysis.derive import tail_means
 
     curves = curves if curves is not None else pd.DataFrame(columns=["trial_id", "metric", "step", "value"])
     runs = runs.copy()

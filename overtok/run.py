@@ -6,27 +6,8 @@ import json
 import traceback
 
 from overtok import accounting
-from overtok.config import RunConfig, flatten, to_dict
+from overtok.config import RunConfig, to_dict
 from overtok.tracking import ConsoleSink, FanOut, MlflowSink, client, experiment_id, log_params, resolve_tracking_uri
-
-
-def run_params(cfg: RunConfig) -> dict:
-    """Flat config plus the accounting every analysis needs (one name per concept, as in the Parquet export)."""
-    params = flatten(to_dict(cfg))
-    params = {k: v for k, v in params.items() if not k.startswith("tracking.")}
-    params.update({f"params.{k}": v for k, v in accounting.param_groups(cfg.model).items()})
-    params["flops_per_token"] = accounting.flops_per_token(cfg.model)
-    params["tokens_per_step"] = cfg.tokens_per_step
-    params["optimizer"] = optimizer_label(cfg)
-    return params
-
-
-def optimizer_label(cfg: RunConfig) -> str:
-    """How the OE tables are optimised: dense AdamW, or row-sparse Adam in its exact or lazy mode."""
-    oe = cfg.model.oe
-    if not (oe.sparse_update and oe.n > 1):
-        return "adamw"
-    return "adamw+oe_row_adam_exact" if oe.sparse_mode == "exact" else "adamw+oe_lazy_row_adam"
 
 
 def tracked_train(cfg: RunConfig, tracking_uri: str = "") -> tuple[str, dict]:
@@ -38,7 +19,7 @@ def tracked_train(cfg: RunConfig, tracking_uri: str = "") -> tuple[str, dict]:
     exp = experiment_id(c, cfg.tracking.experiment, uri)
     run = c.create_run(exp, run_name=cfg.tracking.run_name or cfg.name)
     rid = run.info.run_id
-    log_params(c, rid, run_params(cfg))
+    log_params(c, rid, accounting.run_params(cfg))
     c.log_text(rid, json.dumps(to_dict(cfg), indent=2), "config.json")
     print(f"[overtok] MLflow run {rid} in experiment {cfg.tracking.experiment!r} at {uri}")
     mlflow_sink = MlflowSink(c, rid)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from overtok.sparse import RowSparseTable, _adam_rows
+from overtok.sparse import RowSparseTable, adam_rows
 
 
 def _exchange(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
@@ -120,7 +120,7 @@ class ShardedRowSparseTable(RowSparseTable):
     def compile_update(self) -> None:
         """As ``RowSparseTable.compile_update``, for dynamic shapes from the start: the number of rows a shard
         receives changes every step, and a shape-specialised compile would be redone on the next one."""
-        self._adam = torch.compile(_adam_rows, dynamic=True)
+        self._adam = torch.compile(adam_rows, dynamic=True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows, order, counts, local = _fetch_rows(ids.reshape(-1), self.weight, self.rows_per_rank, self.group)

@@ -50,7 +50,7 @@ class RowSparseTable(nn.Module):
         self.register_buffer("exp_avg_sq", torch.zeros(num_rows, width, dtype=dt))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._adam = _adam_rows
+        self._adam = adam_rows
         if mode == "exact":
             # the step each row is up to date with, and per global step i: (lr_i, sum_{j<=i} log(1 - lr_j wd_j))
             self.register_buffer("last", torch.zeros(num_rows, dtype=torch.int32))
@@ -79,11 +79,11 @@ class RowSparseTable(nn.Module):
     def compile_update(self) -> None:
         """Compile the coalescing of duplicate ids, the row gathers and the Adam arithmetic (the trainer does this
         on CUDA with ``train.compile``); the writes back into the table stay eager, in place."""
-        self._adam = torch.compile(_adam_rows)
+        self._adam = torch.compile(adam_rows)
 
     @property
     def update_compiled(self) -> bool:
-        return self._adam is not _adam_rows
+        return self._adam is not adam_rows
 
     @torch.no_grad()
     def grad_sq_norm(self) -> torch.Tensor:
@@ -255,7 +255,7 @@ def _coalesced_sq_norm(ids: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return (g * g).sum()
 
 
-def _adam_rows(weight, exp_avg, exp_avg_sq, ids, grads, step, lr, beta1: float, beta2: float, eps: float,
+def adam_rows(weight, exp_avg, exp_avg_sq, ids, grads, step, lr, beta1: float, beta2: float, eps: float,
                weight_decay: float):
     """One lazy-Adam step of the rows in ``ids`` (N occurrences, duplicates allowed) with gradients ``grads``
     (N, w): returns N row indices and their new (param, exp_avg, exp_avg_sq) in the table's dtype, math in float32.

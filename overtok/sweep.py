@@ -24,7 +24,6 @@ recognise finished trials and new grid points or seeds run alone.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -46,7 +45,7 @@ from overtok.config import (
     set_dotted,
     to_dict,
 )
-from overtok.data.text import FORMAT as TEXT_FORMAT
+from overtok.identity import pack_key, trial_id
 
 SWEEP_KEYS = {"name", "base", "grid", "zip", "seeds", "resources", "max_concurrent", "max_failures", "tracking", "ray",
               "max_trials", "description", "pack", "reuse_processes"}
@@ -235,72 +234,6 @@ class Sweep:
         if len(self.trials) > self.max_trials and not yes:
             raise ConfigError(f"{len(self.trials)} trials exceed max_trials={self.max_trials}; pass --yes to run them",
                               file=self.file, key="grid")
-
-
-PACK_FREE_KEYS = ("seed", "train.lr")  # what may differ inside one pack (overtok/packed.py)
-
-
-def pack_key(cfg: RunConfig) -> str | None:
-    """Trials with equal keys can share a pack; None if this config cannot be packed (row-sparse OE tables)."""
-    if cfg.model.oe.sparse_update and cfg.model.oe.n > 1:
-        return None
-    return _config_hash(cfg, ("tracking", "name", "seed", "train.checkpoint_dir", "train.lr") + _unused_fields(cfg))
-
-
-def _unused_fields(cfg: RunConfig) -> tuple[str, ...]:
-    """Fields this config never reads: text has no grammar to sample (data.cfg_sampler), a grammar no training split
-    (data.text_sampler); dense OE tables have no row-sparse mode (model.oe.sparse_mode)."""
-    unused = ("data.cfg_sampler",) if cfg.data.kind != "cfg" else ("data.text_sampler",)
-    if not (cfg.model.oe.sparse_update and cfg.model.oe.n > 1):
-        unused += ("model.oe.sparse_mode",)
-    return unused
-
-
-# Fields added after trial ids were first handed out, with the value that reproduces what ran before them: at that
-# value they are left out of the id, so the trials of existing sweeps keep their ids (and stay finished). Changing
-# such a default would silently reuse old results: give the field a new name instead.
-# data.cfg_sampler's and data.text_sampler's defaults are not the values that ran before ('block' and 'epoch' are new
-# streams): trials at the default get new ids, those set to 'sentence' / 'random' keep theirs.
-ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "float32", "data.cfg_sampler": "sentence",
-                "model.pos_encoding": "rope", "model.pos_init_std": 0.02, "model.mlp": "swiglu",
-                "model.embed_init_std": 0.02, "model.oe.table_init_std": 0.02, "model.oe.combine": "mean",
-                "model.oe.allow_degenerate": False, "train.table_weight_decay": None,
-                "data.text_sampler": "random"}
-
-
-def trial_id(cfg: RunConfig) -> str:
-    """Hash of what determines the result: the resolved config minus naming, tracking and where files go, the loss,
-    MLP and RoPE kernels (the same values up to float rounding), CUDA graphs (the same kernels, replayed), DDP's bucket
-    size (the same averages) and whether evaluation is compiled (the same losses up to summation order), nor the
-    fields its data never reads (``_unused_fields``)."""
-    drop = ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel", "train.mlp_kernel", "train.rope_kernel",
-            "train.cuda_graphs", "train.cuda_graph_scope", "train.ddp_bucket_mb", "train.compile_eval")
-    drop += _unused_fields(cfg)
-    # a corpus is prepared by this version's rules (documents, per-source held-out split): text trials of a corpus
-    # prepared by earlier rules are other experiments
-    extra = {"data.prepare_format": TEXT_FORMAT} if cfg.data.kind == "text" and cfg.data.corpus else None
-    return _config_hash(cfg, drop, ADDED_FIELDS, extra)
-
-
-def _get(d: dict, key: str) -> Any:
-    for part in key.split("."):
-        d = d[part]
-    return d
-
-
-def _config_hash(cfg: RunConfig, drop: tuple[str, ...], drop_at: dict[str, Any] | None = None,
-                 extra: dict[str, Any] | None = None) -> str:
-    """Short hash of the resolved config without the dotted keys in ``drop``, nor those of ``drop_at`` that hold
-    the value given there, with the dotted keys of ``extra`` added."""
-    d = to_dict(cfg)
-    for key, value in (extra or {}).items():
-        parent, _, leaf = key.rpartition(".")
-        _get(d, parent)[leaf] = value
-    drop += tuple(k for k, v in (drop_at or {}).items() if _get(d, k) == v)
-    for key in dict.fromkeys(drop):
-        parent, _, leaf = key.rpartition(".")
-        (_get(d, parent) if parent else d).pop(leaf)
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _short(key: str, value: Any) -> str:
@@ -565,9 +498,7 @@ def describe_config(cfg: RunConfig) -> str:
 
 
 def flat_params(trial: Trial) -> dict[str, Any]:
-    from overtok.run import run_params
-
-    return run_params(trial.config)
+    return accounting.run_params(trial.config)
 
 
 __all__ = ["Sweep", "Trial", "load_sweep", "plan_table", "trial_id", "flatten"]

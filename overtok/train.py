@@ -163,7 +163,7 @@ def load_latest_checkpoint(ckpt_dir: Path) -> dict | None:
 
 def default_checkpoint_dir(cfg: RunConfig) -> Path:
     """train.checkpoint_dir, else results/checkpoints/<trial id>: a run resumes only from a checkpoint of its own
-    configuration (overtok.sweep.trial_id)."""
+    configuration (overtok.identity.trial_id)."""
     return Path(cfg.train.checkpoint_dir or Path("results") / "checkpoints" / checkpoint_identity(cfg))
 
 
@@ -172,7 +172,7 @@ def checkpoint_identity(cfg: RunConfig) -> str:
     the same run)."""
     import copy
 
-    from overtok.sweep import trial_id
+    from overtok.identity import trial_id
 
     c = copy.deepcopy(cfg)
     c.train.fail_at_step = -1
@@ -502,7 +502,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
     if distributed and cfg.model.oe.sparse_update and cfg.model.oe.n > 1 and not cfg.model.oe.shard:
         raise ValueError("row-sparse OE tables with several data-parallel ranks must be sharded over them: set "
                          "model.oe.shard: true (or model.oe.sparse_update: false)")
-    sink = _HistorySink(sink if (sink and rank == 0) else Sink())
+    sink = HistorySink(sink if (sink and rank == 0) else Sink())
     t = cfg.train
     device = device or pick_device(t.device)
     torch.manual_seed(cfg.seed)
@@ -619,7 +619,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
         step += 1
         tokens_seen += tokens_per_step
         if step == first_step:  # compilation happens here: worth knowing apart from the steady rate
-            startup["perf/first_step_s"] = _synced_since(t_last, device)
+            startup["perf/first_step_s"] = synced_since(t_last, device)
             if rank == 0:
                 print(f"[overtok] setup {startup['perf/setup_s']:.1f} s, first step {startup['perf/first_step_s']:.1f} s"
                       + (" (compilation included)" if t.compile else ""), flush=True)
@@ -670,7 +670,7 @@ def clip_with_tables(model: Transformer, tables: list, max_norm: float) -> tuple
     return norm, coef
 
 
-def _synced_since(t0: float, device: torch.device) -> float:
+def synced_since(t0: float, device: torch.device) -> float:
     """Seconds since t0 once the device has finished the work issued so far."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -714,7 +714,7 @@ def load_shard_state(ckpt_dir: Path, step: int, rank: int) -> dict:
                               f"({type(e).__name__})") from None
 
 
-class _HistorySink(Sink):
+class HistorySink(Sink):
     """Keeps every logged point (saved in checkpoints) and forwards to the real sink."""
 
     def __init__(self, inner: Sink):

@@ -64,7 +64,7 @@ def test_trial_ids_are_stable_and_ignore_paths(tmp_path):
 
 def test_fields_added_later_keep_existing_trial_ids():
     # the quickstart's first ids as every earlier release computed them: a new config field must not change them
-    # while it holds the value that reproduces the old behaviour (overtok.sweep.ADDED_FIELDS). The CFG sampler's
+    # while it holds the value that reproduces the old behaviour (overtok.identity.ADDED_FIELDS). The CFG sampler's
     # default changed (a new stream): the sentence sampler, which made the earlier runs, keeps their ids. (The
     # quickstart then sampled 32 sentences for generation accuracy; it no longer does, a change of its own.)
     before = ["147c8405f905", "b78f1ae3dfa7", "e5631978cb83"]
@@ -89,7 +89,7 @@ def test_fields_added_later_keep_existing_trial_ids():
 
 def test_cfg_sampler_is_not_part_of_a_text_trial_id_nor_pack():
     from overtok.config import load_config
-    from overtok.sweep import pack_key
+    from overtok.identity import pack_key
 
     text = ["data.kind=text", "data.path=/data/prepared", "model.vocab_size=100"]
     for key in (trial_id, pack_key):

@@ -1,0 +1,80 @@
+"""Trial identity: the hash that names a trial's experiment, and the key that says which trials can share a pack.
+
+A trial id hashes what determines a run's result (the resolved config minus naming, tracking, file locations and
+execution choices that give the same numbers); equal ids mean "the same experiment", which is how a sweep finds
+finished trials, a checkpoint refuses another config and exports from several runs are merged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from overtok.config import RunConfig, to_dict
+from overtok.data.text import FORMAT as TEXT_FORMAT
+
+PACK_FREE_KEYS = ("seed", "train.lr")  # what may differ inside one pack (overtok/packed.py)
+
+
+def pack_key(cfg: RunConfig) -> str | None:
+    """Trials with equal keys can share a pack; None if this config cannot be packed (row-sparse OE tables)."""
+    if cfg.model.oe.sparse_update and cfg.model.oe.n > 1:
+        return None
+    return config_hash(cfg, ("tracking", "name", "seed", "train.checkpoint_dir", "train.lr") + unused_fields(cfg))
+
+
+def unused_fields(cfg: RunConfig) -> tuple[str, ...]:
+    """Fields this config never reads: text has no grammar to sample (data.cfg_sampler), a grammar no training split
+    (data.text_sampler); dense OE tables have no row-sparse mode (model.oe.sparse_mode)."""
+    unused = ("data.cfg_sampler",) if cfg.data.kind != "cfg" else ("data.text_sampler",)
+    if not (cfg.model.oe.sparse_update and cfg.model.oe.n > 1):
+        unused += ("model.oe.sparse_mode",)
+    return unused
+
+
+# Fields added after trial ids were first handed out, with the value that reproduces what ran before them: at that
+# value they are left out of the id, so the trials of existing sweeps keep their ids (and stay finished). Changing
+# such a default would silently reuse old results: give the field a new name instead.
+# data.cfg_sampler's and data.text_sampler's defaults are not the values that ran before ('block' and 'epoch' are new
+# streams): trials at the default get new ids, those set to 'sentence' / 'random' keep theirs.
+ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "float32", "data.cfg_sampler": "sentence",
+                "model.pos_encoding": "rope", "model.pos_init_std": 0.02, "model.mlp": "swiglu",
+                "model.embed_init_std": 0.02, "model.oe.table_init_std": 0.02, "model.oe.combine": "mean",
+                "model.oe.allow_degenerate": False, "train.table_weight_decay": None,
+                "data.text_sampler": "random"}
+
+
+def trial_id(cfg: RunConfig) -> str:
+    """Hash of what determines the result: the resolved config minus naming, tracking and where files go, the loss,
+    MLP and RoPE kernels (the same values up to float rounding), CUDA graphs (the same kernels, replayed), DDP's bucket
+    size (the same averages) and whether evaluation is compiled (the same losses up to summation order), nor the
+    fields its data never reads (``unused_fields``)."""
+    drop = ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel", "train.mlp_kernel", "train.rope_kernel",
+            "train.cuda_graphs", "train.cuda_graph_scope", "train.ddp_bucket_mb", "train.compile_eval")
+    drop += unused_fields(cfg)
+    # a corpus is prepared by this version's rules (documents, per-source held-out split): text trials of a corpus
+    # prepared by earlier rules are other experiments
+    extra = {"data.prepare_format": TEXT_FORMAT} if cfg.data.kind == "text" and cfg.data.corpus else None
+    return config_hash(cfg, drop, ADDED_FIELDS, extra)
+
+
+def _get(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        d = d[part]
+    return d
+
+
+def config_hash(cfg: RunConfig, drop: tuple[str, ...], drop_at: dict[str, Any] | None = None,
+                 extra: dict[str, Any] | None = None) -> str:
+    """Short hash of the resolved config without the dotted keys in ``drop``, nor those of ``drop_at`` that hold
+    the value given there, with the dotted keys of ``extra`` added."""
+    d = to_dict(cfg)
+    for key, value in (extra or {}).items():
+        parent, _, leaf = key.rpartition(".")
+        _get(d, parent)[leaf] = value
+    drop += tuple(k for k, v in (drop_at or {}).items() if _get(d, k) == v)
+    for key in dict.fromkeys(drop):
+        parent, _, leaf = key.rpartition(".")
+        (_get(d, parent) if parent else d).pop(leaf)
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
