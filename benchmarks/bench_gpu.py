@@ -58,22 +58,22 @@ VARIANTS = {
     "fused+bf16res+cdt": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16,
                           "compile_options": {"coordinate_descent_tuning": True}},
 }
-# sixteenth session: RoPE by overtok.kernels.rope_qkv (train.rope_kernel), its outputs in contiguous (B, H, T, hd)
+# RoPE by overtok.kernels.rope_qkv (train.rope_kernel), its outputs in contiguous (B, H, T, hd)
 # memory (``bhtd``; the default is (B, T, H, hd) memory) or four tokens per program (``tok4``); ``graph``: the whole
 # step as one CUDA graph, as the trainer runs a dense model
-_S16 = {"rope": {"rope_kernel": "auto"}, "bhtd": {"kernels": {"ROPE_BTHD": False}},
+_PARTS = {"rope": {"rope_kernel": "auto"}, "bhtd": {"kernels": {"ROPE_BTHD": False}},
         "tok4": {"kernels": {"ROPE_TOKENS": 4}}, "graph": {"whole_graph": True},
         "bf16res": {"residual_dtype": torch.bfloat16},
-        # eighteenth session: without inductor's mix-order reductions (RMSNorm's backward computes d(input) by rows
+        # without inductor's mix-order reductions (RMSNorm's backward computes d(input) by rows
         # and d(weight) by columns in one kernel, which then cannot take the cast of d(input) to bf16 for the next
         # matmul: a separate kernel, 23 per 124M step)
         "nomix": {"compile_options": {"triton.mix_order_reduction": False}}}
 
 
-def _s16_variant(name: str) -> dict:
+def _parts_variant(name: str) -> dict:
     out = {"loss_kernel": "auto", "mlp_kernel": "auto"}
     for part in name.split("+")[2:]:
-        extra = _S16[part]
+        extra = _PARTS[part]
         out = {**out, **extra, "kernels": {**out.get("kernels", {}), **extra.get("kernels", {})}}
     return out
 
@@ -82,7 +82,7 @@ for _name in ("fused+swiglu+graph", "fused+swiglu+rope", "fused+swiglu+rope+bhtd
               "fused+swiglu+rope+graph", "fused+swiglu+bf16res+graph",
               "fused+swiglu+bf16res+rope", "fused+swiglu+bf16res+rope+graph", "fused+swiglu+rope+graph+nomix",
               "fused+swiglu+bf16res+rope+graph+nomix"):
-    VARIANTS[_name] = _s16_variant(_name)
+    VARIANTS[_name] = _parts_variant(_name)
 
 
 def show_profile(r: dict) -> None:

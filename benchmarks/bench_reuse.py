@@ -2,7 +2,7 @@
 this process on one thread, as a reused Ray worker does (`overtok.train.train`, compiled, CUDA graphs where they
 apply), runs the release a reused process runs after each trial (`overtok.tune._release`) and records after every
 trial the device memory still allocated and reserved, then again after clearing cuBLAS's per-stream workspaces
-(which the release itself does since the first run of this script, `results/gpu_reuse_memory_before.json`), and
+(which the release itself also does), and
 the largest tensors still alive on the device (real ones, not the compiler's fake tensors) with
 the types of what refers to them. A trial logs its peak as `perf/mem_gb`, which includes whatever the trials
 before it left allocated.

@@ -235,8 +235,8 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
     kernels = set_kernels(model, device, t.loss_kernel, t.mlp_kernel, t.rope_kernel)
     model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
-    # with gradient accumulation (several backward passes into the same gradients per step) the graphed run's curve
-    # differed from the plain one on the H200 (tests/test_cuda.py, benchmarks/results/gpu_test_cuda_first.log)
+    # with gradient accumulation (several backward passes into the same gradients per step) a graphed run's curve
+    # differs from the plain one (tests/test_cuda.py): no graphs there
     graphs = t.compile and t.cuda_graphs and device.type == "cuda" and not distributed and t.grad_accum == 1
     whole_step = graphs and step_graphs and t.cuda_graph_scope == "step" and not model.sparse_tables()
     # autocast's cache of cast weights would be recorded into a step graph and replayed stale: off there

@@ -124,8 +124,8 @@ class _TrialThread:
 
     With ``reuse_processes`` (Tune's ``reuse_actors``) a process runs trial after trial, and Tune calls each from a
     new thread of its own. CUDA graph trees (torch.compile's reduce-overhead mode, ``train.cuda_graphs``) keep their
-    state with the thread that first used them, so a second trial on a new thread failed at its first compiled step
-    (``benchmarks/results/gpu_reuse_actors.log``). Trials therefore run here, one at a time, while Tune's thread
+    state with the thread that first used them, so a second trial on a new thread fails at its first compiled step.
+    Trials therefore run here, one at a time, while Tune's thread
     waits; ``tune.report`` works from any thread of the process (its session is per process)."""
 
     def __init__(self):
