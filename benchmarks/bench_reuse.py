@@ -1,6 +1,6 @@
 """What a reused trial process holds between trials (`reuse_processes`): trains several trials one after another in
 this process on one thread, as a reused Ray worker does (`overtok.train.train`, compiled, CUDA graphs where they
-apply), runs the release a reused process runs after each trial (`overtok.tune._release`) and records after every
+apply), runs the release a reused process runs after each trial (`overtok.trial.release`) and records after every
 trial the device memory still allocated and reserved, then again after clearing cuBLAS's per-stream workspaces
 (which the release itself also does), and
 the largest tensors still alive on the device (real ones, not the compiler's fake tensors) with
@@ -70,7 +70,7 @@ def snapshot(dev: torch.device, top: int) -> dict:
 
 def main():
     from overtok.train import pick_device, train
-    from overtok.tune import _release
+    from overtok.trial import release
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/gpu_reuse_memory.json")
@@ -90,7 +90,7 @@ def main():
         row = {"trial": i + 1, "d_model": d, "train_s": time.time() - t0, "final_loss": summary.get("train/loss"),
                "cuda_graphs": summary.get("perf/cuda_graphs"), "step_graph": summary.get("perf/step_graph"),
                "before_release": snapshot(dev, 0)}
-        _release()
+        release()
         row["after_release"] = snapshot(dev, args.top)
         if dev.type == "cuda":
             torch._C._cuda_clearCublasWorkspaces()

@@ -5,7 +5,7 @@ compiled body (`compiled`, the default), through the trainers, side by side in o
 same model on text, tokenized once per call into its temporary folder), the two scopes' runs alternating for
 `--rounds` rounds. Per run: steady tokens/s (the median of the logged intervals after the first, which holds the
 compilation), setup and first-step seconds, the last logged train loss, and perf/step_graph (whether the step graph
-ran). Between runs the process is released as a reused trial process is (`overtok.tune._release`).
+ran). Between runs the process is released as a reused trial process is (`overtok.trial.release`).
 
     python benchmarks/bench_step_graph.py --out benchmarks/results/gpu_step_graph.json [--steps 1000] [--rounds 2] \
         [--corpus ../shared/data/text --tokenizer ../shared/data/tokenizers/gpt-neox-olmo.json]
@@ -51,7 +51,7 @@ def run(base: dict, scope: str, pack: int, args, work: Path) -> dict:
 
     from overtok.packed import train_packed
     from overtok.train import pick_device, train
-    from overtok.tune import _release
+    from overtok.trial import release
 
     dev = pick_device("cpu" if args.smoke else "auto")
     cfgs = configs(base, scope, pack, args.steps, args.log_every, args.smoke, work)
@@ -74,7 +74,7 @@ def run(base: dict, scope: str, pack: int, args, work: Path) -> dict:
            "cuda_graphs": pts["perf/cuda_graphs"][-1], "config": base, "device": str(dev),
            "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None}
     del sinks
-    _release()
+    release()
     return row
 
 

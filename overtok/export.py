@@ -36,12 +36,11 @@ def _typed(value: str):
 
 def fetch_histories(uri: str, run_ids: list[str], keys_by_run: dict[str, list[str]]) -> pd.DataFrame:
     """All metric points of the given runs: columns run_id, metric, step, value, timestamp."""
-    from mlflow.tracking._tracking_service.utils import _get_store
+    from overtok.compat import mlflow_store, sql_metric_model
 
-    store = _get_store(uri)
+    store = mlflow_store(uri)
     if hasattr(store, "ManagedSessionMaker"):  # SQL store: one query
-        from mlflow.store.tracking.dbmodels.models import SqlMetric
-
+        SqlMetric = sql_metric_model()
         rows = []
         with store.ManagedSessionMaker() as session:
             for i in range(0, len(run_ids), 500):

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from overtok import accounting
+from overtok.compat import foreach_norm, fused_adamw_
 from overtok.config import RunConfig, to_dict
 from overtok.data.batches import Batches
 from overtok.identity import PACK_FREE_KEYS, pack_key
@@ -160,7 +161,7 @@ class PackedAdamW:
         clip_grad_norm_ does: multiplied by min(1, max_norm / (norm + 1e-6)), here as the kernel's gradient divisor.
         Returns the per-slice gradient norms (P,) before clipping."""
         grads = [g for p in self.params if (g := p.grad) is not None]
-        per_tensor = torch.stack(torch._foreach_norm([s for g in grads for s in g.unbind(0)]))  # (n * P,)
+        per_tensor = torch.stack(foreach_norm([s for g in grads for s in g.unbind(0)]))  # (n * P,)
         norms = per_tensor.view(len(grads), self.P).pow(2).sum(0).sqrt()
         scale = 1.0 / (max_norm / (norms + 1e-6)).clamp(max=1.0) if math.isfinite(max_norm) else None
         self._step += 1
@@ -175,9 +176,8 @@ class PackedAdamW:
             for p in range(self.P):
                 ps, ms, vs = ([self._views[j][k][p] for j in live] for k in range(3))
                 gs = [g[p] for g in slices]
-                torch._fused_adamw_(ps, gs, ms, vs, [], [self._step] * len(ps), lr=lrs[p], beta1=t.beta1,
-                                    beta2=t.beta2, weight_decay=wd, eps=self.eps, amsgrad=False, maximize=False,
-                                    grad_scale=None if scale is None else scale[p], found_inf=None)
+                fused_adamw_(ps, gs, ms, vs, self._step, lr=lrs[p], beta1=t.beta1, beta2=t.beta2, weight_decay=wd,
+                             eps=self.eps, grad_scale=None if scale is None else scale[p])
         return norms
 
     def zero_grad(self) -> None:

@@ -116,11 +116,9 @@ def local_cpus(needed: float) -> int:
     have = os.cpu_count() or 1
     if needed <= 1 or needed > have:
         return have
-    try:
-        from ray._private.utils import get_num_cpus
-    except ImportError:  # Ray's private helper moved: os.cpu_count() is the best guess left
-        return have
-    return int(get_num_cpus(override_docker_cpu_warning=True))
+    from overtok.compat import ray_cpu_count
+
+    return ray_cpu_count()
 
 
 def kept_checkpoints(t: TrainConfig) -> int:

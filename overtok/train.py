@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from overtok import accounting
+from overtok.compat import ddp_ignore, foreach_mul_
 from overtok.config import RunConfig, TrainConfig, to_dict
 from overtok.data.batches import Batches, group_ngrams, split_ngrams
 from overtok.data.cfg import Grammar, accepts, sample_sentence
@@ -274,7 +275,7 @@ def wrap_ddp(model: Transformer, t: TrainConfig, device: torch.device, ignore: l
     from torch.nn.parallel import DistributedDataParallel
 
     if ignore:
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        ddp_ignore(model, ignore)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   bucket_cap_mb=t.ddp_bucket_mb, gradient_as_bucket_view=True)
     if t.grad_reduce_dtype == "bfloat16":
@@ -666,7 +667,7 @@ def clip_with_tables(model: Transformer, tables: list, max_norm: float) -> tuple
     norm = (dense.float() ** 2 + sum(table.grad_sq_norm() for table in tables)).sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     if grads:
-        torch._foreach_mul_(grads, coef.to(grads[0].device))
+        foreach_mul_(grads, coef.to(grads[0].device))
     return norm, coef
 
 
