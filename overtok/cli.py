@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def cmd_plan(args) -> int:
     from overtok.sweep import load_sweep, plan_table
 
     sweep = load_sweep(args.sweep, args.set)
+    sweep.select(args.only, args.seeds)
     print(plan_table(sweep))
     return 0
 
@@ -82,6 +84,7 @@ def cmd_sweep(args) -> int:
 
     started = time.time()  # the checks below (validation, disk, this machine's GPUs and CPUs): the clock's first phase
     sweep = load_sweep(args.sweep, args.set)
+    sweep.select(args.only, args.seeds)
     if args.max_concurrent:
         sweep.max_concurrent = args.max_concurrent
     if args.address:
@@ -310,6 +313,29 @@ def _count(text: str) -> int:
     return value
 
 
+def _ids(text: str) -> list[str]:
+    """An argparse type: comma-separated trial ids (or their first characters)."""
+    ids = [t.strip() for t in text.split(",") if t.strip()]
+    if not ids or not all(re.fullmatch(r"[0-9a-f]+", t) for t in ids):
+        raise argparse.ArgumentTypeError(f"expected comma-separated trial ids (hex), got {text!r}")
+    return ids
+
+
+def _seeds(text: str) -> list[int]:
+    """An argparse type: comma-separated seeds."""
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_subset(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", type=_ids, default=None, metavar="ID[,ID...]",
+                   help="only these trials (ids or their first characters, as `overtok plan` lists them); ids stay "
+                        "those of the whole grid")
+    p.add_argument("--seeds", type=_seeds, default=None, metavar="S[,S...]", help="only the trials of these seeds")
+
+
 def _add_set(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
 
@@ -356,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="validate and expand a sweep; print one row per trial; run nothing")
     p.add_argument("sweep")
     _add_set(p, "override a sweep key (e.g. base.data.path=...)")
+    _add_subset(p)
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("sweep", help="run a sweep with Ray Tune, tracked in MLflow (resumable)")
@@ -364,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=0, help="override the sweep's max_concurrent")
     _add_set(p, "override a sweep key")
     p.add_argument("--yes", action="store_true", help="allow grids larger than the size limit and checkpoints larger than the free disk")
+    _add_subset(p)
     _add_tracking(p)
     p.set_defaults(fn=cmd_sweep, exit_now=True)  # (see main)
 

@@ -145,6 +145,31 @@ class Sweep:
     reuse_processes: bool = True
     lines: dict[str, int] = field(default_factory=dict)  # line of each key in the sweep file, for errors
 
+    def select(self, only: list[str] | None = None, seeds: list[int] | None = None) -> None:
+        """Keep the trials whose id starts with one of ``only`` and whose seed is in ``seeds`` (either None: no
+        filter). Ids stay what they are in the whole grid, so waves of one campaign can run on different machines
+        and be merged. A prefix that names no trial, or names several, is an error."""
+        keep = self.trials
+        if only:
+            picked: list[Trial] = []
+            for prefix in only:
+                hits = [t for t in keep if t.trial_id.startswith(prefix)]
+                if len(hits) != 1:
+                    what = "no trial" if not hits else f"{len(hits)} trials ({', '.join(t.trial_id for t in hits[:3])})"
+                    raise ConfigError(f"{prefix!r} names {what} of this sweep; `overtok plan` lists the ids",
+                                      file=self.file, key="--only")
+                picked += [t for t in hits if t not in picked]
+            keep = [t for t in keep if t in picked]
+        if seeds is not None:
+            known = {t.config.seed for t in self.trials}
+            if unknown := sorted(set(seeds) - known):
+                raise ConfigError(f"seed {unknown[0]} is not one of this sweep's seeds {sorted(known)}", file=self.file,
+                                  key="--seeds")
+            keep = [t for t in keep if t.config.seed in seeds]
+        if not keep:
+            raise ConfigError("no trial has both a chosen id and a chosen seed", file=self.file, key="--seeds")
+        self.trials = keep
+
     def checkpoint_bytes_needed(self) -> int:
         """Disk the sweep's new checkpoints will take: the 2 newest per trial (a pack's file holds its members),
         for trials whose checkpoint directory does not exist yet (existing ones are already on disk)."""

@@ -170,3 +170,23 @@ def test_plan_estimates_time_memory_and_disk_of_a_gpu_sweep(cli):
     out = res.stdout
     assert "est_min" in out and "GPU-hours" in out and "from NVIDIA H200 measurements of 2026-11-29" in out
     assert "share one GPU" in out and "disk: new checkpoints need about" in out and "columns: N_*" in out
+
+
+def test_a_subset_of_trials_keeps_the_grids_ids(cli):
+    """`--only` (ids or prefixes) and `--seeds` choose trials of a grid without changing any id; a prefix that
+    names no trial or several, or an unknown seed, is one line (exit 2)."""
+    import re
+
+    sweep = ROOT / "sweeps" / "quickstart.yaml"
+    everything = load_sweep(sweep)
+    ids = [t.trial_id for t in everything.trials]
+    chosen = load_sweep(sweep)
+    chosen.select([ids[3][:6], ids[0]], None)
+    assert [t.trial_id for t in chosen.trials] == [ids[0], ids[3]]
+    res = cli("plan", sweep, "--only", f"{ids[0]},{ids[5][:8]}")
+    assert res.returncode == 0, res.stderr
+    assert re.findall(r"^([0-9a-f]{12}) ", res.stdout, re.M) == [ids[0], ids[5]]
+    for args, problem in ((["--only", "fff0"], "names no trial"), (["--seeds", "7"], "seed 7 is not one"),
+                          (["--only", "xyz"], "expected comma-separated trial ids")):
+        bad = cli("plan", sweep, *args)
+        assert bad.returncode == 2 and problem in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
