@@ -106,6 +106,7 @@ def test_headline_pairs_variants_with_their_baseline_and_plots_drop_stale_figure
     res = subprocess.run([sys.executable, "-m", "overtok", "report", "vs"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "Warning" not in res.stderr, res.stderr[-2000:]  # e.g. matplotlib's empty-legend warning
     page = (tmp_path / "dashboards" / "vocab_scaling" / "index.html").read_text()
     head = page[page.index("<h2>Headline"):page.index("<h2>Runs")]
     assert "mean of a run&#x27;s last 10 logged training losses" in head
@@ -136,9 +137,11 @@ def test_mlflow_links_open_runs_and_curves_in_the_mlflow_ui(quickstart, tmp_path
     curves = [html_lib.unescape(u) for u in re.findall(r'<a class=curves href="([^"]+)"', page)]
     runs = [html_lib.unescape(u) for u in re.findall(r'href="([^"]+/runs/[^"]+)"', page)]
     assert curves and runs and all("workflowType=machine_learning" in u for u in curves + runs)
+    assert "Warning" not in out.stderr, out.stderr[-2000:]  # e.g. matplotlib's empty-legend warning
+    ui_log = open(tmp_path / "ui.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "overtok", "ui", "--port", str(port)], cwd=work,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=ui_log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     try:
         wait_for(lambda: _answers(ui), 180, what="overtok ui")
 
@@ -151,8 +154,11 @@ def test_mlflow_links_open_runs_and_curves_in_the_mlflow_ui(quickstart, tmp_path
         assert "Metric Details" in metric and "train/loss" in metric and "Latest" in metric, metric[-3000:]
         run = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom(runs[0])))
         assert "train/loss" in run and "Parameters" in run, run[-3000:]
+        log = (tmp_path / "ui.log").read_text()  # the server's own deprecation warnings are not the user's
+        assert "DeprecationWarning" not in log and "FutureWarning" not in log, log[-3000:]
     finally:
         kill_group(server)
+        ui_log.close()
 
 
 def _answers(url: str) -> bool:
