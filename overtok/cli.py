@@ -249,10 +249,11 @@ def cmd_ui(args) -> int:
         raise ConfigError(f"binding {args.host} exposes every run to the network; add --expose to confirm",
                           file="--host", key="host")
     print(f"[overtok] MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    # the server's own deprecation warnings (MLflow's, Starlette's) are not the user's to act on
+    # the server's own deprecation warnings (MLflow's, Starlette's) are not the user's to act on; Starlette's is a
+    # UserWarning, matched by the start of its message
+    quiet = ["ignore::DeprecationWarning", "ignore::FutureWarning", "ignore:starlette.middleware.wsgi is deprecated"]
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-               PYTHONWARNINGS=",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore::DeprecationWarning",
-                                                     "ignore::FutureWarning"])))
+               PYTHONWARNINGS=",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *quiet])))
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port), "--workers", "1",
            "--backend-store-uri", uri]
     try:
