@@ -274,26 +274,34 @@ def _results_dir(sweep: str) -> Path:
     return Path("results") / sweep
 
 
+def _int_at_least(text: str, low: int, what: str, whole_floats: bool = False) -> int:
+    """An integer >= ``low`` read from ``text`` (with ``whole_floats``, also ``1e6``-style text of a whole number);
+    otherwise argparse's one-line error naming ``what``."""
+    try:
+        value = float(text) if whole_floats else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low or (whole_floats and not float(value).is_integer()):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return int(value)
+
+
 def _port(text: str) -> int:
     """An argparse type: a TCP port, 1-65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 1 <= value <= 65535:
+    value = _int_at_least(text, 1, "a port number")
+    if value > 65535:
         raise argparse.ArgumentTypeError(f"a port is 1-65535, got {value}")
     return value
 
 
 def _positive(text: str) -> int:
     """An argparse type: an integer >= 1 (``1e6``-style text allowed when it is a whole number)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if not value.is_integer() or value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return int(value)
+    return _int_at_least(text, 1, "an integer >= 1", whole_floats=True)
+
+
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def _out_dir(text: str) -> str:
@@ -301,17 +309,6 @@ def _out_dir(text: str) -> str:
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
     return text
-
-
-def _count(text: str) -> int:
-    """An argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def _ids(text: str) -> list[str]:
