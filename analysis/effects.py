@@ -24,11 +24,12 @@ from analysis.derive import TRAIN_TAIL, base_tokens_per_loss, tail_means
 TRAIN_LOSS = (f"train loss = the mean of a run's last {TRAIN_TAIL} logged training losses (one batch each, next-token "
               "loss per base token)")
 
-# settings that say how a run ran or where its files are, not what it trained
+# settings that say how a run ran or where its files are, not what it trained (the runtime section is left out as a
+# whole; exports of runs made before it existed carry its fields under train.)
 NOT_EXPERIMENT = ("data.path", "data.corpus", "data.tokenizer", "train.checkpoint_dir", "train.checkpoint_every",
-                  "train.checkpoint_final", "train.compile", "train.compile_eval", "train.loss_kernel",
-                  "train.mlp_kernel", "train.rope_kernel", "train.cuda_graphs", "train.cuda_graph_scope",
-                  "train.ddp_bucket_mb", "train.device", "train.fail_at_step", "train.table_weight_decay")
+                  "train.checkpoint_final", "train.table_weight_decay",
+                  *(f"train.{f}" for f in ("compile", "compile_eval", "loss_kernel", "mlp_kernel", "rope_kernel",
+                                           "cuda_graphs", "cuda_graph_scope", "ddp_bucket_mb", "device", "fail_at_step")))
 
 
 VARIANT_KEYS = ("model.oe.", "model.od_", "model.tokenizer_ngram", "model.output_ngram", "train.table_weight_decay")

@@ -44,7 +44,7 @@ def model_sets(args, oe: bool = False) -> dict:
     d, layers, heads, seq, v = (32, 2, 2, 32, 97) if args.smoke else (768, 12, 12, 1024, 50304)
     sets = {"model.vocab_size": v, "model.d_model": d, "model.n_layers": layers, "model.n_heads": heads,
             "model.seq_len": seq, "model.tie_embeddings": False, "data.batch_size": args.batch,
-            "train.compile": not args.smoke}
+            "runtime.compile": not args.smoke}
     if oe:  # n = 3, k = 4; whole in one process, row-sharded over the ranks (model.oe.shard)
         sets.update({"model.oe.n": 3, "model.oe.k": 4, "model.oe.m": int(args.oe_m), "model.oe.shard": True})
         if args.oe_sparse:
@@ -54,17 +54,19 @@ def model_sets(args, oe: bool = False) -> dict:
 
 def build(sets: dict, train_sets: dict, dev: torch.device, distributed: bool):
     """Model, optimizer, autocast and the module a step calls, as overtok.train.train sets them up."""
+    from overtok.config import runtime_fields
     from overtok.model import Transformer
     from overtok.train import make_optimizer, prepare_model, shard_state, wrap_ddp
 
-    cfg = config({**sets, **{f"train.{k}": v for k, v in train_sets.items()}})
+    runtime = runtime_fields()  # train_sets may name runtime fields too (ddp_bucket_mb)
+    cfg = config({**sets, **{f"{'runtime' if k in runtime else 'train'}.{k}": v for k, v in train_sets.items()}})
     torch.manual_seed(0)
     with torch.device(dev):
         model = Transformer(cfg.model)
     opt = make_optimizer(model, cfg.train, dev)
-    autocast, flags = prepare_model(model, cfg.train, dev, distributed)
+    autocast, flags = prepare_model(model, cfg, dev, distributed)
     sharded, ignore = shard_state(model)
-    step_model = wrap_ddp(model, cfg.train, dev, ignore) if distributed else model
+    step_model = wrap_ddp(model, cfg, dev, ignore) if distributed else model
     return cfg, model, opt, autocast, step_model, flags, [p for _, p in sharded]
 
 

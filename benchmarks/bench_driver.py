@@ -32,7 +32,7 @@ from benchmarks.common import Rows  # noqa: E402
 SWEEP = {
     "name": "driver",
     "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 32}, "data": {"kind": "cfg", "batch_size": 4},
-             "train": {"max_steps": 20, "eval_every": 20, "log_every": 5, "gen_samples": 0, "compile": False}},
+             "train": {"max_steps": 20, "eval_every": 20, "log_every": 5, "gen_samples": 0}, "runtime": {"compile": False}},
     "seeds": [0, 1],
     "resources": {"cpu": 1},
 }

@@ -1,4 +1,4 @@
-"""What a validation pass costs a compiled trial (train.compile_eval), side by side in one process: the model is built
+"""What a validation pass costs a compiled trial (runtime.compile_eval), side by side in one process: the model is built
 and compiled as the trainer does it (`prepare_model`, CUDA graphs where they apply), trained a few steps, then
 evaluated eagerly (`torch.compiler.set_stance("force_eager")`) and compiled (a second compilation: the forward
 without gradients is another graph). Per case: eager and compiled milliseconds per validation batch, seconds of the
@@ -60,11 +60,11 @@ def run_case(name: str, args) -> dict:
 
     d, L, H, T, B, V, P = (64, 2, 2, 64, 2, 512, CASES[name][-1]) if args.smoke else CASES[name]
     cfg = config({"model.vocab_size": V, "model.d_model": d, "model.n_layers": L, "model.n_heads": H,
-                  "model.seq_len": T, "data.batch_size": B, "train.compile": True})
+                  "model.seq_len": T, "data.batch_size": B, "runtime.compile": True})
     dev = fresh_device()
     model = seeded_models(cfg, P, dev)
     opt = make_optimizer(model, cfg.train, dev) if P == 1 else PackedAdamW(model, cfg.train)
-    autocast, flags = prepare_model(model, cfg.train, dev)
+    autocast, flags = prepare_model(model, cfg, dev)
     train = [Stream(cfg, B, 1000 + p) for p in range(P)]
     val = [Stream(cfg, B, p) for p in range(P)]
     lrs = torch.full((P,), 1e-3, device=dev)

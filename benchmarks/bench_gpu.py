@@ -51,14 +51,14 @@ VARIANTS = {
     "fused+bf16res+autotune": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16,
                                "compile_mode": "max-autotune-no-cudagraphs"},
     "fused+bf16res+graphs": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16, "compile_mode": "reduce-overhead"},
-    # SwiGLU's pointwise part by overtok.kernels.swiglu (train.mlp_kernel); inductor's coordinate-descent tuning of
+    # SwiGLU's pointwise part by overtok.kernels.swiglu (runtime.mlp_kernel); inductor's coordinate-descent tuning of
     # its own kernels' launch configurations
     "fused+swiglu": {"loss_kernel": "auto", "mlp_kernel": "auto"},
     "fused+bf16res+swiglu": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16, "mlp_kernel": "auto"},
     "fused+bf16res+cdt": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16,
                           "compile_options": {"coordinate_descent_tuning": True}},
 }
-# RoPE by overtok.kernels.rope_qkv (train.rope_kernel), its outputs in contiguous (B, H, T, hd)
+# RoPE by overtok.kernels.rope_qkv (runtime.rope_kernel), its outputs in contiguous (B, H, T, hd)
 # memory (``bhtd``; the default is (B, T, H, hd) memory) or four tokens per program (``tok4``); ``graph``: the whole
 # step as one CUDA graph, as the trainer runs a dense model
 _PARTS = {"rope": {"rope_kernel": "auto"}, "bhtd": {"kernels": {"ROPE_BTHD": False}},

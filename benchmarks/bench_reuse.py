@@ -33,7 +33,7 @@ def trial_config(d_model: int, compiled: bool, steps: int):
     return resolve_vocab(config({"model.d_model": d_model, "model.n_layers": 2, "model.n_heads": 2, "model.seq_len": 32,
                                  "data.batch_size": 4, "train.max_steps": steps, "train.eval_every": 20,
                                  "train.log_every": 5, "train.gen_samples": 16, "train.warmup_steps": 2,
-                                 "train.compile": compiled}))
+                                 "runtime.compile": compiled}))
 
 
 def live_tensors(dev: torch.device) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The whole training step as one CUDA graph (`train.cuda_graph_scope: step`) against torch.compile's graphs of the
+"""The whole training step as one CUDA graph (`runtime.cuda_graph_scope: step`) against torch.compile's graphs of the
 compiled body (`compiled`, the default), through the trainers, side by side in one process: one tiny trial
 (`overtok.train.train`) and a pack of 8 (`overtok.packed.train_packed`) on a config (default
 `benchmarks/configs/cfg_tiny.json`: d 256, 4 layers, seq 512, batch 16, cfg3f; with --corpus and --tokenizer the
@@ -37,11 +37,11 @@ def configs(base: dict, scope: str, pack: int, steps: int, log_every: int, smoke
     for seed in range(pack):
         cfg = ensure_prepared(resolve_vocab(build_config({**base, "seed": seed})), str(work / "data"))
         t = cfg.train
-        t.max_steps, t.log_every, t.cuda_graph_scope = steps, log_every, scope
+        t.max_steps, t.log_every, cfg.runtime.cuda_graph_scope = steps, log_every, scope
         t.eval_every, t.checkpoint_every, t.checkpoint_final = steps, 10**9, False
         if smoke:
             cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.seq_len = 32, 2, 2, 32
-            cfg.data.batch_size, t.compile = 4, False
+            cfg.data.batch_size, cfg.runtime.compile = 4, False
         out.append(cfg)
     return out
 

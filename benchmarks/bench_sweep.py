@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Rows  # noqa: E402
+from overtok.config import runtime_fields  # noqa: E402
 
 
 def base_config(args, d, layers, heads, seq, batch, steps, data: str = "text") -> dict:
@@ -45,7 +46,8 @@ def base_config(args, d, layers, heads, seq, batch, steps, data: str = "text") -
         "data": data_sets,
         "train": {"lr": 1e-3, "max_steps": steps, "warmup_steps": 20, "eval_every": steps, "eval_batches": 2,
                   "log_every": max(steps // 15, 1), "checkpoint_every": 10**9, "checkpoint_final": False,
-                  "compile": not args.smoke, "gen_samples": 0},
+                  "gen_samples": 0},
+        "runtime": {"compile": not args.smoke},
     }
 
 
@@ -88,8 +90,8 @@ def runs(work: Path, tag: str, experiment: str) -> list[dict]:
                     "cuda_graphs": r.data.metrics.get("perf/cuda_graphs"),
                     "kernels": {k: r.data.metrics.get(f"perf/{k}") for k in ("fused_loss", "mlp_kernel", "rope_kernel")},
                     "params": {k: r.data.params.get(k) for k in ("seed", "tokens_per_step", "train.max_steps",
-                                                                 "train.grad_reduce_dtype", "train.ddp_bucket_mb",
-                                                                 "train.cuda_graphs")}})
+                                                                 "train.grad_reduce_dtype", "runtime.ddp_bucket_mb",
+                                                                 "runtime.cuda_graphs")}})
     return out
 
 
@@ -127,7 +129,7 @@ def packed(args, rows):
     seq_tokens, refs = None, {}
     for i, (name, pack, conc, gpu, compile_eval, reuse, cfg_sampler) in enumerate(variants):
         base = base_config(args, d, layers, heads, seq, batch, args.packed_steps, args.packed_data)
-        base["train"]["compile_eval"] = compile_eval
+        base["runtime"]["compile_eval"] = compile_eval
         if cfg_sampler:
             base["data"]["cfg_sampler"] = cfg_sampler
         sweep = {"name": f"packed{i}", "base": base, "seeds": list(range(8)), "pack": pack, "max_concurrent": conc,
@@ -262,7 +264,9 @@ def ddp(args, rows):
     got = {}
     for i, (name, resources, oe_sets, train_sets, ref) in enumerate(variants):
         cfg = json.loads(json.dumps(base))
-        cfg["train"].update(train_sets)
+        runtime = runtime_fields()  # the settings may be of either section
+        cfg["train"].update({k: v for k, v in train_sets.items() if k not in runtime})
+        cfg["runtime"].update({k: v for k, v in train_sets.items() if k in runtime})
         if oe_sets:
             cfg["model"]["oe"] = oe_sets
         (work / f"ddp{i}.yaml").write_text(json.dumps({"name": f"ddp{i}", "base": cfg, "seeds": [0], "resources": resources}))
@@ -311,14 +315,14 @@ def main():
     ap.add_argument("--packed-no-reuse", action="store_true",
                     help="packed: also run the trials one after another with a new process each (reuse_processes: false)")
     ap.add_argument("--packed-compile-eval", nargs="+", default=["auto"], choices=["auto", "always", "never"],
-                    help="packed: train.compile_eval of every variant (the first value); each further value adds a "
+                    help="packed: runtime.compile_eval of every variant (the first value); each further value adds a "
                          "packed sweep with it")
     ap.add_argument("--ddp-steps", type=int, default=400)
     ap.add_argument("--ddp-batch", type=int, default=16, help="ddp: sequences of 1,024 tokens per GPU and step")
     ap.add_argument("--ddp-grad-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                     help="ddp: one 2-GPU run per train.grad_reduce_dtype")
     ap.add_argument("--ddp-bucket-mb", type=float, nargs="+", default=[25.0],
-                    help="ddp: one 2-GPU run per train.ddp_bucket_mb (and per reduce dtype)")
+                    help="ddp: one 2-GPU run per runtime.ddp_bucket_mb (and per reduce dtype)")
     ap.add_argument("--ddp-grad-accum", type=int, default=1,
                     help="ddp: train.grad_accum of every trial (micro-steps per optimizer step; DDP syncs the last)")
     ap.add_argument("--ddp-no-graphs-ref", action="store_true", help="ddp: also 1 GPU without CUDA graphs")

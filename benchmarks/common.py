@@ -190,7 +190,7 @@ class Bench:
     """One model built as the trainer builds it (optimizer, loss kernel, compiled body and row update), with a
     training step on random tokens, bf16 autocast. ``time`` measures blocks of steps; several benches can be alive
     at once so that their blocks interleave (``interleaved``). One difference: ``mlp_kernel`` and ``rope_kernel``
-    default to 'torch' where train.mlp_kernel and train.rope_kernel default to 'auto', so that the variants and
+    default to 'torch' where runtime.mlp_kernel and runtime.rope_kernel default to 'auto', so that the variants and
     commands committed before those kernels existed still measure what they measured; variants that want them name
     them."""
 
@@ -208,7 +208,7 @@ class Bench:
         self.build_s = time.time() - t0
         self.opt = make_optimizer(model, cfg.train, dev)
         self.step_graph = None
-        if whole_graph:  # the step replayed as one CUDA graph, as the trainer's (train.cuda_graph_scope = step)
+        if whole_graph:  # the step replayed as one CUDA graph, as the trainer's (runtime.cuda_graph_scope = step)
             if dev.type != "cuda" or compile_mode == "reduce-overhead" or model.sparse_tables():
                 raise ValueError("whole_graph: a CUDA device, torch.compile without its own CUDA graphs, dense tables")
             for group in self.opt.param_groups:  # before its first step: it keeps its step counts on the device
@@ -352,8 +352,8 @@ def time_training(sets: dict, batch_size: int, steps: int, warmup: int, profile:
                   kernels: dict | None = None, **kw) -> dict:
     """Median step time (CUDA events) of forward+backward+AdamW(+row-sparse update) on random tokens, bf16 autocast.
 
-    Keywords as ``Bench``: loss_kernel as train.loss_kernel; mlp_kernel and rope_kernel as train.mlp_kernel and
-    train.rope_kernel (default 'torch'); compile_mode as torch.compile's mode; sdpa pins the attention backend;
+    Keywords as ``Bench``: loss_kernel as runtime.loss_kernel; mlp_kernel and rope_kernel as runtime.mlp_kernel and
+    runtime.rope_kernel (default 'torch'); compile_mode as torch.compile's mode; sdpa pins the attention backend;
     compile_update: compile the row-sparse tables' update (default: as the trainer, with the body on CUDA);
     residual_dtype: the residual stream's dtype (None: the embedding's, float32); whole_graph: the step as one CUDA
     graph, as the trainer records it. ``kernels``: overtok.kernels settings for this run (``kernel_settings``)."""

@@ -71,8 +71,8 @@ def mfu(tokens_per_s: float, flops_per_token: float, gpus: int = 1) -> float:
 
 # Bytes of activations kept per token, per d_model unit and per layer in a bf16-autocast step on CUDA (SDPA flash
 # attention: no T x T scores kept), with the residual stream in float32 / bfloat16 (train.residual_dtype): fitted to
-# the peak memory the H200 measured for 25M-350M models at 16-32 sequences of 1,024 (41.4-43.5 and 37.7-39.1 after
-# weights, AdamW state and logits; benchmarks/RESULTS.md, "overtok plan" memory).
+# measured peaks of 25M-350M models at 16-32 sequences of 1,024 (benchmarks/results/gpu_trainer_sizes.json;
+# benchmarks/RESULTS.md, section 1).
 CUDA_ACT_BYTES = {"float32": 42, "bfloat16": 38}
 
 

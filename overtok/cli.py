@@ -21,7 +21,7 @@ def cmd_train(args) -> int:
 
     cfg = resolve_vocab(load_config(args.config, args.set), file=args.config)
     if not args.dry_run:
-        _check_device(cfg.train.device, args.config)
+        _check_device(cfg.runtime.device, args.config)
         resolve_tracking_uri(args.tracking_uri or cfg.tracking.tracking_uri)  # checked before anything starts
     note = generation_note(cfg)
     if args.dry_run:
@@ -52,7 +52,7 @@ def _check_device(device: str, file: str | None) -> None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if index >= count:
         raise ConfigError(f"{device} is not available on this machine ({count} CUDA devices)", file=file or "--set",
-                          key="train.device")
+                          key="runtime.device")
 
 
 def cmd_data_prepare(args) -> int:

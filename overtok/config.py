@@ -348,17 +348,34 @@ class TrainConfig:
     checkpoint_final: bool = True
     """Also checkpoint at the last step (a finished trial whose status was lost resumes without retraining).
     Turn off for runs with huge OE tables: a checkpoint holds the tables and their optimizer moments."""
+    grad_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Data-parallel trials (resources.workers > 1): the dtype in which DDP all-reduces gradients. 'bfloat16' sends
+    half the bytes (gradients rounded to bf16 before averaging, cast back after; the optimizer still sees float32
+    gradients), for interconnects slower than NVLink. Changes the
+    numbers by bf16 rounding, so it is part of the trial id. Ignored in one process."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """'auto' = bf16 autocast on CUDA, float32 on CPU."""
+    residual_dtype: Literal["float32", "bfloat16"] = "float32"
+    """The residual stream between blocks under bf16 autocast (ignored without it): 'float32' (the embedding's
+    dtype) or 'bfloat16', which halves the memory traffic of norms and residual adds (benchmarks/RESULTS.md,
+    section 1) at bf16 rounding of the stream."""
+
+
+@dataclass
+class RuntimeConfig:
+    """How a run executes: compilation, kernels, CUDA graphs, placement. Nothing here changes what is trained (at
+    most the order of float summations), so the section is not part of the trial id. Numerics choices (train.dtype,
+    train.residual_dtype, train.grad_reduce_dtype) stay in ``train``: they round differently."""
     compile: bool = False
     """torch.compile the body, heads and loss (and on CUDA the OE ids and row updates)."""
     loss_kernel: Literal["auto", "triton", "torch"] = "auto"
     """Output head + cross-entropy. 'triton': overtok.kernels, one kernel over the logits that leaves their gradient in
     place (needs triton: CUDA, or the CPU under TRITON_INTERPRET=1); 'torch': the stock loss; 'auto': triton on
-    CUDA where it imports, else torch. Same loss and gradients up to summation order (not part of the trial id)."""
+    CUDA where it imports, else torch. Same loss and gradients up to summation order."""
     mlp_kernel: Literal["auto", "triton", "torch"] = "auto"
     """SwiGLU's silu(gate) * up. 'triton': overtok.kernels.swiglu, whose backward reads gate, up and the gradient
-    once and writes both halves of the projection's gradient (inductor's concatenating kernel ran at about half the
-    H200's bandwidth); same needs as loss_kernel; 'torch': torch ops (compiled with the body); 'auto': triton on
-    CUDA where it imports, else torch. Both compute in fp32 and round once (not part of the trial id)."""
+    once and writes both halves of the projection's gradient (docs/performance.md); same needs as loss_kernel; 'torch': torch ops (compiled with the body); 'auto': triton on
+    CUDA where it imports, else torch. Both compute in fp32 and round once."""
     rope_kernel: Literal["auto", "triton", "torch"] = "auto"
     """Rotary embedding of queries and keys in training forwards. 'triton': overtok.kernels.rope_qkv, one kernel that
     reads the qkv projection's output once and writes the attention's inputs, and one that writes the projection's
@@ -366,45 +383,33 @@ class TrainConfig:
     'auto': triton on CUDA where it imports, else torch. Both compute in fp32 and round once (not part of the trial
     id). Cached generation always uses torch."""
     cuda_graphs: bool = True
-    """With train.compile on a CUDA device, in one process: replay the training step as CUDA graphs (what they hold:
-    train.cuda_graph_scope), so a step costs the host a few launches instead of one per kernel. Ignored elsewhere
+    """With runtime.compile on a CUDA device, in one process: replay the training step as CUDA graphs (what they hold:
+    runtime.cuda_graph_scope), so a step costs the host a few launches instead of one per kernel. Ignored elsewhere
     (CPU, no compile, data-parallel trials, train.grad_accum > 1). Same kernels, same results (not part of the
     trial id)."""
     cuda_graph_scope: Literal["step", "compiled"] = "step"
-    """Where train.cuda_graphs applies: what one CUDA graph replays. 'compiled': the compiled body, heads and loss
+    """Where runtime.cuda_graphs applies: what one CUDA graph replays. 'compiled': the compiled body, heads and loss
     (torch.compile's reduce-overhead mode; the host still issues the lookups, clipping and AdamW, and checks the
-    graphs' inputs every step; a tiny model on the H200: 9.3 -> 4.1 ms per step against no graphs). 'step' (the
+    graphs' inputs every step). 'step' (the
     default): the whole training step, recorded by the trainer after a few eager steps
     (overtok.train.StepGraph): forward, backward, gradient clipping and AdamW, which then reads its learning rates
     from GPU tensors, the host issuing only the copies of the batch and learning rates and one launch; the body
     compiled in torch.compile's default mode. Packed trials too. 'step' needs dense parameters (no row-sparse OE
-    tables, which update outside autograd); with them it acts as 'compiled'. A tiny trial on the H200: 2.34M ->
-    5.44M tokens/s against 'compiled' (benchmarks/bench_step_graph.py). The same results up to float rounding
-    (not part of the trial id); perf/step_graph records where it took effect."""
+    tables, which update outside autograd); with them it acts as 'compiled'. The same results up to float rounding;
+    perf/step_graph records where it took effect (docs/performance.md)."""
     compile_eval: Literal["auto", "always", "never"] = "auto"
-    """With train.compile: whether validation forwards run compiled too. Without gradients the forward is a second
+    """With runtime.compile: whether validation forwards run compiled too. Without gradients the forward is a second
     graph, so compiling it costs a second compilation (seconds to tens of seconds on a GPU), while eager costs a few
     milliseconds more per batch. 'auto' compiles it only for runs that evaluate at least
     overtok.train.EVAL_COMPILE_MIN_BATCHES batches in all. The same losses up to summation order (not part of the
     trial id); perf/compiled_eval records the choice."""
-    grad_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Data-parallel trials (resources.workers > 1): the dtype in which DDP all-reduces gradients. 'bfloat16' sends
-    half the bytes (gradients rounded to bf16 before averaging, cast back after; the optimizer still sees float32
-    gradients), for interconnects slower than NVLink: on two NVLinked H200s it made a 124M trial slower, 1.68x
-    instead of 1.84x one GPU (benchmarks/RESULTS.md). Ignored in one process."""
     ddp_bucket_mb: float = 25.0
     """Data-parallel trials: DDP's gradient bucket size in MiB (torch's default 25). Each bucket is all-reduced as soon
-    as its gradients are ready, and under train.compile the compiled graph is split at bucket boundaries so that the
+    as its gradients are ready, and under runtime.compile the compiled graph is split at bucket boundaries so that the
     reduction overlaps the rest of the backward pass: larger buckets mean fewer collectives and fewer graph splits,
-    less overlap. The same averages (not part of the trial id)."""
+    less overlap. The same averages."""
     device: str = "auto"
     """'auto' (CUDA when available, else the CPU), 'cpu', 'cuda' or 'cuda:<index>'."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """'auto' = bf16 autocast on CUDA, float32 on CPU."""
-    residual_dtype: Literal["float32", "bfloat16"] = "float32"
-    """The residual stream between blocks under bf16 autocast (ignored without it): 'float32' (the embedding's
-    dtype) or 'bfloat16', which halves the memory traffic of norms and residual adds (H200, 124M: 3% faster per
-    step, benchmarks/RESULTS.md) at bf16 rounding of the stream."""
     fail_at_step: int = -1
     """Testing aid: raise at this step (to exercise failure handling). -1 = never."""
 
@@ -428,6 +433,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
@@ -498,6 +504,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {key}")  # internal: schema uses only the above
 
 
+def runtime_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(RuntimeConfig)}
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise ConfigError."""
     hints = typing.get_type_hints(cls)
@@ -505,10 +515,21 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names and cls is TrainConfig and k in runtime_fields():
+            raise ConfigError(f"moved to runtime.{k} (how a run executes, not part of the trial id)", key=key)
         if k not in names:
             raise ConfigError(f"unknown key (allowed: {', '.join(sorted(names))})", key=key)
         kwargs[k] = _coerce(v, hints[k], key)
     return cls(**kwargs)
+
+
+def stored_config(data: dict) -> RunConfig:
+    """A RunConfig from a config dict that a checkpoint or a run stored, also one written before the ``runtime``
+    section existed (its fields then sat in ``train``)."""
+    data = {**data, "train": dict(data.get("train", {})), "runtime": dict(data.get("runtime", {}))}
+    for k in runtime_fields() & set(data["train"]):
+        data["runtime"].setdefault(k, data["train"].pop(k))
+    return from_dict(RunConfig, data)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -585,7 +606,7 @@ NAME_RULE = "required: 1-64 ASCII letters, digits, '-' and '_', starting with a 
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    m, oe, t, d = cfg.model, cfg.model.oe, cfg.train, cfg.data
+    m, oe, t, d, r = cfg.model, cfg.model.oe, cfg.train, cfg.data, cfg.runtime
 
     def need(cond: bool, key: str, problem: str) -> None:
         if not cond:
@@ -594,8 +615,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(NAME_RE.fullmatch(cfg.name) is not None, "name", f"{NAME_RULE}, got {cfg.name!r}")
     need(0 <= cfg.seed < 2**32, "seed", f"must be an integer in [0, 2^32), got {cfg.seed}")
     _check_finite(cfg)
-    need(DEVICE_RE.fullmatch(t.device) is not None, "train.device",
-         f"must be auto, cpu, cuda or cuda:<index>, got {t.device!r}")
+    need(DEVICE_RE.fullmatch(r.device) is not None, "runtime.device",
+         f"must be auto, cpu, cuda or cuda:<index>, got {r.device!r}")
     need(0 <= t.beta1 < 1, "train.beta1", f"must be in [0, 1), got {t.beta1}")
     need(0 <= t.beta2 < 1, "train.beta2", f"must be in [0, 1), got {t.beta2}")
     need(t.weight_decay >= 0 and t.embed_weight_decay >= 0, "train.weight_decay" if t.weight_decay < 0
@@ -606,7 +627,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}")
     need(m.od_lambda is None or m.od_lambda >= 0, "model.od_lambda", f"must be >= 0, got {m.od_lambda}")
     need(t.gen_every >= 0, "train.gen_every", f"must be >= 0, got {t.gen_every}")
-    need(t.fail_at_step >= -1, "train.fail_at_step", f"must be >= -1 (-1 = never), got {t.fail_at_step}")
+    need(r.fail_at_step >= -1, "runtime.fail_at_step", f"must be >= -1 (-1 = never), got {r.fail_at_step}")
 
     for key, val in [
         ("model.d_model", m.d_model), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
@@ -634,7 +655,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(0 < t.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
     need(t.gen_samples >= 0, "train.gen_samples", "must be >= 0")
-    need(t.ddp_bucket_mb > 0, "train.ddp_bucket_mb", f"must be > 0, got {t.ddp_bucket_mb}")
+    need(r.ddp_bucket_mb > 0, "runtime.ddp_bucket_mb", f"must be > 0, got {r.ddp_bucket_mb}")
     for key, val in [("model.embed_init_std", m.embed_init_std), ("model.pos_init_std", m.pos_init_std),
                      ("model.oe.table_init_std", oe.table_init_std)]:
         need(math.isfinite(val) and val >= 0, key, f"must be a finite number >= 0, got {val}")

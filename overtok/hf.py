@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from overtok.config import ConfigError, RunConfig, from_dict
+from overtok.config import ConfigError, RunConfig, stored_config
 from overtok.errors import CheckpointError
 
 
@@ -41,7 +41,7 @@ def load_checkpoint(path: str | Path) -> tuple[RunConfig, dict]:
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise CheckpointError(f"{p}: not an overtok checkpoint (no config and model state)")
     try:
-        cfg = from_dict(RunConfig, state["config"])
+        cfg = stored_config(state["config"])
     except ConfigError as e:
         raise CheckpointError(f"{p}: its config does not load ({e})") from None
     return cfg, state["model"]

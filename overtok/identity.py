@@ -46,12 +46,11 @@ ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "f
 
 
 def trial_id(cfg: RunConfig) -> str:
-    """Hash of what determines the result: the resolved config minus naming, tracking and where files go, the loss,
-    MLP and RoPE kernels (the same values up to float rounding), CUDA graphs (the same kernels, replayed), DDP's bucket
-    size (the same averages) and whether evaluation is compiled (the same losses up to summation order), nor the
-    fields its data never reads (``unused_fields``)."""
-    drop = ("tracking", "name", "train.checkpoint_dir", "train.loss_kernel", "train.mlp_kernel", "train.rope_kernel",
-            "train.cuda_graphs", "train.cuda_graph_scope", "train.ddp_bucket_mb", "train.compile_eval")
+    """Hash of what determines the result: the experiment sections (seed, model, data, train), without where the
+    checkpoints go and the fields its data never reads (``unused_fields``). Naming, tracking and the whole
+    ``runtime`` section (compilation, kernels, CUDA graphs, placement: the same results up to float summation order)
+    are not part of it."""
+    drop = ("tracking", "name", "runtime", "train.checkpoint_dir")
     drop += unused_fields(cfg)
     # a corpus is prepared by this version's rules (documents, per-source held-out split): text trials of a corpus
     # prepared by earlier rules are other experiments

@@ -4,11 +4,10 @@ the queries and keys (``rope_qkv``), the last two at the end of this file.
 Fused output head + cross-entropy: the loss and the logits' gradient in one kernel over the logits.
 
 The stock path (``F.cross_entropy(logits.float(), ...)``, compiled by inductor) makes several full passes over the
-N x V logits: an fp32 log-softmax forward, then a reduction and an elementwise pass backward (profiled on an H200:
-15 of 39 ms of a packed tiny-model step, roughly 2 TB/s). Here one Triton program per row reads the bf16 logits
-(online max / sum of exponentials), writes the row's loss, then reads the row again and overwrites the logits with
-their gradient ``softmax - onehot`` in place (H200, 124M model: 2.35 ms per step against 4.9 ms for the stock loss's
-two largest kernels; benchmarks/RESULTS.md). The head's backward is then just the two matmuls, with the upstream
+N x V logits: an fp32 log-softmax forward, then a reduction and an elementwise pass backward. Here one Triton
+program per row reads the bf16 logits (online max / sum of exponentials), writes the row's loss, then reads the row
+again and overwrites the logits with their gradient ``softmax - onehot`` in place (docs/performance.md). The head's
+backward is then just the two matmuls, with the upstream
 scale (1/N times the loss's gradient) applied to their small outputs instead of to the N x V gradient.
 The logits' rows are padded to a multiple of 64 columns (zero rows appended to w; the padding is left out of the
 softmax): with a real vocabulary such as the OLMo tokenizer's 50,280, unpadded rows start at addresses Triton cannot
@@ -140,8 +139,8 @@ def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor)
 
 
 # SwiGLU's pointwise part, silu(gate) * up, over the gate_up projection's output (..., 2h) = [gate | up].
-# Compiled by inductor, its backward writes the two halves of d(gate_up) as a concatenation: on an H200 that kernel
-# ran at about 2.3 TB/s (3.5 ms of a 124M step, benchmarks/RESULTS.md). Here one program reads gate, up and the
+# Compiled by inductor, its backward writes the two halves of d(gate_up) as a concatenation, well below the memory
+# bandwidth. Here one program reads gate, up and the
 # output's gradient once for a block of columns of one row and writes both halves: 3 reads, 2 writes.
 
 if triton is not None:
@@ -170,15 +169,15 @@ if triton is not None:
 
 
 def _swiglu_grid(rows: int, H: int) -> tuple[tuple[int, int], int]:
-    """(grid, block): one program per row and block of up to 1024 columns, 4 warps. (Blocks picked to leave fewer
-    masked-off columns, down to 256 columns and 1 warp, measured slower on the H200: benchmarks/RESULTS.md.)"""
+    """(grid, block): one program per row and block of up to 1024 columns, 4 warps (smaller blocks, which leave fewer
+    masked-off columns, were slower)."""
     block = min(1024, triton.next_power_of_2(H))
     return (rows, triton.cdiv(H, block)), block
 
 
 # On CUDA a triton_op: torch.compile sees the kernels and launches them from its own generated code, as its own
-# kernels (a custom_op's Python dispatch and Triton's launcher cost the host about 0.2 ms per call on the H200 host,
-# which a step that is not a CUDA graph pays). Triton's CPU interpreter (the tests) cannot be traced that way: there
+# kernels (a custom_op's Python dispatch and Triton's launcher cost the host time per call, which a step that is
+# not a CUDA graph pays). Triton's CPU interpreter (the tests) cannot be traced that way: there
 # the same functions are plain custom ops (as without triton, where they are never called: ``available``).
 _PLAIN_OPS = os.environ.get("TRITON_INTERPRET") == "1" or triton is None
 _define = torch.library.custom_op if _PLAIN_OPS else torch.library.triton_op
@@ -227,8 +226,8 @@ def swiglu(gu: torch.Tensor) -> torch.Tensor:
 
 # Rotary position embedding of the queries and keys, over the qkv projection's output (B, T, 3 * H * hd) = [q | k | v]
 # per token. Compiled by inductor, the forward rotates q and k in one kernel and copies v in another, and the
-# backward writes d(qkv) in two passes (rotating one gradient into a temporary, then assembling all three): on an
-# H200 these took about 2.8 ms of a 124M step, these kernels 1.85 ms (benchmarks/RESULTS.md). Here a program reads a
+# backward writes d(qkv) in two passes (rotating one gradient into a temporary, then assembling all three). Here a
+# program reads a
 # token's q, k and v once and writes the three attention inputs; backward, it reads dq, dk and dv once and writes the
 # token's row of d(qkv). As ``apply_rope``: pairs (first half, second half) of each head, cos and sin rounded to
 # the activations' dtype, computed in fp32 and rounded once (as inductor's fused kernels compute).

@@ -61,7 +61,7 @@ class Attention(nn.Module):
         self.rope = cfg.pos_encoding == "rope"
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.kernel = False  # RoPE by overtok.kernels.rope_qkv in training (the trainer sets it: train.rope_kernel)
+        self.kernel = False  # RoPE by overtok.kernels.rope_qkv in training (the trainer sets it: runtime.rope_kernel)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -88,7 +88,7 @@ class SwiGLU(nn.Module):
         h = cfg.mlp_hidden_size
         self.gate_up = nn.Linear(cfg.d_model, 2 * h, bias=False)
         self.down = nn.Linear(h, cfg.d_model, bias=False)
-        self.kernel = False  # silu(gate) * up by overtok.kernels.swiglu (the trainer sets it: train.mlp_kernel)
+        self.kernel = False  # silu(gate) * up by overtok.kernels.swiglu (the trainer sets it: runtime.mlp_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up(x)
@@ -241,7 +241,7 @@ class Transformer(nn.Module):
             raise ValueError("model.vocab_size must be resolved before building the model")
         self.cfg = cfg
         self.pack = 1  # > 1 after overtok.packed.pack_models: P models in one, losses of shape (P,)
-        # the trainer turns this on where overtok.kernels runs (train.loss_kernel); training then returns no logits
+        # the trainer turns this on where overtok.kernels runs (runtime.loss_kernel); training then returns no logits
         self.fused_loss = False
         # None: the residual stream keeps the embedding's dtype (float32); bfloat16 (train.residual_dtype) casts it
         # under autocast only (``_residual``)

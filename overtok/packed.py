@@ -216,7 +216,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     P = len(cfgs)
     cfg0, t = cfgs[0], cfgs[0].train
     hsinks = [HistorySink(s or Sink()) for s in sinks]
-    device = device or pick_device(t.device)
+    device = device or pick_device(cfg0.runtime.device)
     train_data = [Batches(c, "train") for c in cfgs]
     val_data = [Batches(c, "val") for c in cfgs]
     models = []
@@ -228,7 +228,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
     del models
     plain = None  # a plain model for generation, filled from one slice at a time
     opt = PackedAdamW(model, t)
-    autocast, perf_flags = prepare_model(model, t, device, step_graphs=True)
+    autocast, perf_flags = prepare_model(model, cfg0, device, step_graphs=True)
     ckpt_dir = Path(checkpoint_dir)
     step, tokens_seen, resumed_from = 0, 0, None
     state = load_latest_checkpoint(ckpt_dir)
@@ -271,7 +271,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
         last_step = step >= t.max_steps
         if ((step % t.eval_every == 0 and step > 0) or last_step) and step != resumed_from:
             t_eval = time.time()
-            val = evaluate(model, val_data, t.eval_batches, device, autocast, compiled_eval(t)).tolist()
+            val = evaluate(model, val_data, t.eval_batches, device, autocast, compiled_eval(cfg0)).tolist()
             eval_s = time.time() - t_eval  # .tolist() waited for the GPU
             for p, c in enumerate(cfgs):
                 metrics = {"val/loss": val[p], "perf/eval_s": eval_s}
@@ -298,7 +298,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
         if last_step:
             break
 
-        if step == t.fail_at_step:
+        if step == cfg0.runtime.fail_at_step:
             raise RuntimeError(f"fail_at_step={step} (deliberate failure for testing)")
         lr_list = [lr_at(step, c.train) for c in cfgs]
         if step_graph is not None:
@@ -312,7 +312,7 @@ def train_packed(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir
         if step == first_step:
             startup["perf/first_step_s"] = synced_since(t_last, device)
             print(f"[overtok] pack of {P}: setup {startup['perf/setup_s']:.1f} s, first step "
-                  f"{startup['perf/first_step_s']:.1f} s" + (" (compilation included)" if t.compile else ""), flush=True)
+                  f"{startup['perf/first_step_s']:.1f} s" + (" (compilation included)" if cfg0.runtime.compile else ""), flush=True)
 
         if step % t.log_every == 0 or step == t.max_steps:
             totals = parts["total"].tolist()

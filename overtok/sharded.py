@@ -8,7 +8,7 @@ of its id, which sums them into its shard's gradient (duplicates add up, as in `
 the shard gradients equal the unsharded lookup exactly (tests/test_sharded.py: 2 and 3 gloo processes, and NCCL
 on two GPUs).
 Reading the counts on the host costs a GPU sync per lookup; sending every owner a padded slot as large as the
-lookup instead (equal parts, no sync) was tried and was slower on two H200s (benchmarks/RESULTS.md, section 5).
+lookup instead (equal parts, no sync) was tried and was slower.
 
 Used by the trainer when ``model.oe.shard`` is on in a data-parallel run (``overtok/train.py``): DDP leaves the
 shards alone, shard gradients are divided by the world size (DDP's mean), clipping uses the global norm, every

@@ -7,8 +7,8 @@ fp32 gradient plus two 39 GB moments, and a full pass over all of them per step)
 - forward gathers the rows of the batch (one gather over the fused table of all slices); backward captures the
   gradient of exactly those rows with a tensor hook, so no dense gradient is ever allocated;
 - :meth:`RowSparseTable.apply_update` coalesces duplicate ids and applies Adam to the touched rows only; on CUDA
-  the trainer compiles the coalescing, gathers and arithmetic (:meth:`RowSparseTable.compile_update`; H200,
-  OE-12.8M: 1.03-1.05x the step time of no OE, benchmarks/RESULTS.md).
+  the trainer compiles the coalescing, gathers and arithmetic (:meth:`RowSparseTable.compile_update`;
+  benchmarks/RESULTS.md, section 2).
 
 Optimizer semantics (``model.oe.sparse_mode``, recorded in every run as the ``optimizer`` param):
 
@@ -78,7 +78,7 @@ class RowSparseTable(nn.Module):
 
     def compile_update(self) -> None:
         """Compile the coalescing of duplicate ids, the row gathers and the Adam arithmetic (the trainer does this
-        on CUDA with ``train.compile``); the writes back into the table stay eager, in place."""
+        on CUDA with ``runtime.compile``); the writes back into the table stay eager, in place."""
         self._adam = torch.compile(adam_rows)
 
     @property

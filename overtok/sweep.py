@@ -217,13 +217,13 @@ class Sweep:
             raise ConfigError(f"a trial needs {gpu:g} GPU{'s' if gpu != 1 else ''} but this machine has {have_gpu} "
                               "(a local Ray has this machine's); run it on a GPU machine or attach to a cluster "
                               "with --address", file=self.file, key="resources.gpu", line=self.lines.get("resources.gpu"))
-        cuda = sorted({t.config.train.device for t in self.trials if t.config.train.device.startswith("cuda")})
+        cuda = sorted({t.config.runtime.device for t in self.trials if t.config.runtime.device.startswith("cuda")})
         if cuda:
             index = max(int(d.split(":", 1)[1]) if ":" in d else 0 for d in cuda)
             if index >= local_gpus():
-                raise ConfigError(f"trials ask for train.device {cuda[-1]} but this machine has {local_gpus()} CUDA "
-                                  "GPUs (a local Ray has this machine's)", file=self.file, key="base.train.device",
-                                  line=self.lines.get("base.train.device"))
+                raise ConfigError(f"trials ask for runtime.device {cuda[-1]} but this machine has {local_gpus()} CUDA "
+                                  "GPUs (a local Ray has this machine's)", file=self.file, key="base.runtime.device",
+                                  line=self.lines.get("base.runtime.device"))
         have_cpu = local_cpus(cpus)
         if cpus > have_cpu:
             each = f" ({workers} workers x {self.resources.get('cpu', 1.0):g})" if workers > 1 else ""
@@ -417,7 +417,7 @@ def trial_plan(trial: Trial, on_gpu: bool = False, workers: int = 1) -> dict[str
             "total_flops": accounting.flops_per_token(cfg.model) * positions,
             "memory_gb": accounting.memory_estimate_bytes(
                 cfg.model, cfg.data.batch_size, workers, cuda_bf16=cuda_bf16,
-                residual_dtype=cfg.train.residual_dtype, fused_loss=cfg.train.loss_kernel != "torch") / 2**30,
+                residual_dtype=cfg.train.residual_dtype, fused_loss=cfg.runtime.loss_kernel != "torch") / 2**30,
             "ckpt_gb": accounting.checkpoint_bytes(cfg.model) / 2**30}
 
 

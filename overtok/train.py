@@ -169,26 +169,22 @@ def default_checkpoint_dir(cfg: RunConfig) -> Path:
 
 
 def checkpoint_identity(cfg: RunConfig) -> str:
-    """The trial id of ``cfg`` without its testing aid train.fail_at_step (a run that failed on purpose resumes as
-    the same run)."""
-    import copy
-
+    """The trial id of ``cfg`` (runtime.fail_at_step, like every runtime field, is not part of it: a run that failed
+    on purpose resumes as the same run)."""
     from overtok.identity import trial_id
 
-    c = copy.deepcopy(cfg)
-    c.train.fail_at_step = -1
-    return trial_id(c)
+    return trial_id(cfg)
 
 
 def check_checkpoint_config(state: dict, cfg: RunConfig, ckpt_dir: Path) -> None:
     """Refuse to resume from a checkpoint of another configuration (another trial id)."""
-    from overtok.config import ConfigError, from_dict
+    from overtok.config import ConfigError, stored_config
 
     saved = state.get("config")
     if saved is None:
         return
     try:
-        theirs = checkpoint_identity(from_dict(RunConfig, saved))
+        theirs = checkpoint_identity(stored_config(saved))
     except (ConfigError, TypeError):
         theirs = "an unreadable configuration"
     ours = checkpoint_identity(cfg)
@@ -202,7 +198,7 @@ def check_checkpoint_config(state: dict, cfg: RunConfig, ckpt_dir: Path) -> None
 
 
 def use_kernel(value: str, device: torch.device, field: str) -> bool:
-    """Resolve a kernel choice (train.loss_kernel, mlp_kernel, rope_kernel: auto / triton / torch) on this device:
+    """Resolve a kernel choice (runtime.loss_kernel, mlp_kernel, rope_kernel: auto / triton / torch) on this device:
     whether overtok.kernels runs."""
     from overtok import kernels
 
@@ -224,26 +220,28 @@ def set_kernels(model: Transformer, device: torch.device, loss: str, mlp: str, r
     return on
 
 
-def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, distributed: bool = False,
+def prepare_model(model: Transformer, cfg: RunConfig, device: torch.device, distributed: bool = False,
                   step_graphs: bool = False):
-    """What both trainers do to a built model before training: pick the loss, MLP and RoPE kernels (train.loss_kernel,
-    mlp_kernel, rope_kernel) and the residual stream's dtype (train.residual_dtype: bfloat16 takes effect under bf16
-    autocast only), and under train.compile compile the OE mix, body, heads and loss (the lookups stay eager:
-    row-sparse tables work through autograd hooks), as CUDA graphs where train.cuda_graphs applies, plus on CUDA the
-    small eager parts of OE around the lookup. ``step_graphs``: the caller can record whole steps (``StepGraph``), which
-    train.cuda_graph_scope = step then asks for instead of torch.compile's graphs. Returns (autocast: a context factory
-    for forward passes, the perf/* flags every logged step carries: which of these took effect)."""
+    """What both trainers do to a built model before training: pick the loss, MLP and RoPE kernels
+    (runtime.loss_kernel, mlp_kernel, rope_kernel) and the residual stream's dtype (train.residual_dtype: bfloat16
+    takes effect under bf16 autocast only), and under runtime.compile compile the OE mix, body, heads and loss (the
+    lookups stay eager: row-sparse tables work through autograd hooks), as CUDA graphs where runtime.cuda_graphs
+    applies, plus on CUDA the small eager parts of OE around the lookup. ``step_graphs``: the caller can record whole
+    steps (``StepGraph``), which runtime.cuda_graph_scope = step then asks for instead of torch.compile's graphs.
+    Returns (autocast: a context factory for forward passes, the perf/* flags every logged step carries: which of
+    these took effect)."""
+    t, r = cfg.train, cfg.runtime
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
-    kernels = set_kernels(model, device, t.loss_kernel, t.mlp_kernel, t.rope_kernel)
+    kernels = set_kernels(model, device, r.loss_kernel, r.mlp_kernel, r.rope_kernel)
     model.residual_dtype = torch.bfloat16 if use_bf16 and t.residual_dtype == "bfloat16" else None
     # with gradient accumulation (several backward passes into the same gradients per step) a graphed run's curve
     # differs from the plain one (tests/test_cuda.py): no graphs there
-    graphs = t.compile and t.cuda_graphs and device.type == "cuda" and not distributed and t.grad_accum == 1
-    whole_step = graphs and step_graphs and t.cuda_graph_scope == "step" and not model.sparse_tables()
+    graphs = r.compile and r.cuda_graphs and device.type == "cuda" and not distributed and t.grad_accum == 1
+    whole_step = graphs and step_graphs and r.cuda_graph_scope == "step" and not model.sparse_tables()
     # autocast's cache of cast weights would be recorded into a step graph and replayed stale: off there
     autocast = (partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=not whole_step) if use_bf16
                 else contextlib.nullcontext)
-    if t.compile:
+    if r.compile:
         compiled_graphs = graphs and not whole_step
         model.body_and_loss = torch.compile(model.body_and_loss, mode="reduce-overhead" if compiled_graphs else None)
         if device.type == "cuda":
@@ -253,7 +251,7 @@ def prepare_model(model: Transformer, t: TrainConfig, device: torch.device, dist
     flags = {"perf/fused_loss": float(kernels["loss"]), "perf/mlp_kernel": float(kernels["mlp"]),
              "perf/rope_kernel": float(kernels["rope"]), "perf/cuda_graphs": float(graphs),
              "perf/step_graph": float(whole_step),
-             "perf/residual_bf16": float(model.residual_dtype is not None), "perf/compiled_eval": float(compiled_eval(t))}
+             "perf/residual_bf16": float(model.residual_dtype is not None), "perf/compiled_eval": float(compiled_eval(cfg))}
     return autocast, flags
 
 
@@ -268,17 +266,17 @@ def shard_state(model: Transformer) -> tuple[list[tuple[str, torch.nn.Parameter]
     return sharded, [n for n, _ in sharded] + [n for n, b in model.named_buffers() if id(b) in buffers]
 
 
-def wrap_ddp(model: Transformer, t: TrainConfig, device: torch.device, ignore: list[str]) -> torch.nn.Module:
+def wrap_ddp(model: Transformer, cfg: RunConfig, device: torch.device, ignore: list[str]) -> torch.nn.Module:
     """The model under DistributedDataParallel, leaving out the parameters and buffers named in ``ignore``
-    (row-sharded tables: each rank owns its rows). Buckets of train.ddp_bucket_mb; gradients are views of them
+    (row-sharded tables: each rank owns its rows). Buckets of runtime.ddp_bucket_mb; gradients are views of them
     (no copy into them and back); with train.grad_reduce_dtype = bfloat16 they travel as bf16."""
     from torch.nn.parallel import DistributedDataParallel
 
     if ignore:
         ddp_ignore(model, ignore)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  bucket_cap_mb=t.ddp_bucket_mb, gradient_as_bucket_view=True)
-    if t.grad_reduce_dtype == "bfloat16":
+                                  bucket_cap_mb=cfg.runtime.ddp_bucket_mb, gradient_as_bucket_view=True)
+    if cfg.train.grad_reduce_dtype == "bfloat16":
         ddp.register_comm_hook(None, _bf16_all_reduce)
     return ddp
 
@@ -324,7 +322,7 @@ def accumulate(step_model: torch.nn.Module, draw, micro_steps: int, device: torc
 
 
 class StepGraph:
-    """A training step (train.cuda_graph_scope = step) recorded once as a CUDA graph and then replayed, so that the host
+    """A training step (runtime.cuda_graph_scope = step) recorded once as a CUDA graph and then replayed, so that the host
     issues its inputs' copies and one launch per step instead of every kernel.
 
     ``run(*inputs)`` is the step on device tensors: forward, backward, clipping, the optimizer's update; it returns what
@@ -402,19 +400,20 @@ def optimizer_state(opt: torch.optim.Optimizer) -> dict:
     return state
 
 
-# Under train.compile_eval = auto, evaluation runs compiled only when the run evaluates at least this many batches in
+# Under runtime.compile_eval = auto, evaluation runs compiled only when the run evaluates at least this many batches in
 # all: compiling the forward without gradients is a second compilation (seconds to tens of seconds), while an eager
 # forward costs a few milliseconds more per batch (benchmarks/bench_eval.py, benchmarks/RESULTS.md section 3).
 EVAL_COMPILE_MIN_BATCHES = 500
 
 
-def compiled_eval(t: TrainConfig) -> bool:
-    """Whether validation forwards run compiled (train.compile_eval): 'auto' compiles them only for runs that
+def compiled_eval(cfg: RunConfig) -> bool:
+    """Whether validation forwards run compiled (runtime.compile_eval): 'auto' compiles them only for runs that
     evaluate EVAL_COMPILE_MIN_BATCHES batches or more in all (every eval_every steps and at the end)."""
-    if not t.compile or t.compile_eval == "never":
+    t, r = cfg.train, cfg.runtime
+    if not r.compile or r.compile_eval == "never":
         return False
     evaluations = -(-t.max_steps // t.eval_every)
-    return t.compile_eval == "always" or evaluations * t.eval_batches >= EVAL_COMPILE_MIN_BATCHES
+    return r.compile_eval == "always" or evaluations * t.eval_batches >= EVAL_COMPILE_MIN_BATCHES
 
 
 @torch.no_grad()
@@ -505,16 +504,16 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
                          "model.oe.shard: true (or model.oe.sparse_update: false)")
     sink = HistorySink(sink if (sink and rank == 0) else Sink())
     t = cfg.train
-    device = device or pick_device(t.device)
+    device = device or pick_device(cfg.runtime.device)
     torch.manual_seed(cfg.seed)
     train_data, val_data = Batches(cfg, "train", rank, world), Batches(cfg, "val")
     with torch.device(device):  # build in place: OE tables can be tens of GB
         model = Transformer(cfg.model, eos_id=train_data.eos_id)
     opt = make_optimizer(model, t, device)
-    autocast, perf_flags = prepare_model(model, t, device, distributed, step_graphs=True)
+    autocast, perf_flags = prepare_model(model, cfg, device, distributed, step_graphs=True)
     sparse_tables = model.sparse_tables()
     sharded, ignore = shard_state(model)
-    step_model = wrap_ddp(model, t, device, ignore) if distributed else model
+    step_model = wrap_ddp(model, cfg, device, ignore) if distributed else model
     ckpt_dir = default_checkpoint_dir(cfg)
     step, tokens_seen, resumed_from = 0, 0, None
     state = load_latest_checkpoint(ckpt_dir)
@@ -554,7 +553,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             t_eval = time.time()
             for table in sparse_tables:  # exact mode: every row up to date before it is read
                 table.flush()
-            metrics = {"val/loss": eval_loss(model, val_data, t.eval_batches, device, autocast, compiled_eval(t))}
+            metrics = {"val/loss": eval_loss(model, val_data, t.eval_batches, device, autocast, compiled_eval(cfg))}
             metrics["perf/eval_s"] = time.time() - t_eval  # the loss's .item() waited for the GPU
             if cfg.data.kind == "text":
                 bpt = read_bytes_per_token(cfg)
@@ -597,7 +596,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             break
 
         # single training step (gradient accumulation over micro-batches)
-        if step == t.fail_at_step:
+        if step == cfg.runtime.fail_at_step:
             raise RuntimeError(f"fail_at_step={step} (deliberate failure for testing)")
         lr = lr_at(step, t)
         if step_graph is not None:
@@ -623,7 +622,7 @@ def train(cfg: RunConfig, sink: Sink | None = None, device: torch.device | None 
             startup["perf/first_step_s"] = synced_since(t_last, device)
             if rank == 0:
                 print(f"[overtok] setup {startup['perf/setup_s']:.1f} s, first step {startup['perf/first_step_s']:.1f} s"
-                      + (" (compilation included)" if t.compile else ""), flush=True)
+                      + (" (compilation included)" if cfg.runtime.compile else ""), flush=True)
 
         # logging (the .item() syncs only here)
         if step % t.log_every == 0 or step == t.max_steps:

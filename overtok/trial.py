@@ -97,7 +97,7 @@ class _TrialThread:
     """The one thread on which every trial of this worker process trains.
 
     With ``reuse_processes`` (Tune's ``reuse_actors``) a process runs trial after trial, and Tune calls each from a
-    new thread of its own. CUDA graph trees (torch.compile's reduce-overhead mode, ``train.cuda_graphs``) keep their
+    new thread of its own. CUDA graph trees (torch.compile's reduce-overhead mode, ``runtime.cuda_graphs``) keep their
     state with the thread that first used them, so a second trial on a new thread fails at its first compiled step.
     Trials therefore run here, one at a time, while Tune's thread
     waits; ``tune.report`` works from any thread of the process (its session is per process)."""

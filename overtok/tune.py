@@ -384,9 +384,8 @@ def _probably_all_finished(sweep: Sweep, uri: str) -> bool:
 def _shutdown_ray() -> None:
     """Stop the local Ray this driver started (or leave the one it attached to). Ray stops its processes one after
     another, each with SIGTERM and up to 1 s of waiting; its autoscaler monitor (idle on one machine: no autoscaling
-    config) used all of that second before Ray killed it anyway: 1.0 of a 1.25-1.54 s stop on the CPU machine
-    (benchmarks/probe_driver_exit.py). It is killed first, and the stop takes 0.4-0.6 s there, 0.2-0.3 s on the H200
-    host (benchmarks/RESULTS.md, section 4)."""
+    config) used all of that second before Ray killed it anyway (benchmarks/probe_driver_exit.py). It is killed
+    first."""
     import ray
 
     from overtok.compat import ray_monitor_processes

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # the fused loss kernel (overtok.kernels) runs on the CPU under Triton's interpreter; set before triton is imported
-# (its jit decorator reads this). train.loss_kernel 'auto' still picks the stock loss on the CPU.
+# (its jit decorator reads this). runtime.loss_kernel 'auto' still picks the stock loss on the CPU.
 if not shutil.which("nvidia-smi"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -134,7 +134,8 @@ def test_probe_trainer_host_reports_its_three_timings(tmp_path):
     cfg = json.loads((ROOT / "benchmarks" / "configs" / "cfg_tiny.json").read_text())
     cfg["model"] = {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32}
     cfg["data"]["batch_size"] = 2
-    cfg["train"].update(compile=False, log_every=300, eval_every=600, eval_batches=1)
+    cfg["train"].update(log_every=300, eval_every=600, eval_batches=1)
+    cfg["runtime"]["compile"] = False
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probe_trainer_host.py"), str(tmp_path / "cfg.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=1800)

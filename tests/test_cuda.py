@@ -1,4 +1,4 @@
-"""CUDA-only checks: the trainers with CUDA graphs (train.cuda_graphs) train as without them.
+"""CUDA-only checks: the trainers with CUDA graphs (runtime.cuda_graphs) train as without them.
 
 Skipped without a CUDA device (CI here has none); run on the GPU machine with
 ``python -m pytest tests/test_cuda.py`` (benchmarks/RESULTS.md names the run).
@@ -19,7 +19,7 @@ CUDA = torch.device("cuda")
 
 
 def _run(tmp_path, tag, graphs, **sets):
-    cfg = tiny_config(**{"train.compile": True, "train.cuda_graphs": graphs, "train.max_steps": 40,
+    cfg = tiny_config(**{"runtime.compile": True, "runtime.cuda_graphs": graphs, "train.max_steps": 40,
                          "train.eval_every": 20, "train.log_every": 10, **sets})
     cfg.train.checkpoint_dir = str(tmp_path / f"{tag}-{graphs}")
     sink = MemorySink()
@@ -42,8 +42,8 @@ def _assert_close(a, b, keys=("train/loss", "val/loss")):
     ("gen_acc", {"train.gen_samples": 64}),
 ])
 def test_cuda_graphs_train_as_without(tmp_path, tag, sets):
-    """torch.compile's graphs (train.cuda_graph_scope = compiled) train as without graphs."""
-    sets = {"train.cuda_graph_scope": "compiled", **sets}
+    """torch.compile's graphs (runtime.cuda_graph_scope = compiled) train as without graphs."""
+    sets = {"runtime.cuda_graph_scope": "compiled", **sets}
     on, off = _run(tmp_path, tag, True, **sets), _run(tmp_path, tag, False, **sets)
     # gradient accumulation runs without graphs (prepare_model)
     assert set(on["perf/cuda_graphs"].values()) == {float(tag != "grad_accum")}
@@ -59,11 +59,11 @@ def test_cuda_graphs_train_as_without(tmp_path, tag, sets):
                               "model.od_mode": "mtp_ds", "train.grad_clip": 0.05, "train.gen_samples": 64}),
 ])
 def test_whole_step_graph_trains_as_compiled_graphs(tmp_path, tag, sets):
-    """train.cuda_graph_scope = step (forward, backward, clipping and AdamW replayed as one CUDA graph) gives the
+    """runtime.cuda_graph_scope = step (forward, backward, clipping and AdamW replayed as one CUDA graph) gives the
     curves of torch.compile's graphs (scope 'compiled'), including the warm-up steps before recording, a learning
     rate that changes every step (warm-up, cosine), clipping that bites, evaluation and generation in between."""
-    step = _run(tmp_path, f"{tag}-step", True, **{"train.cuda_graph_scope": "step", **sets})
-    compiled = _run(tmp_path, f"{tag}-compiled", True, **{"train.cuda_graph_scope": "compiled", **sets})
+    step = _run(tmp_path, f"{tag}-step", True, **{"runtime.cuda_graph_scope": "step", **sets})
+    compiled = _run(tmp_path, f"{tag}-compiled", True, **{"runtime.cuda_graph_scope": "compiled", **sets})
     assert set(step["perf/step_graph"].values()) == {1.0} and set(compiled["perf/step_graph"].values()) == {0.0}
     _assert_close(step, compiled, ("train/loss", "val/loss", "train/grad_norm"))
     if "train.gen_samples" in sets:
@@ -73,10 +73,10 @@ def test_whole_step_graph_trains_as_compiled_graphs(tmp_path, tag, sets):
 def test_whole_step_graph_resumes_and_falls_back(tmp_path):
     """A step-graph run stopped at step 25 resumes from its step-20 checkpoint (warm-up and recording again) to the
     curve of the uninterrupted run; row-sparse tables, which update outside autograd, run without a step graph."""
-    sets = {"train.cuda_graph_scope": "step", "train.checkpoint_every": 20}
+    sets = {"runtime.cuda_graph_scope": "step", "train.checkpoint_every": 20}
     full = _run(tmp_path, "full", True, **sets)
     with pytest.raises(RuntimeError, match="fail_at_step"):
-        _run(tmp_path, "broken", True, **sets, **{"train.fail_at_step": 25})
+        _run(tmp_path, "broken", True, **sets, **{"runtime.fail_at_step": 25})
     resumed = _run(tmp_path, "broken", True, **sets)
     _assert_close(resumed, full)
     sparse = _run(tmp_path, "sparse", True, **sets, **{"model.oe.n": 2, "model.oe.k": 2, "model.oe.m": 2000,
@@ -90,8 +90,8 @@ def test_packed_cuda_graphs_train_as_without(tmp_path):
     for variant, graphs, scope in (("compiled", True, "compiled"), ("step", True, "step"), ("off", False, "compiled")):
         cfgs = []
         for i, (seed, lr) in enumerate([(0, 3e-3), (1, 1e-3)]):
-            c = tiny_config(seed=seed, **{"train.lr": lr, "train.compile": True, "train.cuda_graphs": graphs,
-                                          "train.cuda_graph_scope": scope, "train.max_steps": 40,
+            c = tiny_config(seed=seed, **{"train.lr": lr, "runtime.compile": True, "runtime.cuda_graphs": graphs,
+                                          "runtime.cuda_graph_scope": scope, "train.max_steps": 40,
                                           "train.eval_every": 20, "train.log_every": 10, "train.grad_clip": 0.05})
             c.train.checkpoint_dir = str(tmp_path / f"alone{i}")
             cfgs.append(c)
@@ -139,7 +139,7 @@ def test_reused_process_runs_compiled_trials_with_cuda_graphs(tmp_path):
 
 def test_swiglu_kernel_on_cuda(tmp_path):
     """overtok.kernels.swiglu against torch at a 124M model's MLP width in bf16, then the trainer with
-    train.mlp_kernel triton vs torch (compiled, the whole step as one CUDA graph)."""
+    runtime.mlp_kernel triton vs torch (compiled, the whole step as one CUDA graph)."""
     import torch.nn.functional as F
 
     from overtok import kernels
@@ -154,7 +154,7 @@ def test_swiglu_kernel_on_cuda(tmp_path):
     (rd,) = torch.autograd.grad(ref, gu, dout.float())
     torch.testing.assert_close(out, ref.bfloat16(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(gd, rd.bfloat16(), rtol=1e-2, atol=1e-2)
-    _assert_trainer_follows_torch(tmp_path, "train.mlp_kernel", "perf/mlp_kernel")
+    _assert_trainer_follows_torch(tmp_path, "runtime.mlp_kernel", "perf/mlp_kernel")
 
 
 def _assert_trainer_follows_torch(tmp_path, field, flag):
@@ -170,7 +170,7 @@ def _assert_trainer_follows_torch(tmp_path, field, flag):
 @pytest.mark.parametrize("bthd", [False, True], ids=["bhtd", "bthd"])
 def test_rope_kernel_on_cuda(tmp_path, monkeypatch, bthd):
     """overtok.kernels.rope_qkv against apply_rope at a 124M model's attention shape in bf16 (values and d(qkv)),
-    in both layouts of its outputs, then the trainer with train.rope_kernel triton vs torch (compiled, the whole step
+    in both layouts of its outputs, then the trainer with runtime.rope_kernel triton vs torch (compiled, the whole step
     as one CUDA graph)."""
     from overtok import kernels
     from overtok.model import apply_rope, rope_tables
@@ -191,4 +191,4 @@ def test_rope_kernel_on_cuda(tmp_path, monkeypatch, bthd):
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b.bfloat16(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(gq, rq.bfloat16(), rtol=1e-2, atol=1e-2)
-    _assert_trainer_follows_torch(tmp_path, "train.rope_kernel", "perf/rope_kernel")
+    _assert_trainer_follows_torch(tmp_path, "runtime.rope_kernel", "perf/rope_kernel")

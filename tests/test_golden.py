@@ -64,7 +64,7 @@ def _resumed(tmp: Path) -> list:
 
     sets = {**COMMON, "model.oe.n": 2, "model.oe.m": 53, "train.checkpoint_dir": str(tmp / "resumed")}
     with pytest.raises(RuntimeError, match="deliberate"):
-        train(tiny_config(**sets, **{"train.fail_at_step": 15}), _Points())
+        train(tiny_config(**sets, **{"runtime.fail_at_step": 15}), _Points())
     sink = _Points()
     train(tiny_config(**sets), sink)
     return sink.points

@@ -102,8 +102,8 @@ def test_compiled_and_packed_models_with_kernels(kernel):
     _assert_grads_close(stock, fused)
 
 
-KERNEL_FIELDS = [("train.loss_kernel", "perf/fused_loss"), ("train.mlp_kernel", "perf/mlp_kernel"),
-                 ("train.rope_kernel", "perf/rope_kernel")]
+KERNEL_FIELDS = [("runtime.loss_kernel", "perf/fused_loss"), ("runtime.mlp_kernel", "perf/mlp_kernel"),
+                 ("runtime.rope_kernel", "perf/rope_kernel")]
 
 
 @pytest.mark.parametrize("field,flag", KERNEL_FIELDS)
@@ -127,7 +127,7 @@ def test_packed_trainer_with_kernel(tmp_path, field, flag):
     runs = {}
     for kernel in ("torch", "triton"):
         for c in cfgs:
-            setattr(c.train, field.split(".")[1], kernel)
+            setattr(c.runtime, field.split(".")[1], kernel)
         runs[kernel] = [MemorySink() for _ in cfgs]
         train_packed(cfgs, runs[kernel], tmp_path / kernel, device=CPU)
     _assert_same([s.points for s in runs["torch"]], [s.points for s in runs["triton"]])
@@ -147,7 +147,7 @@ def test_kernel_resolution_and_trial_id(monkeypatch, field):
         use_kernel("triton", CPU, field)
 
 
-# SwiGLU's pointwise part (overtok.kernels.swiglu, train.mlp_kernel)
+# SwiGLU's pointwise part (overtok.kernels.swiglu, runtime.mlp_kernel)
 
 
 @pytest.mark.parametrize("shape,dtype", [((3, 5, 2 * 7), torch.float32), ((2, 3, 2 * 1500), torch.float32),
@@ -189,7 +189,7 @@ def test_model_with_module_kernel_equals_torch(kind, extra):
     _assert_grads_close(ref, got)
 
 
-# RoPE of queries and keys over the qkv projection (overtok.kernels.rope_qkv, train.rope_kernel)
+# RoPE of queries and keys over the qkv projection (overtok.kernels.rope_qkv, runtime.rope_kernel)
 
 
 @pytest.mark.parametrize("bthd", [False, True], ids=["bhtd", "bthd"])

@@ -84,7 +84,7 @@ ARG_CASES = {
                                   "not a Physics-of-LMs rule table"),
     "report_script_url": (["report", "exp", "--ui", "javascript:alert(1)"], {}, {}, "must be an http(s) URL"),
     "sweep_cuda_missing": (["sweep", "s.yaml"], {"RAY_TMPDIR": "/nonexistent-ray-tmp"},
-                           {"s.yaml": b"name: nocuda\nbase: {train: {device: cuda}}\n"}, "this machine has 0 CUDA GPUs"),
+                           {"s.yaml": b"name: nocuda\nbase: {runtime: {device: cuda}}\n"}, "this machine has 0 CUDA GPUs"),
     "fit_law_negative_bootstrap": (["fit-law", "loglinear", "t.csv", "--bootstrap", "-5"], {},
                                    {"t.csv": b"vocab,loss\n1,2\n"}, "expected an integer >= 0"),
 }

@@ -63,11 +63,11 @@ def test_packed_resume_and_unpack(tmp_path):
     train_packed(cfgs, full, tmp_path / "full", device=torch.device("cpu"))
     # fail after the first checkpoint (step 6), then resume from it
     for c in cfgs:
-        c.train.fail_at_step = 8
+        c.runtime.fail_at_step = 8
     with pytest.raises(RuntimeError, match="fail_at_step"):
         train_packed(cfgs, [MemorySink() for _ in cfgs], tmp_path / "resumed", device=torch.device("cpu"))
     for c in cfgs:
-        c.train.fail_at_step = -1
+        c.runtime.fail_at_step = -1
     resumed = [MemorySink() for _ in cfgs]
     train_packed(cfgs, resumed, tmp_path / "resumed", device=torch.device("cpu"))
     for a, b in zip(full, resumed):
@@ -122,7 +122,7 @@ def test_packed_adamw_equals_torch_adamw_per_slice():
 def test_packed_adamw_views_hold_no_autograd_history():
     """The optimizer's per-slice views of the parameters carry no autograd history: one that did would keep each
     parameter's AccumulateGrad node (made on the stream current at construction) alive into every backward, and on
-    the H200 recording the packed step as a CUDA graph (train.cuda_graph_scope = step) then failed."""
+    the H200 recording the packed step as a CUDA graph (runtime.cuda_graph_scope = step) then failed."""
     packed = pack_models([Transformer(tiny_config().model) for _ in range(2)])
     opt = PackedAdamW(packed, tiny_config().train)
     views = [v for per_param in opt._views for kind in per_param for v in kind]

@@ -155,7 +155,7 @@ def _ddp_buffers_worker(rank: int, world: int, run_dir: str):
         _, ignore = shard_state(model)
         with torch.no_grad():
             table.exp_avg.fill_(rank + 1)  # this rank's own moments
-        ddp = wrap_ddp(model, cfg.train, torch.device("cpu"), ignore)  # DDP broadcasts rank 0's state here ...
+        ddp = wrap_ddp(model, cfg, torch.device("cpu"), ignore)  # DDP broadcasts rank 0's state here ...
         ddp(torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len + 1)))  # ... and its buffers every forward
         assert (table.exp_avg == rank + 1).all(), "DDP overwrote a shard's Adam moments with rank 0's"
 
@@ -210,8 +210,8 @@ def _train_worker(rank: int, world: int, out_dir: str):
                 "train.log_every": 3, "train.checkpoint_every": 6, "train.gen_samples": 4}
         sparse = {"model.oe.shard": True, "model.oe.sparse_update": True, "model.oe.table_dtype": "bfloat16"}
         for name, extra in [("whole", {}), ("sharded", {"model.oe.shard": True}),
-                            ("resumed", {"model.oe.shard": True, "train.fail_at_step": 8}),
-                            ("sparse", sparse), ("sparse_resumed", {**sparse, "train.fail_at_step": 8})]:
+                            ("resumed", {"model.oe.shard": True, "runtime.fail_at_step": 8}),
+                            ("sparse", sparse), ("sparse_resumed", {**sparse, "runtime.fail_at_step": 8})]:
             cfg = tiny_config(**base, **extra)
             cfg.train.checkpoint_dir = f"{out_dir}/{name}"
             sink = MemorySink()
@@ -220,7 +220,7 @@ def _train_worker(rank: int, world: int, out_dir: str):
                     train(cfg, sink)
                 except RuntimeError as e:
                     assert "fail_at_step" in str(e)
-                cfg.train.fail_at_step = -1
+                cfg.runtime.fail_at_step = -1
                 sink = MemorySink()
             train(cfg, sink)
             results[name] = sink.points
@@ -259,7 +259,7 @@ def _ddp_grad_worker(rank: int, world: int, run_dir: str, backend: str):
     with _group(rank, world, run_dir, backend) as dev:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from overtok.config import TrainConfig
+        from overtok.config import RunConfig, TrainConfig
         from overtok.model import Transformer
         from overtok.train import wrap_ddp
 
@@ -270,7 +270,7 @@ def _ddp_grad_worker(rank: int, world: int, run_dir: str, backend: str):
             model = Transformer(cfg.model).to(dev)
             ids = [dev.index] if dev.type == "cuda" else None
             ddp = DDP(model, device_ids=ids) if reduce_dtype is None else wrap_ddp(
-                model, TrainConfig(grad_reduce_dtype=reduce_dtype), dev, [])
+                model, RunConfig(train=TrainConfig(grad_reduce_dtype=reduce_dtype)), dev, [])
             g = torch.Generator().manual_seed(rank)
             grads[name], bounds = [], []
             for _ in range(2):  # the second backward lands in gradients that were set to None (bucket views)
@@ -309,7 +309,7 @@ def _accumulate_worker(rank: int, world: int, run_dir: str):
     with _group(rank, world, run_dir):
         import contextlib
 
-        from overtok.config import TrainConfig
+        from overtok.config import RunConfig
         from overtok.model import Transformer
         from overtok.train import accumulate, wrap_ddp
 
@@ -325,7 +325,7 @@ def _accumulate_worker(rank: int, world: int, run_dir: str):
 
         torch.manual_seed(0)
         model = Transformer(cfg.model)
-        ddp = wrap_ddp(model, TrainConfig(), torch.device("cpu"), [])
+        ddp = wrap_ddp(model, RunConfig(), torch.device("cpu"), [])
         calls = []
 
         def counting_all_reduce(group, bucket):

@@ -118,7 +118,7 @@ def test_compiled_ngram_ids_equal_the_eager_ones(stop_at_eos):
 
 
 def test_oe_mix_inside_the_compiled_body_trains_as_eager():
-    """With train.compile the OE projection and mean run inside the compiled body; the row-sparse table's gradient
+    """With runtime.compile the OE projection and mean run inside the compiled body; the row-sparse table's gradient
     still reaches it through the autograd hook on the looked-up rows (compiled backward), so losses, tables and
     dense weights follow the eager model."""
     cfg = tiny_config(**{**OE, "model.oe.n": 3, "model.oe.k": 2, "model.oe.m": 1001, "model.oe.sparse_update": True})
@@ -155,7 +155,7 @@ def _trained_tables(sparse: dict, steps: int = 300, **extra):
     sets = {**OE, "model.oe.m": 4093, "model.vocab_size": 0, "train.max_steps": steps, "train.warmup_steps": 10,
             "train.log_every": 10, "train.eval_every": steps, "train.checkpoint_every": 10_000, "train.lr": 1e-2,
             "train.checkpoint_final": False, "train.grad_clip": 0.5, "train.weight_decay": 0.1,
-            "train.table_weight_decay": 0.05, "train.device": "cpu", **sparse, **extra}
+            "train.table_weight_decay": 0.05, "runtime.device": "cpu", **sparse, **extra}
     cfg = tiny_config(**sets)
     cfg.train.checkpoint_dir = str(Path(tempfile.mkdtemp()) / "ckpt")
     curve = Curve()

@@ -38,8 +38,9 @@ base:
   model: {d_model: 32, n_layers: 1, n_heads: 2, seq_len: 32}
   data: {batch_size: 4}
   train: {max_steps: 20, eval_every: 10, log_every: 5, checkpoint_every: 10, gen_samples: 0}
+zip:  # a runtime field is not part of the trial id: the failing trials differ in the learning rate too
+  - {runtime.fail_at_step: [-1, 7], train.lr: [1e-3, 2e-3]}
 grid:
-  train.fail_at_step: [-1, 7]
   model.od_depth: [1, 2]
 max_concurrent: 2
 """
@@ -117,7 +118,7 @@ def test_failing_trial_is_failed_while_others_finish(tmp_path):
     res = overtok(tmp_path, "sweep", "failing.yaml")
     assert res.returncode == 1
     _, parents, children = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "failing")
-    status = {(r.data.params["train.fail_at_step"], r.data.params["model.od_depth"]): r.info.status for r in children}
+    status = {(r.data.params["runtime.fail_at_step"], r.data.params["model.od_depth"]): r.info.status for r in children}
     assert status == {("-1", "1"): "FINISHED", ("-1", "2"): "FINISHED", ("7", "1"): "FAILED", ("7", "2"): "FAILED"}
     failed = [r for r in children if r.info.status == "FAILED"]
     assert all("fail_at_step=7" in r.data.tags["overtok.error"] for r in failed)

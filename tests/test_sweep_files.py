@@ -63,11 +63,11 @@ def test_trial_ids_are_stable_and_ignore_paths(tmp_path):
 
 
 def test_fields_added_later_keep_existing_trial_ids():
-    # the quickstart's first ids as every earlier release computed them: a new config field must not change them
-    # while it holds the value that reproduces the old behaviour (overtok.identity.ADDED_FIELDS). The CFG sampler's
-    # default changed (a new stream): the sentence sampler, which made the earlier runs, keeps their ids. (The
-    # quickstart then sampled 32 sentences for generation accuracy; it no longer does, a change of its own.)
-    before = ["147c8405f905", "b78f1ae3dfa7", "e5631978cb83"]
+    # the quickstart's first ids since the runtime section left the id (the one change of every id, README): a new
+    # config field must not change them while it holds the value that reproduces the old behaviour
+    # (overtok.identity.ADDED_FIELDS). The CFG sampler's default changed (a new stream): trials set to the sentence
+    # sampler keep the ids they had before the block sampler existed. (The quickstart then sampled 32 sentences for generation accuracy.)
+    before = ["bce360f6ecfd", "1a1dc0d2a30f", "4307191cdefb"]
     old = ["base.data.cfg_sampler=sentence", "base.train.gen_samples=32"]
     a = load_sweep(ROOT / "sweeps" / "quickstart.yaml", old)
     assert [t.trial_id for t in a.trials[:3]] == before
@@ -75,10 +75,10 @@ def test_fields_added_later_keep_existing_trial_ids():
     assert not {t.trial_id for t in a.trials} & {t.trial_id for t in block.trials}
     b = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [*old, "base.train.residual_dtype=float32"])
     assert [t.trial_id for t in b.trials[:3]] == before
-    g = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [*old, "base.train.cuda_graphs=false",  # same kernels: same ids
-                                                          "base.train.cuda_graph_scope=compiled",
-                                                          "base.train.ddp_bucket_mb=100"])  # same averages
-    assert [t.trial_id for t in g.trials[:3]] == before
+    runtime = ["cuda_graphs=false", "cuda_graph_scope=compiled", "ddp_bucket_mb=100", "compile=true", "device=cpu",
+               "fail_at_step=3", "loss_kernel=torch", "mlp_kernel=triton", "rope_kernel=torch", "compile_eval=always"]
+    g = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [*old, *(f"base.runtime.{r}" for r in runtime)])
+    assert [t.trial_id for t in g.trials[:3]] == before  # the runtime section is not part of the id
     c = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [*old, "base.train.residual_dtype=bfloat16"])
     assert not {t.trial_id for t in a.trials} & {t.trial_id for t in c.trials}
     d = load_sweep(ROOT / "sweeps" / "quickstart.yaml", [*old, "base.train.grad_reduce_dtype=float32"])

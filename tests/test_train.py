@@ -25,7 +25,7 @@ def test_resume_reproduces_the_uninterrupted_curve(tmp_path):
 
     broken = Recorder()
     with pytest.raises(RuntimeError, match="deliberate"):
-        train(tiny_config(**common, **{"train.checkpoint_dir": str(tmp_path / "b"), "train.fail_at_step": 15}), broken)
+        train(tiny_config(**common, **{"train.checkpoint_dir": str(tmp_path / "b"), "runtime.fail_at_step": 15}), broken)
     resumed = Recorder()
     train(tiny_config(**common, **{"train.checkpoint_dir": str(tmp_path / "b")}), resumed)
 
@@ -79,10 +79,10 @@ def test_checkpointed_optimizer_state_holds_a_step_graphs_learning_rate_as_a_num
 
 
 def test_step_graph_scope_needs_cuda_and_says_where_it_ran(tmp_path):
-    """train.cuda_graph_scope = step on the CPU: the run trains as usual and records that no step graph ran."""
+    """runtime.cuda_graph_scope = step on the CPU: the run trains as usual and records that no step graph ran."""
     rec = Recorder()
-    train(tiny_config(**{"train.max_steps": 6, "train.log_every": 3, "train.compile": False,
-                         "train.cuda_graph_scope": "step", "train.checkpoint_dir": str(tmp_path)}), rec)
+    train(tiny_config(**{"train.max_steps": 6, "train.log_every": 3, "runtime.compile": False,
+                         "runtime.cuda_graph_scope": "step", "train.checkpoint_dir": str(tmp_path)}), rec)
     assert [v for _, v in rec.curve("perf/step_graph")] == [0.0, 0.0]
 
 
@@ -122,7 +122,7 @@ def tiny_tokens(run):
 
 
 def test_failed_run_is_recorded(cli, tmp_path):
-    res = cli("train", "--set", "train.max_steps=10", "--set", "train.fail_at_step=3", "--set", "train.gen_samples=0")
+    res = cli("train", "--set", "train.max_steps=10", "--set", "runtime.fail_at_step=3", "--set", "train.gen_samples=0")
     assert res.returncode != 0
     from overtok.tracking import client
 
@@ -151,24 +151,27 @@ def test_validation_builds_no_autograd_graph():
 
 
 def test_evaluation_runs_eagerly_unless_it_pays_to_compile_it():
-    """train.compile_eval: with 'auto' a run that evaluates few batches runs them eagerly (no second compilation for
+    """runtime.compile_eval: with 'auto' a run that evaluates few batches runs them eagerly (no second compilation for
     the forward without gradients); the compiled evaluation gives the same loss."""
     import contextlib
 
     import torch
     from torch._dynamo.utils import counters
 
-    from overtok.config import TrainConfig
+    from overtok.config import RunConfig, RuntimeConfig, TrainConfig
     from overtok.data.batches import Batches
     from overtok.model import Transformer
     from overtok.train import EVAL_COMPILE_MIN_BATCHES, compiled_eval, eval_loss
 
-    few = dict(compile=True, max_steps=1000, eval_every=250, eval_batches=4)  # 16 batches in all
-    many = dict(compile=True, max_steps=1000, eval_every=10, eval_batches=EVAL_COMPILE_MIN_BATCHES // 100)
-    assert not compiled_eval(TrainConfig(**few)) and compiled_eval(TrainConfig(**many))
-    assert compiled_eval(TrainConfig(**few, compile_eval="always"))
-    assert not compiled_eval(TrainConfig(**many, compile_eval="never"))
-    assert not compiled_eval(TrainConfig(**{**many, "compile": False}, compile_eval="always"))
+    def run(train: dict, **runtime) -> RunConfig:
+        return RunConfig(train=TrainConfig(**train), runtime=RuntimeConfig(**{"compile": True, **runtime}))
+
+    few = dict(max_steps=1000, eval_every=250, eval_batches=4)  # 16 batches in all
+    many = dict(max_steps=1000, eval_every=10, eval_batches=EVAL_COMPILE_MIN_BATCHES // 100)
+    assert not compiled_eval(run(few)) and compiled_eval(run(many))
+    assert compiled_eval(run(few, compile_eval="always"))
+    assert not compiled_eval(run(many, compile_eval="never"))
+    assert not compiled_eval(run(many, compile=False, compile_eval="always"))
 
     cfg = tiny_config()
     model = Transformer(cfg.model)
