@@ -110,7 +110,8 @@ name: reuse
 base:
   model: {n_layers: 2, n_heads: 2, seq_len: 32}
   data: {batch_size: 4}
-  train: {compile: true, max_steps: 40, eval_every: 20, log_every: 10, checkpoint_every: 20, gen_samples: 16}
+  train: {max_steps: 40, eval_every: 20, log_every: 10, checkpoint_every: 20, gen_samples: 16}
+  runtime: {compile: true}
 grid:
   model.d_model: [64, 48, 32]
 resources: {cpu: 1, gpu: 1}
