@@ -58,11 +58,9 @@ VARIANTS = {
     "fused+bf16res+cdt": {"loss_kernel": "auto", "residual_dtype": torch.bfloat16,
                           "compile_options": {"coordinate_descent_tuning": True}},
 }
-# RoPE by overtok.kernels.rope_qkv (runtime.rope_kernel), its outputs in contiguous (B, H, T, hd)
-# memory (``bhtd``; the default is (B, T, H, hd) memory) or four tokens per program (``tok4``); ``graph``: the whole
-# step as one CUDA graph, as the trainer runs a dense model
-_PARTS = {"rope": {"rope_kernel": "auto"}, "bhtd": {"kernels": {"ROPE_BTHD": False}},
-        "tok4": {"kernels": {"ROPE_TOKENS": 4}}, "graph": {"whole_graph": True},
+# RoPE by overtok.kernels.rope_qkv (runtime.rope_kernel); ``graph``: the whole step as one CUDA graph, as the trainer
+# runs a dense model
+_PARTS = {"rope": {"rope_kernel": "auto"}, "graph": {"whole_graph": True},
         "bf16res": {"residual_dtype": torch.bfloat16},
         # without inductor's mix-order reductions (RMSNorm's backward computes d(input) by rows
         # and d(weight) by columns in one kernel, which then cannot take the cast of d(input) to bf16 for the next
@@ -74,12 +72,11 @@ def _parts_variant(name: str) -> dict:
     out = {"loss_kernel": "auto", "mlp_kernel": "auto"}
     for part in name.split("+")[2:]:
         extra = _PARTS[part]
-        out = {**out, **extra, "kernels": {**out.get("kernels", {}), **extra.get("kernels", {})}}
+        out = {**out, **extra}
     return out
 
 
-for _name in ("fused+swiglu+graph", "fused+swiglu+rope", "fused+swiglu+rope+bhtd", "fused+swiglu+rope+tok4",
-              "fused+swiglu+rope+graph", "fused+swiglu+bf16res+graph",
+for _name in ("fused+swiglu+graph", "fused+swiglu+rope", "fused+swiglu+rope+graph", "fused+swiglu+bf16res+graph",
               "fused+swiglu+bf16res+rope", "fused+swiglu+bf16res+rope+graph", "fused+swiglu+rope+graph+nomix",
               "fused+swiglu+bf16res+rope+graph+nomix"):
     VARIANTS[_name] = _parts_variant(_name)

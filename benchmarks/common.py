@@ -41,7 +41,6 @@ def release(dev: torch.device) -> None:
 
 def sdpa_context(backend: str | None):
     """Restrict scaled_dot_product_attention to one backend ('flash', 'cudnn', 'efficient'); None = torch's choice."""
-    import contextlib
 
     if backend is None:
         return contextlib.nullcontext()
@@ -332,38 +331,20 @@ class Bench:
         release(dev)
 
 
-@contextlib.contextmanager
-def kernel_settings(settings: dict | None):
-    """overtok.kernels' module settings (e.g. ROPE_BTHD, ROPE_TOKENS) set for the block, then restored.
-    A compiled model reads them when it is traced: build, warm up and time it inside the block."""
-    from overtok import kernels
-
-    old = {k: getattr(kernels, k) for k in settings or {}}
-    for k, v in (settings or {}).items():
-        setattr(kernels, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(kernels, k, v)
-
-
 def time_training(sets: dict, batch_size: int, steps: int, warmup: int, profile: bool = False,
-                  kernels: dict | None = None, **kw) -> dict:
+                  **kw) -> dict:
     """Median step time (CUDA events) of forward+backward+AdamW(+row-sparse update) on random tokens, bf16 autocast.
 
     Keywords as ``Bench``: loss_kernel as runtime.loss_kernel; mlp_kernel and rope_kernel as runtime.mlp_kernel and
     runtime.rope_kernel (default 'torch'); compile_mode as torch.compile's mode; sdpa pins the attention backend;
     compile_update: compile the row-sparse tables' update (default: as the trainer, with the body on CUDA);
     residual_dtype: the residual stream's dtype (None: the embedding's, float32); whole_graph: the step as one CUDA
-    graph, as the trainer records it. ``kernels``: overtok.kernels settings for this run (``kernel_settings``)."""
-    with kernel_settings(kernels):
-        b = Bench(sets, batch_size, **kw)
-        b.warm(warmup)
-        times = b.time(steps)
-        out = b.result(times, profile=profile, block=b.time_block(steps))
-        b.close()
-    out["kernel_settings"] = kernels or {}
+    graph, as the trainer records it."""
+    b = Bench(sets, batch_size, **kw)
+    b.warm(warmup)
+    times = b.time(steps)
+    out = b.result(times, profile=profile, block=b.time_block(steps))
+    b.close()
     return out
 
 

@@ -286,9 +286,8 @@ if triton is not None:
         tl.store(dqkv_ptr + v_dst + half, tl.load(dv_ptr + v_src + half, mask=mask), mask=mask)
 
 
-# tokens per program on a GPU (0: enough for about 512 (head, column) pairs, i.e. one at a 124M model's 12 heads of
-# 64, four at a tiny model's 4 heads), and at most under Triton's interpreter (the tests), where programs are costly
-ROPE_TOKENS = 0
+# tokens per program: on a GPU enough for about 512 (head, column) pairs (one at a 124M model's 12 heads of 64, four
+# at a tiny model's 4 heads); under Triton's interpreter (the tests), where programs are costly, at most this many
 ROPE_TOKENS_INTERPRETED = 64
 
 
@@ -298,25 +297,24 @@ def _rope_launch(NT: int, H: int, half: int) -> tuple[tuple[int], dict]:
     if _PLAIN_OPS:
         tok = min(ROPE_TOKENS_INTERPRETED, triton.next_power_of_2(NT))
     else:
-        tok = ROPE_TOKENS or max(1, 512 // (bh * bj))
+        tok = max(1, 512 // (bh * bj))
     return (triton.cdiv(NT, tok),), {"TOK": tok, "BLOCK_H": bh, "BLOCK_J": bj, "num_warps": 4}
 
 
-def _rope_outputs(qkv: torch.Tensor, n_heads: int, bthd: bool) -> list[torch.Tensor]:
-    """Three (B, H, T, hd) tensors for q, k, v: contiguous, or (bthd) views of (B, T, H, hd) memory."""
+def _rope_outputs(qkv: torch.Tensor, n_heads: int) -> list[torch.Tensor]:
+    """Three (B, H, T, hd) tensors for q, k, v, each a view of (B, T, H, hd) memory: the attention's output then comes
+    back in the layout the output projection reads, with no transpose copy."""
     B, T, C3 = qkv.shape
     hd = C3 // (3 * n_heads)
-    if bthd:
-        return [qkv.new_empty(B, T, n_heads, hd).transpose(1, 2) for _ in range(3)]
-    return [qkv.new_empty(B, n_heads, T, hd) for _ in range(3)]
+    return [qkv.new_empty(B, T, n_heads, hd).transpose(1, 2) for _ in range(3)]
 
 
 @_define("overtok::rope_qkv", mutates_args=())
-def _rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
-              bthd: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv (B, T, 3 H hd) contiguous, cos and sin (T, hd / 2) float32 contiguous -> rotated q, rotated k and v,
     each (B, H, T, hd) in qkv's dtype (laid out as ``_rope_outputs``)."""
-    q, k, v = _rope_outputs(qkv, n_heads, bthd)
+    q, k, v = _rope_outputs(qkv, n_heads)
     B, H, T, hd = q.shape
     grid, blocks = _rope_launch(B * T, H, hd // 2)
     _wrap(_rope_fwd)[grid](qkv, cos, sin, q, k, v, B * T, T, H, hd // 2, *q.stride()[:3], **blocks)
@@ -336,7 +334,7 @@ def _rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos
 
 
 if _PLAIN_OPS:
-    _rope_qkv.register_fake(lambda qkv, cos, sin, n_heads, bthd: tuple(_rope_outputs(qkv, n_heads, bthd)))
+    _rope_qkv.register_fake(lambda qkv, cos, sin, n_heads: tuple(_rope_outputs(qkv, n_heads)))
     _rope_qkv_backward.register_fake(
         lambda dq, dk, dv, cos, sin: dq.new_empty(dq.shape[0], dq.shape[2], 3 * dq.shape[1] * dq.shape[3]))
 
@@ -348,14 +346,10 @@ def _rope_setup(ctx, inputs, output):
 def _rope_grad(ctx, dq, dk, dv):
     cos, sin = ctx.saved_tensors
     dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))  # (SDPA's are)
-    return _rope_qkv_backward(dq, dk, dv, cos, sin), None, None, None, None
+    return _rope_qkv_backward(dq, dk, dv, cos, sin), None, None, None
 
 
 _rope_qkv.register_autograd(_rope_grad, setup_context=_rope_setup)
-
-# where the three attention inputs live: True, (B, T, H, hd) memory seen as (B, H, T, hd) (the attention's output can
-# then come back in the layout the output projection reads); False, contiguous (B, H, T, hd) as inductor wrote them
-ROPE_BTHD = True
 
 
 def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -367,4 +361,4 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if C3 % (3 * n_heads) or (C3 // (3 * n_heads)) % 2:
         raise ValueError(f"rope_qkv: width {C3} is not 3 x {n_heads} heads x an even head size")
     cos, sin = (x[:T].float().contiguous() for x in (cos, sin))
-    return _rope_qkv(qkv.contiguous(), cos, sin, n_heads, ROPE_BTHD)
+    return _rope_qkv(qkv.contiguous(), cos, sin, n_heads)

@@ -168,15 +168,13 @@ def _assert_trainer_follows_torch(tmp_path, field, flag):
     _assert_close(runs["torch"], runs["triton"])
 
 
-@pytest.mark.parametrize("bthd", [False, True], ids=["bhtd", "bthd"])
-def test_rope_kernel_on_cuda(tmp_path, monkeypatch, bthd):
+def test_rope_kernel_on_cuda(tmp_path):
     """overtok.kernels.rope_qkv against apply_rope at a 124M model's attention shape in bf16 (values and d(qkv)),
-    in both layouts of its outputs, then the trainer with runtime.rope_kernel triton vs torch (compiled, the whole step
+    then the trainer with runtime.rope_kernel triton vs torch (compiled, the whole step
     as one CUDA graph)."""
     from overtok import kernels
     from overtok.model import apply_rope, rope_tables
 
-    monkeypatch.setattr(kernels, "ROPE_BTHD", bthd)
     torch.manual_seed(0)
     B, T, H, hd = 4, 1024, 12, 64
     cos, sin = (x.to(CUDA) for x in rope_tables(T + 1, hd, 10_000.0))

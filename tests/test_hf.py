@@ -59,6 +59,8 @@ def trained(tmp_path_factory):
                            "--out", "prep", "--tokenizer", "bpe:400", "--max-docs", "40"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=300)
     assert prep.returncode == 0, prep.stderr[-2000:]
+    lines = (prep.stdout + prep.stderr).splitlines()  # the per-source table and a summary: no blank lines, no bars
+    assert lines and all(line.startswith("[overtok] ") for line in lines), prep.stdout + prep.stderr
     _train(work, env, "ckpt", ["model.tie_embeddings=false"])
     _train(work, env, "oe", ["model.oe.n=3", "model.oe.m=1009", "model.pos_encoding=learned", "model.mlp=gelu"])
     return work, env

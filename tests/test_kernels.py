@@ -192,21 +192,19 @@ def test_model_with_module_kernel_equals_torch(kind, extra):
 # RoPE of queries and keys over the qkv projection (overtok.kernels.rope_qkv, runtime.rope_kernel)
 
 
-@pytest.mark.parametrize("bthd", [False, True], ids=["bhtd", "bthd"])
 @pytest.mark.parametrize("B,T,H,hd,dtype,tokens", [(2, 5, 3, 8, torch.float32, 64), (1, 7, 2, 6, torch.float32, 64),
                                                    (2, 9, 4, 16, torch.bfloat16, 64), (2, 9, 3, 8, torch.float32, 4)])
-def test_rope_kernel_equals_torch(monkeypatch, B, T, H, hd, dtype, tokens, bthd):
+def test_rope_kernel_equals_torch(monkeypatch, B, T, H, hd, dtype, tokens):
     """(tokens: per program; 4 leaves 18 tokens in 5 programs, the last one part-masked)"""
     from overtok.model import apply_rope, rope_tables
 
-    monkeypatch.setattr(kernels, "ROPE_BTHD", bthd)
     monkeypatch.setattr(kernels, "ROPE_TOKENS_INTERPRETED", tokens)
     torch.manual_seed(T * H)
     cos, sin = rope_tables(T + 3, hd, 10_000.0)  # longer tables than the sequence, as a model's with lookahead
     qkv = torch.randn(B, T, 3 * H * hd).to(dtype).requires_grad_()
     got = kernels.rope_qkv(qkv, cos, sin, H)
     assert all(x.shape == (B, H, T, hd) and x.dtype == dtype for x in got)
-    assert got[0].transpose(1, 2).is_contiguous() == bthd
+    assert got[0].transpose(1, 2).is_contiguous()  # (B, T, H, hd) memory
     # the reference in fp32 with cos and sin rounded to the activations' dtype (as apply_rope), rounded once
     ref_in = qkv.detach().float().requires_grad_()
     q, k, v = ref_in.view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)
