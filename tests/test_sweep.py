@@ -167,7 +167,7 @@ max_concurrent: 2
 
 def test_sweep_through_mlflow_server(tmp_path):
     with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "art") as uri:
-        write(tmp_path / "failing.yaml", FAIL_SWEEP.replace("[-1, 7]", "[-1]"))
+        write(tmp_path / "failing.yaml", FAIL_SWEEP.replace("[-1, 7], train.lr: [1e-3, 2e-3]", "[-1], train.lr: [1e-3]"))
         res = overtok(tmp_path, "sweep", "failing.yaml", "--tracking-uri", uri)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         c, parents, children = sweep_runs(uri, "failing")
@@ -215,7 +215,7 @@ def test_sweep_joins_a_two_node_cluster(tmp_path):
                        timeout=120)
         subprocess.run(["bash", "-c", recipe + """start_worker 127.0.0.1 127.0.0.1 2 0 --resources='{"worker_node": 2}'"""],
                        env=nodes, check=True, capture_output=True, timeout=120)
-        write(tmp_path / "failing.yaml", FAIL_SWEEP.replace("[-1, 7]", "[-1]").replace(
+        write(tmp_path / "failing.yaml", FAIL_SWEEP.replace("[-1, 7], train.lr: [1e-3, 2e-3]", "[-1], train.lr: [1e-3]").replace(
             "max_concurrent: 2", "max_concurrent: 2\nresources: {cpu: 1, worker_node: 1}"))
         res = overtok(tmp_path, "sweep", "failing.yaml", "--address", f"127.0.0.1:{port}", env=e)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
