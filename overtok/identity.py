@@ -1,7 +1,7 @@
 """Trial identity: the hash that names a trial's experiment, and the key that says which trials can share a pack.
 
-A trial id hashes what determines a run's result (the resolved config minus naming, tracking, file locations and
-execution choices that give the same numbers); equal ids mean "the same experiment", which is how a sweep finds
+A trial id hashes what determines a run's result: the experiment sections of the resolved config (seed, model,
+data, train), not naming, tracking, the checkpoint folder or the ``runtime`` section; equal ids mean "the same experiment", which is how a sweep finds
 finished trials, a checkpoint refuses another config and exports from several runs are merged.
 """
 

@@ -18,7 +18,7 @@ A sweep YAML::
     tracking: {tracking_uri: "", experiment: ""}
     ray: {address: "", storage_path: results/ray}
 
-Every trial is validated before anything starts; its id is a hash of its resolved config, so reruns
+Every trial is validated before anything starts; its id is a hash of its experiment sections (overtok.identity), so reruns
 recognise finished trials and new grid points or seeds run alone.
 """
 
