@@ -90,7 +90,8 @@ def build_tables(runs, hist: pd.DataFrame, sweep: str) -> tuple[pd.DataFrame, pd
     for r in runs:
         rec = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial_id": r.data.tags[TRIAL_ID_TAG],
                "run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
-               "error": r.data.tags.get("overtok.error", ""), "device": r.data.tags.get("overtok.device", "")}
+               "error": r.data.tags.get("overtok.error", ""), "device": r.data.tags.get("overtok.device", ""),
+               "code": r.data.tags.get("overtok.code", "")}
         rec.update({k: _typed(v) for k, v in r.data.params.items()})
         records.append(rec)
     df = pd.DataFrame(records)

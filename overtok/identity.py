@@ -7,8 +7,10 @@ finished trials, a checkpoint refuses another config and exports from several ru
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from overtok.config import RunConfig, to_dict
@@ -77,3 +79,14 @@ def config_hash(cfg: RunConfig, drop: tuple[str, ...], drop_at: dict[str, Any] |
         parent, _, leaf = key.rpartition(".")
         (_get(d, parent) if parent else d).pop(leaf)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@functools.cache
+def code_version() -> str:
+    """Short hash of the package's Python sources (paths and contents): which code trained a run, recorded as the tag
+    ``overtok.code`` even where no git history travels with the code (a copied working tree on a GPU machine)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha1()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]

@@ -7,6 +7,7 @@ import traceback
 
 from overtok import accounting
 from overtok.config import RunConfig, to_dict
+from overtok.identity import code_version
 from overtok.tracking import ConsoleSink, FanOut, MlflowSink, client, experiment_id, log_params, resolve_tracking_uri
 
 
@@ -17,7 +18,7 @@ def tracked_train(cfg: RunConfig, tracking_uri: str = "") -> tuple[str, dict]:
     uri = resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
     c = client(uri)
     exp = experiment_id(c, cfg.tracking.experiment, uri)
-    run = c.create_run(exp, run_name=cfg.tracking.run_name or cfg.name)
+    run = c.create_run(exp, run_name=cfg.tracking.run_name or cfg.name, tags={"overtok.code": code_version()})
     rid = run.info.run_id
     log_params(c, rid, accounting.run_params(cfg))
     c.log_text(rid, json.dumps(to_dict(cfg), indent=2), "config.json")

@@ -268,8 +268,10 @@ def _count_trial() -> dict:
 
     global _PROCESS_TRIALS
     _PROCESS_TRIALS += 1
+    from overtok.identity import code_version
+
     return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "process_trial": _PROCESS_TRIALS,
-            "device": _device_name()}
+            "device": _device_name(), "code": code_version()}
 
 
 def _device_name() -> str:

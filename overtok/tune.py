@@ -163,7 +163,8 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
                 from mlflow.entities import RunTag
 
                 tracker.c.log_batch(tracker.buffers[tid].run_id, tags=[  # one write, not one per tag
-                    RunTag(f"overtok.{k}", str(result.get(k, ""))) for k in ("node_id", "pid", "process_trial", "device")])
+                    RunTag(f"overtok.{k}", str(result.get(k, "")))
+                    for k in ("node_id", "pid", "process_trial", "device", "code")])
             if result.get(ERROR_KEY):
                 tracker.errors[tid] = result[ERROR_KEY]
             self._progress()

@@ -201,6 +201,13 @@ def test_a_second_config_trains_from_scratch_not_from_the_first_runs_checkpoint(
     assert "resumed" not in second.stdout, second.stdout
     dirs = sorted(p.name for p in (tmp_path / "results" / "checkpoints").iterdir())
     assert len(dirs) == 2
+    from mlflow.tracking import MlflowClient
+
+    from overtok.identity import code_version
+
+    c = MlflowClient(f"sqlite:///{tmp_path}/results/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("overtok").experiment_id], max_results=10)
+    assert [r.data.tags["overtok.code"] for r in runs] == [code_version()] * 2  # which code trained each run
     # an explicit checkpoint_dir holding another configuration's checkpoint is refused in one line
     other = cli("train", *sets, "--set", "train.lr=3e-3", "--set", f"train.checkpoint_dir=results/checkpoints/{dirs[0]}",
                 "--tracking-uri", "sqlite:///results/mlflow.db")

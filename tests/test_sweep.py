@@ -249,6 +249,9 @@ def test_export_fit_plots_on_the_quickstart_sweep(quickstart):
             "tokens_seen", "final.train/loss", "best.val/loss", "tokens_per_s"} <= set(runs.columns)
     assert set(runs.variant) >= {"Baseline", "OD-2", "OE-400 (2-gram)", "OE-400 (3-gram)"}
     assert set(runs.input_vocab_size) == {7, 7 + 400, 7 + 400 + 402}
+    from overtok.identity import code_version
+
+    assert set(runs.code) == {code_version()}  # the trial processes' own hash of the code they ran
     assert {"trial_id", "step", "metric", "value"} <= set(curves.columns)
     assert (curves[curves.metric == "train/loss"].groupby("trial_id").size() == 4).all()
     fitted = json.loads((out / "fits.json").read_text())
