@@ -54,8 +54,8 @@ def base_tokens_per_loss(runs: pd.DataFrame) -> np.ndarray:
 
 
 def summarize(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
-    """Finished trials with: size, N under each convention, tokens, final train loss (``analysis.effects.TRAIN_LOSS``), final val loss,
-    generation accuracy, input vocabulary (V + OE rows, V for baselines) and the variant label."""
+    """Finished trials with: size, N under each convention, tokens, final train loss (``analysis.effects.TRAIN_LOSS``),
+    final val loss, generation accuracy, input vocabulary (V + OE rows, V for baselines) and the variant label."""
     df = runs[runs.status == "FINISHED"].copy()
     if df.empty:
         return df

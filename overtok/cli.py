@@ -42,13 +42,13 @@ def cmd_train(args) -> int:
 
 def _check_device(device: str, file: str | None) -> None:
     """A CUDA device the machine does not have is a config error, found before any run starts."""
-    if not device.startswith("cuda"):
+    from overtok.config import ConfigError, cuda_index
+
+    index = cuda_index(device)
+    if index is None:
         return
     import torch
 
-    from overtok.config import ConfigError
-
-    index = int(device.split(":", 1)[1]) if ":" in device else 0
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if index >= count:
         raise ConfigError(f"{device} is not available on this machine ({count} CUDA devices)", file=file or "--set",

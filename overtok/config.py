@@ -351,8 +351,8 @@ class TrainConfig:
     grad_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     """Data-parallel trials (resources.workers > 1): the dtype in which DDP all-reduces gradients. 'bfloat16' sends
     half the bytes (gradients rounded to bf16 before averaging, cast back after; the optimizer still sees float32
-    gradients), for interconnects slower than NVLink. Changes the
-    numbers by bf16 rounding, so it is part of the trial id. Ignored in one process."""
+    gradients), for interconnects slower than NVLink. Changes the numbers by bf16 rounding, so it is part of the
+    trial id. Ignored in one process."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """'auto' = bf16 autocast on CUDA, float32 on CPU."""
     residual_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -374,25 +374,24 @@ class RuntimeConfig:
     CUDA where it imports, else torch. Same loss and gradients up to summation order."""
     mlp_kernel: Literal["auto", "triton", "torch"] = "auto"
     """SwiGLU's silu(gate) * up. 'triton': overtok.kernels.swiglu, whose backward reads gate, up and the gradient
-    once and writes both halves of the projection's gradient (docs/performance.md); same needs as loss_kernel; 'torch': torch ops (compiled with the body); 'auto': triton on
-    CUDA where it imports, else torch. Both compute in fp32 and round once."""
+    once and writes both halves of the projection's gradient (docs/performance.md); same needs as loss_kernel;
+    'torch': torch ops (compiled with the body); 'auto': triton on CUDA where it imports, else torch. Both compute in
+    fp32 and round once."""
     rope_kernel: Literal["auto", "triton", "torch"] = "auto"
     """Rotary embedding of queries and keys in training forwards. 'triton': overtok.kernels.rope_qkv, one kernel that
     reads the qkv projection's output once and writes the attention's inputs, and one that writes the projection's
     gradient in one pass (inductor took two); same needs as loss_kernel; 'torch': torch ops (compiled with the body);
-    'auto': triton on CUDA where it imports, else torch. Both compute in fp32 and round once (not part of the trial
-    id). Cached generation always uses torch."""
+    'auto': triton on CUDA where it imports, else torch. Both compute in fp32 and round once. Cached generation always
+    uses torch."""
     cuda_graphs: bool = True
     """With runtime.compile on a CUDA device, in one process: replay the training step as CUDA graphs (what they hold:
     runtime.cuda_graph_scope), so a step costs the host a few launches instead of one per kernel. Ignored elsewhere
-    (CPU, no compile, data-parallel trials, train.grad_accum > 1). Same kernels, same results (not part of the
-    trial id)."""
+    (CPU, no compile, data-parallel trials, train.grad_accum > 1). Same kernels, same results."""
     cuda_graph_scope: Literal["step", "compiled"] = "step"
     """Where runtime.cuda_graphs applies: what one CUDA graph replays. 'compiled': the compiled body, heads and loss
     (torch.compile's reduce-overhead mode; the host still issues the lookups, clipping and AdamW, and checks the
-    graphs' inputs every step). 'step' (the
-    default): the whole training step, recorded by the trainer after a few eager steps
-    (overtok.train.StepGraph): forward, backward, gradient clipping and AdamW, which then reads its learning rates
+    graphs' inputs every step). 'step' (the default): the whole training step, recorded by the trainer after a few
+    eager steps (overtok.train.StepGraph): forward, backward, gradient clipping and AdamW, which then reads its learning rates
     from GPU tensors, the host issuing only the copies of the batch and learning rates and one launch; the body
     compiled in torch.compile's default mode. Packed trials too. 'step' needs dense parameters (no row-sparse OE
     tables, which update outside autograd); with them it acts as 'compiled'. The same results up to float rounding;
@@ -401,8 +400,8 @@ class RuntimeConfig:
     """With runtime.compile: whether validation forwards run compiled too. Without gradients the forward is a second
     graph, so compiling it costs a second compilation (seconds to tens of seconds on a GPU), while eager costs a few
     milliseconds more per batch. 'auto' compiles it only for runs that evaluate at least
-    overtok.train.EVAL_COMPILE_MIN_BATCHES batches in all. The same losses up to summation order (not part of the
-    trial id); perf/compiled_eval records the choice."""
+    overtok.train.EVAL_COMPILE_MIN_BATCHES batches in all. The same losses up to summation order; perf/compiled_eval
+    records the choice."""
     ddp_bucket_mb: float = 25.0
     """Data-parallel trials: DDP's gradient bucket size in MiB (torch's default 25). Each bucket is all-reduced as soon
     as its gradients are ready, and under runtime.compile the compiled graph is split at bucket boundaries so that the
@@ -589,6 +588,13 @@ def degenerate_modulus(vocab_size: int, order: int, modulus: int) -> str | None:
 
 
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d{1,2})?")
+
+
+def cuda_index(device: str) -> int | None:
+    """The CUDA device index a runtime.device names ('cuda' is 0), or None for 'auto' and 'cpu'."""
+    if not device.startswith("cuda"):
+        return None
+    return int(device.split(":", 1)[1]) if ":" in device else 0
 
 
 def _check_finite(cfg: Any, prefix: str = "") -> None:

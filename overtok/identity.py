@@ -1,8 +1,9 @@
 """Trial identity: the hash that names a trial's experiment, and the key that says which trials can share a pack.
 
 A trial id hashes what determines a run's result: the experiment sections of the resolved config (seed, model,
-data, train), not naming, tracking, the checkpoint folder or the ``runtime`` section; equal ids mean "the same experiment", which is how a sweep finds
-finished trials, a checkpoint refuses another config and exports from several runs are merged.
+data, train), not naming, tracking, the checkpoint folder or the ``runtime`` section. Equal ids mean "the same
+experiment", which is how a sweep finds finished trials, a checkpoint refuses another config and exports from
+several runs are merged.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def unused_fields(cfg: RunConfig) -> tuple[str, ...]:
 # value they are left out of the id, so the trials of existing sweeps keep their ids (and stay finished). Changing
 # such a default would silently reuse old results: give the field a new name instead.
 # data.cfg_sampler's and data.text_sampler's defaults are not the values that ran before ('block' and 'epoch' are new
-# streams): trials at the default get new ids, those set to 'sentence' / 'random' keep theirs.
+# streams): trials at the default get ids of their own, those set to 'sentence' / 'random' the ids of the old stream.
 ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "float32", "data.cfg_sampler": "sentence",
                 "model.pos_encoding": "rope", "model.pos_init_std": 0.02, "model.mlp": "swiglu",
                 "model.embed_init_std": 0.02, "model.oe.table_init_std": 0.02, "model.oe.combine": "mean",

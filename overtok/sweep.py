@@ -40,6 +40,7 @@ from overtok.config import (
     TrainConfig,
     apply_overrides,
     build_config,
+    cuda_index,
     flatten,
     load_yaml,
     set_dotted,
@@ -151,15 +152,15 @@ class Sweep:
         and be merged. A prefix that names no trial, or names several, is an error."""
         keep = self.trials
         if only:
-            picked: list[Trial] = []
+            picked = set()
             for prefix in only:
-                hits = [t for t in keep if t.trial_id.startswith(prefix)]
+                hits = [t.trial_id for t in keep if t.trial_id.startswith(prefix)]
                 if len(hits) != 1:
-                    what = "no trial" if not hits else f"{len(hits)} trials ({', '.join(t.trial_id for t in hits[:3])})"
+                    what = "no trial" if not hits else f"{len(hits)} trials ({', '.join(hits[:3])})"
                     raise ConfigError(f"{prefix!r} names {what} of this sweep; `overtok plan` lists the ids",
                                       file=self.file, key="--only")
-                picked += [t for t in hits if t not in picked]
-            keep = [t for t in keep if t in picked]
+                picked.add(hits[0])
+            keep = [t for t in keep if t.trial_id in picked]
         if seeds is not None:
             known = {t.config.seed for t in self.trials}
             if unknown := sorted(set(seeds) - known):
@@ -217,11 +218,12 @@ class Sweep:
             raise ConfigError(f"a trial needs {gpu:g} GPU{'s' if gpu != 1 else ''} but this machine has {have_gpu} "
                               "(a local Ray has this machine's); run it on a GPU machine or attach to a cluster "
                               "with --address", file=self.file, key="resources.gpu", line=self.lines.get("resources.gpu"))
-        cuda = sorted({t.config.runtime.device for t in self.trials if t.config.runtime.device.startswith("cuda")})
+        cuda = {d: i for t in self.trials if (i := cuda_index(d := t.config.runtime.device)) is not None}
         if cuda:
-            index = max(int(d.split(":", 1)[1]) if ":" in d else 0 for d in cuda)
-            if index >= local_gpus():
-                raise ConfigError(f"trials ask for runtime.device {cuda[-1]} but this machine has {local_gpus()} CUDA "
+            device = max(cuda, key=cuda.get)
+            have = local_gpus()
+            if cuda[device] >= have:
+                raise ConfigError(f"trials ask for runtime.device {device} but this machine has {have} CUDA "
                                   "GPUs (a local Ray has this machine's)", file=self.file, key="base.runtime.device",
                                   line=self.lines.get("base.runtime.device"))
         have_cpu = local_cpus(cpus)

@@ -20,10 +20,11 @@ import torch
 
 from overtok import accounting
 from overtok.compat import ddp_ignore, foreach_mul_
-from overtok.config import RunConfig, TrainConfig, to_dict
+from overtok.config import ConfigError, RunConfig, TrainConfig, stored_config, to_dict
 from overtok.data.batches import Batches, group_ngrams, split_ngrams
 from overtok.data.cfg import Grammar, accepts, sample_sentence
 from overtok.errors import CheckpointError
+from overtok.identity import trial_id
 from overtok.model import Transformer
 from overtok.sharded import ShardedRowSparseTable
 from overtok.tracking import Sink
@@ -165,29 +166,19 @@ def load_latest_checkpoint(ckpt_dir: Path) -> dict | None:
 def default_checkpoint_dir(cfg: RunConfig) -> Path:
     """train.checkpoint_dir, else results/checkpoints/<trial id>: a run resumes only from a checkpoint of its own
     configuration (overtok.identity.trial_id)."""
-    return Path(cfg.train.checkpoint_dir or Path("results") / "checkpoints" / checkpoint_identity(cfg))
-
-
-def checkpoint_identity(cfg: RunConfig) -> str:
-    """The trial id of ``cfg`` (runtime.fail_at_step, like every runtime field, is not part of it: a run that failed
-    on purpose resumes as the same run)."""
-    from overtok.identity import trial_id
-
-    return trial_id(cfg)
+    return Path(cfg.train.checkpoint_dir or Path("results") / "checkpoints" / trial_id(cfg))
 
 
 def check_checkpoint_config(state: dict, cfg: RunConfig, ckpt_dir: Path) -> None:
     """Refuse to resume from a checkpoint of another configuration (another trial id)."""
-    from overtok.config import ConfigError, stored_config
-
     saved = state.get("config")
     if saved is None:
         return
     try:
-        theirs = checkpoint_identity(stored_config(saved))
+        theirs = trial_id(stored_config(saved))  # runtime fields (fail_at_step too) are not in it
     except (ConfigError, TypeError):
         theirs = "an unreadable configuration"
-    ours = checkpoint_identity(cfg)
+    ours = trial_id(cfg)
     if theirs != ours:
         raise CheckpointError(f"{ckpt_dir}: the checkpoint there is of trial {theirs}, this run is trial {ours} (another "
                               "configuration); point train.checkpoint_dir elsewhere or remove the old checkpoints")
