@@ -134,15 +134,16 @@ def write_atomically(path: Path, write) -> None:
 
 
 def export_sweep(sweep: str, tracking_uri: str = "", out: Path | None = None,
-                 overrides: list[str] | None = None) -> list[Path]:
-    """Write runs.parquet and curves.parquet for a sweep (name or YAML path)."""
+                 overrides: list[str] | None = None, loaded=None) -> list[Path]:
+    """Write runs.parquet and curves.parquet for a sweep (name or YAML path; ``loaded``: the YAML's Sweep when the
+    caller has loaded it already, with the same overrides)."""
     from overtok.config import ConfigError
 
     keep: set[str] | None = None
     if sweep.endswith((".yaml", ".yml")):
         from overtok.sweep import load_sweep
 
-        s = load_sweep(sweep, overrides)
+        s = loaded or load_sweep(sweep, overrides)
         name, experiment, tracking_uri = s.name, s.experiment, tracking_uri or s.tracking_uri
         keep = {t.trial_id for t in s.trials}  # a sweep file: only its current trials, not older grids' runs
     else:

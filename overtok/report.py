@@ -326,11 +326,13 @@ def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root:
 
     offline = Path(sweep).is_dir() and (Path(sweep) / "runs.parquet").exists()
     pending: list[str] = []
+    declared = None
     if sweep.endswith((".yaml", ".yml")):
         from overtok.sweep import load_sweep
 
-        declared = load_sweep(sweep, overrides).trials
-    paths = [Path(sweep) / "runs.parquet"] if offline else export_sweep(sweep, tracking_uri, overrides=overrides)
+        declared = load_sweep(sweep, overrides)  # loaded once: the export takes it too
+    paths = ([Path(sweep) / "runs.parquet"] if offline
+             else export_sweep(sweep, tracking_uri, overrides=overrides, loaded=declared))
     results = paths[0].parent
     runs = pd.read_parquet(paths[0])
     curves_file = results / "curves.parquet"
@@ -351,8 +353,8 @@ def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root:
     exp_meta = json.loads((results / "export.json").read_text())
     c = client(resolve_tracking_uri(tracking_uri or exp_meta["tracking_uri"]))
     exp_id = c.get_experiment_by_name(exp_meta["experiment"]).experiment_id
-    if sweep.endswith((".yaml", ".yml")):
+    if declared is not None:
         have = set(runs.trial_id)
-        pending = [f"{t.run_name}" for t in declared if t.trial_id not in have]
+        pending = [t.run_name for t in declared.trials if t.trial_id not in have]
     return build_report(runs, fits, results / "figures", root / "dashboards" / name / "index.html", exp_id, ui,
                         curves=curves, pending=pending)
