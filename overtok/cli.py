@@ -475,17 +475,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _exit_now(rc: int) -> None:
-    """End the process without the interpreter's teardown. After a sweep, freeing the modules of Ray, Tune and
-    MLflow took 1.3 s on the CPU machine, in C with no Python frame, and every sweep's wall time included it
-    (benchmarks/probe_driver_exit.py). The exit handlers still run first (logging, temporary files, Ray's), and the
-    standard streams are flushed; all of the sweep's writes (MLflow, Tune's state) returned before this."""
-    import atexit
+    """End the process without the interpreter's teardown: after a sweep, freeing the modules of Ray, Tune and MLflow
+    costs every sweep a noticeable share of its wall time (benchmarks/probe_driver_exit.py), and a signal that lands
+    in the teardown would turn a chosen exit status into a death by that signal. The exit handlers still run first
+    (logging, temporary files, Ray's), and the standard streams are flushed; every write the command made returned
+    before this."""
     import os
 
-    run_handlers = getattr(atexit, "_run_exitfuncs", None)  # (CPython's; elsewhere the normal exit)
-    if run_handlers is None:
+    from overtok.compat import run_exit_handlers
+
+    if not run_exit_handlers():  # (no such hook in this Python: the normal exit)
         return
-    run_handlers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
@@ -496,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt:  # also while modules are still being imported
         print("overtok: interrupted", file=sys.stderr)
+        if argv is None:  # as a program: exit 130 now, not after a teardown that could still be interrupted
+            _exit_now(130)
         return 130
 
 

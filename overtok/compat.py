@@ -79,6 +79,18 @@ def fused_adamw_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, s
                         grad_scale=grad_scale, found_inf=None)
 
 
+def run_exit_handlers() -> bool:
+    """Run the functions registered with ``atexit`` now (before an ``os._exit``); False where this Python has no
+    such hook (it is CPython's private ``atexit._run_exitfuncs``)."""
+    import atexit
+
+    run = getattr(atexit, "_run_exitfuncs", None)
+    if run is None:
+        return False
+    run()
+    return True
+
+
 def clear_cublas_workspaces() -> bool:
     """Free cuBLAS's per-stream workspaces, which it otherwise keeps for the process's lifetime; False where this
     build has no such call."""

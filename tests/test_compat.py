@@ -71,6 +71,15 @@ def test_fused_adamw_equals_torch_adamw():
     assert torch.allclose(p, ref.detach(), atol=1e-6)
 
 
+def test_run_exit_handlers_runs_the_registered_functions_in_a_child():
+    code = ("import atexit, sys; sys.path.insert(0, sys.argv[1]); from overtok.compat import run_exit_handlers\n"
+            "atexit.register(lambda: print('HANDLER', flush=True))\n"
+            "print('RAN', run_exit_handlers(), flush=True)\n"
+            "import os; os._exit(0)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert res.stdout.split("\n")[:2] == ["HANDLER", "RAN True"], res.stdout + res.stderr
+
+
 def test_clear_cublas_workspaces_exists_in_this_build():
     if not torch.cuda.is_available():  # the call is a CUDA one; its presence is what an upgrade could break
         assert hasattr(torch._C, "_cuda_clearCublasWorkspaces") or compat.clear_cublas_workspaces() is False
