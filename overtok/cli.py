@@ -59,7 +59,7 @@ def cmd_data_prepare(args) -> int:
     from overtok.data.text import prepare
 
     res = prepare([Path(p) for p in args.inputs], Path(args.out), args.tokenizer, args.val_fraction, args.seed,
-                  args.text_field, args.max_docs)
+                  args.text_field, args.max_docs, args.exclude)
     m = res.meta
     print(f"[overtok] {res.out_dir}: V={m['vocab_size']} train {m['train_tokens']:,} tokens "
           f"({m['train_documents']} docs), val {m['val_tokens']:,} tokens ({m['val_documents']} docs), "
@@ -366,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
     p.add_argument("--max-docs", type=int, default=0, help="use N documents drawn across all sources, seeded by --seed (0 = all)")
+    p.add_argument("--exclude", default="", help="comma-separated file-name patterns of input files to leave out")
     p.set_defaults(fn=cmd_data_prepare)
 
     c = sub.add_parser("config", help="configuration: show a resolved config, or the reference of every field")

@@ -285,6 +285,9 @@ class DataConfig:
     results/data/<hash> before any training starts."""
     tokenizer: str = ""
     """With ``corpus``: an HF tokenizer.json path, or bpe:<V> to train a BPE on the corpus."""
+    exclude: str = ""
+    """With ``corpus``: comma-separated file-name patterns (fnmatch, e.g. 'sympy-*,cpython-*') of corpus files to
+    leave out; '' = every file."""
     max_docs: int = 0
     """With ``corpus``: use N documents drawn at random across all sources (seeded; 0 = all). Documents are the
     corpus's own (a source file, an address) cut into pieces of at most 16K characters (overtok.data.text)."""
@@ -628,6 +631,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.weight_decay >= 0 and t.embed_weight_decay >= 0, "train.weight_decay" if t.weight_decay < 0
          else "train.embed_weight_decay", "must be >= 0")
     need(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    need(not d.exclude or bool(d.corpus), "data.exclude", "needs data.corpus (it names corpus files to leave out)")
     need(d.max_docs >= 0, "data.max_docs", f"must be >= 0 (0 = all), got {d.max_docs}")
     need(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
     need(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}")

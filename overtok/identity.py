@@ -45,7 +45,7 @@ ADDED_FIELDS = {"train.residual_dtype": "float32", "train.grad_reduce_dtype": "f
                 "model.pos_encoding": "rope", "model.pos_init_std": 0.02, "model.mlp": "swiglu",
                 "model.embed_init_std": 0.02, "model.oe.table_init_std": 0.02, "model.oe.combine": "mean",
                 "model.oe.allow_degenerate": False, "train.table_weight_decay": None,
-                "data.text_sampler": "random"}
+                "data.text_sampler": "random", "data.exclude": ""}
 
 
 def trial_id(cfg: RunConfig) -> str:

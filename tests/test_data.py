@@ -288,6 +288,13 @@ def test_prepare_holds_out_every_source_in_proportion(tmp_path):
     few = prepare([tmp_path / f for f in ("lines.txt", "speeches.txt", "code.py.txt")], tmp_path / "few", "bpe:400",
                   val_fraction=0.05, max_docs=30, log=lambda _: None)
     assert len(few.meta["sources"]) == 3
+    # exclude leaves the named files out, and refuses to leave none
+    inputs = [tmp_path / f for f in ("lines.txt", "speeches.txt", "code.py.txt")]
+    some = prepare(inputs, tmp_path / "some", "bpe:400", val_fraction=0.05, exclude="speeches*, code.*",
+                   log=lambda _: None)
+    assert set(some.meta["sources"]) == {"lines.txt"} and some.meta["exclude"] == "speeches*, code.*"
+    with pytest.raises(DataError, match="no input files left after excluding"):
+        prepare(inputs, tmp_path / "none", "bpe:400", exclude="*.txt", log=lambda _: None)
 
 
 def test_validation_windows_cover_the_whole_split(tmp_path):

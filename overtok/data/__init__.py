@@ -66,11 +66,12 @@ def corpus_vocab_size(cfg: RunConfig) -> int:
     d = cfg.data
     if not d.corpus:
         raise DataError("data.kind: text needs data.path (prepared) or data.corpus + data.tokenizer")
+    from overtok.data.text import corpus_files
+
     corpus = Path(d.corpus)
     if not corpus.exists():
         raise DataError(f"{d.corpus}: no such file or directory")
-    if corpus.is_dir() and not any(f.is_file() and not f.name.startswith(".") for f in corpus.rglob("*")):
-        raise DataError(f"{d.corpus}: no input files")
+    corpus_files([corpus], d.exclude)  # refuses a corpus with no input file left
     if corpus.is_file() and corpus.stat().st_size == 0:
         raise DataError(f"{d.corpus}: empty file")
     if d.tokenizer.startswith("bpe:"):
@@ -97,14 +98,14 @@ def ensure_prepared(cfg: RunConfig, cache_root: str = "results/data") -> RunConf
     if d.kind != "text" or d.path:
         return cfg
     # the split does not depend on the training seed: every seed of a sweep validates on the same documents
-    key = json.dumps([str(Path(d.corpus).resolve()), str(Path(d.tokenizer).resolve()) if not d.tokenizer.startswith('bpe:') else d.tokenizer, d.max_docs, d.val_fraction, FORMAT])
+    key = json.dumps([str(Path(d.corpus).resolve()), str(Path(d.tokenizer).resolve()) if not d.tokenizer.startswith('bpe:') else d.tokenizer, d.max_docs, d.val_fraction, FORMAT] + ([d.exclude] if d.exclude else []))
     out = Path(cache_root).resolve() / hashlib.sha1(key.encode()).hexdigest()[:12]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent preparers wait for the first
         if not (out / "meta.json").exists():
             print(f"[overtok] tokenizing {d.corpus} with {d.tokenizer} into {out}", flush=True)
-            prepare([Path(d.corpus)], out, d.tokenizer, d.val_fraction, 0, max_docs=d.max_docs)
+            prepare([Path(d.corpus)], out, d.tokenizer, d.val_fraction, 0, max_docs=d.max_docs, exclude=d.exclude)
         else:
             print(f"[overtok] {d.corpus} is tokenized in {out}", flush=True)
             for line in source_table(json.loads((out / "meta.json").read_text())):

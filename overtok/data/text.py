@@ -12,6 +12,7 @@ source contributes its share of held-out text. It writes:
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import lzma
@@ -102,8 +103,9 @@ def _cut(doc: str, limit: int = MAX_DOC_CHARS) -> list[str]:
     return [p for p in pieces if p.strip()]
 
 
-def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """(source name, document) for every document in the given files or directories."""
+def corpus_files(paths: list[Path], exclude: str = "") -> list[Path]:
+    """The input files of the given files or directories, without those whose name matches a pattern of ``exclude``
+    (comma-separated fnmatch patterns)."""
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
@@ -115,9 +117,16 @@ def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[tupl
             files.append(p)
         else:
             raise DataError(f"{p}: no such file or directory")
+    patterns = [x.strip() for x in exclude.split(",") if x.strip()]
+    files = [f for f in files if not any(fnmatch.fnmatch(f.name, x) for x in patterns)]
     if not files:
-        raise DataError(f"{', '.join(map(str, paths))}: no input files")
-    for f in files:
+        raise DataError(f"{', '.join(map(str, paths))}: no input files" + (f" left after excluding {exclude}" if patterns else ""))
+    return files
+
+
+def iter_documents(paths: list[Path], text_field: str = "text", exclude: str = "") -> Iterator[tuple[str, str]]:
+    """(source name, document) for every document in the given files or directories (see :func:`corpus_files`)."""
+    for f in corpus_files(paths, exclude):
         name = f.name
         if name.endswith((".jsonl", ".jsonl.xz")):
             lines = _read_text(f).splitlines()
@@ -238,7 +247,7 @@ def split_documents(docs: list[tuple[str, str]], val_fraction: float, seed: int)
 
 
 def prepare(inputs: list[Path], out_dir: Path, tokenizer: str, val_fraction: float = 0.01, seed: int = 0,
-            text_field: str = "text", max_docs: int = 0, log=print) -> PrepareResult:
+            text_field: str = "text", max_docs: int = 0, exclude: str = "", log=print) -> PrepareResult:
     """Tokenize ``inputs`` into ``out_dir``: documents (``max_docs`` sampled across sources, :func:`sample_documents`),
     a held-out split per source (:func:`split_documents`), a BPE trained on the training documents alone for
     'bpe:<V>' (saved as ``out_dir/tokenizer.json``, as is a given tokenizer), and documents and tokens per source
@@ -246,7 +255,7 @@ def prepare(inputs: list[Path], out_dir: Path, tokenizer: str, val_fraction: flo
     given = None if tokenizer.startswith("bpe:") else load_tokenizer(tokenizer)  # checked before any reading
     if given is None:
         bpe_vocab_size(tokenizer)
-    if len(docs := [(s, d) for s, d in iter_documents(inputs, text_field) if d and d.strip()]) == 0:
+    if len(docs := [(s, d) for s, d in iter_documents(inputs, text_field, exclude) if d and d.strip()]) == 0:
         raise DataError(f"{', '.join(map(str, inputs))}: no non-empty documents")
     docs = sample_documents(docs, max_docs, seed)
     if len(docs) < 2:
@@ -273,7 +282,7 @@ def prepare(inputs: list[Path], out_dir: Path, tokenizer: str, val_fraction: flo
         row[f"{split}_tokens"] += int(ids.size)
     meta = {"vocab_size": V, "eos_id": eos, "dtype": np.dtype(dtype).name, "tokenizer": tokenizer,
             "tokenizer_file": "tokenizer.json", "sources": dict(sorted(per_source.items())), "format": FORMAT,
-            "max_docs": max_docs, "val_fraction": val_fraction, "seed": seed}
+            "max_docs": max_docs, "exclude": exclude, "val_fraction": val_fraction, "seed": seed}
     for split, arrays in splits.items():
         arr = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
         arr.tofile(out_dir / f"{split}.bin")
