@@ -55,8 +55,9 @@ def model_sets(args, oe: bool = False) -> dict:
 def build(sets: dict, train_sets: dict, dev: torch.device, distributed: bool):
     """Model, optimizer, autocast and the module a step calls, as overtok.train.train sets them up."""
     from overtok.config import runtime_fields
+    from overtok.engine import prepare_model, shard_state, wrap_ddp
     from overtok.model import Transformer
-    from overtok.train import make_optimizer, prepare_model, shard_state, wrap_ddp
+    from overtok.optim import make_optimizer
 
     runtime = runtime_fields()  # train_sets may name runtime fields too (ddp_bucket_mb)
     cfg = config({**sets, **{f"{'runtime' if k in runtime else 'train'}.{k}": v for k, v in train_sets.items()}})
@@ -77,7 +78,8 @@ def make_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads
 
     dev = torch.device(f"cuda:{rank}") if torch.cuda.is_available() else torch.device("cpu")
     distributed = world > 1
-    from overtok.train import _clip_sharded, accumulate
+    from overtok.engine import accumulate
+    from overtok.optim import clip_sharded
 
     cfg, model, opt, autocast, step_model, flags, shards = build(sets, train_sets, dev, distributed)
     sparse_tables = model.sparse_tables()
@@ -95,7 +97,7 @@ def make_variant(rank: int, world: int, sets: dict, train_sets: dict, sync_grads
         with quiet:  # the trainer's micro-steps: with train.grad_accum, only the last one all-reduces
             accumulate(step_model, lambda: batches[next(drawn) % 4], cfg.train.grad_accum, dev, autocast)
         if shards:  # as the trainer: shard gradients averaged, the norm global
-            _clip_sharded(model, shards, world, cfg.train.grad_clip)
+            clip_sharded(model, shards, world, cfg.train.grad_clip)
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()

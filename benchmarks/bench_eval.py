@@ -55,8 +55,9 @@ class Stream:
 
 
 def run_case(name: str, args) -> dict:
-    from overtok.packed import PackedAdamW
-    from overtok.train import evaluate, make_optimizer, prepare_model
+    from overtok.engine import prepare_model
+    from overtok.optim import PackedAdamW, make_optimizer
+    from overtok.train import evaluate
 
     d, L, H, T, B, V, P = (64, 2, 2, 64, 2, 512, CASES[name][-1]) if args.smoke else CASES[name]
     cfg = config({"model.vocab_size": V, "model.d_model": d, "model.n_layers": L, "model.n_heads": H,

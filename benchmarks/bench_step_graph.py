@@ -1,6 +1,6 @@
 """The whole training step as one CUDA graph (`runtime.cuda_graph_scope: step`) against torch.compile's graphs of the
 compiled body (`compiled`, the default), through the trainers, side by side in one process: one tiny trial
-(`overtok.train.train`) and a pack of 8 (`overtok.packed.train_packed`) on a config (default
+(`overtok.train.train`) and a pack of 8 (`overtok.packed.train_pack`) on a config (default
 `benchmarks/configs/cfg_tiny.json`: d 256, 4 layers, seq 512, batch 16, cfg3f; with --corpus and --tokenizer the
 same model on text, tokenized once per call into its temporary folder), the two scopes' runs alternating for
 `--rounds` rounds. Per run: steady tokens/s (the median of the logged intervals after the first, which holds the
@@ -49,8 +49,7 @@ def configs(base: dict, scope: str, pack: int, steps: int, log_every: int, smoke
 def run(base: dict, scope: str, pack: int, args, work: Path) -> dict:
     import torch
 
-    from overtok.packed import train_packed
-    from overtok.train import pick_device, train
+    from overtok.train import pick_device, train, train_pack
     from overtok.trial import release
 
     dev = pick_device("cpu" if args.smoke else "auto")
@@ -62,7 +61,7 @@ def run(base: dict, scope: str, pack: int, args, work: Path) -> dict:
         train(cfgs[0], sinks[0], device=dev)
         rate_key = "perf/tokens_per_s"
     else:
-        train_packed(cfgs, sinks, work / f"pack-{scope}-{time.time_ns()}", device=dev)
+        train_pack(cfgs, sinks, work / f"pack-{scope}-{time.time_ns()}", device=dev)
         rate_key = "perf/pack_tokens_per_s"
     wall = time.time() - t0
     pts = {k: list(by_step.values()) for k, by_step in sinks[0].points.items()}  # each key's values in log order

@@ -13,8 +13,9 @@ import torch
 
 from overtok import accounting
 from overtok.config import load_config
+from overtok.engine import StepGraph, set_kernels
 from overtok.model import Transformer
-from overtok.train import StepGraph, make_optimizer, set_kernels
+from overtok.optim import make_optimizer
 
 
 def config(sets: dict):
@@ -381,7 +382,7 @@ def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, pr
     mode ("reduce-overhead": CUDA graphs); ``whole``: compile the embedding's lookup with the body (the whole
     forward). Also the host time to issue a step (if it is close to the step time, the loop is launch-bound) and,
     with ``profile``, the CUDA kernels of a few steps."""
-    from overtok.packed import PackedAdamW
+    from overtok.optim import PackedAdamW
 
     cfg = config(sets)
     dev = fresh_device()

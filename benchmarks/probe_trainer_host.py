@@ -1,5 +1,5 @@
 """Where a tiny trial's steady training step goes, host against GPU: runs `overtok.train.train` on a config (600
-steps) with `overtok.train.accumulate` wrapped, so that at its 300th call a torch profiler records 20 steps
+steps) with `overtok.engine.accumulate` wrapped, so that at its 300th call a torch profiler records 20 steps
 (printed: kernels by GPU time, operators by host time, wall time per step), steps 400-500 are timed without the
 profiler (the GPU drained at both ends), and the host time of every accumulate call (issuing forward and backward)
 is kept; its median over calls 350-600 is printed. Run in the root of the overtok checkout to probe (the current
@@ -16,6 +16,7 @@ sys.path.insert(0, ".")
 
 import torch  # noqa: E402
 
+import overtok.engine as E  # noqa: E402
 import overtok.train as T  # noqa: E402
 from overtok.config import build_config  # noqa: E402
 from overtok.data import resolve_vocab  # noqa: E402
@@ -24,7 +25,7 @@ CUDA = torch.cuda.is_available()
 ACTIVITIES = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if CUDA else [])
 calls = {"n": 0}
 state: dict = {}
-plain_accumulate = T.accumulate
+plain_accumulate = E.accumulate
 
 
 def sync():
@@ -61,7 +62,7 @@ def probed_accumulate(*a, **k):
 
 
 def main():
-    T.accumulate = probed_accumulate
+    E.accumulate = probed_accumulate
     cfg = json.load(open(sys.argv[1]))
     cfg["train"]["max_steps"] = 600
     T.train(resolve_vocab(build_config(cfg)))

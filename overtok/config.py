@@ -394,7 +394,7 @@ class RuntimeConfig:
     """Where runtime.cuda_graphs applies: what one CUDA graph replays. 'compiled': the compiled body, heads and loss
     (torch.compile's reduce-overhead mode; the host still issues the lookups, clipping and AdamW, and checks the
     graphs' inputs every step). 'step' (the default): the whole training step, recorded by the trainer after a few
-    eager steps (overtok.train.StepGraph): forward, backward, gradient clipping and AdamW, which then reads its learning rates
+    eager steps (overtok.engine.StepGraph): forward, backward, gradient clipping and AdamW, which then reads its learning rates
     from GPU tensors, the host issuing only the copies of the batch and learning rates and one launch; the body
     compiled in torch.compile's default mode. Packed trials too. 'step' needs dense parameters (no row-sparse OE
     tables, which update outside autograd); with them it acts as 'compiled'. The same results up to float rounding;
@@ -403,7 +403,7 @@ class RuntimeConfig:
     """With runtime.compile: whether validation forwards run compiled too. Without gradients the forward is a second
     graph, so compiling it costs a second compilation (seconds to tens of seconds on a GPU), while eager costs a few
     milliseconds more per batch. 'auto' compiles it only for runs that evaluate at least
-    overtok.train.EVAL_COMPILE_MIN_BATCHES batches in all. The same losses up to summation order; perf/compiled_eval
+    overtok.engine.EVAL_COMPILE_MIN_BATCHES batches in all. The same losses up to summation order; perf/compiled_eval
     records the choice."""
     ddp_bucket_mb: float = 25.0
     """Data-parallel trials: DDP's gradient bucket size in MiB (torch's default 25). Each bucket is all-reduced as soon

@@ -24,7 +24,7 @@ from overtok.errors import CheckpointError
 
 def load_checkpoint(path: str | Path) -> tuple[RunConfig, dict]:
     """(config, model state) of a checkpoint file, or of the newest checkpoint in a directory."""
-    from overtok.train import load_latest_checkpoint
+    from overtok.checkpoint import load_latest_checkpoint
 
     p = Path(path)
     if p.is_dir():

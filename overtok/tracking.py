@@ -194,7 +194,7 @@ class Sink:
 
 
 class MemorySink(Sink):
-    """Keeps every logged point in memory, ``points[key][step] = value``: curves of ``train()`` or ``train_packed()``
+    """Keeps every logged point in memory, ``points[key][step] = value``: curves of ``train()`` or ``train_pack()``
     run in a notebook, a test or a benchmark."""
 
     def __init__(self):

@@ -1,7 +1,7 @@
 """The worker side of a sweep: what runs inside a Ray trial process (see overtok.tune for the driver side).
 
 - ``trial_main`` is the Tune function trainable: a few lines around the same ``train()`` as `overtok train` (or
-  ``train_packed()`` for a pack, or a Ray Train ``TorchTrainer`` of data-parallel workers), run on one long-lived
+  ``train_pack()`` for a pack, or a Ray Train ``TorchTrainer`` of data-parallel workers), run on one long-lived
   thread of the process.
 - ``ReportSink`` buffers metric points and sends them to the driver with ``tune.report`` (never one request per
   point); the driver is the only MLflow writer.
@@ -58,7 +58,7 @@ class ReportSink(Sink):
 
 def trial_main(config: dict) -> None:
     """Tune function trainable: one trial = one ``train()`` (with several workers a data-parallel TorchTrainer;
-    for a pack, one ``train_packed()`` over its member trials), run on this process's trial thread."""
+    for a pack, one ``train_pack()`` over its member trials), run on this process's trial thread."""
     return _trial_thread().run(lambda: _run_trial(config))
 
 
@@ -163,7 +163,7 @@ def _report_failure(sink: ReportSink, error: str) -> None:
 def _packed_main(spec: dict) -> None:
     """Member trials trained as one packed model; each member reports under its own trial id."""
     from overtok.config import build_config
-    from overtok.packed import train_packed
+    from overtok.train import train_pack
 
     members = spec["pack"]
     cfgs = [build_config(m["config"]) for m in members]
@@ -172,7 +172,7 @@ def _packed_main(spec: dict) -> None:
     for s in sinks:
         s.report(**where)
     try:
-        summaries = train_packed(cfgs, sinks, spec["checkpoint_dir"])
+        summaries = train_pack(cfgs, sinks, spec["checkpoint_dir"])
     except Exception as e:
         for s in sinks:
             _report_failure(s, f"{type(e).__name__}: {e}")

@@ -7,9 +7,8 @@ Skipped without a CUDA device (CI here has none); run on the GPU machine with
 import pytest
 import torch
 
-from overtok.packed import train_packed
 from overtok.tracking import MemorySink
-from overtok.train import train
+from overtok.train import train, train_pack
 from tests.conftest import tiny_config
 from tests.sweeplib import sweep_with_and_without_reuse
 
@@ -96,7 +95,7 @@ def test_packed_cuda_graphs_train_as_without(tmp_path):
             c.train.checkpoint_dir = str(tmp_path / f"alone{i}")
             cfgs.append(c)
         sinks = [MemorySink() for _ in cfgs]
-        train_packed(cfgs, sinks, tmp_path / f"pack-{variant}", device=CUDA)
+        train_pack(cfgs, sinks, tmp_path / f"pack-{variant}", device=CUDA)
         curves[variant] = [s.points for s in sinks]
     for compiled, step, off in zip(curves["compiled"], curves["step"], curves["off"]):
         assert set(compiled["perf/cuda_graphs"].values()) == {1.0} and set(compiled["perf/step_graph"].values()) == {0.0}

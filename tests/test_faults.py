@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from overtok.train import CheckpointError, load_latest_checkpoint, save_checkpoint
+from overtok.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
 from tests.sweeplib import env, free_port, kill_group, overtok, start_sweep, sweep_runs, wait_for, write
 
 TWO_TRIALS = """

@@ -41,11 +41,11 @@ def _plain(tmp: Path) -> list:
 
 
 def _packed(tmp: Path) -> list:
-    from overtok.packed import train_packed
+    from overtok.train import train_pack
 
     cfgs = [tiny_config(seed=s, **COMMON) for s in (0, 1)]
     sinks = [_Points() for _ in cfgs]
-    train_packed(cfgs, sinks, tmp / "pack", device=torch.device("cpu"))
+    train_pack(cfgs, sinks, tmp / "pack", device=torch.device("cpu"))
     return [s.points for s in sinks]
 
 

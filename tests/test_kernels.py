@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from overtok import kernels
+from overtok.engine import use_kernel
 from overtok.model import Transformer
-from overtok.packed import pack_models, train_packed
+from overtok.packed import pack_models
 from overtok.tracking import MemorySink
-from overtok.train import train, use_kernel
+from overtok.train import train, train_pack
 from tests.conftest import tiny_config
 from tests.test_packed import _assert_same, _configs
 
@@ -129,7 +130,7 @@ def test_packed_trainer_with_kernel(tmp_path, field, flag):
         for c in cfgs:
             setattr(c.runtime, field.split(".")[1], kernel)
         runs[kernel] = [MemorySink() for _ in cfgs]
-        train_packed(cfgs, runs[kernel], tmp_path / kernel, device=CPU)
+        train_pack(cfgs, runs[kernel], tmp_path / kernel, device=CPU)
     _assert_same([s.points for s in runs["torch"]], [s.points for s in runs["triton"]])
     assert {v for s in runs["triton"] for v in s.points[flag].values()} == {1.0}
 

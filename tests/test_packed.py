@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from overtok.model import Transformer
-from overtok.packed import PackedAdamW, check_packable, pack_key, pack_models, train_packed, unpack_slice
+from overtok.optim import PackedAdamW
+from overtok.packed import check_packable, pack_key, pack_models, unpack_slice
 from overtok.tracking import MemorySink
-from overtok.train import train
+from overtok.train import train, train_pack
 from tests.conftest import tiny_config
 
 
@@ -41,7 +42,7 @@ def test_packed_equals_separate_runs_with_different_seeds_and_lrs(tmp_path):
     cfgs = _configs(tmp_path)
     alone = _alone(cfgs)
     sinks = [MemorySink() for _ in cfgs]
-    summaries = train_packed(cfgs, sinks, tmp_path / "pack", device=torch.device("cpu"))
+    summaries = train_pack(cfgs, sinks, tmp_path / "pack", device=torch.device("cpu"))
     _assert_same(alone, [s.points for s in sinks])
     assert all(s["tokens_seen"] == cfgs[0].train.max_steps * cfgs[0].tokens_per_step for s in summaries)
     # different seeds and learning rates really give different curves
@@ -53,23 +54,23 @@ def test_packed_oe_mtp_ds_and_tied_embeddings(tmp_path):
                                  "model.tie_embeddings": True})
     alone = _alone(cfgs)
     sinks = [MemorySink() for _ in cfgs]
-    train_packed(cfgs, sinks, tmp_path / "pack", device=torch.device("cpu"))
+    train_pack(cfgs, sinks, tmp_path / "pack", device=torch.device("cpu"))
     _assert_same(alone, [s.points for s in sinks], keys=("train/loss", "train/loss_head2", "val/loss"))
 
 
 def test_packed_resume_and_unpack(tmp_path):
     cfgs = _configs(tmp_path)
     full = [MemorySink() for _ in cfgs]
-    train_packed(cfgs, full, tmp_path / "full", device=torch.device("cpu"))
+    train_pack(cfgs, full, tmp_path / "full", device=torch.device("cpu"))
     # fail after the first checkpoint (step 6), then resume from it
     for c in cfgs:
         c.runtime.fail_at_step = 8
     with pytest.raises(RuntimeError, match="fail_at_step"):
-        train_packed(cfgs, [MemorySink() for _ in cfgs], tmp_path / "resumed", device=torch.device("cpu"))
+        train_pack(cfgs, [MemorySink() for _ in cfgs], tmp_path / "resumed", device=torch.device("cpu"))
     for c in cfgs:
         c.runtime.fail_at_step = -1
     resumed = [MemorySink() for _ in cfgs]
-    train_packed(cfgs, resumed, tmp_path / "resumed", device=torch.device("cpu"))
+    train_pack(cfgs, resumed, tmp_path / "resumed", device=torch.device("cpu"))
     for a, b in zip(full, resumed):
         assert a.points["train/loss"] == b.points["train/loss"]  # replayed history + exact continuation
 
@@ -96,7 +97,7 @@ def test_packed_adamw_equals_torch_adamw_per_slice():
     refs = [Transformer(cfg.model) for _ in range(2)]
     for r, m in zip(refs, models):
         r.load_state_dict(m.state_dict())
-    from overtok.train import make_optimizer
+    from overtok.optim import make_optimizer
 
     ref_opts = [make_optimizer(r, cfg.train, torch.device("cpu")) for r in refs]
     packed = pack_models(models)
@@ -147,7 +148,7 @@ def test_a_diverging_slice_fails_alone(tmp_path):
     alone = _alone([cfgs[0], cfgs[2]])
     cfgs[1].train.lr = float("nan")  # slice 1's weights become NaN at the first step
     sinks = [MemorySink() for _ in cfgs]
-    summaries = train_packed(cfgs, sinks, tmp_path / "pack", device=torch.device("cpu"))
+    summaries = train_pack(cfgs, sinks, tmp_path / "pack", device=torch.device("cpu"))
     assert "TrainingDiverged" in summaries[1]["error"] and "train/loss" not in sinks[1].points
     _assert_same(alone, [sinks[0].points, sinks[2].points])
 
@@ -160,5 +161,5 @@ def test_packed_reference_body_learned_positions_and_gelu(tmp_path):
                                  "model.oe.combine": "sum"})
     alone = _alone(cfgs)
     sinks = [MemorySink() for _ in cfgs]
-    train_packed(cfgs, sinks, tmp_path / "pack", device=torch.device("cpu"))
+    train_pack(cfgs, sinks, tmp_path / "pack", device=torch.device("cpu"))
     _assert_same(alone, [s.points for s in sinks])

@@ -144,8 +144,8 @@ def _sparse_worker(rank: int, world: int, run_dir: str, compiled: bool, backend:
 
 def _ddp_buffers_worker(rank: int, world: int, run_dir: str):
     with _group(rank, world, run_dir):
+        from overtok.engine import shard_state, wrap_ddp
         from overtok.model import Transformer
-        from overtok.train import shard_state, wrap_ddp
 
         cfg = tiny_config(**{"model.oe.n": 3, "model.oe.k": 2, "model.oe.m": 1009, "model.oe.shard": True,
                              "model.oe.sparse_update": True})
@@ -182,8 +182,9 @@ def _train_worker(rank: int, world: int, out_dir: str):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from overtok.model import Transformer
+        from overtok.optim import clip_sharded
         from overtok.tracking import MemorySink
-        from overtok.train import _clip_sharded, train
+        from overtok.train import train
 
         # one step's gradients: shard = the DDP-averaged whole-table gradient's rows; the same global norm
         grads = {}
@@ -197,7 +198,7 @@ def _train_worker(rank: int, world: int, out_dir: str):
             tok = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len + 1), generator=torch.Generator().manual_seed(rank))
             ddp(tok)[1]["total"].backward()
             if shard:
-                norm = _clip_sharded(model, [model.embed.tables.weight], world, 0.0)
+                norm = clip_sharded(model, [model.embed.tables.weight], world, 0.0)
                 lo, hi = model.embed.tables.lo, model.embed.tables.hi
             else:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
@@ -260,8 +261,8 @@ def _ddp_grad_worker(rank: int, world: int, run_dir: str, backend: str):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from overtok.config import RunConfig, TrainConfig
+        from overtok.engine import wrap_ddp
         from overtok.model import Transformer
-        from overtok.train import wrap_ddp
 
         cfg = tiny_config()
         grads = {}
@@ -310,8 +311,8 @@ def _accumulate_worker(rank: int, world: int, run_dir: str):
         import contextlib
 
         from overtok.config import RunConfig
+        from overtok.engine import accumulate, wrap_ddp
         from overtok.model import Transformer
-        from overtok.train import accumulate, wrap_ddp
 
         cfg = tiny_config()
         T = cfg.model.seq_len + 1

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from overtok.model import Transformer
-from overtok.train import make_optimizer, train
+from overtok.optim import make_optimizer
+from overtok.train import train
 from tests.conftest import tiny_config
 
 OE = {"model.oe.n": 2, "model.oe.k": 1, "model.oe.m": 8, "model.d_model": 32, "model.vocab_size": 7,
@@ -213,7 +214,7 @@ def test_exact_catch_up_equals_dense_steps_row_by_row():
 
 def test_tables_count_in_gradient_clipping():
     """clip_with_tables: the global norm includes the table's coalesced gradient, as nn.Embedding's would."""
-    from overtok.train import clip_with_tables
+    from overtok.optim import clip_with_tables
 
     cfg, dense, sparse = _pair()
     x = torch.randint(0, 7, (4, cfg.model.seq_len + 1))

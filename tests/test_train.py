@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from overtok.optim import lr_at
 from overtok.tracking import Sink
-from overtok.train import TrainingDiverged, lr_at, train
+from overtok.train import TrainingDiverged, train
 from tests.conftest import tiny_config
 
 
@@ -57,9 +58,9 @@ def test_bf16_residual_runs_and_is_recorded(tmp_path, dtype, residual, expect):
 
 
 def test_checkpointed_optimizer_state_holds_a_step_graphs_learning_rate_as_a_number(tmp_path):
-    """A step graph (overtok.train.StepGraph, CUDA only) has AdamW read its learning rate from a tensor; checkpoints
+    """A step graph (overtok.engine.StepGraph, CUDA only) has AdamW read its learning rate from a tensor; checkpoints
     keep the number (and capturable off), so a run without step graphs resumes from them, and with them again."""
-    from overtok.train import optimizer_state
+    from overtok.optim import optimizer_state
 
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([p], lr=1e-3)
@@ -160,8 +161,9 @@ def test_evaluation_runs_eagerly_unless_it_pays_to_compile_it():
 
     from overtok.config import RunConfig, RuntimeConfig, TrainConfig
     from overtok.data.batches import Batches
+    from overtok.engine import EVAL_COMPILE_MIN_BATCHES, compiled_eval
     from overtok.model import Transformer
-    from overtok.train import EVAL_COMPILE_MIN_BATCHES, compiled_eval, eval_loss
+    from overtok.train import eval_loss
 
     def run(train: dict, **runtime) -> RunConfig:
         return RunConfig(train=TrainConfig(**train), runtime=RuntimeConfig(**{"compile": True, **runtime}))
