@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -178,6 +179,38 @@ def cmd_effects(args) -> int:
     runs = pd.concat([r for r, _ in parts], ignore_index=True)
     curves = pd.concat([c for _, c in parts], ignore_index=True)
     print(effects_markdown(paired_effects(runs, curves, tail=args.tail, at_tokens=args.at_tokens)), end="")
+    return 0
+
+
+def cmd_hashstats(args) -> int:
+    import numpy as np
+
+    from analysis.hashing import hash_use, hash_use_markdown
+    from overtok.config import ConfigError, to_dict
+    from overtok.data import ensure_prepared
+    from overtok.data.text import read_meta
+    from overtok.sweep import load_sweep
+
+    sweep = load_sweep(args.sweep, args.set)
+    sweep.select(args.only, args.seeds)
+    oe = [t.config for t in sweep.trials if t.config.model.oe.n > 1]
+    if not oe:
+        raise ConfigError("no trial has OE tables (model.oe.n > 1)", file=args.sweep, key="model.oe.n")
+    if any(c.data.kind != "text" for c in oe):
+        raise ConfigError("hashstats counts n-grams of a text corpus (data.kind: text)", file=args.sweep,
+                          key="data.kind")
+    by_data: dict[str, list] = {}
+    for c in oe:
+        by_data.setdefault(json.dumps(to_dict(c)["data"], sort_keys=True), []).append(c)
+    for cfgs in by_data.values():
+        cfg = ensure_prepared(cfgs[0])
+        meta = read_meta(cfg.data.path)
+        tokens = np.memmap(Path(cfg.data.path) / "train.bin", dtype=meta["dtype"], mode="r")
+        tables = sorted({t for c in cfgs for t in c.model.oe_moduli()})
+        epochs = cfg.train.max_steps * cfg.tokens_per_step / meta["train_tokens"]
+        print(f"{cfg.data.corpus or cfg.data.path}: training split {meta['train_tokens']:,} tokens, V = "
+              f"{cfg.model.input_vocab_size:,}; a trial reads {epochs:.2f} epochs of it\n")
+        print(hash_use_markdown(hash_use(tokens, cfg.model.input_vocab_size, tables, epochs)))
     return 0
 
 
@@ -445,6 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at-tokens", type=_positive, default=None, metavar="T",
                    help="read both losses at T base tokens (points logged at step <= T) instead of at the end")
     p.set_defaults(fn=cmd_effects)
+
+    p = sub.add_parser("hashstats", help="how a sweep's OE tables are used by its corpus: rows hit, updates per "
+                                         "row, collisions (Markdown)")
+    p.add_argument("sweep", help="sweep YAML (its text corpus is tokenized first if need be)")
+    _add_set(p, "override a sweep key")
+    _add_subset(p)
+    p.set_defaults(fn=cmd_hashstats)
 
     p = sub.add_parser("plots", help="paper-style figures of an exported sweep -> results/<sweep>/figures/")
     p.add_argument("sweep", help="sweep name, YAML or results directory")
