@@ -57,13 +57,15 @@ class Stream:
 def run_case(name: str, args) -> dict:
     from overtok.engine import prepare_model
     from overtok.optim import PackedAdamW, make_optimizer
+    from overtok.packed import pack_models
     from overtok.train import evaluate
 
     d, L, H, T, B, V, P = (64, 2, 2, 64, 2, 512, CASES[name][-1]) if args.smoke else CASES[name]
     cfg = config({"model.vocab_size": V, "model.d_model": d, "model.n_layers": L, "model.n_heads": H,
                   "model.seq_len": T, "data.batch_size": B, "runtime.compile": True})
     dev = fresh_device()
-    model = seeded_models(cfg, P, dev)
+    models = seeded_models(cfg, P, dev)
+    model = models[0] if P == 1 else pack_models(models)
     opt = make_optimizer(model, cfg.train, dev) if P == 1 else PackedAdamW(model, cfg.train)
     autocast, flags = prepare_model(model, cfg, dev)
     train = [Stream(cfg, B, 1000 + p) for p in range(P)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import gc
 import json
 import platform
@@ -13,9 +13,8 @@ import torch
 
 from overtok import accounting
 from overtok.config import load_config
-from overtok.engine import StepGraph, set_kernels
+from overtok.engine import StepGraph, build_engine
 from overtok.model import Transformer
-from overtok.optim import make_optimizer
 
 
 def config(sets: dict):
@@ -38,17 +37,6 @@ def release(dev: torch.device) -> None:
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def sdpa_context(backend: str | None):
-    """Restrict scaled_dot_product_attention to one backend ('flash', 'cudnn', 'efficient'); None = torch's choice."""
-
-    if backend is None:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    names = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
-    return sdpa_kernel([getattr(SDPBackend, names[backend])])
 
 
 def profile_steps(step, sync, dev: torch.device, n: int = 3) -> dict:
@@ -170,11 +158,6 @@ def format_categories(cats: dict) -> str:
         f"{k[:48]} {v:.2f}" for k, v in list(c["kernels"].items())[:3])) for name, c in cats.items())
 
 
-def kernel_names(kernels: dict[str, bool]) -> dict[str, str]:
-    """The MLP and RoPE kernels that ran (``set_kernels``), as results record them: 'triton' or 'torch'."""
-    return {f"{kind}_kernel": "triton" if kernels[kind] else "torch" for kind in ("mlp", "rope")}
-
-
 def time_block(step, sync, steps: int) -> float:
     """Mean seconds per step over ``steps`` steps issued back to back, synchronised only at the ends, as the
     trainer runs them (the host issues the next step while the GPU works; per-step timing waits after each)."""
@@ -186,104 +169,67 @@ def time_block(step, sync, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-class Bench:
-    """One model built as the trainer builds it (optimizer, loss kernel, compiled body and row update), with a
-    training step on random tokens, bf16 autocast. ``time`` measures blocks of steps; several benches can be alive
-    at once so that their blocks interleave (``interleaved``). One difference: ``mlp_kernel`` and ``rope_kernel``
-    default to 'torch' where runtime.mlp_kernel and runtime.rope_kernel default to 'auto', so that the variants and
-    commands committed before those kernels existed still measure what they measured; variants that want them name
-    them."""
-
-    def __init__(self, sets: dict, batch_size: int, compile_body: bool = True, loss_kernel: str = "auto",
-                 compile_mode: str | None = None, sdpa: str | None = None, compile_update: bool | None = None,
-                 residual_dtype: torch.dtype | None = None, whole_graph: bool = False, mlp_kernel: str = "torch",
-                 compile_options: dict | None = None, rope_kernel: str = "torch"):
-        cfg = self.cfg = config(sets)
-        self.sets, self.batch_size = sets, batch_size
-        dev = self.dev = fresh_device()
-        torch.manual_seed(0)
-        t0 = time.time()
+def seeded_models(cfg, P: int, dev: torch.device) -> list[Transformer]:
+    """Models 0..P-1 of cfg on dev, model p initialised with seed p, as a sweep's trials with seeds 0..P-1 start."""
+    models = []
+    for seed in range(P):
+        torch.manual_seed(seed)
         with torch.device(dev):
-            model = self.model = Transformer(cfg.model)
+            models.append(Transformer(cfg.model))
+    return models
+
+
+class Bench:
+    """P >= 1 models of one config (``sets``: dotted keys, the ``runtime`` section included) made into what the
+    trainer steps (``overtok.engine.build_engine``: the same kernels, compilation, CUDA graphs, optimizers and
+    table updates as `overtok train` under that config), stepped on 4 fixed batches of random tokens. ``time``
+    measures steps one at a time, ``time_block`` back to back; several benches can be alive at once so that their
+    blocks interleave (``interleaved``)."""
+
+    def __init__(self, sets: dict, batch_size: int, P: int = 1):
+        cfg = self.cfg = config(sets)
+        self.sets, self.batch_size, self.P = sets, batch_size, P
+        dev = self.dev = fresh_device()
+        t0 = time.time()
+        models = seeded_models(cfg, P, dev)
         self.build_s = time.time() - t0
-        self.opt = make_optimizer(model, cfg.train, dev)
-        self.step_graph = None
-        if whole_graph:  # the step replayed as one CUDA graph, as the trainer's (runtime.cuda_graph_scope = step)
-            if dev.type != "cuda" or compile_mode == "reduce-overhead" or model.sparse_tables():
-                raise ValueError("whole_graph: a CUDA device, torch.compile without its own CUDA graphs, dense tables")
-            for group in self.opt.param_groups:  # before its first step: it keeps its step counts on the device
-                group["capturable"] = True
-            self.lr = torch.tensor(cfg.train.lr, dtype=torch.float32)  # on the host: copied in at every step
-            self.step_graph = StepGraph(self._update, lambda: self.opt.zero_grad(set_to_none=True), dev)
-        kernels = set_kernels(model, dev, loss_kernel, mlp_kernel, rope_kernel, field="{}_kernel")
-        model.residual_dtype = residual_dtype  # applies under autocast (here: on CUDA)
-        if compile_body:  # (torch.compile takes a mode or inductor options, not both)
-            model.body_and_loss = torch.compile(model.body_and_loss, mode=compile_mode, options=compile_options)
-        self.tables = model.sparse_tables()
-        if compile_update is None:  # as the trainer
-            compile_update = compile_body and dev.type == "cuda"
-        if compile_update:  # as the trainer on CUDA: the n-gram ids and the tables' row update
-            if hasattr(model.embed, "compile_ids"):  # (older checkouts timed with --tree-style A/Bs lack it)
-                model.embed.compile_ids()
-            for t in self.tables:
-                t.compile_update()
         T = cfg.model.seq_len + cfg.model.lookahead
-        self.batches = [torch.randint(0, cfg.model.input_vocab_size, (batch_size, T), device=dev) for _ in range(4)]
-        self.sdpa = sdpa
-        self.meta = {"loss": "fused triton" if model.fused_loss else "torch", "compile_mode": compile_mode or "default",
-                     **kernel_names(kernels),
-                     "compile_options": compile_options or {},
-                     "whole_step_graph": whole_graph,
-                     "sdpa": sdpa or "auto", "residual_dtype": str(residual_dtype or "float32 (embedding's)").replace("torch.", "")}
-        with torch.no_grad(), self.autocast():
-            self.first_loss = model(self.batches[0])[1]["total"].item()  # the same model and batch for every variant
+        self.batches = [torch.randint(0, cfg.model.input_vocab_size, (P * batch_size, T)) for _ in range(4)]
+        self.calls = 0
+
+        def draw() -> torch.Tensor:  # on the host, as the trainer's data
+            self.calls += 1
+            return self.batches[(self.calls - 1) % 4]
+
+        self.engine = build_engine(models, [dataclasses.replace(cfg, seed=p) for p in range(P)], dev, draw)
+        del models
+        self.lrs = [cfg.train.lr] * P
+        with torch.no_grad(), self.engine.autocast():  # the same models and batch in every variant
+            self.first_losses = torch.atleast_1d(self.engine.model(self.batches[0].to(dev))[1]["total"]).tolist()
+        self.host_issue: list[float] = []
         self.warmup_s = None
 
-    def autocast(self):
-        # (autocast's cache of cast weights would be recorded into a whole-step graph: off there)
-        return torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda",
-                              cache_enabled=not self.meta["whole_step_graph"])
-
     def step(self, i: int) -> None:
-        if self.step_graph is not None:
-            self.step_graph.step(self.batches[i % 4], self.lr)
-            return
-        self._step(self.batches[i % 4])
-
-    def _step(self, batch: torch.Tensor) -> None:
-        self._update(batch)
-        self.opt.zero_grad(set_to_none=True)
-        for t in self.tables:
-            t.apply_update(1e-3, 0.9, 0.95)
-
-    def _update(self, batch: torch.Tensor, lr: torch.Tensor | None = None) -> None:
-        """Forward, backward and AdamW on ``batch`` (lr: a device tensor that AdamW reads, in a step graph); the
-        loss is kept (a recorded graph's: each replay's)."""
-        if lr is not None:
-            for group in self.opt.param_groups:
-                group["lr"] = lr
-        if self.meta["compile_mode"] == "reduce-overhead":  # CUDA graphs: this step's outputs replace the last's
-            torch.compiler.cudagraph_mark_step_begin()
-        with self.autocast(), sdpa_context(self.sdpa):
-            _, losses = self.model(batch)
-        losses["total"].backward()
-        self.opt.step()
-        self.last_loss = losses["total"].detach()
+        t = time.perf_counter()
+        parts, _ = self.engine.step(self.lrs)
+        self.host_issue.append(time.perf_counter() - t)  # issuing only: kernels run asynchronously
+        self.last_loss = parts["total"]
 
     def sync(self) -> None:
         if self.dev.type == "cuda":
             torch.cuda.synchronize()
 
     def warm(self, steps: int) -> None:
-        """``steps`` steps (a step graph: its eager warm-up steps, then it is recorded and replayed)."""
-        if self.step_graph is not None and steps <= StepGraph.WARMUP:
-            raise ValueError(f"whole_graph: warm up more than the step graph's {StepGraph.WARMUP} eager steps, so that "
-                             "it is recorded before the timed steps")
+        """``steps`` steps (a recorded step: its eager warm-up steps, then it is recorded and replayed)."""
+        if self.engine.flags["perf/step_graph"] and steps <= StepGraph.WARMUP:
+            raise ValueError(f"the step is recorded as a CUDA graph: warm up more than its {StepGraph.WARMUP} eager "
+                             "steps, so that it is recorded before the timed steps")
         t0 = time.time()
         for i in range(steps):
             self.step(i)
         self.sync()
         self.warmup_s = time.time() - t0
+        self.host_issue = []
 
     def time(self, steps: int) -> list[float]:
         """Seconds of each step (CUDA events on a GPU)."""
@@ -308,17 +254,20 @@ class Bench:
     def result(self, times: list[float], profile: bool = False, block: float | None = None) -> dict:
         """Summary of per-step times (``time``); ``block``: seconds per step of a back-to-back block (``time_block``)."""
         med = statistics.median(times)
-        cfg = self.cfg
-        tokens = self.batch_size * cfg.model.seq_len
+        cfg, flags = self.cfg, self.engine.flags
+        tokens = self.P * self.batch_size * cfg.model.seq_len
         flops = accounting.flops_per_token(cfg.model)
-        out = {"config": self.sets, "batch_size": self.batch_size, "first_loss": self.first_loss,
-               "last_step_loss": float(self.last_loss), "step_ms": med * 1000,
-               "tokens_per_s": tokens / med, "mfu": accounting.mfu(tokens / med, flops),
+        tables = getattr(self.engine, "tables", [])
+        out = {"config": self.sets, "pack": self.P, "batch_size": self.batch_size,
+               "first_loss": self.first_losses[0], "first_losses": self.first_losses,
+               "last_step_loss": torch.atleast_1d(self.last_loss).tolist()[0], "step_ms": med * 1000,
+               "host_issue_ms": statistics.median(self.host_issue) * 1000, "tokens_per_s": tokens / med,
+               "mfu": accounting.mfu(tokens / med, flops),
                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.dev.type == "cuda" else float("nan"),
                "params": accounting.param_groups(cfg.model), "build_s": self.build_s, "warmup_s": self.warmup_s,
-               "optimizer": "adamw+oe_lazy_row_adam" if self.tables else "adamw",
-               "row_update": ("compiled" if self.tables[0].update_compiled else "eager") if self.tables else None,
-               **self.meta}
+               "optimizer": ("packed_adamw" if self.P > 1 else "adamw") + ("+oe_row_adam" if tables else ""),
+               "row_update": ("compiled" if tables[0].update_compiled else "eager") if tables else None,
+               "runtime": dataclasses.asdict(cfg.runtime), **flags}
         if block is not None:
             out.update(step_ms_back_to_back=block * 1000, tokens_per_s_back_to_back=tokens / block,
                        mfu_back_to_back=accounting.mfu(tokens / block, flops))
@@ -328,20 +277,13 @@ class Bench:
 
     def close(self) -> None:
         dev = self.dev
-        self.model = self.opt = self.batches = self.tables = None
+        self.engine = self.batches = self.last_loss = None
         release(dev)
 
 
-def time_training(sets: dict, batch_size: int, steps: int, warmup: int, profile: bool = False,
-                  **kw) -> dict:
-    """Median step time (CUDA events) of forward+backward+AdamW(+row-sparse update) on random tokens, bf16 autocast.
-
-    Keywords as ``Bench``: loss_kernel as runtime.loss_kernel; mlp_kernel and rope_kernel as runtime.mlp_kernel and
-    runtime.rope_kernel (default 'torch'); compile_mode as torch.compile's mode; sdpa pins the attention backend;
-    compile_update: compile the row-sparse tables' update (default: as the trainer, with the body on CUDA);
-    residual_dtype: the residual stream's dtype (None: the embedding's, float32); whole_graph: the step as one CUDA
-    graph, as the trainer records it."""
-    b = Bench(sets, batch_size, **kw)
+def time_training(sets: dict, batch_size: int, steps: int, warmup: int, profile: bool = False, P: int = 1) -> dict:
+    """A ``Bench`` of P models warmed up, then timed step by step and back to back: its ``result``."""
+    b = Bench(sets, batch_size, P)
     b.warm(warmup)
     times = b.time(steps)
     out = b.result(times, profile=profile, block=b.time_block(steps))
@@ -358,88 +300,6 @@ def interleaved(benches: dict[str, Bench], steps: int, rounds: int) -> dict[str,
         for name, b in benches.items():
             out[name]["per_step"].append(statistics.median(b.time(steps)))
             out[name]["back_to_back"].append(b.time_block(steps))
-    return out
-
-
-def seeded_models(cfg, P: int, dev: torch.device) -> Transformer:
-    """Models 0..P-1 of cfg, model p initialised with seed p, on dev: the one model (P = 1) or the P packed into one
-    (overtok.packed), as a sweep's trials with seeds 0..P-1 would start."""
-    from overtok.packed import pack_models
-
-    models = []
-    for seed in range(P):
-        torch.manual_seed(seed)
-        with torch.device(dev):
-            models.append(Transformer(cfg.model))
-    return models[0] if P == 1 else pack_models(models)
-
-
-def time_packed(sets: dict, P: int, batch_size: int, steps: int, warmup: int, profile: bool = False,
-                loss_kernel: str = "auto", compile_mode: str | None = None, whole: bool = False,
-                mlp_kernel: str = "torch", rope_kernel: str = "torch") -> dict:
-    """Median step time of P same-shape models packed into one (overtok.packed), as ``time_training`` does for one
-    model: compiled body, bf16 autocast, PackedAdamW with per-slice clipping. ``compile_mode``: torch.compile's
-    mode ("reduce-overhead": CUDA graphs); ``whole``: compile the embedding's lookup with the body (the whole
-    forward). Also the host time to issue a step (if it is close to the step time, the loop is launch-bound) and,
-    with ``profile``, the CUDA kernels of a few steps."""
-    from overtok.optim import PackedAdamW
-
-    cfg = config(sets)
-    dev = fresh_device()
-    model = seeded_models(cfg, P, dev)
-    opt = PackedAdamW(model, cfg.train)
-    kernels = set_kernels(model, dev, loss_kernel, mlp_kernel, rope_kernel, field="{}_kernel")
-    if whole:
-        model.forward = torch.compile(model.forward, mode=compile_mode)
-    else:
-        model.body_and_loss = torch.compile(model.body_and_loss, mode=compile_mode)
-    graphs = compile_mode == "reduce-overhead"
-    T = cfg.model.seq_len + cfg.model.lookahead
-    batches = [torch.randint(0, cfg.model.input_vocab_size, (P * batch_size, T), device=dev) for _ in range(4)]
-    lrs = torch.full((P,), 1e-3, device=dev)
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        first_loss = model(batches[0])[1]["total"].tolist()  # per slice: the same models and batch in every variant
-
-    def step(i):
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            _, losses = model(batches[i % 4])
-        losses["total"].sum().backward()
-        opt.step(lrs, 1.0)
-        opt.zero_grad()
-
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    t0 = time.time()
-    for i in range(warmup):
-        step(i)
-    sync()
-    warm_s = time.time() - t0
-    times, host = [], []
-    for i in range(steps):
-        t = time.perf_counter()
-        step(i)
-        host.append(time.perf_counter() - t)  # issuing only: kernels run asynchronously
-        sync()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    host.sort()
-    med = times[len(times) // 2]
-    block = time_block(step, sync, steps)
-    tokens = P * batch_size * cfg.model.seq_len
-    out = {"config": sets, "pack": P, "batch_size_per_slice": batch_size, "step_ms": med * 1000,
-           "host_issue_ms": host[len(host) // 2] * 1000, "tokens_per_s": tokens / med,
-           "step_ms_back_to_back": block * 1000, "tokens_per_s_back_to_back": tokens / block,
-           "mfu": accounting.mfu(tokens / med, accounting.flops_per_token(cfg.model)),
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
-           "warmup_s": warm_s, "optimizer": "packed_adamw (fused kernel per slice)",
-           "compile_mode": compile_mode or "default", "compiled": "forward" if whole else "body_and_loss",
-           "loss": "fused triton" if model.fused_loss else "torch", "first_loss": first_loss[0], "first_losses": first_loss,
-           **kernel_names(kernels)}
-    if profile:
-        out.update(profile_steps(step, sync, dev))
-    model = opt = batches = step = None  # noqa: F841 - release before the next variant
-    release(dev)
     return out
 
 
