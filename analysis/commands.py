@@ -11,6 +11,7 @@ import pandas as pd
 
 from analysis import fits, plots
 from analysis.derive import loss_curve, summarize
+from analysis.effects import TRAIN_LOSS
 from analysis.tables import TableError, load_export, read_table, require
 
 MIN_POINTS = {"chinchilla": 6, "loglinear": 3}
@@ -83,18 +84,23 @@ def fit_law_table(law: str, table: str, bootstrap: int = 100, seed: int = 0, col
 # fits.json of a sweep
 
 
-def _loglinear_fits(s: pd.DataFrame, bootstrap: int) -> dict:
-    """Per model size, OD depth 1 and 1-gram tokenizer/output runs: loss vs log10(input vocab)."""
+def _loglinear_fits(s: pd.DataFrame, bootstrap: int, axis: str = "vocab") -> dict:
+    """Per model size, OD depth 1 and 1-gram tokenizer/output runs: loss vs log10 of the input vocabulary
+    (``axis`` 'vocab': V + the OE table rows, V for baselines) or of the table rows m alone ('m': OE runs only, as
+    the paper writes its law)."""
     out = {}
     base = s[(s["model.od_depth"] == 1) & (s["model.tokenizer_ngram"] == 1) & (s["model.output_ngram"] == 1)]
+    if axis == "m":
+        base = base[(base.get("model.oe.n", 1) > 1) & (base.get("model.oe.m", 0) > 0)]
+    x_col, label = (("input_vocab_size", "V + OE table rows for OE runs, V for baselines") if axis == "vocab"
+                    else ("model.oe.m", "OE table rows m of a slice, OE runs only"))
     for metric in ("final_train_loss", "final_val_loss"):
         per_size = {}
         for size, g in base.groupby("size", sort=False):
             g = g[np.isfinite(g[metric])]
-            if g.input_vocab_size.nunique() >= 2 and len(g) >= 2:
-                r = fits.fit_loglinear(g.input_vocab_size, g[metric], bootstrap=bootstrap)
-                r.notes.update({"tokens": int(g.tokens.max()), "N_body": int(g.N_body.iloc[0]),
-                                "vocab_axis": "V + OE table rows for OE runs, V for baselines"})
+            if g[x_col].nunique() >= 2 and len(g) >= 2:
+                r = fits.fit_loglinear(g[x_col], g[metric], bootstrap=bootstrap)
+                r.notes.update({"tokens": int(g.tokens.max()), "N_body": int(g.N_body.iloc[0]), "vocab_axis": label})
                 per_size[size] = r.to_dict()
         out[metric] = per_size
     return out
@@ -185,13 +191,14 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200) -> Path:
     result = {
         "sweep": str(runs.sweep.iloc[0]), "trials_finished": int(len(s)), "trials_total": int(len(runs)),
         "loglinear": _loglinear_fits(s, bootstrap),
+        "loglinear_m": _loglinear_fits(s, bootstrap, axis="m"),
         "chinchilla": _chinchilla_fits(s, curves, max(bootstrap // 4, 10)),
         "speedup": _speedups(s, curves),
         "equivalent_baseline_size": _equivalent_sizes(s),
         "cfg_generation_accuracy": (s.groupby(["size", "variant"])["gen_acc"].mean().unstack().to_dict()
                                     if s["gen_acc"].notna().any() else {}),
         "cfg_generation_accuracy_ci": _generation_cis(s),
-        "notes": {"train loss": "final EMA(0.1) of train/loss (next-token loss), per base token (divided by tokenizer_ngram x output_ngram)",
+        "notes": {"train loss": TRAIN_LOSS + " (n-gram tokenizer or output: divided by tokenizer_ngram x output_ngram)",
                   "generation accuracy": "accepted / sampled sentences (prompt: a sentence end), pooled over "
                                          "seeds; 95% Wilson interval",
                   "speedup": "tokens the baseline needs to reach its final EMA loss / tokens the variant needs "

@@ -25,6 +25,22 @@ def test_loglinear_recovers_known_law_within_ci():
     assert abs(r.estimates["slope"] + 0.0256) < 0.005
 
 
+def test_loglinear_fits_on_both_vocabulary_axes():
+    """fits.json's loglinear: against V + m (baselines at V); loglinear_m: against the table rows m, OE runs only."""
+    from analysis.commands import _loglinear_fits
+
+    V, ms = 50_280, [0, 12_503, 50_021, 200_003, 3_200_003]
+    df = pd.DataFrame({"model.oe.m": ms, "model.oe.n": [1, 2, 2, 2, 2], "model.od_depth": 1,
+                       "model.tokenizer_ngram": 1, "model.output_ngram": 1, "size": "d512-L8", "tokens": 10**8,
+                       "N_body": 25_305_600, "input_vocab_size": [V + m for m in ms]})
+    df["final_train_loss"] = [3.0] + [2.6754 - 0.0256 * math.log10(m) for m in ms[1:]]
+    df["final_val_loss"] = df["final_train_loss"] + 0.1
+    by_m = _loglinear_fits(df, bootstrap=50, axis="m")["final_train_loss"]["d512-L8"]
+    assert by_m["n_points"] == 4 and by_m["estimates"]["slope"] == pytest.approx(-0.0256)
+    by_vocab = _loglinear_fits(df, bootstrap=50)["final_val_loss"]["d512-L8"]
+    assert by_vocab["n_points"] == 5 and by_vocab["notes"]["vocab_axis"].startswith("V + OE")
+
+
 def _chinchilla_data(seed=0, n=250):
     rng = np.random.default_rng(seed)
     N = np.exp(rng.uniform(np.log(1e7), np.log(1e10), n))
