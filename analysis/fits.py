@@ -53,21 +53,32 @@ def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(intercept), float(slope)
 
 
-def fit_loglinear(vocab: np.ndarray, loss: np.ndarray, bootstrap: int = 1000, seed: int = 0) -> FitResult:
-    """L = intercept + slope * log10(vocab); CIs from a case-resampling bootstrap."""
+def fit_loglinear(vocab: np.ndarray, loss: np.ndarray, bootstrap: int = 1000, seed: int = 0,
+                  groups: np.ndarray | None = None) -> FitResult:
+    """L = intercept + slope * log10(vocab); CIs from a bootstrap that resamples the points, or, with ``groups``
+    (e.g. each point's training seed) holding two or more values, whole groups: a seed's runs share its batches and
+    initialisation, so the seed is the unit that varies between repetitions."""
     x, y = np.log10(np.asarray(vocab, float)), np.asarray(loss, float)
     a, b = _ols(x, y)
     rng = np.random.default_rng(seed)
+    units = [np.arange(len(x))]
+    if groups is not None and len(set(np.asarray(groups).tolist())) >= 2:
+        g = np.asarray(groups)
+        units = [np.flatnonzero(g == v) for v in dict.fromkeys(g.tolist())]
     boots = []
     for _ in range(bootstrap):
-        idx = rng.integers(0, len(x), len(x))
+        if len(units) == 1:
+            idx = rng.integers(0, len(x), len(x))
+        else:
+            idx = np.concatenate([units[i] for i in rng.integers(0, len(units), len(units))])
         if np.ptp(x[idx]) > 0:
             boots.append(_ols(x[idx], y[idx]))
     boots = np.array(boots).reshape(-1, 2)
     resid = y - (a + b * x)
     return FitResult("loglinear", {"intercept": a, "slope": b},
                      {"intercept": _percentile_ci(boots[:, 0]), "slope": _percentile_ci(boots[:, 1])},
-                     len(x), bootstrap, {"rmse": float(np.sqrt(np.mean(resid**2))), "x": "log10(vocab)"})
+                     len(x), bootstrap, {"rmse": float(np.sqrt(np.mean(resid**2))), "x": "log10(vocab)",
+                                         "resampled": "points" if len(units) == 1 else f"{len(units)} seeds"})
 
 
 # ----------------------------------------------------------------------------------------------

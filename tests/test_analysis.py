@@ -25,6 +25,18 @@ def test_loglinear_recovers_known_law_within_ci():
     assert abs(r.estimates["slope"] + 0.0256) < 0.005
 
 
+def test_loglinear_bootstrap_resamples_seeds_as_units():
+    # two seeds whose offsets differ: resampling whole seeds keeps each seed's points together (its slope is exact),
+    # so only the intercept varies; resampling points mixes the seeds and the slope wanders
+    vocab = np.tile([1e4, 1e5, 1e6, 1e7], 2)
+    loss = 3.0 - 0.03 * np.log10(vocab) + np.repeat([0.0, 0.2], 4)
+    by_seed = fits.fit_loglinear(vocab, loss, bootstrap=200, groups=np.repeat([0, 1], 4))
+    by_point = fits.fit_loglinear(vocab, loss, bootstrap=200)
+    assert by_seed.notes["resampled"] == "2 seeds" and by_point.notes["resampled"] == "points"
+    assert by_seed.ci["slope"] == pytest.approx((-0.03, -0.03))
+    assert by_point.ci["slope"][1] - by_point.ci["slope"][0] > 0.01
+
+
 def test_loglinear_fits_on_both_vocabulary_axes():
     """fits.json's loglinear: against V + m (baselines at V); loglinear_m: against the table rows m, OE runs only."""
     from analysis.commands import _loglinear_fits
@@ -32,7 +44,7 @@ def test_loglinear_fits_on_both_vocabulary_axes():
     V, ms = 50_280, [0, 12_503, 50_021, 200_003, 3_200_003]
     df = pd.DataFrame({"model.oe.m": ms, "model.oe.n": [1, 2, 2, 2, 2], "model.od_depth": 1,
                        "model.tokenizer_ngram": 1, "model.output_ngram": 1, "size": "d512-L8", "tokens": 10**8,
-                       "N_body": 25_305_600, "input_vocab_size": [V + m for m in ms]})
+                       "N_body": 25_305_600, "input_vocab_size": [V + m for m in ms], "seed": 0})
     df["final_train_loss"] = [3.0] + [2.6754 - 0.0256 * math.log10(m) for m in ms[1:]]
     df["final_val_loss"] = df["final_train_loss"] + 0.1
     by_m = _loglinear_fits(df, bootstrap=50, axis="m")["final_train_loss"]["d512-L8"]
