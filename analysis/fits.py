@@ -81,6 +81,26 @@ def fit_loglinear(vocab: np.ndarray, loss: np.ndarray, bootstrap: int = 1000, se
                                          "resampled": "points" if len(units) == 1 else f"{len(units)} seeds"})
 
 
+PAPER_LOGLINEAR_SLOPE = -0.0256  # paper Fig. 5: training loss per log10 m, OLMoE-1.3B
+
+
+def loglinear_verdict(ci: tuple[float, float], seeds: int, paper: float = PAPER_LOGLINEAR_SLOPE) -> str:
+    """The verdict a slope's 95% interval supports: reproduced (excludes 0 on the paper's side), not reproduced (on
+    the other side of 0, or excluding the paper's slope while holding 0), not testable (holding both); no verdict
+    from one seed."""
+    lo, hi = ci
+    if seeds < 2:
+        return "no verdict: one seed (a claim needs two or more)"
+    if hi < 0:
+        held = "holds" if lo <= paper <= hi else "excludes"
+        return f"reproduced: the slope's interval lies below 0 and {held} the paper's {paper}"
+    if lo > 0:
+        return "not reproduced: the slope's interval lies above 0"
+    if not lo <= paper <= hi:
+        return f"not reproduced: the slope's interval holds 0 and excludes the paper's {paper}"
+    return f"not testable at this budget: the slope's interval holds both 0 and the paper's {paper}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Chinchilla L(N, D)
 

@@ -37,6 +37,15 @@ def test_loglinear_bootstrap_resamples_seeds_as_units():
     assert by_point.ci["slope"][1] - by_point.ci["slope"][0] > 0.01
 
 
+@pytest.mark.parametrize("ci,seeds,start", [((-0.04, -0.02), 3, "reproduced: the slope's interval lies below 0 and holds"),
+                                            ((-0.09, -0.05), 3, "reproduced: the slope's interval lies below 0 and excludes"),
+                                            ((0.01, 0.03), 3, "not reproduced: the slope's interval lies above 0"),
+                                            ((-0.01, 0.02), 2, "not reproduced: the slope's interval holds 0 and excl"),
+                                            ((-0.05, 0.02), 2, "not testable"), ((-0.04, -0.02), 1, "no verdict")])
+def test_loglinear_verdicts(ci, seeds, start):
+    assert fits.loglinear_verdict(ci, seeds).startswith(start)
+
+
 def test_loglinear_fits_on_both_vocabulary_axes():
     """fits.json's loglinear: against V + m (baselines at V); loglinear_m: against the table rows m, OE runs only."""
     from analysis.commands import _loglinear_fits
@@ -51,6 +60,7 @@ def test_loglinear_fits_on_both_vocabulary_axes():
     assert by_m["n_points"] == 4 and by_m["estimates"]["slope"] == pytest.approx(-0.0256)
     by_vocab = _loglinear_fits(df, bootstrap=50)["final_val_loss"]["d512-L8"]
     assert by_vocab["n_points"] == 5 and by_vocab["notes"]["vocab_axis"].startswith("V + OE")
+    assert by_m["notes"]["verdict"].startswith("no verdict")  # one seed
 
 
 def _chinchilla_data(seed=0, n=250):
