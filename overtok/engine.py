@@ -20,6 +20,7 @@ import contextlib
 import math
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -270,6 +271,27 @@ def compiled_eval(cfg: RunConfig) -> bool:
 # Engines
 
 
+class Engine(Protocol):
+    """What ``overtok.train.train_pack`` steps (module docstring); ``SingleEngine`` and ``PackEngine`` are the two."""
+
+    P: int
+    model: Transformer
+    flags: dict[str, float]
+    distributed: bool
+    rank: int
+    world: int
+    evaluates: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+    def step(self, lrs: list[float]) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
+    def generation_model(self, p: int) -> Transformer: ...
+    def flush(self) -> None: ...
+    def state(self) -> dict: ...
+    def load(self, state: dict, ckpt_dir: Path) -> None: ...
+    def save_own(self, ckpt_dir: Path, step: int) -> None: ...
+    def gather(self, obj) -> list: ...
+
+
 class SingleEngine:
     """One model: torch AdamW, row-sparse tables' own updates, gradient clipping over everything, DDP when
     torch.distributed is initialised (every rank draws its own batches, gradients are averaged, row-sharded tables
@@ -409,7 +431,7 @@ class PackEngine:
         return [obj]
 
 
-def build_engine(models: list[Transformer], cfgs: list[RunConfig], device: torch.device, draw):
+def build_engine(models: list[Transformer], cfgs: list[RunConfig], device: torch.device, draw) -> Engine:
     """The engine for these built models (one: ``SingleEngine``; several: ``PackEngine``). ``draw()`` hands out the
     next training batch on the host (a pack's: the slices' batches stacked)."""
     if len(models) == 1:
