@@ -266,12 +266,15 @@ def fit_flags(n_points: int, ci) -> str:
 
 def _fits_html(fits: dict) -> str:
     rows = []
-    for metric, per_size in (fits.get("loglinear") or {}).items():
-        for size, f in per_size.items():
-            est, ci = f["estimates"], f["ci"]
-            flags = fit_flags(f.get("n_points", 0), ci["slope"])
-            rows.append(("log-linear " + metric, size, f"L = {_num(est['intercept'])} + {_num(est['slope'])} log10(V+m)",
-                         f"slope CI [{_num(ci['slope'][0])}, {_num(ci['slope'][1])}]" + (f" ({flags})" if flags else "")))
+    for family, axis in (("loglinear", "log10(V+m)"), ("loglinear_m", "log10(m)")):
+        for metric, per_size in (fits.get(family) or {}).items():
+            for size, f in per_size.items():
+                est, ci = f["estimates"], f["ci"]
+                flags = fit_flags(f.get("n_points", 0), ci["slope"])
+                verdict = (f.get("notes") or {}).get("verdict")
+                rows.append(("log-linear " + metric, size, f"L = {_num(est['intercept'])} + {_num(est['slope'])} {axis}",
+                             f"slope CI [{_num(ci['slope'][0])}, {_num(ci['slope'][1])}]" + (f" ({flags})" if flags else "")
+                             + (f"; {verdict}" if verdict else "")))
     for variant, per_conv in (fits.get("chinchilla") or {}).items():
         for conv, f in per_conv.items():
             est = f["estimates"]

@@ -46,6 +46,7 @@ def test_report_in_headless_chromium(quickstart, tmp_path):
     text = page.read_text()
     assert EVIL not in text and "&lt;script&gt;" in text
     assert "CFG generation accuracy" in text and "samples)" in text  # accuracy with its interval in the fits table
+    assert "log10(V+m)" in text and "no verdict: one seed" in text  # each log-linear fit with its verdict
     assert not re.search(r"""(src|href)=["']?(https?:)?//(?!127\.0\.0\.1)""", text.replace('href="http://127.0.0.1', ""))
     assert not re.search(r"""<(img|script|link)[^>]+(src|href)=["']?https?:""", text)  # nothing fetched
 
