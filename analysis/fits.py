@@ -61,16 +61,15 @@ def fit_loglinear(vocab: np.ndarray, loss: np.ndarray, bootstrap: int = 1000, se
     x, y = np.log10(np.asarray(vocab, float)), np.asarray(loss, float)
     a, b = _ols(x, y)
     rng = np.random.default_rng(seed)
-    units = [np.arange(len(x))]
-    if groups is not None and len(set(np.asarray(groups).tolist())) >= 2:
+    by_group = groups is not None and len(set(np.asarray(groups).tolist())) >= 2
+    if by_group:
         g = np.asarray(groups)
         units = [np.flatnonzero(g == v) for v in dict.fromkeys(g.tolist())]
+    else:
+        units = [np.array([i]) for i in range(len(x))]
     boots = []
     for _ in range(bootstrap):
-        if len(units) == 1:
-            idx = rng.integers(0, len(x), len(x))
-        else:
-            idx = np.concatenate([units[i] for i in rng.integers(0, len(units), len(units))])
+        idx = np.concatenate([units[i] for i in rng.integers(0, len(units), len(units))])
         if np.ptp(x[idx]) > 0:
             boots.append(_ols(x[idx], y[idx]))
     boots = np.array(boots).reshape(-1, 2)
@@ -78,7 +77,7 @@ def fit_loglinear(vocab: np.ndarray, loss: np.ndarray, bootstrap: int = 1000, se
     return FitResult("loglinear", {"intercept": a, "slope": b},
                      {"intercept": _percentile_ci(boots[:, 0]), "slope": _percentile_ci(boots[:, 1])},
                      len(x), bootstrap, {"rmse": float(np.sqrt(np.mean(resid**2))), "x": "log10(vocab)",
-                                         "resampled": "points" if len(units) == 1 else f"{len(units)} seeds"})
+                                         "resampled": f"{len(units)} seeds" if by_group else "points"})
 
 
 PAPER_LOGLINEAR_SLOPE = -0.0256  # paper Fig. 5: training loss per log10 m, OLMoE-1.3B

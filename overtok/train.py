@@ -175,6 +175,7 @@ def train_pack(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir: 
             s.replay(h)
 
     flops_per_token = accounting.flops_per_token(cfg0.model) / cfg0.model.tokenizer_ngram  # per base token
+    bytes_per_token = [read_bytes_per_token(c) if c.data.kind == "text" else 0.0 for c in cfgs]  # for val/bpb
     tokens_per_step = cfg0.tokens_per_step * world  # global tokens of each slice
     summaries: list[dict] = [{} for _ in range(P)]
     alive = [True] * P
@@ -203,10 +204,8 @@ def train_pack(cfgs: list[RunConfig], sinks: list[Sink | None], checkpoint_dir: 
             eval_s = time.time() - t_eval  # .tolist() waited for the GPU
             for p, c in enumerate(cfgs):
                 metrics = {"val/loss": val[p], "perf/eval_s": eval_s}
-                if c.data.kind == "text":
-                    bpt = read_bytes_per_token(c)
-                    if bpt > 0:
-                        metrics["val/bpb"] = val[p] / math.log(2) / bpt
+                if bytes_per_token[p] > 0:
+                    metrics["val/bpb"] = val[p] / math.log(2) / bytes_per_token[p]
                 if c.data.kind == "cfg" and t.gen_samples and (last_step or (t.gen_every and step % t.gen_every == 0)) \
                         and alive[p]:
                     metrics["val/gen_acc"] = generation_accuracy(engine.generation_model(p), val_data[p], t.gen_samples,
