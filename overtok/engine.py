@@ -38,7 +38,6 @@ from overtok.optim import (
     table_weight_decay,
 )
 from overtok.packed import check_packable, pack_models, unpack_slice
-from overtok.sharded import ShardedRowSparseTable
 
 
 def data_parallel() -> tuple[bool, int, int]:
@@ -326,10 +325,10 @@ class SingleEngine:
             group["lr"] = lr
         parts = accumulate(self.step_model, self.draw, t.grad_accum, self.device, self.autocast)
         table_scale = 1.0
-        if self.sharded:
-            grad_norm = clip_sharded(self.model, [p for _, p in self.sharded], self.world, t.grad_clip)
-        elif self.tables and not isinstance(self.tables[0], ShardedRowSparseTable):
+        if self.tables:  # row-sparse tables, whole or sharded (a sharded table's norm is over every shard)
             grad_norm, table_scale = clip_with_tables(self.model, self.tables, self.max_norm)
+        elif self.sharded:
+            grad_norm = clip_sharded(self.model, [p for _, p in self.sharded], self.world, t.grad_clip)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
         self.opt.step()

@@ -104,9 +104,11 @@ class ShardedRowSparseTable(RowSparseTable):
     """This rank's rows of a row-sparse (num_rows, width) table (bf16 storage possible, lazy Adam: overtok/sparse.py);
     ``forward(ids)`` takes global row ids. A lookup fetches rows from their owners (two all-to-alls) and, with
     autograd on, keeps its routing (the order, the counts, the local ids this shard served); the rows' gradient is
-    captured by a hook as in ``RowSparseTable``. ``apply_update`` sends every lookup's gradient rows back the way
-    their rows came (one all-to-all per lookup, no new routing: no host sync), divides them by the world size (the
-    mean over ranks, as DDP averages the replicated gradients) and applies lazy Adam to the owner's touched rows.
+    captured by a hook as in ``RowSparseTable``. ``grad_sq_norm`` and ``apply_update`` send every lookup's gradient
+    rows back the way their rows came (one all-to-all per lookup, no new routing: no host sync), divide them by the
+    world size (the mean over ranks, as DDP averages the replicated gradients); ``grad_sq_norm`` sums the squared
+    norm over the shards (gradient clipping counts the table as a dense one) and ``apply_update`` applies lazy Adam
+    to the owner's touched rows.
     Lookups are collectives, so every rank makes the same number; ``apply_update`` is one too and counts as one
     optimizer step on every rank: call it once per step on every rank, after the backward of every lookup made
     with autograd on since the last call."""
@@ -133,23 +135,41 @@ class ShardedRowSparseTable(RowSparseTable):
         return rows
 
     @torch.no_grad()
-    def apply_update(self, lr: float, beta1: float, beta2: float, eps: float = 1e-8, weight_decay: float = 0.0,
-                     grad_scale: torch.Tensor | float = 1.0) -> None:
+    def _route_back(self) -> None:
+        """Send the gradient rows of the lookups since the last call to the rows' owners (one all-to-all per lookup,
+        a collective) and keep what this shard received, divided by the world size, as its pending gradient."""
         lookups, self._lookups = self._lookups, []
-        none = torch.empty(0, self.weight.shape[1], device=self.weight.device)  # a lookup of no ids, or no lookup
-        local, grads = [torch.empty(0, dtype=torch.long, device=self.weight.device)], [none]
         for lk in lookups:
             g = lk["grad"]
             if g is None:
                 if lk["order"].numel():
                     raise RuntimeError("ShardedRowSparseTable.apply_update: a lookup made with autograd on has had "
                                        "no backward pass")
-                g = none
+                g = torch.empty(0, self.weight.shape[1], device=self.weight.device)
             send_counts, recv_counts = lk["counts"]
-            grads.append(_exchange(g[lk["order"]].float(), send_counts, recv_counts, self.group))
-            local.append(lk["local"])
-        g = torch.cat(grads) / dist.get_world_size(self.group) * grad_scale
-        self._update_rows(torch.cat(local), g, lr, beta1, beta2, eps, weight_decay)
+            got = _exchange(g[lk["order"]].float(), send_counts, recv_counts, self.group)
+            self._pending.append((lk["local"], got / dist.get_world_size(self.group)))
+
+    @torch.no_grad()
+    def grad_sq_norm(self) -> torch.Tensor:
+        """Squared norm of the whole table's rank-averaged gradient (duplicate ids summed), over every shard: a
+        collective, so every rank calls it or none."""
+        self._route_back()
+        sq = super().grad_sq_norm()
+        dist.all_reduce(sq, group=self.group)
+        return sq
+
+    @torch.no_grad()
+    def apply_update(self, lr: float, beta1: float, beta2: float, eps: float = 1e-8, weight_decay: float = 0.0,
+                     grad_scale: torch.Tensor | float = 1.0) -> None:
+        self._route_back()
+        if self._pending:
+            ids, grads = self._take_pending()
+            grads = grads * grad_scale
+        else:
+            ids = torch.empty(0, dtype=torch.long, device=self.weight.device)
+            grads = torch.empty(0, self.weight.shape[1], device=self.weight.device)
+        self._update_rows(ids, grads, lr, beta1, beta2, eps, weight_decay)
 
 
 def leave_group_together(done_file: str, rank: int, world: int) -> None:

@@ -124,12 +124,17 @@ def _sparse_worker(rank: int, world: int, run_dir: str, compiled: bool, backend:
                 (got * upstream).sum().backward()
             else:
                 table(ids)  # a lookup of no ids is still a collective
-            table.apply_update(1e-2, 0.9, 0.95, weight_decay=0.1)
             # the reference: every rank's (ids, gradient rows), averaged over the ranks, one lazy-Adam step
             every = [None] * world  # (CPU tensors: a pickled CUDA tensor would come back on its sender's device)
             dist.all_gather_object(every, (ids.reshape(-1).cpu(), upstream.reshape(-1, width).cpu()))
             full._pending.append((torch.cat([i for i, _ in every]).to(dev), torch.cat([u for _, u in every]).to(dev) / world))
-            full.apply_update(1e-2, 0.9, 0.95, weight_decay=0.1)
+            scale = 1.0
+            if step != 1:  # clipping's norm: over every shard, the whole table's as dense clipping counts it
+                sq, want = table.grad_sq_norm(), full.grad_sq_norm()
+                assert torch.allclose(sq, want, rtol=1e-5), f"step {step}: squared norm {sq} != whole table's {want}"
+                scale = 0.5 if step == 2 else 1.0  # a clipping factor reaches every shard's update
+            table.apply_update(1e-2, 0.9, 0.95, weight_decay=0.1, grad_scale=scale)
+            full.apply_update(1e-2, 0.9, 0.95, weight_decay=0.1, grad_scale=scale)
             lo, hi = table.lo, table.hi
             for name in ("weight", "exp_avg", "exp_avg_sq"):
                 mine, ref = getattr(table, name), getattr(full, name)[lo:hi]
@@ -182,7 +187,8 @@ def _train_worker(rank: int, world: int, out_dir: str):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from overtok.model import Transformer
-        from overtok.optim import clip_sharded
+        from overtok.engine import shard_state, wrap_ddp
+        from overtok.optim import clip_sharded, clip_with_tables
         from overtok.tracking import MemorySink
         from overtok.train import train
 
@@ -205,6 +211,16 @@ def _train_worker(rank: int, world: int, out_dir: str):
             grads[name] = (model.embed.tables.weight.grad.clone(), float(norm))
         assert torch.allclose(grads["sharded"][0], grads["whole"][0][lo:hi], atol=1e-7), "shard gradient != DDP average"
         assert abs(grads["sharded"][1] - grads["whole"][1]) < 1e-5 * grads["whole"][1], (grads["sharded"][1], grads["whole"][1])
+        # row-sparse shards: clipping counts them in the global norm too (an fp32 table, so the same number)
+        cfg = tiny_config(**{"model.oe.n": 3, "model.oe.k": 2, "model.oe.m": 1009, "model.oe.shard": True,
+                             "model.oe.sparse_update": True})
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        ddp = wrap_ddp(model, cfg, torch.device("cpu"), shard_state(model)[1])
+        tok = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len + 1), generator=torch.Generator().manual_seed(rank))
+        ddp(tok)[1]["total"].backward()
+        norm, _ = clip_with_tables(model, model.sparse_tables(), float("inf"))
+        assert abs(float(norm) - grads["whole"][1]) < 1e-5 * grads["whole"][1], (float(norm), grads["whole"][1])
 
         results = {}
         base = {"model.oe.n": 3, "model.oe.k": 2, "model.oe.m": 1009, "train.max_steps": 12, "train.eval_every": 6,
