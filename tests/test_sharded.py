@@ -186,8 +186,8 @@ def _train_worker(rank: int, world: int, out_dir: str):
     with _group(rank, world, out_dir):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from overtok.model import Transformer
         from overtok.engine import shard_state, wrap_ddp
+        from overtok.model import Transformer
         from overtok.optim import clip_sharded, clip_with_tables
         from overtok.tracking import MemorySink
         from overtok.train import train
