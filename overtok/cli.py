@@ -73,7 +73,12 @@ def cmd_plan(args) -> int:
 
     sweep = load_sweep(args.sweep, args.set)
     sweep.select(args.only, args.seeds)
-    print(plan_table(sweep))
+    done = None
+    if args.done:
+        from overtok.export import finished_trials
+
+        done = finished_trials([Path(d) for d in args.done])
+    print(plan_table(sweep, done))
     return 0
 
 
@@ -415,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep")
     _add_set(p, "override a sweep key (e.g. base.data.path=...)")
     _add_subset(p)
+    p.add_argument("--done", nargs="+", default=None, metavar="EXPORT",
+                   help="exports (`overtok export`/`merge` folders) whose finished trials are marked, with the "
+                        "--only list of the trials still to run")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("sweep", help="run a sweep with Ray Tune, tracked in MLflow (resumable)")

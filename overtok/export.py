@@ -181,6 +181,35 @@ def export_sweep(sweep: str, tracking_uri: str = "", out: Path | None = None,
     return [out / "runs.parquet", out / "curves.parquet"]
 
 
+def load_export(d: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, curves) of the export in ``d``; a folder without them, or of another schema, is a ConfigError."""
+    from overtok.config import ConfigError
+
+    d = Path(d)
+    for f in ("runs.parquet", "curves.parquet"):
+        if not (d / f).is_file():
+            raise ConfigError(f"no {f} (not an export: run `overtok export` first)", file=str(d))
+    runs, curves = pd.read_parquet(d / "runs.parquet"), pd.read_parquet(d / "curves.parquet")
+    for df, f in ((runs, "runs.parquet"), (curves, "curves.parquet")):
+        version = set(df.get("schema_version", pd.Series([], dtype=int)).unique()) - {SCHEMA_VERSION}
+        if version:
+            raise ConfigError(f"schema_version {sorted(version)}, this overtok reads {SCHEMA_VERSION}",
+                              file=str(d / f), key="schema_version")
+    return runs, curves
+
+
+def finished_trials(exports: list[Path]) -> dict[str, str]:
+    """Trial id -> where it finished, over the given exports: the wave a merged export names for the row
+    (its ``export`` column), else the export's folder name; a later export wins."""
+    done = {}
+    for d in map(Path, exports):
+        runs, _ = load_export(d)
+        runs = runs[runs.status == "FINISHED"]
+        where = runs["export"] if "export" in runs else pd.Series(d.name, index=runs.index)
+        done.update(zip(runs.trial_id, where))
+    return done
+
+
 def merge_exports(base: Path, reruns: list[Path], out: Path) -> dict:
     """An export of ``base`` in which the trials of each ``rerun`` export (same trial ids: the same configs run
     again, e.g. after a fix) replace base's rows and curves; trials new to base are added; a later rerun wins over
@@ -189,30 +218,18 @@ def merge_exports(base: Path, reruns: list[Path], out: Path) -> dict:
     came from. Writes runs.parquet, curves.parquet and export.json (which lists what was replaced) to ``out``."""
     from overtok.config import ConfigError
 
-    def load(d: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-        for f in ("runs.parquet", "curves.parquet"):
-            if not (d / f).is_file():
-                raise ConfigError(f"no {f} (not an export: run `overtok export` first)", file=str(d))
-        runs, curves = pd.read_parquet(d / "runs.parquet"), pd.read_parquet(d / "curves.parquet")
-        for df, f in ((runs, "runs.parquet"), (curves, "curves.parquet")):
-            version = set(df.get("schema_version", pd.Series([], dtype=int)).unique()) - {SCHEMA_VERSION}
-            if version:
-                raise ConfigError(f"schema_version {sorted(version)}, this overtok reads {SCHEMA_VERSION}",
-                                  file=str(d / f), key="schema_version")
-        return runs, curves
-
     inputs = [Path(base), *map(Path, reruns)]
     if Path(out).resolve() in {p.resolve() for p in inputs}:
         raise ConfigError("the merged export must go to a directory of its own (the inputs stay as they are)",
                           file=str(out), key="--out")
-    runs, curves = load(inputs[0])
+    runs, curves = load_export(inputs[0])
     if runs.empty:
         raise ConfigError("the base export has no trials", file=str(inputs[0]))
     name = str(runs.sweep.iloc[0])
     runs = runs.assign(export=inputs[0].name)
     replaced, added, skipped = [], [], []
     for d in inputs[1:]:
-        r_runs, r_curves = load(d)
+        r_runs, r_curves = load_export(d)
         done = r_runs[r_runs.status == "FINISHED"]
         skipped += [f"{t} ({d.name}: {s})" for t, s in zip(r_runs.trial_id, r_runs.status) if s != "FINISHED"]
         ids = set(done.trial_id)

@@ -430,7 +430,10 @@ PLAN_LEGEND = ("columns: N_* parameters by group (body = blocks and norms; embed
                "kind (* = body size outside the measured range)")
 
 
-def plan_table(sweep: Sweep) -> str:
+def plan_table(sweep: Sweep, done: dict[str, str] | None = None) -> str:
+    """One row per trial and the sweep's totals; with ``done`` (trial id -> the export it finished in, see
+    ``overtok.export.finished_trials``) a column saying where each trial finished and the ``--only`` list of those
+    still to run."""
     from overtok.estimate import load_calibration, trial_seconds
 
     workers = trial_workers(sweep.resources)
@@ -444,6 +447,10 @@ def plan_table(sweep: Sweep) -> str:
             r["est_min"] = f"{secs / 60:.1f}" + ("" if inside else "*")
     cols = ["trial_id", *sweep.varied_keys, "N_body", "N_embedding", "N_oe_tables", "N_oe_proj", "N_head",
             "N_extra_heads", "flops_per_token", "tokens", "memory_gb", "ckpt_gb"] + (["est_min"] if cal else [])
+    if done is not None:
+        cols.append("done")
+        for r in rows:
+            r["done"] = done.get(r["trial_id"], "-")
     cells = [[c.split(".")[-1] if "." in c else c for c in cols]]
     for r in rows:
         out = []
@@ -477,6 +484,10 @@ def plan_table(sweep: Sweep) -> str:
     lines.append("trial processes: " + ("reused, each runs trial after trial of the same resources (reuse_processes)"
                                         if sweep.reuse_processes else "a new one per trial (reuse_processes: false)"))
     lines += _plan_time_and_room(sweep, rows, cal, workers)
+    if done is not None:
+        todo = [r["trial_id"] for r in rows if r["done"] == "-"]
+        lines.append(f"done: {len(rows) - len(todo)} of {len(rows)} trials finished in the given exports; "
+                     + (f"to run: --only {','.join(todo)}" if todo else "nothing left to run"))
     lines.append(PLAN_LEGEND)
     lines.extend(f"note: {n}" for n in sweep.notes())
     return "\n".join(lines)

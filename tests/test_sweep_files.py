@@ -198,3 +198,30 @@ def test_a_subset_of_trials_keeps_the_grids_ids(cli):
                           (["--only", "xyz"], "expected comma-separated trial ids")):
         bad = cli("plan", sweep, *args)
         assert bad.returncode == 2 and problem in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_plan_marks_the_trials_that_finished_in_exports(cli, tmp_path):
+    """`plan --done EXPORT...`: each trial's wave (a merged export's `export` column, else the folder's name), only
+    FINISHED rows count, a later export wins, and the --only list of the rest runs exactly those; a folder that is
+    not an export is one line (exit 2)."""
+    import re
+
+    import pandas as pd
+
+    sweep = ROOT / "sweeps" / "quickstart.yaml"
+    ids = [t.trial_id for t in load_sweep(sweep).trials]
+    waves = {"wave1": (ids[:3], ["FINISHED", "FINISHED", "FAILED"]), "wave2": (ids[2:4], ["FINISHED", "FINISHED"])}
+    for name, (tids, status) in waves.items():
+        (tmp_path / name).mkdir()
+        pd.DataFrame({"schema_version": 1, "trial_id": tids, "status": status}).to_parquet(tmp_path / name / "runs.parquet")
+        pd.DataFrame({"schema_version": [1], "trial_id": [tids[0]]}).to_parquet(tmp_path / name / "curves.parquet")
+    res = cli("plan", sweep, "--done", tmp_path / "wave1", tmp_path / "wave2")
+    assert res.returncode == 0, res.stderr
+    where = dict(re.findall(r"^([0-9a-f]{12}) .* (\S+)$", res.stdout, re.M))
+    assert [where[t] for t in ids[:5]] == ["wave1", "wave1", "wave2", "wave2", "-"], where
+    todo = re.search(r"to run: --only (\S+)", res.stdout).group(1).split(",")
+    assert todo == ids[4:]
+    rest = cli("plan", sweep, "--only", ",".join(todo))
+    assert re.findall(r"^([0-9a-f]{12}) ", rest.stdout, re.M) == ids[4:]
+    bad = cli("plan", sweep, "--done", tmp_path)
+    assert bad.returncode == 2 and "not an export" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
