@@ -29,11 +29,19 @@ def overtok(cwd, *args, timeout=600, **kw):
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def sigint_default() -> None:
+    """For a child that a test sends Ctrl-C: SIGINT at its default disposition, as under a terminal. A test run
+    started in the background by a non-interactive shell inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_sweep(cwd, sweep_file: str) -> subprocess.Popen:
     """`overtok sweep SWEEP_FILE` in the background, in a process group of its own (kill_group ends it and its Ray),
     its stdout and stderr together as text."""
     return subprocess.Popen([sys.executable, "-m", "overtok", "sweep", sweep_file], cwd=cwd, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=sigint_default)
 
 
 def sweep_runs(uri, experiment):

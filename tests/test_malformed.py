@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from tests.conftest import ROOT
+from tests.sweeplib import sigint_default
 
 CORPUS = ROOT / "tests" / "malformed"
 FILES = sorted(CORPUS.glob("*.yaml"))
@@ -133,7 +134,7 @@ def test_ctrl_c_early_in_report_exits_130_in_one_line(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "overtok", "report", "exp"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     time.sleep(0.6)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
