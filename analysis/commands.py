@@ -101,7 +101,7 @@ def _loglinear_fits(s: pd.DataFrame, bootstrap: int, axis: str = "vocab") -> dic
             if g[x_col].nunique() >= 2 and len(g) >= 2:
                 r = fits.fit_loglinear(g[x_col], g[metric], bootstrap=bootstrap, groups=g["seed"].to_numpy())
                 r.notes.update({"tokens": int(g.tokens.max()), "N_body": int(g.N_body.iloc[0]), "vocab_axis": label,
-                                "verdict": fits.loglinear_verdict(r.ci["slope"], int(g["seed"].nunique()))})
+                                "verdict": fits.loglinear_verdict(r.ci["slope"], r.notes["seeds"])})
                 per_size[size] = r.to_dict()
         out[metric] = per_size
     return out

@@ -25,16 +25,34 @@ def test_loglinear_recovers_known_law_within_ci():
     assert abs(r.estimates["slope"] + 0.0256) < 0.005
 
 
-def test_loglinear_bootstrap_resamples_seeds_as_units():
-    # two seeds whose offsets differ: resampling whole seeds keeps each seed's points together (its slope is exact),
-    # so only the intercept varies; resampling points mixes the seeds and the slope wanders
+def test_loglinear_intervals_come_from_complete_seeds():
+    # two seeds whose offsets differ but whose slopes agree: the seed is the unit, so the slope's interval is exact
+    # (t over per-seed fits and the seed bootstrap alike), while resampling points mixes the seeds and it wanders
     vocab = np.tile([1e4, 1e5, 1e6, 1e7], 2)
     loss = 3.0 - 0.03 * np.log10(vocab) + np.repeat([0.0, 0.2], 4)
     by_seed = fits.fit_loglinear(vocab, loss, bootstrap=200, groups=np.repeat([0, 1], 4))
     by_point = fits.fit_loglinear(vocab, loss, bootstrap=200)
-    assert by_seed.notes["resampled"] == "2 seeds" and by_point.notes["resampled"] == "points"
+    assert by_seed.notes["seeds"] == 2 and by_point.notes["seeds"] == 1
     assert by_seed.ci["slope"] == pytest.approx((-0.03, -0.03))
+    assert by_seed.notes["seed_bootstrap"]["slope"] == pytest.approx([-0.03, -0.03])
     assert by_point.ci["slope"][1] - by_point.ci["slope"][0] > 0.01
+
+    # slopes -0.02 and -0.04: the t interval (1 degree of freedom) is 12.7 times the standard error of the mean
+    loss = np.concatenate([3.0 - 0.02 * np.log10(vocab[:4]), 3.0 - 0.04 * np.log10(vocab[:4])])
+    r = fits.fit_loglinear(vocab, loss, bootstrap=200, groups=np.repeat([0, 1], 4))
+    assert r.estimates["slope"] == pytest.approx(-0.03)
+    assert r.ci["slope"] == pytest.approx((-0.03 - 12.706 * 0.01, -0.03 + 12.706 * 0.01), rel=1e-3)
+    assert r.notes["per_seed"]["1"]["slope"] == pytest.approx(-0.04)
+
+    # a third seed run at two of the four sizes only, far off: left out, the fit is the two complete seeds'
+    vocab3 = np.concatenate([vocab, [1e4, 1e5]])
+    loss3 = np.concatenate([loss, [9.0, 1.0]])
+    r3 = fits.fit_loglinear(vocab3, loss3, bootstrap=200, groups=np.array([0] * 4 + [1] * 4 + [2] * 2))
+    assert r3.notes["left_out"] == ["seed 2 (2 of 4 sizes)"] and r3.n_points == 8
+    assert r3.estimates == pytest.approx(r.estimates) and r3.ci["slope"] == pytest.approx(r.ci["slope"])
+    # one complete seed and a partial one: no seed-to-seed interval, so no verdict
+    r1 = fits.fit_loglinear(vocab3[4:], loss3[4:], bootstrap=200, groups=np.array([1] * 4 + [2] * 2))
+    assert r1.notes["seeds"] == 1 and fits.loglinear_verdict(r1.ci["slope"], r1.notes["seeds"]).startswith("no verdict")
 
 
 @pytest.mark.parametrize("ci,seeds,start", [((-0.04, -0.02), 3, "reproduced: the slope's interval lies below 0 and holds"),
