@@ -184,6 +184,42 @@ def _generation_cis(s: pd.DataFrame) -> dict:
     return out
 
 
+def _cfg_directions(s: pd.DataFrame) -> dict:
+    """The paper's Fig. 2 directions on generation accuracy, per size: an n-gram input (OE alone) helps every size;
+    an n-gram output and an n-gram tokenizer help the largest model and hurt the smallest (a sweep of one size
+    gets no verdict for those). Accepted samples pooled over seeds for the variant and the baseline of the same
+    size; the difference's 95% interval (Newcombe, from Wilson intervals) decides. {size: {variant: {...}}}."""
+    if not s["gen_acc"].notna().any() or "train.gen_samples" not in s.columns:
+        return {}
+    g = s[s.gen_acc.notna()]
+    sizes = g.groupby("size")["N_body"].first().sort_values()
+    out: dict = {}
+    for size, at in g.groupby("size", sort=False):
+        base = at[at.is_baseline]
+        if base.empty:
+            continue
+        nb = int(base["train.gen_samples"].sum())
+        kb = int(round(float((base.gen_acc * base["train.gen_samples"]).sum())))
+        for variant, v in at[~at.is_baseline].groupby("variant"):
+            row = v.iloc[0]
+            ngram_io = row.get("model.tokenizer_ngram", 1) > 1 or row.get("model.output_ngram", 1) > 1
+            if ngram_io and len(sizes) >= 2 and size in (sizes.index[0], sizes.index[-1]):
+                expected = 1 if size == sizes.index[-1] else -1
+            elif not ngram_io and row.get("model.oe.n", 1) > 1 and row.get("model.od_depth", 1) == 1:
+                expected = 1
+            else:
+                continue
+            nv = int(v["train.gen_samples"].sum())
+            kv = int(round(float((v.gen_acc * v["train.gen_samples"]).sum())))
+            ci = fits.difference_ci(kv, nv, kb, nb)
+            seeds = int(min(v.seed.nunique(), base.seed.nunique()))
+            out.setdefault(size, {})[variant] = {
+                "accuracy": kv / nv, "baseline_accuracy": kb / nb, "difference": kv / nv - kb / nb, "ci95": ci,
+                "paper": "helps" if expected > 0 else "hurts", "seeds": seeds,
+                "verdict": fits.direction_verdict(ci, expected, seeds)}
+    return out
+
+
 def fit_sweep(results_dir: Path, bootstrap: int = 200) -> Path:
     runs, curves = load_export(results_dir)
     s = summarize(runs, curves)
@@ -199,9 +235,12 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200) -> Path:
         "cfg_generation_accuracy": (s.groupby(["size", "variant"])["gen_acc"].mean().unstack().to_dict()
                                     if s["gen_acc"].notna().any() else {}),
         "cfg_generation_accuracy_ci": _generation_cis(s),
+        "cfg_directions": _cfg_directions(s),
         "notes": {"train loss": TRAIN_LOSS + " (n-gram tokenizer or output: divided by tokenizer_ngram x output_ngram)",
                   "generation accuracy": "accepted / sampled sentences (prompt: a sentence end), pooled over "
                                          "seeds; 95% Wilson interval",
+                  "cfg directions": "variant minus baseline accuracy of the same size, samples pooled over seeds, "
+                                    "95% Newcombe interval; verdict against the paper's direction (Fig. 2)",
                   "speedup": "tokens the baseline needs to reach its final EMA loss / tokens the variant needs "
                              "(linear interpolation), same seed; per_seed keyed by seed (NaN/null: never reached); "
                              "mean and bootstrap CI over the seeds that reach it (n of seeds)"},

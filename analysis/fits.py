@@ -290,6 +290,30 @@ def wilson_ci(successes: int, trials: int, z: float = 1.96) -> list[float]:
     return [float(max((centre - half) / denom, 0.0)), float(min((centre + half) / denom, 1.0))]
 
 
+def difference_ci(k1: int, n1: int, k2: int, n2: int) -> list[float]:
+    """95% interval of p1 - p2 for two independent proportions, Newcombe's hybrid score interval built from the
+    two Wilson intervals (keeps its coverage at accuracies near 0 or 1, where p +- z se does not)."""
+    p1, p2 = k1 / n1, k2 / n2
+    (l1, u1), (l2, u2) = wilson_ci(k1, n1), wilson_ci(k2, n2)
+    d = p1 - p2
+    return [float(d - np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)), float(d + np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))]
+
+
+def direction_verdict(ci: list[float], expected: int, seeds: int) -> str:
+    """The verdict an interval of (variant - baseline) supports for the paper's direction (+1: the variant is
+    better, -1: worse): reproduced (the interval lies on that side of 0), not reproduced (on the other side), not
+    testable at this budget (it holds 0); no verdict from one seed."""
+    lo, hi = ci
+    said = "helps" if expected > 0 else "hurts"
+    if seeds < 2:
+        return f"no verdict: one seed (a claim needs two or more); the paper: {said}"
+    if (lo > 0 and expected > 0) or (hi < 0 and expected < 0):
+        return f"reproduced: {said}, as the paper"
+    if lo > 0 or hi < 0:
+        return f"not reproduced: the paper says it {said}, the interval lies on the other side of 0"
+    return f"not testable at this budget: the interval holds 0 (the paper: {said})"
+
+
 # ----------------------------------------------------------------------------------------------
 # Equivalent baseline size
 

@@ -295,6 +295,11 @@ def _fits_html(fits: dict) -> str:
             rows.append(("CFG generation accuracy", f"{size} {variant}",
                          f"{_num(a['accuracy'])} ({a['accepted']} of {a['samples']} samples)",
                          f"[{_num(a['ci95'][0])}, {_num(a['ci95'][1])}]"))
+    for size, per_variant in (fits.get("cfg_directions") or {}).items():
+        for variant, d in per_variant.items():
+            rows.append(("CFG accuracy vs baseline", f"{size} {variant}",
+                         f"{_num(d['difference'])} ({_num(d['accuracy'])} vs {_num(d['baseline_accuracy'])})",
+                         f"[{_num(d['ci95'][0])}, {_num(d['ci95'][1])}]; {d['verdict']}"))
     if not rows:
         return "<p class=muted>no fits yet (need finished trials)</p>"
     out = ["<table class=sortable id=fits><thead><tr><th class=l>law</th><th class=l>group</th><th class=l>estimate</th>"

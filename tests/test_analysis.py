@@ -136,6 +136,43 @@ def test_wilson_interval_known_values():
     assert lo < 7 / 2000 < hi and np.isnan(fits.wilson_ci(5, 0)).all()  # nan without trials
 
 
+def test_difference_interval_known_values_and_direction_verdicts():
+    # Newcombe (1998), table II, example (a): 56/70 - 48/80, hybrid score interval 0.0524 to 0.3339
+    assert fits.difference_ci(56, 70, 48, 80) == pytest.approx([0.0524, 0.3339], abs=1e-4)
+    assert fits.direction_verdict([0.01, 0.03], +1, 2).startswith("reproduced: helps")
+    assert fits.direction_verdict([-0.03, -0.01], -1, 2).startswith("reproduced: hurts")
+    assert fits.direction_verdict([0.01, 0.03], -1, 2).startswith("not reproduced")
+    assert fits.direction_verdict([-0.01, 0.03], +1, 3).startswith("not testable")
+    assert fits.direction_verdict([0.01, 0.03], +1, 1).startswith("no verdict")
+
+
+def test_cfg_directions_follow_the_paper_per_size():
+    """An n-gram input is expected to help both sizes; an n-gram output or tokenizer to help the largest and hurt
+    the smallest. Samples are pooled over seeds; MTP and other variants get no direction."""
+    from analysis.commands import _cfg_directions
+
+    rows = []
+    acc = {("d128", "Baseline"): 0.30, ("d128", "in"): 0.40, ("d128", "out"): 0.20, ("d768", "Baseline"): 0.50,
+           ("d768", "in"): 0.51, ("d768", "out"): 0.60, ("d768", "mtp"): 0.70}
+    cols = {"Baseline": (1, 1, 1, 1), "in": (1, 3, 1, 1), "out": (1, 1, 3, 1), "mtp": (1, 1, 1, 2)}
+    for (size, variant), a in acc.items():
+        tok, oe_n, out_n, depth = cols[variant]
+        for seed in (0, 1):
+            rows.append({"size": size, "N_body": 85_000_000 if size == "d768" else 2_400_000, "variant": variant,
+                         "is_baseline": variant == "Baseline", "seed": seed, "gen_acc": a, "train.gen_samples": 1000,
+                         "model.tokenizer_ngram": tok, "model.oe.n": oe_n, "model.output_ngram": out_n,
+                         "model.od_depth": depth})
+    d = _cfg_directions(pd.DataFrame(rows))
+    assert d["d128"]["in"]["paper"] == "helps" and d["d128"]["in"]["verdict"].startswith("reproduced")
+    assert d["d128"]["out"]["paper"] == "hurts" and d["d128"]["out"]["verdict"].startswith("reproduced")
+    assert d["d768"]["out"]["paper"] == "helps" and d["d768"]["out"]["verdict"].startswith("reproduced")
+    assert d["d768"]["in"]["verdict"].startswith("not testable")  # 0.51 vs 0.50 over 2,000 samples each
+    assert d["d768"]["in"]["ci95"] == pytest.approx(fits.difference_ci(1020, 2000, 1000, 2000))
+    assert "mtp" not in d["d768"] and d["d768"]["in"]["seeds"] == 2
+    one_size = _cfg_directions(pd.DataFrame([r for r in rows if r["size"] == "d768"]))
+    assert set(one_size["d768"]) == {"in"}  # an output's direction depends on the size: none from one size
+
+
 def test_equivalent_size_from_power_law():
     N = np.array([1e7, 3e7, 1e8, 3e8, 1e9])
     L = 1.8 + 50 * N**-0.3
