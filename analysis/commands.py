@@ -149,10 +149,12 @@ def _speedups(s: pd.DataFrame, curves: pd.DataFrame) -> dict:
                                                            higher_is_better=higher)["speedup"]
                 # mean and CI over the seeds that reach the target; how many do not is kept next to them
                 summary = fits.mean_ci(list(per_seed.values()))
+                verdict = fits.speedup_verdict(summary, len(per_seed))
                 if summary["n"]:
-                    per_metric[metric] = summary | {"seeds": len(per_seed), "per_seed": per_seed}
+                    per_metric[metric] = summary | {"seeds": len(per_seed), "per_seed": per_seed, "verdict": verdict}
                 elif per_seed:  # variants that never reach the baseline's final value are listed as such
-                    per_metric[metric] = {"not_reached": True, "seeds": len(per_seed), "per_seed": per_seed}
+                    per_metric[metric] = {"not_reached": True, "seeds": len(per_seed), "per_seed": per_seed,
+                                          "verdict": verdict}
             if per_metric:
                 out.setdefault(size, {})[name] = per_metric
     return out
@@ -243,7 +245,8 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200) -> Path:
                                     "95% Newcombe interval; verdict against the paper's direction (Fig. 2)",
                   "speedup": "tokens the baseline needs to reach its final EMA loss / tokens the variant needs "
                              "(linear interpolation), same seed; per_seed keyed by seed (NaN/null: never reached); "
-                             "mean and bootstrap CI over the seeds that reach it (n of seeds)"},
+                             "mean and Student t 95% interval over the seeds that reach it (n of seeds); verdict against "
+                             "the paper's speedup (a seed that never reaches it counts against)"},
     }
     path = Path(results_dir) / "fits.json"
     path.write_text(json.dumps(_clean(result), indent=2))

@@ -289,7 +289,8 @@ def _fits_html(fits: dict) -> str:
                 missed = (s.get("seeds") or s.get("n") or 0) - (s.get("n") or 0)
                 rows.append(("speedup " + metric, f"{size} {variant}", f"{_num(s.get('mean'))}x over {s.get('n')} seed(s)"
                              + (f"; {missed} seed(s) never reach it" if missed else ""),
-                             f"CI [{_num(s['ci'][0])}, {_num(s['ci'][1])}]"))
+                             f"CI [{_num(s['ci'][0])}, {_num(s['ci'][1])}]"
+                             + (f"; {s['verdict']}" if s.get("verdict") else "")))
     for variant, per_size in (fits.get("cfg_generation_accuracy_ci") or {}).items():
         for size, a in per_size.items():
             rows.append(("CFG generation accuracy", f"{size} {variant}",

@@ -123,9 +123,15 @@ def test_speedup_on_constructed_curves_equals_known_ratio():
     assert np.isnan(never["speedup"])
 
 
-def test_mean_ci_over_seeds():
-    r = fits.mean_ci([2.0, 2.2, 2.4, 2.6])
-    assert r["mean"] == pytest.approx(2.3) and r["ci"][0] < 2.3 < r["ci"][1] and r["n"] == 4
+def test_mean_ci_over_seeds_and_speedup_verdicts():
+    r = fits.mean_ci([2.0, 2.2, 2.4, 2.6])  # sd 0.2582, t(3) = 3.1824: half-width 0.4108
+    assert r["mean"] == pytest.approx(2.3) and r["ci"] == pytest.approx([1.8892, 2.7108], abs=1e-4) and r["n"] == 4
+    assert np.isnan(fits.mean_ci([1.5])["ci"]).all() and fits.mean_ci([float("nan")])["n"] == 0
+    assert fits.speedup_verdict(r, 4).startswith("reproduced")
+    assert fits.speedup_verdict(fits.mean_ci([1.2, 0.8]), 2).startswith("not testable")
+    assert fits.speedup_verdict(fits.mean_ci([0.80, 0.82, 0.84]), 3).startswith("not reproduced: the speedup")
+    assert fits.speedup_verdict(fits.mean_ci([2.0, 2.1]), 3).startswith("not reproduced: 1 of 3 seeds never")
+    assert fits.speedup_verdict(fits.mean_ci([2.0]), 1).startswith("no verdict")
 
 
 def test_wilson_interval_known_values():
