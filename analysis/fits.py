@@ -288,10 +288,11 @@ def speedup_verdict(summary: dict, seeds: int) -> str:
     speedup's interval lies above 1), not reproduced (below 1, or a seed never reaches the baseline's final loss),
     not testable at this budget (the interval holds 1); no verdict from one seed."""
     missed = seeds - int(summary.get("n") or 0)
+    if seeds < 2:
+        return "no verdict: one seed (a claim needs two or more)" + (
+            "; it never reaches the baseline's final loss" if missed else "")
     if missed:
         return f"not reproduced: {missed} of {seeds} seeds never reach the baseline's final loss"
-    if seeds < 2:
-        return "no verdict: one seed (a claim needs two or more)"
     lo, hi = summary["ci"]
     if lo > 1:
         return "reproduced: the speedup's interval lies above 1"

@@ -132,6 +132,7 @@ def test_mean_ci_over_seeds_and_speedup_verdicts():
     assert fits.speedup_verdict(fits.mean_ci([0.80, 0.82, 0.84]), 3).startswith("not reproduced: the speedup")
     assert fits.speedup_verdict(fits.mean_ci([2.0, 2.1]), 3).startswith("not reproduced: 1 of 3 seeds never")
     assert fits.speedup_verdict(fits.mean_ci([2.0]), 1).startswith("no verdict")
+    assert fits.speedup_verdict(fits.mean_ci([float("nan")]), 1).endswith("never reaches the baseline's final loss")
 
 
 def test_wilson_interval_known_values():
