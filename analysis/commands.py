@@ -293,10 +293,14 @@ def plot_sweep(results_dir: Path) -> list[Path]:
                                                             for k, v in fitted.get("speedup", {}).items()})
         save(fig, "fig4_curves_speedup")
         ll = fitted.get("loglinear", {}).get("final_train_loss", {})
+        ll_m = fitted.get("loglinear_m", {}).get("final_train_loss", {})
         base = s[(s["model.od_depth"] == 1) & (s["model.tokenizer_ngram"] == 1) & (s["model.output_ngram"] == 1)]
         if base.input_vocab_size.nunique() >= 2:
-            fig, ax = plt.subplots(figsize=(7, 4.5))
-            save(plots.loss_vs_vocab(base, ax, ll).figure, "fig5_loss_vs_vocab")
+            fig, axes = plt.subplots(1, 2 if ll_m else 1, figsize=(14 if ll_m else 7, 4.5), squeeze=False)
+            plots.loss_vs_vocab(base, axes[0][0], ll)
+            if ll_m:  # the paper's own axis: log10 m over the OE runs
+                plots.loss_vs_vocab(base, axes[0][1], ll_m, axis="m")
+            save(fig, "fig5_loss_vs_vocab")
         fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
         for ax, size in zip(axes[0], sizes):
             plots.loss_diff_vs_tokens(s, curves, ax, size)

@@ -77,22 +77,32 @@ def curves_with_speedup(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: s
     return ax
 
 
-def loss_vs_vocab(summary: pd.DataFrame, ax, fits: dict, metric: str = "final_train_loss"):
-    """Paper Fig. 5: loss against input vocabulary (log axis) per model size, with the fitted line and equation."""
+def loss_vs_vocab(summary: pd.DataFrame, ax, fits: dict, metric: str = "final_train_loss", axis: str = "vocab"):
+    """Paper Fig. 5: loss against the input vocabulary (log axis) per model size, every trial a point, with the
+    fitted line and its equation. ``axis`` 'vocab': V + m, baselines at V; 'm': the table rows m of the OE runs,
+    as the paper writes its law. Seeds without a run at every size are drawn hollow: the fit leaves them out."""
+    x_col, x_label = ("input_vocab_size", "V+m") if axis == "vocab" else ("model.oe.m", "m")
+    if axis == "m":
+        summary = summary[(summary["model.oe.n"] > 1) & (summary["model.oe.m"] > 0)]
     for size, g in summary.groupby("size", sort=False):
-        pts = g.groupby("input_vocab_size")[metric].mean()
-        line = ax.plot(pts.index, pts.values, "o", label=size)[0]
+        every = set(g[x_col])
+        complete = g.groupby("seed")[x_col].transform(lambda v, every=every: set(v) == every).astype(bool)
+        line = ax.plot(g[x_col][complete], g[metric][complete], "o", label=size)[0]
+        if (~complete).any():
+            ax.plot(g[x_col][~complete], g[metric][~complete], "o", mfc="none", color=line.get_color(),
+                    label=f"{size}: seeds without every size (not in the fit)")
         fit = fits.get(size)
         if fit:
-            xs = np.logspace(np.log10(pts.index.min()), np.log10(pts.index.max()), 50)
+            xs = np.logspace(np.log10(min(every)), np.log10(max(every)), 50)
             a, b = fit["estimates"]["intercept"], fit["estimates"]["slope"]
             lo, hi = fit["ci"]["slope"]
             ax.plot(xs, a + b * np.log10(xs), "--", color=line.get_color(),
-                    label=f"L = {a:.4f} {'-' if b < 0 else '+'} {abs(b):.4f} log10(V+m)  [slope CI {lo:.4f}, {hi:.4f}]")
+                    label=f"L = {a:.4f} {'-' if b < 0 else '+'} {abs(b):.4f} log10({x_label})  "
+                          f"[slope CI {lo:.4f}, {hi:.4f}]")
     ax.set_xscale("log")
-    ax.set_xlabel("input vocabulary size (V + m)")
+    ax.set_xlabel("input vocabulary size (V + m)" if axis == "vocab" else "OE table rows per slice (m)")
     ax.set_ylabel("training loss" if "train" in metric else "validation loss")
-    ax.set_title("Loss vs input vocabulary")
+    ax.set_title("Loss vs input vocabulary" if axis == "vocab" else "Loss vs OE table size (OE runs)")
     ax.legend(fontsize=8)
     return ax
 
