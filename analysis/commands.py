@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import fits, plots
-from analysis.derive import loss_curve, summarize
+from analysis.derive import loss_curve, losses_at, summarize
 from analysis.effects import TRAIN_LOSS
 from analysis.tables import TableError, load_export, read_table, require
 
@@ -222,7 +222,10 @@ def _cfg_directions(s: pd.DataFrame) -> dict:
     return out
 
 
-def fit_sweep(results_dir: Path, bootstrap: int = 200) -> Path:
+def fit_sweep(results_dir: Path, bootstrap: int = 200, at_tokens: list[float] | tuple = ()) -> Path:
+    """fits.json of an export; with ``at_tokens``, the log-linear fits again with the losses read at each of those
+    points of training (``loglinear_at_tokens``), e.g. the end of the first epoch, before the training loss counts
+    repeated text."""
     runs, curves = load_export(results_dir)
     s = summarize(runs, curves)
     if s.empty:
@@ -238,6 +241,9 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200) -> Path:
                                     if s["gen_acc"].notna().any() else {}),
         "cfg_generation_accuracy_ci": _generation_cis(s),
         "cfg_directions": _cfg_directions(s),
+        "loglinear_at_tokens": {str(int(t)): {"loglinear": _loglinear_fits(losses_at(s, curves, t), bootstrap),
+                                              "loglinear_m": _loglinear_fits(losses_at(s, curves, t), bootstrap, "m")}
+                                for t in at_tokens},
         "notes": {"train loss": TRAIN_LOSS + " (n-gram tokenizer or output: divided by tokenizer_ngram x output_ngram)",
                   "generation accuracy": "accepted / sampled sentences (prompt: a sentence end), pooled over "
                                          "seeds; 95% Wilson interval",

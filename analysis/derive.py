@@ -74,3 +74,17 @@ def summarize(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     df["seed"] = df.get("seed", 0)
     df["is_baseline"] = df["variant"] == "Baseline"
     return df.sort_values(["N_body", "input_vocab_size", "model.od_depth"]).reset_index(drop=True)
+
+
+def losses_at(summary: pd.DataFrame, curves: pd.DataFrame, tokens: float) -> pd.DataFrame:
+    """``summary`` with its final losses read at ``tokens`` instead of at the end (as ``analysis.effects`` reads
+    them with ``at_tokens``): train loss from the points logged at step <= tokens, held-out loss from the last
+    evaluation at step <= tokens, both per base token. Trials that trained on fewer tokens get NaN."""
+    s = summary.copy()
+    ids = s.trial_id
+    s["final_train_loss"] = tail_means(curves, until=tokens).reindex(ids).to_numpy(float) / s.loss_scale.to_numpy()
+    s["final_val_loss"] = tail_means(curves, "val/loss", 1, tokens).reindex(ids).to_numpy(float) / s.loss_scale.to_numpy()
+    short = s.tokens.to_numpy(float) < tokens
+    s.loc[short, ["final_train_loss", "final_val_loss"]] = np.nan
+    return s
+

@@ -170,7 +170,7 @@ def cmd_merge(args) -> int:
 def cmd_fit(args) -> int:
     from analysis.commands import fit_sweep
 
-    print(f"[overtok] wrote {fit_sweep(_results_dir(args.sweep), bootstrap=args.bootstrap)}")
+    print(f"[overtok] wrote {fit_sweep(_results_dir(args.sweep), bootstrap=args.bootstrap, at_tokens=args.at_tokens)}")
     return 0
 
 
@@ -270,7 +270,7 @@ def cmd_fit_law(args) -> int:
 def cmd_report(args) -> int:
     from overtok.report import report_sweep
 
-    print(f"[overtok] wrote {report_sweep(args.sweep, args.tracking_uri, args.ui, overrides=args.set)}")
+    print(f"[overtok] wrote {report_sweep(args.sweep, args.tracking_uri, args.ui, overrides=args.set, at_tokens=args.at_tokens)}")
     return 0
 
 
@@ -370,6 +370,12 @@ def _add_subset(p: argparse.ArgumentParser) -> None:
                    help="only these trials (ids or their first characters, as `overtok plan` lists them); ids stay "
                         "those of the whole grid")
     p.add_argument("--seeds", type=_seeds, default=None, metavar="S[,S...]", help="only the trials of these seeds")
+
+
+def _add_at_tokens(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--at-tokens", type=_positive, nargs="+", default=[], metavar="T",
+                   help="also fit the log-linear law with the losses read at these token counts (e.g. each epoch's "
+                        "end): fits.json's loglinear_at_tokens")
 
 
 def _add_set(p: argparse.ArgumentParser, help: str) -> None:
@@ -478,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit scaling laws and speedups of an exported sweep -> results/<sweep>/fits.json")
     p.add_argument("sweep", help="sweep name, YAML or results directory")
     p.add_argument("--bootstrap", type=_count, default=200, help="bootstrap resamples for the CIs")
+    _add_at_tokens(p)
     p.set_defaults(fn=cmd_fit)
 
     p = sub.add_parser("effects", help="each OE variant against its baseline, seed by seed, with 95%% CIs (Markdown)")
@@ -511,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep name or YAML (only its current trials), or a results directory holding an export")
     _add_set(p, "with a YAML: the same overrides the sweep ran with")
     p.add_argument("--ui", default="http://127.0.0.1:5000", help="MLflow UI base URL for the run and compare links")
+    _add_at_tokens(p)
     _add_tracking(p)
     p.set_defaults(fn=cmd_report)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import json
 import math
 import time
@@ -266,13 +267,15 @@ def fit_flags(n_points: int, ci) -> str:
 
 def _fits_html(fits: dict) -> str:
     rows = []
-    for family, axis in (("loglinear", "log10(V+m)"), ("loglinear_m", "log10(m)")):
-        for metric, per_size in (fits.get(family) or {}).items():
+    families = [("", fits)] + [(f" at {int(t):,} tokens", at) for t, at in (fits.get("loglinear_at_tokens") or {}).items()]
+    for (when, source), (family, axis) in itertools.product(families, (("loglinear", "log10(V+m)"),
+                                                                       ("loglinear_m", "log10(m)"))):
+        for metric, per_size in (source.get(family) or {}).items():
             for size, f in per_size.items():
                 est, ci = f["estimates"], f["ci"]
                 flags = fit_flags(f.get("n_points", 0), ci["slope"])
                 verdict = (f.get("notes") or {}).get("verdict")
-                rows.append(("log-linear " + metric, size, f"L = {_num(est['intercept'])} + {_num(est['slope'])} {axis}",
+                rows.append(("log-linear " + metric + when, size, f"L = {_num(est['intercept'])} + {_num(est['slope'])} {axis}",
                              f"slope CI [{_num(ci['slope'][0])}, {_num(ci['slope'][1])}]" + (f" ({flags})" if flags else "")
                              + (f"; {verdict}" if verdict else "")))
     for variant, per_conv in (fits.get("chinchilla") or {}).items():
@@ -322,7 +325,7 @@ def check_ui_url(ui: str) -> str:
 
 
 def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root: Path = Path("."),
-                 overrides: list[str] | None = None) -> Path:
+                 overrides: list[str] | None = None, at_tokens: list[float] | tuple = ()) -> Path:
     """export -> fit -> figures -> dashboards/<sweep>/index.html. ``sweep`` may also be a results directory with an
     export (runs.parquet, curves.parquet) made elsewhere, e.g. copied back from a GPU machine: then no export and
     no MLflow links."""
@@ -352,7 +355,7 @@ def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root:
                           file=str(paths[0]), key="sweep")
     fits: dict = {}
     try:
-        fits = json.loads(fit_sweep(results, bootstrap=100).read_text())
+        fits = json.loads(fit_sweep(results, bootstrap=100, at_tokens=at_tokens).read_text())
         plot_sweep(results)
     except TableError:
         pass  # nothing finished yet: the page shows the run table alone

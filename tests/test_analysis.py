@@ -366,3 +366,48 @@ def test_fit_law_maps_columns_prints_the_formula_and_draws_the_fit(tmp_path):
     flat = subprocess.run([sys.executable, "-m", "overtok", "fit-law", "chinchilla", str(tmp_path / "flat.csv")],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert flat.returncode == 2 and "column 'N' needs at least 2 distinct values" in flat.stderr
+
+
+def test_loglinear_at_tokens_reads_the_losses_at_that_point():
+    """`fit --at-tokens T`: the law again with train loss from the points logged at step <= T and held-out loss from
+    the last evaluation at step <= T; a trial that trained on fewer tokens is left out."""
+    from analysis.derive import losses_at
+
+    ms = [0, 1_000, 10_000, 100_000]
+    rows, curves = [], []
+    for i, m in enumerate(ms):
+        tid = f"t{i}"
+        rows.append({"trial_id": tid, "model.oe.m": m, "model.oe.n": 1 if m == 0 else 2, "model.od_depth": 1,
+                     "model.tokenizer_ngram": 1, "model.output_ngram": 1, "size": "d8-L1", "N_body": 1000,
+                     "input_vocab_size": 100 + m, "seed": 0, "loss_scale": 1.0, "tokens": 200,
+                     "final_train_loss": 9.0, "final_val_loss": 9.0})
+        early = 3.0 - (0.01 * math.log10(m) if m else 0)  # slope -0.01 per decade of m up to step 100
+        for step in range(10, 201, 10):
+            curves.append({"trial_id": tid, "metric": "train/loss", "step": step, "value": early if step <= 100 else 1.0})
+        for step in (100, 200):
+            curves.append({"trial_id": tid, "metric": "val/loss", "step": step, "value": early + 0.5 if step == 100 else 2.0})
+    s, curves = pd.DataFrame(rows), pd.DataFrame(curves)
+    at = losses_at(s, curves, 100)
+    assert at.final_train_loss.tolist() == pytest.approx([3.0] + [3.0 - 0.01 * math.log10(m) for m in ms[1:]])
+    assert at.final_val_loss.tolist() == pytest.approx((at.final_train_loss + 0.5).tolist())
+    assert losses_at(s.assign(tokens=[200, 200, 50, 200]), curves, 100).final_train_loss.isna().tolist() == [
+        False, False, True, False]
+    from analysis.commands import _loglinear_fits
+
+    fit = _loglinear_fits(at, bootstrap=20, axis="m")["final_train_loss"]["d8-L1"]
+    assert fit["estimates"]["slope"] == pytest.approx(-0.01) and fit["n_points"] == 3
+
+
+def test_fit_at_tokens_on_a_committed_export(cli, tmp_path):
+    """`overtok fit DIR --at-tokens T T2` writes both points' fits; a T that is not a positive integer is one line."""
+    import shutil
+
+    shutil.copytree(ROOT / "results" / "loglinear_code" / "merged", tmp_path / "exp",
+                    ignore=shutil.ignore_patterns("figures", "fits.json"))
+    res = cli("fit", "exp", "--bootstrap", "10", "--at-tokens", "55836672", "111673344")
+    assert res.returncode == 0, res.stderr
+    at = json.loads((tmp_path / "exp" / "fits.json").read_text())["loglinear_at_tokens"]
+    assert set(at) == {"55836672", "111673344"}
+    assert at["55836672"]["loglinear_m"]["final_train_loss"]["d512-L8"]["n_points"] >= 5
+    bad = cli("fit", "exp", "--at-tokens", "-3")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--at-tokens" in bad.stderr, bad.stderr
