@@ -540,7 +540,7 @@ base:
   model: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}
   train: {log_every: 10, eval_every: 100000, checkpoint_every: 100000, gen_samples: 0}
 zip:
-  - {train.max_steps: [4000, 100], model.od_depth: [1, 2]}
+  - {train.max_steps: [12000, 100], model.od_depth: [1, 2]}
 max_concurrent: 1
 """)
     uri = f"sqlite:///{tmp_path}/results/mlflow.db"
@@ -551,7 +551,7 @@ max_concurrent: 1
             return [r for r in runs if c.get_metric_history(r.info.run_id, "train/loss")]
 
         wait_for(logging_loss, 240, every=1.0, what="a trial logging its loss")
-        victim = next(r for r in logging_loss() if r.data.params["train.max_steps"] == "4000").data.tags["overtok.trial_id"]
+        victim = next(r for r in logging_loss() if r.data.params["train.max_steps"] == "12000").data.tags["overtok.trial_id"]
         status = overtok(tmp_path, "status", "st.yaml", timeout=120)
         assert status.returncode == 0, status.stderr
         assert f"{victim}" in status.stdout and "RUNNING" in status.stdout and "PENDING" in status.stdout
