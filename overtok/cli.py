@@ -72,7 +72,7 @@ def cmd_plan(args) -> int:
     from overtok.sweep import load_sweep, plan_table
 
     sweep = load_sweep(args.sweep, args.set)
-    sweep.select(args.only, args.seeds)
+    _select(sweep, args)
     done = None
     if args.done:
         from overtok.export import finished_trials
@@ -90,7 +90,7 @@ def cmd_sweep(args) -> int:
 
     started = time.time()  # the checks below (validation, disk, this machine's GPUs and CPUs): the clock's first phase
     sweep = load_sweep(args.sweep, args.set)
-    sweep.select(args.only, args.seeds)
+    _select(sweep, args)
     if args.max_concurrent:
         sweep.max_concurrent = args.max_concurrent
     if args.address:
@@ -197,7 +197,7 @@ def cmd_hashstats(args) -> int:
     from overtok.sweep import load_sweep
 
     sweep = load_sweep(args.sweep, args.set)
-    sweep.select(args.only, args.seeds)
+    _select(sweep, args)
     oe = [t.config for t in sweep.trials if t.config.model.oe.n > 1]
     if not oe:
         raise ConfigError("no trial has OE tables (model.oe.n > 1)", file=args.sweep, key="model.oe.n")
@@ -370,6 +370,20 @@ def _add_subset(p: argparse.ArgumentParser) -> None:
                    help="only these trials (ids or their first characters, as `overtok plan` lists them); ids stay "
                         "those of the whole grid")
     p.add_argument("--seeds", type=_seeds, default=None, metavar="S[,S...]", help="only the trials of these seeds")
+    p.add_argument("--skip-done", nargs="+", default=None, metavar="EXPORT",
+                   help="leave out the trials FINISHED in these exports (`overtok export`/`merge` folders)")
+    p.add_argument("--max-trials", type=_positive, default=None, metavar="N",
+                   help="at most the first N of the chosen trials, in the order `overtok plan` lists them")
+
+
+def _select(sweep, args) -> None:
+    """Apply the subset options of _add_subset to a loaded sweep."""
+    skip = None
+    if args.skip_done:
+        from overtok.export import finished_trials
+
+        skip = set(finished_trials([Path(d) for d in args.skip_done]))
+    sweep.select(args.only, args.seeds, skip, args.max_trials)
 
 
 def _add_at_tokens(p: argparse.ArgumentParser) -> None:

@@ -146,10 +146,12 @@ class Sweep:
     reuse_processes: bool = True
     lines: dict[str, int] = field(default_factory=dict)  # line of each key in the sweep file, for errors
 
-    def select(self, only: list[str] | None = None, seeds: list[int] | None = None) -> None:
+    def select(self, only: list[str] | None = None, seeds: list[int] | None = None, skip: set[str] | None = None,
+               limit: int | None = None) -> None:
         """Keep the trials whose id starts with one of ``only`` and whose seed is in ``seeds`` (either None: no
-        filter). Ids stay what they are in the whole grid, so waves of one campaign can run on different machines
-        and be merged. A prefix that names no trial, or names several, is an error."""
+        filter), then drop those in ``skip`` (e.g. finished in earlier waves' exports) and keep the first ``limit``.
+        Ids stay what they are in the whole grid, so waves of one campaign can run on different machines and be
+        merged. A prefix that names no trial, or names several, is an error; so is a selection left empty."""
         keep = self.trials
         if only:
             picked = set()
@@ -169,7 +171,12 @@ class Sweep:
             keep = [t for t in keep if t.config.seed in seeds]
         if not keep:
             raise ConfigError("no trial has both a chosen id and a chosen seed", file=self.file, key="--seeds")
-        self.trials = keep
+        if skip:
+            keep = [t for t in keep if t.trial_id not in skip]
+            if not keep:
+                raise ConfigError("every chosen trial has finished in the given exports: nothing left to run",
+                                  file=self.file, key="--skip-done")
+        self.trials = keep[:limit] if limit else keep
 
     def checkpoint_bytes_needed(self) -> int:
         """Disk the sweep's new checkpoints will take: the 2 newest per trial (a pack's file holds its members),

@@ -225,3 +225,9 @@ def test_plan_marks_the_trials_that_finished_in_exports(cli, tmp_path):
     assert re.findall(r"^([0-9a-f]{12}) ", rest.stdout, re.M) == ids[4:]
     bad = cli("plan", sweep, "--done", tmp_path)
     assert bad.returncode == 2 and "not an export" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    # the next wave without pasting ids: what has not finished, at most N of it (`overtok sweep` takes the same)
+    wave = cli("plan", sweep, "--skip-done", tmp_path / "wave1", tmp_path / "wave2", "--max-trials", "3")
+    assert re.findall(r"^([0-9a-f]{12}) ", wave.stdout, re.M) == ids[4:7], wave.stdout + wave.stderr
+    done = [tmp_path / "wave1", tmp_path / "wave2"]
+    none_left = cli("plan", sweep, "--only", ",".join(ids[:2]), "--skip-done", *done)
+    assert none_left.returncode == 2 and "nothing left to run" in none_left.stderr, none_left.stderr
