@@ -64,8 +64,9 @@ def fit_loglinear(vocab: np.ndarray, loss: np.ndarray, bootstrap: int = 1000, se
     fits (``notes["per_seed"]``), and a bootstrap that resamples whole seeds is reported beside them
     (``notes["seed_bootstrap"]``): with 2-3 seeds a bootstrap has only 3-10 distinct resamples and its percentile
     interval is narrower than the seeds' spread warrants, so verdicts use the t intervals. With one complete seed
-    (or no groups) the bootstrap resamples the points, an interval that holds no seed-to-seed variation;
-    ``notes["seeds"]`` is the number of complete seeds behind the intervals."""
+    (or no groups, or no complete seed: then every point is fitted) the bootstrap resamples the points, an
+    interval that holds no seed-to-seed variation; ``notes["seeds"]`` is the number of complete seeds behind the
+    intervals (1 in those cases)."""
     x, y = np.log10(np.asarray(vocab, float)), np.asarray(loss, float)
     notes: dict[str, object] = {}
     complete: list = []
@@ -77,7 +78,9 @@ def fit_loglinear(vocab: np.ndarray, loss: np.ndarray, bootstrap: int = 1000, se
         complete = [v for v, idx in members.items() if set(x[idx].tolist()) == every]
         left = [f"seed {v} ({len(set(x[idx].tolist()))} of {len(every)} sizes)" for v, idx in members.items()
                 if v not in complete]
-        if left:
+        if not complete:  # no seed has every size: every point counts, as one seed's would
+            notes["no_complete_seed"] = left
+        elif left:
             notes["left_out"] = left
         if complete:
             keep = np.concatenate([members[v] for v in complete])

@@ -53,6 +53,12 @@ def test_loglinear_intervals_come_from_complete_seeds():
     # one complete seed and a partial one: no seed-to-seed interval, so no verdict
     r1 = fits.fit_loglinear(vocab3[4:], loss3[4:], bootstrap=200, groups=np.array([1] * 4 + [2] * 2))
     assert r1.notes["seeds"] == 1 and fits.loglinear_verdict(r1.ci["slope"], r1.notes["seeds"]).startswith("no verdict")
+    # no seed with every size: every point is fitted, the seeds are named, no verdict
+    r0 = fits.fit_loglinear(np.array([1e4, 1e5, 1e6, 1e7]), np.array([3.0, 2.9, 2.8, 2.7]), bootstrap=50,
+                            groups=np.array([0, 0, 2, 2]))
+    assert r0.n_points == 4 and r0.notes["seeds"] == 1 and "left_out" not in r0.notes
+    assert r0.notes["no_complete_seed"] == ["seed 0 (2 of 4 sizes)", "seed 2 (2 of 4 sizes)"]
+    assert r0.estimates["slope"] == pytest.approx(-0.1)
 
 
 @pytest.mark.parametrize("ci,seeds,start", [((-0.04, -0.02), 3, "reproduced: the slope's interval lies below 0 and holds"),
