@@ -96,6 +96,16 @@ def kill_group(proc):
         pass
 
 
+def sweep_output_after_kill(proc, tail: int = 5000) -> str:
+    """What a background sweep (start_sweep) printed, once kill_group has ended it: for a failing test to show the
+    sweep's own account of where it was."""
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        return "(the sweep's output did not close within 30 s)"
+    return (out or "")[-tail:]
+
+
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

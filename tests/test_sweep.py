@@ -24,6 +24,7 @@ from tests.sweeplib import (
     overtok,
     start_sweep,
     stop_processes_mentioning,
+    sweep_output_after_kill,
     sweep_runs,
     sweep_with_and_without_reuse,
     wait_for,
@@ -558,6 +559,10 @@ max_concurrent: 1
         stop = overtok(tmp_path, "stop", "st.yaml", "--trial", victim[:6], timeout=240)
         assert stop.returncode == 0 and "stopped: KILLED" in stop.stdout, stop.stdout + stop.stderr
         out, _ = proc.communicate(timeout=400)
+    except BaseException:
+        kill_group(proc)
+        print("the sweep's output:\n" + sweep_output_after_kill(proc))  # shown with the failure
+        raise
     finally:
         kill_group(proc)
     assert proc.returncode == 0, out[-3000:]
