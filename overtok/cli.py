@@ -270,7 +270,9 @@ def cmd_fit_law(args) -> int:
 def cmd_report(args) -> int:
     from overtok.report import report_sweep
 
-    print(f"[overtok] wrote {report_sweep(args.sweep, args.tracking_uri, args.ui, overrides=args.set, at_tokens=args.at_tokens)}")
+    page = report_sweep(args.sweep, args.tracking_uri, args.ui, overrides=args.set, at_tokens=args.at_tokens,
+                        bootstrap=args.bootstrap)
+    print(f"[overtok] wrote {page}")
     return 0
 
 
@@ -532,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep name or YAML (only its current trials), or a results directory holding an export")
     _add_set(p, "with a YAML: the same overrides the sweep ran with")
     p.add_argument("--ui", default="http://127.0.0.1:5000", help="MLflow UI base URL for the run and compare links")
+    p.add_argument("--bootstrap", type=_count, default=100, help="bootstrap resamples for the fits' CIs")
     _add_at_tokens(p)
     _add_tracking(p)
     p.set_defaults(fn=cmd_report)

@@ -325,7 +325,7 @@ def check_ui_url(ui: str) -> str:
 
 
 def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root: Path = Path("."),
-                 overrides: list[str] | None = None, at_tokens: list[float] | tuple = ()) -> Path:
+                 overrides: list[str] | None = None, at_tokens: list[float] | tuple = (), bootstrap: int = 100) -> Path:
     """export -> fit -> figures -> dashboards/<sweep>/index.html. ``sweep`` may also be a results directory with an
     export (runs.parquet, curves.parquet) made elsewhere, e.g. copied back from a GPU machine: then no export and
     no MLflow links."""
@@ -355,7 +355,7 @@ def report_sweep(sweep: str, tracking_uri: str = "", ui: str = DEFAULT_UI, root:
                           file=str(paths[0]), key="sweep")
     fits: dict = {}
     try:
-        fits = json.loads(fit_sweep(results, bootstrap=100, at_tokens=at_tokens).read_text())
+        fits = json.loads(fit_sweep(results, bootstrap=bootstrap, at_tokens=at_tokens).read_text())
         plot_sweep(results)
     except TableError:
         pass  # nothing finished yet: the page shows the run table alone

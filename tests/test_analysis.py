@@ -417,3 +417,19 @@ def test_fit_at_tokens_on_a_committed_export(cli, tmp_path):
     assert at["55836672"]["loglinear_m"]["final_train_loss"]["d512-L8"]["n_points"] >= 5
     bad = cli("fit", "exp", "--at-tokens", "-3")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--at-tokens" in bad.stderr, bad.stderr
+
+
+def test_report_takes_the_fits_bootstrap_and_points(cli, tmp_path):
+    """`overtok report DIR --bootstrap N --at-tokens T`: the page and a fits.json that `overtok fit` with the same
+    options would write, in one command."""
+    import shutil
+
+    shutil.copytree(ROOT / "results" / "loglinear_code" / "merged", tmp_path / "exp",
+                    ignore=shutil.ignore_patterns("figures", "fits.json"))
+    res = cli("report", "exp", "--bootstrap", "7", "--at-tokens", "55836672", timeout=600)
+    assert res.returncode == 0, res.stderr
+    fitted = json.loads((tmp_path / "exp" / "fits.json").read_text())
+    assert list(fitted["loglinear_at_tokens"]) == ["55836672"]
+    assert fitted["loglinear_m"]["final_train_loss"]["d512-L8"]["bootstrap"] == 7
+    page = (tmp_path / "dashboards" / "loglinear_code" / "index.html").read_text()
+    assert "at 55,836,672 tokens" in page
