@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import fits, plots
-from analysis.derive import loss_curve, losses_at, summarize
+from analysis.derive import loglinear_points, loss_curve, losses_at, summarize
 from analysis.effects import TRAIN_LOSS
 from analysis.tables import TableError, load_export, read_table, require
 
@@ -89,11 +89,9 @@ def _loglinear_fits(s: pd.DataFrame, bootstrap: int, axis: str = "vocab") -> dic
     (``axis`` 'vocab': V + the OE table rows, V for baselines) or of the table rows m alone ('m': OE runs only, as
     the paper writes its law)."""
     out = {}
-    base = s[(s["model.od_depth"] == 1) & (s["model.tokenizer_ngram"] == 1) & (s["model.output_ngram"] == 1)]
-    if axis == "m":
-        base = base[(base.get("model.oe.n", 1) > 1) & (base.get("model.oe.m", 0) > 0)]
-    x_col, label = (("input_vocab_size", "V + OE table rows for OE runs, V for baselines") if axis == "vocab"
-                    else ("model.oe.m", "OE table rows m of a slice, OE runs only"))
+    base, x_col = loglinear_points(s, axis)
+    label = ("V + OE table rows for OE runs, V for baselines" if axis == "vocab"
+             else "OE table rows m of a slice, OE runs only")
     for metric in ("final_train_loss", "final_val_loss"):
         per_size = {}
         for size, g in base.groupby("size", sort=False):
@@ -173,14 +171,18 @@ def _equivalent_sizes(s: pd.DataFrame) -> dict:
     return out
 
 
+def _accepted(g: pd.DataFrame) -> tuple[int, int]:
+    """(accepted, sampled) sentences of some trials, pooled over them."""
+    return int(round(float((g.gen_acc * g["train.gen_samples"]).sum()))), int(g["train.gen_samples"].sum())
+
+
 def _generation_cis(s: pd.DataFrame) -> dict:
     """Accepted samples pooled over seeds, with a 95% Wilson interval: {variant: {size: {...}}}."""
     if not s["gen_acc"].notna().any() or "train.gen_samples" not in s.columns:
         return {}
     out: dict = {}
     for (size, variant), g in s[s.gen_acc.notna()].groupby(["size", "variant"]):
-        n = int(g["train.gen_samples"].sum())
-        k = int(round(float((g.gen_acc * g["train.gen_samples"]).sum())))
+        k, n = _accepted(g)
         out.setdefault(variant, {})[size] = {"accuracy": k / n, "accepted": k, "samples": n,
                                              "ci95": fits.wilson_ci(k, n), "seeds": int(len(g))}
     return out
@@ -200,8 +202,7 @@ def _cfg_directions(s: pd.DataFrame) -> dict:
         base = at[at.is_baseline]
         if base.empty:
             continue
-        nb = int(base["train.gen_samples"].sum())
-        kb = int(round(float((base.gen_acc * base["train.gen_samples"]).sum())))
+        kb, nb = _accepted(base)
         for variant, v in at[~at.is_baseline].groupby("variant"):
             row = v.iloc[0]
             ngram_io = row.get("model.tokenizer_ngram", 1) > 1 or row.get("model.output_ngram", 1) > 1
@@ -211,8 +212,7 @@ def _cfg_directions(s: pd.DataFrame) -> dict:
                 expected = 1
             else:
                 continue
-            nv = int(v["train.gen_samples"].sum())
-            kv = int(round(float((v.gen_acc * v["train.gen_samples"]).sum())))
+            kv, nv = _accepted(v)
             ci = fits.difference_ci(kv, nv, kb, nb)
             seeds = int(min(v.seed.nunique(), base.seed.nunique()))
             out.setdefault(size, {})[variant] = {
@@ -241,9 +241,9 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200, at_tokens: list[float] | 
                                     if s["gen_acc"].notna().any() else {}),
         "cfg_generation_accuracy_ci": _generation_cis(s),
         "cfg_directions": _cfg_directions(s),
-        "loglinear_at_tokens": {str(int(t)): {"loglinear": _loglinear_fits(losses_at(s, curves, t), bootstrap),
-                                              "loglinear_m": _loglinear_fits(losses_at(s, curves, t), bootstrap, "m")}
-                                for t in at_tokens},
+        "loglinear_at_tokens": {str(int(t)): {"loglinear": _loglinear_fits(at, bootstrap),
+                                              "loglinear_m": _loglinear_fits(at, bootstrap, "m")}
+                                for t, at in ((t, losses_at(s, curves, t)) for t in at_tokens)},
         "notes": {"train loss": TRAIN_LOSS + " (n-gram tokenizer or output: divided by tokenizer_ngram x output_ngram)",
                   "generation accuracy": "accepted / sampled sentences (prompt: a sentence end), pooled over "
                                          "seeds; 95% Wilson interval",
@@ -300,12 +300,11 @@ def plot_sweep(results_dir: Path) -> list[Path]:
         save(fig, "fig4_curves_speedup")
         ll = fitted.get("loglinear", {}).get("final_train_loss", {})
         ll_m = fitted.get("loglinear_m", {}).get("final_train_loss", {})
-        base = s[(s["model.od_depth"] == 1) & (s["model.tokenizer_ngram"] == 1) & (s["model.output_ngram"] == 1)]
-        if base.input_vocab_size.nunique() >= 2:
+        if loglinear_points(s, "vocab")[0].input_vocab_size.nunique() >= 2:
             fig, axes = plt.subplots(1, 2 if ll_m else 1, figsize=(14 if ll_m else 7, 4.5), squeeze=False)
-            plots.loss_vs_vocab(base, axes[0][0], ll)
+            plots.loss_vs_vocab(s, axes[0][0], ll)
             if ll_m:  # the paper's own axis: log10 m over the OE runs
-                plots.loss_vs_vocab(base, axes[0][1], ll_m, axis="m")
+                plots.loss_vs_vocab(s, axes[0][1], ll_m, axis="m")
             save(fig, "fig5_loss_vs_vocab")
         fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
         for ax, size in zip(axes[0], sizes):

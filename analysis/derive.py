@@ -88,3 +88,14 @@ def losses_at(summary: pd.DataFrame, curves: pd.DataFrame, tokens: float) -> pd.
     s.loc[short, ["final_train_loss", "final_val_loss"]] = np.nan
     return s
 
+
+def loglinear_points(summary: pd.DataFrame, axis: str = "vocab") -> tuple[pd.DataFrame, str]:
+    """The trials the log-linear law is fitted to and drawn from, and their x column: OD depth 1 with 1-gram
+    tokenizer and output; ``axis`` 'vocab': against input_vocab_size (V + OE table rows, V for baselines), 'm':
+    against model.oe.m over the OE runs alone, as the paper writes its law."""
+    s = summary[(summary["model.od_depth"] == 1) & (summary["model.tokenizer_ngram"] == 1)
+                & (summary["model.output_ngram"] == 1)]
+    if axis == "vocab":
+        return s, "input_vocab_size"
+    return s[(s.get("model.oe.n", 1) > 1) & (s.get("model.oe.m", 0) > 0)], "model.oe.m"
+

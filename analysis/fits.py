@@ -53,6 +53,13 @@ def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(intercept), float(slope)
 
 
+def complete_groups(x: np.ndarray, groups: np.ndarray) -> list:
+    """The groups (seeds) that have a point at every x any group has, in order of first appearance."""
+    x, groups = np.asarray(x), np.asarray(groups)
+    every = set(x.tolist())
+    return [v for v in dict.fromkeys(groups.tolist()) if set(x[groups == v].tolist()) == every]
+
+
 def fit_loglinear(vocab: np.ndarray, loss: np.ndarray, bootstrap: int = 1000, seed: int = 0,
                   groups: np.ndarray | None = None) -> FitResult:
     """L = intercept + slope * log10(vocab), with 95% intervals.
@@ -75,7 +82,7 @@ def fit_loglinear(vocab: np.ndarray, loss: np.ndarray, bootstrap: int = 1000, se
         g = np.asarray(groups)
         every = set(x.tolist())
         members = {v: np.flatnonzero(g == v) for v in dict.fromkeys(g.tolist())}
-        complete = [v for v, idx in members.items() if set(x[idx].tolist()) == every]
+        complete = complete_groups(x, g)
         left = [f"seed {v} ({len(set(x[idx].tolist()))} of {len(every)} sizes)" for v, idx in members.items()
                 if v not in complete]
         if not complete:  # no seed has every size: every point counts, as one seed's would

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.derive import loss_curve
-from analysis.fits import ema
+from analysis.derive import loglinear_points, loss_curve
+from analysis.fits import complete_groups, ema
 
 PAPER_STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9,
                "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": 120}
@@ -78,15 +78,15 @@ def curves_with_speedup(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: s
 
 
 def loss_vs_vocab(summary: pd.DataFrame, ax, fits: dict, metric: str = "final_train_loss", axis: str = "vocab"):
-    """Paper Fig. 5: loss against the input vocabulary (log axis) per model size, every trial a point, with the
-    fitted line and its equation. ``axis`` 'vocab': V + m, baselines at V; 'm': the table rows m of the OE runs,
-    as the paper writes its law. Seeds without a run at every size are drawn hollow: the fit leaves them out."""
-    x_col, x_label = ("input_vocab_size", "V+m") if axis == "vocab" else ("model.oe.m", "m")
-    if axis == "m":
-        summary = summary[(summary["model.oe.n"] > 1) & (summary["model.oe.m"] > 0)]
-    for size, g in summary.groupby("size", sort=False):
+    """Paper Fig. 5: loss against the input vocabulary (log axis) per model size, every trial the fit takes
+    (``analysis.derive.loglinear_points``) a point, with the fitted line and its equation. ``axis`` 'vocab': V + m,
+    baselines at V; 'm': the table rows m of the OE runs, as the paper writes its law. Seeds without a run at every
+    size are drawn hollow: the fit leaves them out."""
+    points, x_col = loglinear_points(summary, axis)
+    x_label = "V+m" if axis == "vocab" else "m"
+    for size, g in points.groupby("size", sort=False):
         every = set(g[x_col])
-        complete = g.groupby("seed")[x_col].transform(lambda v, every=every: set(v) == every).astype(bool)
+        complete = g.seed.isin(complete_groups(g[x_col].to_numpy(), g.seed.to_numpy())).to_numpy()
         line = ax.plot(g[x_col][complete], g[metric][complete], "o", label=size)[0]
         if (~complete).any():
             ax.plot(g[x_col][~complete], g[metric][~complete], "o", mfc="none", color=line.get_color(),

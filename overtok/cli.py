@@ -77,7 +77,7 @@ def cmd_plan(args) -> int:
     if args.done:
         from overtok.export import finished_trials
 
-        done = finished_trials([Path(d) for d in args.done])
+        done = finished_trials(args.done)
     print(plan_table(sweep, done))
     return 0
 
@@ -384,7 +384,7 @@ def _select(sweep, args) -> None:
     if args.skip_done:
         from overtok.export import finished_trials
 
-        skip = set(finished_trials([Path(d) for d in args.skip_done]))
+        skip = set(finished_trials(args.skip_done))
     sweep.select(args.only, args.seeds, skip, args.max_trials)
 
 

@@ -198,7 +198,7 @@ def load_export(d: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs, curves
 
 
-def finished_trials(exports: list[Path]) -> dict[str, str]:
+def finished_trials(exports: list[str | Path]) -> dict[str, str]:
     """Trial id -> where it finished, over the given exports: the wave a merged export names for the row
     (its ``export`` column), else the export's folder name; a later export wins."""
     done = {}
