@@ -132,10 +132,13 @@ def client(uri: str):
         check_server(uri)
         return MlflowClient(tracking_uri=uri)
     # a SQLite store is created (or migrated) when first opened; processes that open one fresh file at once (a sweep
-    # and the dashboard, runs started together) would each run MLflow's schema migration and all but one fail
+    # and the dashboard, runs started together) would each run MLflow's schema migration and all but one fail. MLflow
+    # also creates the store's folder, so the folder is made here first: the lock beside the file must exist for the
+    # very first opener too.
     import fcntl
 
     try:
+        Path(db).parent.mkdir(parents=True, exist_ok=True)
         lock = open(db + ".lock", "a")
     except OSError:  # a read-only place: nobody creates the store there
         return MlflowClient(tracking_uri=uri)

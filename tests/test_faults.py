@@ -176,11 +176,12 @@ def test_train_fails_cleanly(tmp_path, case):
 
 def test_processes_opening_one_fresh_sqlite_store_at_once_all_succeed(tmp_path):
     """MLflow migrates a fresh SQLite file when it is first opened; without overtok.tracking.client's lock two
-    processes doing so at once race, and all but one fail."""
+    processes doing so at once race, and all but one fail. The store's folder may not exist yet (MLflow creates it):
+    the lock must hold then too."""
     code = ("import sys; from overtok.tracking import client, experiment_id\n"
             "c = client(sys.argv[1]); experiment_id(c, 'race'); print('ok')")
-    for i in range(2):
-        uri = f"sqlite:///{tmp_path}/store{i}.db"
+    for i in range(4):
+        uri = f"sqlite:///{tmp_path}/store{i}.db" if i < 2 else f"sqlite:///{tmp_path}/new{i}/results/mlflow.db"
         procs = [subprocess.Popen([sys.executable, "-c", code, uri], env=env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(3)]
         outs = [p.communicate(timeout=120) for p in procs]
