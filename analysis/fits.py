@@ -72,7 +72,8 @@ def fit_loglinear(vocab: np.ndarray, loss: np.ndarray, bootstrap: int = 1000, se
     (``notes["seed_bootstrap"]``): with 2-3 seeds a bootstrap has only 3-10 distinct resamples and its percentile
     interval is narrower than the seeds' spread warrants, so verdicts use the t intervals. With one complete seed
     (or no groups, or no complete seed: then every point is fitted) the bootstrap resamples the points, an
-    interval that holds no seed-to-seed variation; ``notes["seeds"]`` is the number of complete seeds behind the
+    interval that holds no seed-to-seed variation, and with points at two sizes only there is no interval (NaN);
+    ``notes["seeds"]`` is the number of complete seeds behind the
     intervals (1 in those cases)."""
     x, y = np.log10(np.asarray(vocab, float)), np.asarray(loss, float)
     notes: dict[str, object] = {}
@@ -117,6 +118,9 @@ def fit_loglinear(vocab: np.ndarray, loss: np.ndarray, bootstrap: int = 1000, se
                                for v, (i, s) in zip(complete, per_seed)},
                      seed_bootstrap={k_: list(v) for k_, v in boot_ci.items()},
                      interval=f"Student t over {k} seeds' fits")
+    elif len(set(x.tolist())) < 3:  # a line through two sizes fits them exactly: resampling points moves nothing
+        ci = {"intercept": (float("nan"), float("nan")), "slope": (float("nan"), float("nan"))}
+        notes["interval"] = "none: one seed at two sizes (a line through two points has no spread to resample)"
     else:
         ci = boot_ci
         notes["interval"] = "bootstrap over points"

@@ -96,9 +96,9 @@ def loss_vs_vocab(summary: pd.DataFrame, ax, fits: dict, metric: str = "final_tr
             xs = np.logspace(np.log10(min(every)), np.log10(max(every)), 50)
             a, b = fit["estimates"]["intercept"], fit["estimates"]["slope"]
             lo, hi = fit["ci"]["slope"]
+            interval = "no CI" if lo is None or hi is None or np.isnan([lo, hi]).any() else f"slope CI {lo:.4f}, {hi:.4f}"
             ax.plot(xs, a + b * np.log10(xs), "--", color=line.get_color(),
-                    label=f"L = {a:.4f} {'-' if b < 0 else '+'} {abs(b):.4f} log10({x_label})  "
-                          f"[slope CI {lo:.4f}, {hi:.4f}]")
+                    label=f"L = {a:.4f} {'-' if b < 0 else '+'} {abs(b):.4f} log10({x_label})  [{interval}]")
     ax.set_xscale("log")
     ax.set_xlabel("input vocabulary size (V + m)" if axis == "vocab" else "OE table rows per slice (m)")
     ax.set_ylabel("training loss" if "train" in metric else "validation loss")

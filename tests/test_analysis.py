@@ -25,6 +25,18 @@ def test_loglinear_recovers_known_law_within_ci():
     assert abs(r.estimates["slope"] + 0.0256) < 0.005
 
 
+def test_loglinear_at_two_sizes_has_an_interval_only_across_seeds():
+    # one seed at two sizes: the line goes through both points, so resampling points would give a zero-width
+    # interval; there is none. Two seeds: the t interval over their two exact slopes.
+    one = fits.fit_loglinear(np.array([5e4, 1e6]), np.array([3.0, 2.9]), bootstrap=100, groups=np.array([0, 0]))
+    assert one.estimates["slope"] == pytest.approx(-0.1 / np.log10(20))
+    assert all(np.isnan(v) for v in one.ci["slope"]) and one.notes["interval"].startswith("none")
+    two = fits.fit_loglinear(np.array([5e4, 1e6, 5e4, 1e6]), np.array([3.0, 2.9, 3.0, 2.8]), bootstrap=100,
+                             groups=np.array([0, 0, 1, 1]))
+    lo, hi = two.ci["slope"]
+    assert lo < two.estimates["slope"] < hi and hi - lo > 0.1
+
+
 def test_loglinear_intervals_come_from_complete_seeds():
     # two seeds whose offsets differ but whose slopes agree: the seed is the unit, so the slope's interval is exact
     # (t over per-seed fits and the seed bootstrap alike), while resampling points mixes the seeds and it wanders

@@ -119,6 +119,21 @@ def test_headline_pairs_variants_with_their_baseline_and_plots_drop_stale_figure
     assert "(CI includes 0)" in fits  # the committed vocab_scaling slopes' CIs include zero
 
 
+def test_report_of_a_fit_through_two_sizes_says_it_has_no_interval(tmp_path):
+    """The committed oe_sharded export has one seed at two input vocabularies: the line through them has no
+    interval (none, not a zero-width one), and the page and Fig. 5 say so instead of failing."""
+    shutil.copytree(ROOT / "results" / "oe_sharded", tmp_path / "sh")
+    res = subprocess.run([sys.executable, "-m", "overtok", "report", "sh", "--bootstrap", "50"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    fit = json.loads((tmp_path / "sh" / "fits.json").read_text())["loglinear"]["final_train_loss"]
+    (only,) = fit.values()
+    assert only["ci"]["slope"] == [None, None] and only["notes"]["interval"].startswith("none")
+    page = (tmp_path / "dashboards" / "oe_sharded" / "index.html").read_text()
+    assert "(only 2 points, no CI)" in page
+    assert (tmp_path / "sh" / "figures" / "fig5_loss_vs_vocab.png").stat().st_size > 10_000
+
+
 def test_mlflow_links_open_runs_and_curves_in_the_mlflow_ui(quickstart, tmp_path):
     """The dashboard's MLflow links, opened in headless Chromium against `overtok ui` on the sweep's store: a run
     link shows the run in the model-training view, and a size's curves link shows MLflow's metric page with
