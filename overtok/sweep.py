@@ -492,9 +492,12 @@ def plan_table(sweep: Sweep, done: dict[str, str] | None = None) -> str:
                                         if sweep.reuse_processes else "a new one per trial (reuse_processes: false)"))
     lines += _plan_time_and_room(sweep, rows, cal, workers)
     if done is not None:
-        todo = [r["trial_id"] for r in rows if r["done"] == "-"]
+        todo = [r for r in rows if r["done"] == "-"]
+        left = (f" ({sum(r['est_seconds'] for r in todo) / 3600:.2f} GPU-hours by the estimate above)"
+                if cal is not None and todo else "")
         lines.append(f"done: {len(rows) - len(todo)} of {len(rows)} trials finished in the given exports; "
-                     + (f"to run: --only {','.join(todo)}" if todo else "nothing left to run"))
+                     + (f"to run{left}: --only {','.join(r['trial_id'] for r in todo)}" if todo
+                        else "nothing left to run"))
     lines.append(PLAN_LEGEND)
     lines.extend(f"note: {n}" for n in sweep.notes())
     return "\n".join(lines)

@@ -200,6 +200,23 @@ def test_a_subset_of_trials_keeps_the_grids_ids(cli):
         assert bad.returncode == 2 and problem in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
+def test_plan_of_a_gpu_sweep_gives_the_time_left():
+    """On a GPU sweep `plan --done` sums the estimated minutes of the trials still to run (the campaign's ledger;
+    run where the campaign runs, the project root, whose ../shared the sweep's corpus path names)."""
+    import re
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "overtok", "plan", "sweeps/loglinear_code.yaml", "--done",
+                          "results/loglinear_code/merged"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr
+    rows = re.findall(r"^([0-9a-f]{12}) .* (\d+\.\d)\s+(\S+)$", res.stdout, re.M)
+    left = [float(minutes) for _, minutes, where in rows if where == "-"]
+    hours = float(re.search(r"to run \(([0-9.]+) GPU-hours by the estimate above\): --only", res.stdout).group(1))
+    assert len(rows) == 18 and left and hours == pytest.approx(sum(left) / 60, abs=0.01)
+
+
 def test_plan_marks_the_trials_that_finished_in_exports(cli, tmp_path):
     """`plan --done EXPORT...`: each trial's wave (a merged export's `export` column, else the folder's name), only
     FINISHED rows count, a later export wins, and the --only list of the rest runs exactly those; a folder that is
@@ -219,7 +236,7 @@ def test_plan_marks_the_trials_that_finished_in_exports(cli, tmp_path):
     assert res.returncode == 0, res.stderr
     where = dict(re.findall(r"^([0-9a-f]{12}) .* (\S+)$", res.stdout, re.M))
     assert [where[t] for t in ids[:5]] == ["wave1", "wave1", "wave2", "wave2", "-"], where
-    todo = re.search(r"to run: --only (\S+)", res.stdout).group(1).split(",")
+    todo = re.search(r"to run: --only (\S+)", res.stdout).group(1).split(",")  # CPU trials: no time estimate
     assert todo == ids[4:]
     rest = cli("plan", sweep, "--only", ",".join(todo))
     assert re.findall(r"^([0-9a-f]{12}) ", rest.stdout, re.M) == ids[4:]
