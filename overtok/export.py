@@ -169,6 +169,8 @@ def export_sweep(sweep: str, tracking_uri: str = "", out: Path | None = None,
         if left_out:
             print(f"[overtok] {len(left_out)} runs of sweep {name!r} are not trials of {sweep} (an older grid or "
                   "code version) and are left out; export by name to include them", flush=True)
+    if not chosen:
+        raise ConfigError(f"sweep {name!r} has no trial runs in {uri} yet: nothing to export", file=sweep, key="name")
     hist = fetch_histories(uri, [r.info.run_id for r in chosen], {r.info.run_id: list(r.data.metrics) for r in chosen})
     df, curves = build_tables(chosen, hist, name)
     out = out or Path("results") / name

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One wave of a campaign on a machine that keeps nothing between runs (a lent or preemptible GPU): run the trials of
+# SWEEP that no export in DONE holds (at most MAX_TRIALS of them, within LIMIT_S seconds), then export every trial
+# this machine's MLflow store holds to OUT, whatever the sweep's end. Merge the waves elsewhere with `overtok merge`.
+#
+#   scripts/wave.sh SWEEP.yaml DONE OUT [MAX_TRIALS] [LIMIT_S]
+#
+#   SWEEP.yaml  the campaign's sweep file
+#   DONE        the merged export of the earlier waves (a folder that does not exist counts as none)
+#   OUT         where the export and the wave's log (sweep.log) go
+#   MAX_TRIALS  default 3; LIMIT_S (seconds for the sweep, the export excluded) default 540
+#
+# Environment, both optional:
+#   OVERTOK_SITE  a tar.xz of site-packages to unpack and put on PYTHONPATH (e.g. Ray and MLflow for a machine
+#                 that has torch but not them)
+#   OVERTOK_LINKS space-separated CARRIED:PATH pairs: PATH becomes a symbolic link to CARRIED unless it exists, so
+#                 that the sweep's data paths (part of each trial's id) name the same files here as where the
+#                 campaign was planned, e.g. "data_cache_code/code:../shared/data/code"
+set -uo pipefail
+
+if [ $# -lt 3 ]; then
+    echo "usage: scripts/wave.sh SWEEP.yaml DONE OUT [MAX_TRIALS] [LIMIT_S]" >&2
+    exit 2
+fi
+sweep=$1 done=$2 out=$3 max_trials=${4:-3} limit=${5:-540}
+[ -f "$sweep" ] || { echo "scripts/wave.sh: $sweep: no such sweep file" >&2; exit 2; }
+case $max_trials$limit in *[!0-9]*) echo "scripts/wave.sh: MAX_TRIALS and LIMIT_S are whole numbers" >&2; exit 2;; esac
+mkdir -p "$out"
+log=$out/sweep.log
+py=${PYTHON:-python3}
+
+if [ -n "${OVERTOK_SITE:-}" ]; then
+    site=$(mktemp -d)
+    tar -xJf "$OVERTOK_SITE" -C "$site" || { echo "scripts/wave.sh: cannot unpack $OVERTOK_SITE" >&2; exit 2; }
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+for pair in ${OVERTOK_LINKS:-}; do
+    carried=${pair%%:*} path=${pair#*:}
+    if [ ! -e "$path" ]; then
+        mkdir -p "$(dirname "$path")" && ln -s "$(cd "$(dirname "$carried")" && pwd)/$(basename "$carried")" "$path"
+    fi
+done
+
+{ date -u +"wave start %Y-%m-%dT%H:%M:%SZ"; command -v nvidia-smi >/dev/null && nvidia-smi -L; git rev-parse HEAD 2>/dev/null; } >> "$log"
+skip=()
+[ -e "$done" ] && skip=(--skip-done "$done")
+timeout "$limit" "$py" -m overtok sweep "$sweep" "${skip[@]}" --max-trials "$max_trials" >> "$log" 2>&1
+rc=$?
+echo "sweep exit status $rc" >> "$log"
+"$py" -m overtok export "$sweep" --out "$out" >> "$log" 2>&1
+exported=$?
+date -u +"wave end %Y-%m-%dT%H:%M:%SZ" >> "$log"
+# a sweep stopped by the time limit (124) still exports what finished; the export's status is the wave's
+exit $exported
