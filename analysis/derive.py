@@ -62,13 +62,10 @@ def summarize(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     df["size"] = [size_label(r) for r in df.to_dict("records")]
     for name, cols in N_CONVENTIONS.items():
         df[f"N_{name}"] = sum(df[c] for c in cols if c in df.columns)
-    finals = tail_means(curves).reindex(df.trial_id).to_numpy(float)  # the one definition of a run's train loss
     # per base token: an n-gram tokenizer's position holds n base tokens, an n-gram output head predicts the joint
     # of the next n tokens (a sum of n next-token losses); dividing by both makes every variant comparable
-    per = base_tokens_per_loss(df)
-    df["loss_scale"] = per
-    df["final_train_loss"] = np.asarray(finals) / per
-    df["final_val_loss"] = df.get("final.val/loss", np.nan) / per
+    df["loss_scale"] = base_tokens_per_loss(df)
+    df["final_train_loss"], df["final_val_loss"] = read_losses(df, curves)
     df["gen_acc"] = df.get("final.val/gen_acc", np.nan)
     df["tokens"] = df["tokens_seen"]
     df["seed"] = df.get("seed", 0)
@@ -76,16 +73,30 @@ def summarize(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(["N_body", "input_vocab_size", "model.od_depth"]).reset_index(drop=True)
 
 
+def read_losses(runs: pd.DataFrame, curves: pd.DataFrame, tokens: float | None = None, tail: int = TRAIN_TAIL,
+                trained=None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's train and held-out loss per base token, the one reading that the fits, the figures and the effects
+    table share. At the end (``tokens`` None): the mean of the last ``tail`` logged training losses and the final
+    ``val/loss``. At ``tokens``: the same from the points logged at step <= tokens (the held-out loss of the last
+    evaluation there); rows whose trial trained on fewer tokens (``trained``, per row) get NaN."""
+    ids = runs.trial_id
+    per = base_tokens_per_loss(runs)
+    train = tail_means(curves, tail=tail, until=tokens).reindex(ids).to_numpy(float) / per
+    if tokens is None:
+        val = runs["final.val/loss"].to_numpy(float) / per if "final.val/loss" in runs else np.full(len(runs), np.nan)
+    else:
+        val = tail_means(curves, "val/loss", 1, tokens).reindex(ids).to_numpy(float) / per
+        if trained is not None:
+            short = np.asarray(trained, float) < tokens
+            train[short], val[short] = np.nan, np.nan
+    return train, val
+
+
 def losses_at(summary: pd.DataFrame, curves: pd.DataFrame, tokens: float) -> pd.DataFrame:
-    """``summary`` with its final losses read at ``tokens`` instead of at the end (as ``analysis.effects`` reads
-    them with ``at_tokens``): train loss from the points logged at step <= tokens, held-out loss from the last
-    evaluation at step <= tokens, both per base token. Trials that trained on fewer tokens get NaN."""
+    """``summary`` with its final losses read at ``tokens`` instead of at the end (:func:`read_losses`); trials that
+    trained on fewer tokens get NaN."""
     s = summary.copy()
-    ids = s.trial_id
-    s["final_train_loss"] = tail_means(curves, until=tokens).reindex(ids).to_numpy(float) / s.loss_scale.to_numpy()
-    s["final_val_loss"] = tail_means(curves, "val/loss", 1, tokens).reindex(ids).to_numpy(float) / s.loss_scale.to_numpy()
-    short = s.tokens.to_numpy(float) < tokens
-    s.loc[short, ["final_train_loss", "final_val_loss"]] = np.nan
+    s["final_train_loss"], s["final_val_loss"] = read_losses(s, curves, tokens, trained=s.tokens)
     return s
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.derive import TRAIN_TAIL, base_tokens_per_loss, tail_means
+from analysis.derive import TRAIN_TAIL, read_losses
 
 TRAIN_LOSS = (f"train loss = the mean of a run's last {TRAIN_TAIL} logged training losses (one batch each, next-token "
               "loss per base token)")
@@ -67,12 +67,11 @@ def paired_effects(runs: pd.DataFrame, curves: pd.DataFrame, tail: int = TRAIN_T
     if df.empty:
         return pd.DataFrame()
     cell_cols, var_cols = _cell_columns(df), _variant_columns(df)
-    per = base_tokens_per_loss(df)  # n-gram tokenizer / output variants on the baseline's per-token scale
-    df["_train"] = tail_means(curves, tail=tail, until=at_tokens).reindex(df.trial_id).to_numpy(float) / per
-    if at_tokens is None:
-        df["_val"] = df["final.val/loss"].astype(float) / per
-    else:
-        df["_val"] = tail_means(curves, "val/loss", 1, at_tokens).reindex(df.trial_id).to_numpy(float) / per
+    # per base token (n-gram tokenizer / output variants on the baseline's scale), as the fits read them
+    df["_train"], df["_val"] = read_losses(df, curves, at_tokens, tail, trained=df.get("tokens_seen"))
+    df = df[df["_train"].notna()].copy()  # a trial that stopped before at_tokens has no loss there: no pair
+    if df.empty:
+        return pd.DataFrame()
     df["_cell"] = df[cell_cols].map(repr).agg("|".join, axis=1)  # repr: NaN and None become text too
     df["_variant"] = df[var_cols].map(repr).agg("|".join, axis=1)
     vary_cell = [c for c in cell_cols if df[c].map(repr).nunique() > 1]

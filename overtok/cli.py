@@ -183,6 +183,12 @@ def cmd_effects(args) -> int:
     parts = [load_export(_results_dir(d)) for d in args.results]
     runs = pd.concat([r for r, _ in parts], ignore_index=True)
     curves = pd.concat([c for _, c in parts], ignore_index=True)
+    done = runs[runs.status == "FINISHED"]
+    if args.at_tokens is not None and len(done) and not (done.get("tokens_seen", 0) >= args.at_tokens).any():
+        from overtok.config import ConfigError
+
+        raise ConfigError(f"{args.at_tokens:,.0f}: no finished trial trained that many tokens (the longest trained "
+                          f"{done['tokens_seen'].max():,.0f})", file="--at-tokens")
     print(effects_markdown(paired_effects(runs, curves, tail=args.tail, at_tokens=args.at_tokens)), end="")
     return 0
 

@@ -354,6 +354,10 @@ def test_paired_effects_at_tokens_reads_both_losses_at_that_point():
     assert end.d_train == pytest.approx(0.1) and end.d_val == pytest.approx(0.2)
     assert early.d_train == pytest.approx(-0.3 * 0.8 + 0.1 * 0.2) and early.d_val == pytest.approx(-0.3)
     assert early.base_val == pytest.approx(5.5)
+    # a trial that stopped before T has no loss at T (as in the fits' losses_at): its seed is not paired there
+    cut = runs.assign(tokens_seen=[20, 20, 10, 20])  # t30 (OE, seed 0) trained 10 tokens
+    assert paired_effects(cut, curves, at_tokens=12).iloc[0].seeds == 1
+    assert paired_effects(cut, curves, at_tokens=8).iloc[0].seeds == 2
 
 
 def test_fit_law_without_bootstrap_prints_estimates_and_refuses_negative_counts(tmp_path):
@@ -445,3 +449,16 @@ def test_report_takes_the_fits_bootstrap_and_points(cli, tmp_path):
     assert fitted["loglinear_m"]["final_train_loss"]["d512-L8"]["bootstrap"] == 7
     page = (tmp_path / "dashboards" / "loglinear_code" / "index.html").read_text()
     assert "at 55,836,672 tokens" in page
+
+
+def test_effects_command_on_a_committed_export():
+    """`overtok effects` of the committed epoch-sampler diagnosis: the paired table at the end and at a token count
+    every trial reached; a count past every trial's end is one line (exit 2), not a table of end-of-run values."""
+    run = lambda *a: subprocess.run([sys.executable, "-m", "overtok", "effects", "results/oe_diagnosis/run_epoch",  # noqa: E731
+                                     *a], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    end, early, past = run(), run("--at-tokens", "5000000"), run("--at-tokens", "55836672")
+    assert end.returncode == 0 and "| OE-1M (3-gram) | 2 |" in end.stdout, end.stderr
+    assert early.returncode == 0 and early.stdout != end.stdout and "| OE-1M (3-gram) | 2 |" in early.stdout
+    assert past.returncode == 2 and past.stdout == "" and "Traceback" not in past.stderr
+    assert past.stderr.strip() == ("overtok: error: --at-tokens: 55,836,672: no finished trial trained that many "
+                                   "tokens (the longest trained 19,660,800)")
