@@ -238,6 +238,7 @@ def test_export_fit_plots_on_the_quickstart_sweep(quickstart):
     import json
 
     import pandas as pd
+    from PIL import Image
 
     work, _, _ = quickstart
     for cmd in ("export", "fit", "plots"):
@@ -261,7 +262,9 @@ def test_export_fit_plots_on_the_quickstart_sweep(quickstart):
     acc = fitted["cfg_generation_accuracy_ci"]["Baseline"]["d32-L2"]
     assert acc["samples"] > 0 and acc["ci95"][0] <= acc["accuracy"] <= acc["ci95"][1]
     for name in ("fig1_loss_vs_size", "fig2_cfg_accuracy", "fig4_curves_speedup", "fig5_loss_vs_vocab", "fig9_loss_diff"):
-        assert (out / "figures" / f"{name}.png").stat().st_size > 10_000
+        png = Image.open(out / "figures" / f"{name}.png")  # drawn: a blank figure has one or two colours
+        assert png.mode == "P"  # a 256-colour palette (analysis.commands.save_png), a third of an RGBA file
+        assert png.width > 300 and png.height > 200 and len(png.convert("RGB").getcolors(1 << 16)) > 16, name
         assert (out / "figures" / f"{name}.pdf").exists()
     assert "Baseline" in (out / "figures" / "table2.md").read_text()
 
