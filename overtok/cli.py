@@ -109,7 +109,7 @@ def cmd_sweep(args) -> int:
         print(f"[overtok] note: {note}", flush=True)
     res = run_sweep(sweep, started)
     if res.get("interrupted"):
-        return 130
+        return 143 if res.get("terminated") else 130  # 128 + the signal, as a shell reports it
     return 0 if res["failed"] == 0 else 1
 
 

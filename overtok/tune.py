@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -398,6 +399,21 @@ def _shutdown_ray() -> None:
     ray.shutdown()
 
 
+class _SigtermAsCtrlC:
+    """While the trials run, SIGTERM (a batch scheduler's time limit, `timeout`, `kill`) stops the sweep as Ctrl-C
+    does: the running trials' runs end KILLED with their checkpoints, Ray stops and a rerun resumes. Raised at once,
+    not through Tune's graceful stop: where the signal went to the whole process group, Ray's own processes are
+    already going."""
+
+    def __init__(self):
+        self.received = False
+        self.previous = signal.signal(signal.SIGTERM, self)
+
+    def __call__(self, signum, frame) -> None:
+        self.received = True
+        raise KeyboardInterrupt
+
+
 class _DropTuneRestoreHint(logging.Filter):
     """Tune's end-of-run lines on an interrupted experiment ("Resume experiment with: Tuner.restore(...)", "Trials
     did not complete"): overtok resumes by rerunning the sweep, and says so itself."""
@@ -520,12 +536,14 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     status = "FINISHED"
     hint = _DropTuneRestoreHint()
     logging.getLogger("ray.tune.tune").addFilter(hint)  # overtok's own line says how to resume
+    terminated = _SigtermAsCtrlC()
     try:
         tuner.fit()
     except KeyboardInterrupt:
         status = "KILLED"
     finally:
         logging.getLogger("ray.tune.tune").removeFilter(hint)
+        signal.signal(signal.SIGTERM, terminated.previous)
     clock.append(("trials", time.time()))
     interrupted = set(callback.running)
     for tid in interrupted:  # Ctrl-C: leave them resumable
@@ -537,6 +555,7 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     status = "KILLED" if was_interrupted or callback.stopped else "FINISHED"
     tracker.end_parent(status if not callback.failed else "FAILED", counts)
     counts["interrupted"] = was_interrupted
+    counts["terminated"] = terminated.received
     print(f"[overtok] sweep {sweep.name}: {counts['finished']}/{total} finished, {callback.failed} failed"
           + (f", {len(callback.stopped)} stopped on request" if callback.stopped else "")
           + (", interrupted" if was_interrupted else "")

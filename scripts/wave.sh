@@ -45,7 +45,8 @@ done
 { date -u +"wave start %Y-%m-%dT%H:%M:%SZ"; command -v nvidia-smi >/dev/null && nvidia-smi -L; git rev-parse HEAD 2>/dev/null; } >> "$log"
 skip=()
 [ -e "$done" ] && skip=(--skip-done "$done")
-timeout "$limit" "$py" -m overtok sweep "$sweep" "${skip[@]}" --max-trials "$max_trials" >> "$log" 2>&1
+# SIGTERM at the limit ends the running trials KILLED (resumable) and stops Ray; SIGKILL 30 s later if it hangs
+timeout -k 30 "$limit" "$py" -m overtok sweep "$sweep" "${skip[@]}" --max-trials "$max_trials" >> "$log" 2>&1
 rc=$?
 echo "sweep exit status $rc" >> "$log"
 "$py" -m overtok export "$sweep" --out "$out" >> "$log" 2>&1

@@ -96,6 +96,15 @@ def kill_group(proc):
         pass
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` (a start_sweep sweep and the Ray it started) still runs."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def sweep_output_after_kill(proc, tail: int = 5000) -> str:
     """What a background sweep (start_sweep) printed, once kill_group has ended it: for a failing test to show the
     sweep's own account of where it was."""

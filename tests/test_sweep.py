@@ -18,6 +18,7 @@ from tests.sweeplib import (
     SMALL,
     env,
     free_port,
+    group_alive,
     kill_group,
     listening_sockets_of_tree,
     mlflow_server,
@@ -512,6 +513,39 @@ base:
     # a log written to a pipe: no terminal colours, no note about token authentication, no "ETA ?" lines
     assert "\x1b[" not in out and "Token authentication is enabled" not in out and "ETA ?" not in out, out[-3000:]
     _, _, runs = sweep_runs(uri, "cc")
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
+@pytest.mark.parametrize("whom", ["driver", "group"])
+def test_sigterm_of_a_sweep_ends_its_trials_killed_and_resumable(tmp_path, whom):
+    """SIGTERM while a trial trains, to the driver alone (`kill`) or to its whole process group, Ray's processes
+    included (`timeout`, a batch scheduler's time limit): the trial's run ends KILLED, not left RUNNING, the sweep
+    says it was interrupted and how to resume, and its Ray is gone. The driver alone exits 143 (128 + SIGTERM)."""
+    write(tmp_path / "tm.yaml", """
+name: tm
+base:
+  model: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}
+  train: {max_steps: 100000, log_every: 10, eval_every: 100000, checkpoint_every: 50, gen_samples: 0}
+""")
+    uri = f"sqlite:///{tmp_path}/results/mlflow.db"
+    proc = start_sweep(tmp_path, "tm.yaml")
+    try:
+        def training():
+            c, _, runs = sweep_runs(uri, "tm")
+            return runs and c.get_metric_history(runs[0].info.run_id, "train/loss")
+
+        wait_for(training, 240, every=1.0, what="the trial to log a loss")
+        if whom == "driver":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 143, out[-3000:]
+        wait_for(lambda: not group_alive(proc.pid), 30, what="the sweep's Ray processes (its process group) to exit")
+    finally:
+        kill_group(proc)
+    assert "interrupted (rerun to resume)" in out and "Traceback" not in out, out[-3000:]
+    _, _, runs = sweep_runs(uri, "tm")
     assert [r.info.status for r in runs] == ["KILLED"]
 
 
