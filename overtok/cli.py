@@ -572,13 +572,18 @@ def _exit_now(rc: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from overtok.errors import sigterm_received, terminate_as_interrupt
+
+    if argv is None:  # as a program (not main() called by other code): SIGTERM is handled as Ctrl-C, exit 143
+        terminate_as_interrupt()
     try:
         return _main(argv)
     except KeyboardInterrupt:  # also while modules are still being imported
-        print("overtok: interrupted", file=sys.stderr)
-        if argv is None:  # as a program: exit 130 now, not after a teardown that could still be interrupted
-            _exit_now(130)
-        return 130
+        rc = 143 if sigterm_received() else 130
+        print("overtok: terminated" if rc == 143 else "overtok: interrupted", file=sys.stderr)
+        if argv is None:  # as a program: exit now, not after a teardown that could still be interrupted
+            _exit_now(rc)
+        return rc
 
 
 def _main(argv: list[str] | None) -> int:

@@ -8,3 +8,28 @@ class CheckpointError(RuntimeError):
 
 class ExportError(OSError):
     """An export file could not be written (disk full, read-only directory); the previous file is intact."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler's time limit) while a command runs: handled as Ctrl-C is
+    (a run ends KILLED and resumable, a sweep stops its Ray), and the command exits 143 (128 + SIGTERM)."""
+
+
+_SIGTERM_RECEIVED: list[int] = []
+
+
+def terminate_as_interrupt() -> None:
+    """From now on SIGTERM raises :class:`Terminated` in the main thread (call it from the main thread)."""
+    import signal
+
+    def handler(signum, frame):
+        _SIGTERM_RECEIVED.append(signum)
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def sigterm_received() -> bool:
+    """Whether :func:`terminate_as_interrupt`'s handler has run: libraries that catch the interrupt (Ray Tune) may
+    raise a KeyboardInterrupt of their own instead of :class:`Terminated`."""
+    return bool(_SIGTERM_RECEIVED)

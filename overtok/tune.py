@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from overtok.config import ConfigError
+from overtok.errors import sigterm_received
 from overtok.sweep import Sweep, Trial, flat_params, trial_demand, trial_workers
 from overtok.tracking import (
     ROLE_TAG,
@@ -399,21 +400,6 @@ def _shutdown_ray() -> None:
     ray.shutdown()
 
 
-class _SigtermAsCtrlC:
-    """While the trials run, SIGTERM (a batch scheduler's time limit, `timeout`, `kill`) stops the sweep as Ctrl-C
-    does: the running trials' runs end KILLED with their checkpoints, Ray stops and a rerun resumes. Raised at once,
-    not through Tune's graceful stop: where the signal went to the whole process group, Ray's own processes are
-    already going."""
-
-    def __init__(self):
-        self.received = False
-        self.previous = signal.signal(signal.SIGTERM, self)
-
-    def __call__(self, signum, frame) -> None:
-        self.received = True
-        raise KeyboardInterrupt
-
-
 class _DropTuneRestoreHint(logging.Filter):
     """Tune's end-of-run lines on an interrupted experiment ("Resume experiment with: Tuner.restore(...)", "Trials
     did not complete"): overtok resumes by rerunning the sweep, and says so itself."""
@@ -475,6 +461,7 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     uri = resolve_tracking_uri(sweep.tracking_uri)
     prep: dict[str, Any] = {}
     ray_started = False
+    on_term = signal.getsignal(signal.SIGTERM)  # the CLI's (SIGTERM as Ctrl-C), before ray.init sets Ray's own
     if _probably_all_finished(sweep, uri):  # a rerun of a finished sweep: answer without starting Ray
         _prepare(sweep, uri, prep)
     else:
@@ -536,14 +523,16 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     status = "FINISHED"
     hint = _DropTuneRestoreHint()
     logging.getLogger("ray.tune.tune").addFilter(hint)  # overtok's own line says how to resume
-    terminated = _SigtermAsCtrlC()
+    # ray.init set Ray's own SIGTERM handlers (Python's: exit 1; native: a stack dump) over the CLI's, which turns
+    # SIGTERM into Ctrl-C (overtok.errors.Terminated): the trials' runs then end KILLED and Ray stops
+    if callable(on_term):
+        signal.signal(signal.SIGTERM, on_term)
     try:
         tuner.fit()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where the CLI raises Terminated for it
         status = "KILLED"
     finally:
         logging.getLogger("ray.tune.tune").removeFilter(hint)
-        signal.signal(signal.SIGTERM, terminated.previous)
     clock.append(("trials", time.time()))
     interrupted = set(callback.running)
     for tid in interrupted:  # Ctrl-C: leave them resumable
@@ -555,7 +544,7 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     status = "KILLED" if was_interrupted or callback.stopped else "FINISHED"
     tracker.end_parent(status if not callback.failed else "FAILED", counts)
     counts["interrupted"] = was_interrupted
-    counts["terminated"] = terminated.received
+    counts["terminated"] = sigterm_received()
     print(f"[overtok] sweep {sweep.name}: {counts['finished']}/{total} finished, {callback.failed} failed"
           + (f", {len(callback.stopped)} stopped on request" if callback.stopped else "")
           + (", interrupted" if was_interrupted else "")

@@ -293,3 +293,33 @@ def test_overtok_train_refuses_a_checkpoint_directory_behind_a_link(cli, tmp_pat
     assert "Traceback" not in res.stderr
     assert sorted(p.name for p in target.iterdir()) == ["ckpt_000000001.pt"]
     assert (target / "ckpt_000000001.pt").read_bytes() == b"not ours"
+
+
+def test_sigterm_of_a_training_run_ends_it_killed_with_exit_143(tmp_path):
+    """`overtok train` sent SIGTERM (a batch scheduler's time limit) while it trains: its MLflow run ends KILLED, not
+    RUNNING, and the command exits 143 with one line."""
+    from overtok.tracking import client
+
+    uri = f"sqlite:///{tmp_path}/results/mlflow.db"
+    sets = [f"{k}={v}" for k, v in {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.seq_len": 32,
+                                      "train.max_steps": 200000, "train.log_every": 10, "train.eval_every": 100000,
+                                      "train.gen_samples": 0, "data.batch_size": 4}.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "overtok", "train", *[a for s in sets for a in ("--set", s)],
+                             "--tracking-uri", uri], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        def training():  # overtok's client: the store is opened under its lock, as the run creates it
+            c = client(uri)
+            exp = c.get_experiment_by_name("overtok")
+            runs = c.search_runs([exp.experiment_id]) if exp else []
+            return bool(runs) and bool(c.get_metric_history(runs[0].info.run_id, "train/loss"))
+
+        wait_for(training, 240, every=1.0, what="the run to log a loss")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "overtok: terminated", err[-2000:]
+    c = client(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("overtok").experiment_id])
+    assert run.info.status == "KILLED"
