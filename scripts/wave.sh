@@ -3,12 +3,13 @@
 # SWEEP that no export in DONE holds (at most MAX_TRIALS of them, within LIMIT_S seconds), then export every trial
 # this machine's MLflow store holds to OUT, whatever the sweep's end. Merge the waves elsewhere with `overtok merge`.
 #
-#   scripts/wave.sh SWEEP.yaml DONE OUT [MAX_TRIALS] [LIMIT_S]
+#   scripts/wave.sh SWEEP.yaml DONE OUT [MAX_TRIALS] [LIMIT_S] [SWEEP_ARGS...]
 #
 #   SWEEP.yaml  the campaign's sweep file
 #   DONE        the merged export of the earlier waves (a folder that does not exist counts as none)
 #   OUT         where the export and the wave's log (sweep.log) go
 #   MAX_TRIALS  default 3; LIMIT_S (seconds for the sweep, the export excluded) default 540
+#   SWEEP_ARGS  more arguments of `overtok sweep`, e.g. --seeds 1 to finish one seed first
 #
 # Environment, both optional:
 #   OVERTOK_SITE  a tar.xz of site-packages to unpack and put on PYTHONPATH (e.g. Ray and MLflow for a machine
@@ -19,10 +20,11 @@
 set -uo pipefail
 
 if [ $# -lt 3 ]; then
-    echo "usage: scripts/wave.sh SWEEP.yaml DONE OUT [MAX_TRIALS] [LIMIT_S]" >&2
+    echo "usage: scripts/wave.sh SWEEP.yaml DONE OUT [MAX_TRIALS] [LIMIT_S] [SWEEP_ARGS...]" >&2
     exit 2
 fi
 sweep=$1 done=$2 out=$3 max_trials=${4:-3} limit=${5:-540}
+shift $(( $# < 5 ? $# : 5 ))
 [ -f "$sweep" ] || { echo "scripts/wave.sh: $sweep: no such sweep file" >&2; exit 2; }
 case $max_trials$limit in *[!0-9]*) echo "scripts/wave.sh: MAX_TRIALS and LIMIT_S are whole numbers" >&2; exit 2;; esac
 mkdir -p "$out"
@@ -46,7 +48,7 @@ done
 skip=()
 [ -e "$done" ] && skip=(--skip-done "$done")
 # SIGTERM at the limit ends the running trials KILLED (resumable) and stops Ray; SIGKILL 30 s later if it hangs
-timeout -k 30 "$limit" "$py" -m overtok sweep "$sweep" "${skip[@]}" --max-trials "$max_trials" >> "$log" 2>&1
+timeout -k 30 "$limit" "$py" -m overtok sweep "$sweep" "${skip[@]}" --max-trials "$max_trials" "$@" >> "$log" 2>&1
 rc=$?
 echo "sweep exit status $rc" >> "$log"
 "$py" -m overtok export "$sweep" --out "$out" >> "$log" 2>&1

@@ -46,16 +46,18 @@ def test_waves_on_fresh_machines_add_up_to_the_grid(tmp_path):
     first, second = tmp_path / "m1", tmp_path / "m2"
     first.mkdir(), second.mkdir()
 
-    res = wave(first, campaign / "merged", campaign / "wave1", "3")
+    res = wave(first, campaign / "merged", campaign / "wave1", "3", "540", "--seeds", "1")  # seed 1 first
     assert res.returncode == 0, res.stderr + (campaign / "wave1" / "sweep.log").read_text()[-3000:]
     one = finished(campaign / "wave1")
     log = (campaign / "wave1" / "sweep.log").read_text()
-    assert len(one) == 3 and "sweep exit status 0" in log and "wave end" in log, log[-2000:]
+    assert len(one) == 2 and "sweep exit status 0" in log and "wave end" in log, log[-2000:]
+    runs = pd.read_parquet(campaign / "wave1" / "runs.parquet")
+    assert set(runs.seed) == {1}
 
     res = wave(second, campaign / "wave1", campaign / "wave2", "3")  # one earlier wave: its export is the DONE
     assert res.returncode == 0, res.stderr
     two = finished(campaign / "wave2")
-    assert len(two) == 1 and not two & one  # only the trial wave 1 left
+    assert len(two) == 2 and not two & one  # only the trials wave 1 left
 
     # a wave whose time limit stops its sweep before any trial starts says how the sweep ended, and its export
     # says in one line that there is nothing to export (no empty tables to merge), its status the wave's
