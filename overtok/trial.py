@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from typing import Any
@@ -130,9 +131,25 @@ _TRIAL_THREAD: _TrialThread | None = None
 
 def _trial_thread() -> _TrialThread:
     global _TRIAL_THREAD
-    if _TRIAL_THREAD is None:
+    if _TRIAL_THREAD is None:  # this process's first trial
         _TRIAL_THREAD = _TrialThread()
+        sys.unraisablehook = _quiet_exit_when_unraisable(sys.unraisablehook)
     return _TRIAL_THREAD
+
+
+def _quiet_exit_when_unraisable(default):
+    """An unraisable-exception hook that drops SystemExit and passes everything else to ``default``.
+
+    When Ray stops an idle reused trial process (the sweep's end), its SIGTERM handler raises SystemExit wherever
+    the main thread is; inside a garbage-collection callback Python cannot raise it and prints "Exception ignored
+    in: ... SystemExit: 1" into the sweep's log, a stop that Ray completes anyway. Nothing else is hidden."""
+
+    def hook(unraisable) -> None:
+        if unraisable.exc_type is SystemExit:
+            return
+        default(unraisable)
+
+    return hook
 
 
 def release() -> None:

@@ -323,3 +323,35 @@ def test_sigterm_of_a_training_run_ends_it_killed_with_exit_143(tmp_path):
     c = client(uri)
     (run,) = c.search_runs([c.get_experiment_by_name("overtok").experiment_id])
     assert run.info.status == "KILLED"
+
+
+def test_a_reused_trial_process_stopped_in_a_gc_callback_prints_nothing():
+    """Ray stops an idle reused trial process with SIGTERM, and its handler raises SystemExit wherever the main
+    thread is; in a garbage-collection callback Python prints "Exception ignored ... SystemExit" into the sweep's
+    log. The trial process's hook (set with its first trial) drops exactly that; other unraisable errors still
+    print. A real process, a real signal, a weakref callback as the GC runs it."""
+    code = """
+import gc, os, signal, sys, weakref
+from overtok import trial
+if sys.argv[1] == "hooked":
+    trial._trial_thread()
+def stop(signum, frame):  # as Ray's worker does
+    raise SystemExit(1)
+signal.signal(signal.SIGTERM, stop)
+class Box: pass
+def on_collect(ref):
+    if sys.argv[2] == "other":
+        raise ValueError("a real error in a callback")
+    os.kill(os.getpid(), signal.SIGTERM)  # the signal lands while the callback runs
+    for _ in range(1000): pass
+b = Box(); r = weakref.ref(b, on_collect); del b; gc.collect()
+print("went on")
+"""
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", code, *args], env=env(), capture_output=True, text=True, timeout=120)
+
+    plain, hooked = run("plain", "exit"), run("hooked", "exit")
+    assert "Exception ignored" in plain.stderr and "SystemExit" in plain.stderr, plain.stderr
+    assert hooked.stderr == "" and hooked.stdout == "went on\n", hooked.stderr
+    other = run("hooked", "other")
+    assert "Exception ignored" in other.stderr and "ValueError: a real error" in other.stderr, other.stderr
