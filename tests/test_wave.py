@@ -28,11 +28,11 @@ SWEEP = textwrap.dedent("""\
     """)
 
 
-def wave(machine, done, out, *extra, timeout=600):
+def wave(machine, done, out, *extra, timeout=600, **environ):
     (machine / "wv.yaml").write_text(SWEEP)
     return subprocess.run(["bash", str(ROOT / "scripts" / "wave.sh"), "wv.yaml", str(done), str(out), *extra],
-                          cwd=machine, env=env({"PYTHON": sys.executable}), capture_output=True, text=True,
-                          timeout=timeout)
+                          cwd=machine, env=env({"PYTHON": sys.executable, **environ}), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def finished(export):
@@ -62,8 +62,10 @@ def test_waves_on_fresh_machines_add_up_to_the_grid(tmp_path):
     # a wave whose time limit stops its sweep before any trial starts says how the sweep ended, and its export
     # says in one line that there is nothing to export (no empty tables to merge), its status the wave's
     third = tmp_path / "m3"
-    third.mkdir()
-    res = wave(third, campaign / "wave1", campaign / "wave3", "3", "1")
+    (third / "carried" / "corpus").mkdir(parents=True)  # data carried in the call, linked where the sweep reads it
+    res = wave(third, campaign / "wave1", campaign / "wave3", "3", "1",
+               OVERTOK_LINKS="carried/corpus:shared/data/corpus")
+    assert (third / "shared" / "data" / "corpus").resolve() == (third / "carried" / "corpus").resolve()
     log = (campaign / "wave3" / "sweep.log").read_text()
     nothing = "has no trial runs" in log or "no MLflow experiment" in log  # stopped before or after creating it
     assert "sweep exit status 124" in log and nothing and "Traceback" not in log, log[-2000:]
