@@ -188,6 +188,46 @@ def _generation_cis(s: pd.DataFrame) -> dict:
     return out
 
 
+ACCURACY_BAND = (0.2, 0.8)
+"""Where a CFG budget should put the baseline's generation accuracy (issue: clearly above 0, below saturation): a
+variant can then be seen to help or to hurt."""
+
+
+def _accuracy_curves(s: pd.DataFrame, curves: pd.DataFrame) -> dict:
+    """Generation accuracy over training, per size and variant, for trials that evaluated it at two or more points
+    (``train.gen_every``): at each evaluation the accepted samples pooled over seeds with a 95% Wilson interval, and
+    the budget the curve suggests, the fewest tokens at which that interval lies inside ``ACCURACY_BAND`` (none,
+    with the reason, where no evaluation does). {size: {variant: {"points": [...], "budget": {...} | None, ...}}}."""
+    if "train.gen_samples" not in s.columns:
+        return {}
+    acc = curves[(curves.metric == "val/gen_acc") & curves.trial_id.isin(s.trial_id)]
+    samples = s.set_index("trial_id")["train.gen_samples"].astype(float)
+    lo_band, hi_band = ACCURACY_BAND
+    out: dict = {}
+    for (size, variant), g in s.groupby(["size", "variant"], sort=False):
+        pts = acc[acc.trial_id.isin(g.trial_id)]
+        if pts.step.nunique() < 2:
+            continue
+        points = []
+        for step, at in pts.groupby("step"):
+            n_each = samples.loc[at.trial_id].to_numpy()
+            k, n = int(round(float((at.value.to_numpy() * n_each).sum()))), int(n_each.sum())
+            points.append({"tokens": int(step), "accuracy": k / n, "accepted": k, "samples": n,
+                           "ci95": fits.wilson_ci(k, n), "seeds": int(len(at))})
+        inside = [p for p in points if lo_band <= p["ci95"][0] and p["ci95"][1] <= hi_band]
+        if inside:
+            budget, why = inside[0], f"the first evaluation whose 95% interval lies inside {list(ACCURACY_BAND)}"
+        elif all(p["ci95"][1] < lo_band for p in points):
+            budget, why = None, f"below {lo_band} at every evaluation up to {points[-1]['tokens']:,} tokens: train longer"
+        elif points[0]["ci95"][0] > hi_band:
+            budget, why = None, f"above {hi_band} from the first evaluation ({points[0]['tokens']:,} tokens): fewer"
+        else:
+            budget, why = None, f"no evaluation's interval lies inside {list(ACCURACY_BAND)}: evaluate more often"
+        out.setdefault(size, {})[variant] = {"points": points, "budget": budget, "why": why,
+                                             "band": list(ACCURACY_BAND)}
+    return out
+
+
 def _cfg_directions(s: pd.DataFrame) -> dict:
     """The paper's Fig. 2 directions on generation accuracy, per size: an n-gram input (OE alone) helps every size;
     an n-gram output and an n-gram tokenizer help the largest model and hurt the smallest (a sweep of one size
@@ -241,6 +281,7 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200, at_tokens: list[float] | 
                                     if s["gen_acc"].notna().any() else {}),
         "cfg_generation_accuracy_ci": _generation_cis(s),
         "cfg_directions": _cfg_directions(s),
+        "cfg_accuracy_curve": _accuracy_curves(s, curves),
         "loglinear_at_tokens": {str(int(t)): {"loglinear": _loglinear_fits(at, bootstrap),
                                               "loglinear_m": _loglinear_fits(at, bootstrap, "m")}
                                 for t, at in ((t, losses_at(s, curves, t)) for t in at_tokens)},
@@ -249,6 +290,9 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200, at_tokens: list[float] | 
                                          "seeds; 95% Wilson interval",
                   "cfg directions": "variant minus baseline accuracy of the same size, samples pooled over seeds, "
                                     "95% Newcombe interval; verdict against the paper's direction (Fig. 2)",
+                  "cfg accuracy curve": "generation accuracy at each evaluation during training, samples pooled over "
+                                        "seeds, 95% Wilson interval; budget = the fewest tokens whose interval lies "
+                                        f"inside {list(ACCURACY_BAND)}",
                   "speedup": "tokens the baseline needs to reach its final EMA loss / tokens the variant needs "
                              "(linear interpolation), same seed; per_seed keyed by seed (NaN/null: never reached); "
                              "mean and Student t 95% interval over the seeds that reach it (n of seeds); verdict against "
@@ -305,6 +349,9 @@ def plot_sweep(results_dir: Path) -> list[Path]:
         if s.gen_acc.notna().any():
             fig, ax = plt.subplots(figsize=(7, 4.5))
             save(plots.cfg_accuracy(s, ax).figure, "fig2_cfg_accuracy")
+        if fitted.get("cfg_accuracy_curve"):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            save(plots.cfg_accuracy_curve(fitted["cfg_accuracy_curve"], ax).figure, "fig2_cfg_accuracy_curve")
         sizes = list(dict.fromkeys(s.sort_values("N_body")["size"]))
         fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
         for ax, size in zip(axes[0], sizes):

@@ -41,6 +41,32 @@ def loss_vs_size(summary: pd.DataFrame, ax, metric: str = "final_train_loss"):
     return ax
 
 
+def cfg_accuracy_curve(curves: dict, ax):
+    """Generation accuracy over training with its 95% Wilson band, per size and variant (``fits.json``'s
+    ``cfg_accuracy_curve``), the band a budget should reach and each curve's suggested budget (a star)."""
+    band = None
+    for size, per_variant in curves.items():
+        for variant, c in per_variant.items():
+            x = np.array([p["tokens"] for p in c["points"]], float)
+            y = np.array([p["accuracy"] for p in c["points"]])
+            lo, hi = (np.array([p["ci95"][i] for p in c["points"]]) for i in (0, 1))
+            line = ax.plot(x, y, "o-", ms=3, label=f"{size} {variant}")[0]
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+            if c.get("budget"):
+                ax.plot([c["budget"]["tokens"]], [c["budget"]["accuracy"]], "*", ms=14, color=line.get_color(),
+                        label=f"{size} {variant}: budget {c['budget']['tokens']:,.0f} tokens")
+            band = c.get("band", band)
+    if band:
+        for level in band:
+            ax.axhline(level, color="0.5", ls="--", lw=1)
+    ax.set_ylim(0, 1.0)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("generation accuracy")
+    ax.set_title("CFG generation accuracy during training")
+    _legend(ax)
+    return ax
+
+
 def cfg_accuracy(summary: pd.DataFrame, ax):
     """Paper Fig. 2: generation accuracy on the CFG by model size and variant (grouped bars)."""
     sizes = list(dict.fromkeys(summary.sort_values("N_body")["size"]))

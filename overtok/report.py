@@ -304,6 +304,12 @@ def _fits_html(fits: dict) -> str:
             rows.append(("CFG accuracy vs baseline", f"{size} {variant}",
                          f"{_num(d['difference'])} ({_num(d['accuracy'])} vs {_num(d['baseline_accuracy'])})",
                          f"[{_num(d['ci95'][0])}, {_num(d['ci95'][1])}]; {d['verdict']}"))
+    for size, per_variant in (fits.get("cfg_accuracy_curve") or {}).items():
+        for variant, c in per_variant.items():
+            b = c.get("budget")
+            rows.append(("CFG accuracy curve: budget", f"{size} {variant}",
+                         f"{b['tokens']:,} tokens: {_num(b['accuracy'])}" if b else "none",
+                         (f"[{_num(b['ci95'][0])}, {_num(b['ci95'][1])}]; " if b else "") + c["why"]))
     if not rows:
         return "<p class=muted>no fits yet (need finished trials)</p>"
     out = ["<table class=sortable id=fits><thead><tr><th class=l>law</th><th class=l>group</th><th class=l>estimate</th>"

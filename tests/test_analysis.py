@@ -462,3 +462,41 @@ def test_effects_command_on_a_committed_export():
     assert past.returncode == 2 and past.stdout == "" and "Traceback" not in past.stderr
     assert past.stderr.strip() == ("overtok: error: --at-tokens: 55,836,672: no finished trial trained that many "
                                    "tokens (the longest trained 19,660,800)")
+
+
+def test_accuracy_curve_pools_seeds_and_suggests_the_first_budget_inside_the_band():
+    """fits.json's cfg_accuracy_curve: at each evaluation the accepted samples of both seeds pooled, a Wilson
+    interval, and the budget = the first evaluation whose interval lies inside [0.2, 0.8]; a curve that never
+    leaves 0 gets no budget and says to train longer. Drawn and listed on the page."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis import plots
+    from analysis.commands import _accuracy_curves
+    from overtok.report import _fits_html
+
+    rows, curves = [], []
+    rising = {1000: (0.02, 0.04), 2000: (0.15, 0.25), 3000: (0.40, 0.50), 4000: (0.85, 0.95)}
+    for variant, size, accs in (("Baseline", "d768-L12", rising), ("Baseline", "d128-L12", None)):
+        for seed in (0, 1):
+            tid = f"{size}{seed}"
+            rows.append({"trial_id": tid, "size": size, "variant": variant, "seed": seed, "train.gen_samples": 1000})
+            for step in (1000, 2000, 3000, 4000):
+                value = accs[step][seed] if accs else 0.0
+                curves.append({"trial_id": tid, "metric": "val/gen_acc", "step": step, "value": value})
+    curve = _accuracy_curves(pd.DataFrame(rows), pd.DataFrame(curves))
+    big, small = curve["d768-L12"]["Baseline"], curve["d128-L12"]["Baseline"]
+    second = big["points"][1]
+    assert (second["accepted"], second["samples"]) == (400, 2000) and second["accuracy"] == pytest.approx(0.2)
+    assert second["ci95"] == pytest.approx(fits.wilson_ci(400, 2000))
+    assert second["ci95"][0] < 0.2  # 0.2 itself is not clearly inside the band: the next evaluation is the budget
+    assert big["budget"]["tokens"] == 3000 and big["budget"]["accuracy"] == pytest.approx(0.45)
+    assert small["budget"] is None and "train longer" in small["why"]
+    fig, ax = plt.subplots()
+    plots.cfg_accuracy_curve(curve, ax)
+    assert len(ax.lines) >= 3 and any("budget 3,000 tokens" in t.get_text() for t in ax.get_legend().get_texts())
+    plt.close(fig)
+    page = _fits_html({"cfg_accuracy_curve": curve})
+    assert "3,000 tokens: 0.4500" in page and "below 0.2 at every evaluation up to 4,000 tokens" in page
