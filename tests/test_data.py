@@ -191,6 +191,24 @@ def test_prepare_real_text(tmp_path, tokenizer):
     assert batch.shape == (4, cfg.model.seq_len + 1)
 
 
+def test_prepare_encodes_in_batches_with_the_same_tokens(tmp_path, monkeypatch):
+    """Documents are encoded a batch at a time (peak memory of one batch, not of the corpus): batches of a few
+    documents give byte-identical token files to one batch of all."""
+    import overtok.data.text as text
+
+    tok = str(SHARED / "tokenizers" / "gpt-neox-olmo.json")
+    prepare([SHARED / "text" / "austen.txt.xz"], tmp_path / "one", tok, val_fraction=0.1, max_docs=60)
+    calls = []
+    encode_batch = text.load_tokenizer(tok).__class__.encode_batch
+    monkeypatch.setattr(text, "ENCODE_BATCH_CHARS", 20_000)
+    monkeypatch.setattr(text.load_tokenizer(tok).__class__, "encode_batch",
+                        lambda self, texts, **kw: calls.append(len(texts)) or encode_batch(self, texts, **kw))
+    prepare([SHARED / "text" / "austen.txt.xz"], tmp_path / "many", tok, val_fraction=0.1, max_docs=60)
+    assert len(calls) > 3 and sum(calls) == 60
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "many" / name).read_bytes(), name
+
+
 def test_prepare_rejects_bad_input(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"hello \xff\xfe world")

@@ -246,6 +246,25 @@ def split_documents(docs: list[tuple[str, str]], val_fraction: float, seed: int)
     return held
 
 
+ENCODE_BATCH_CHARS = 16_000_000
+"""Characters of text per encode_batch call: the tokenizer keeps every Encoding of a call (ids, offsets, token
+strings; about 100 bytes per token), so a whole corpus at once needs memory in proportion to it (5.9 GB for 56M
+tokens); batches of this size keep the peak near one batch's while the tokenizer still uses every core."""
+
+
+def _encoded(tok, texts: list[str], eos: int, dtype) -> Iterator[np.ndarray]:
+    """Each text's token ids followed by ``eos``, in order, encoded a batch of texts at a time."""
+    start = 0
+    while start < len(texts):
+        end, chars = start, 0
+        while end < len(texts) and (end == start or chars + len(texts[end]) <= ENCODE_BATCH_CHARS):
+            chars += len(texts[end])
+            end += 1
+        for enc in tok.encode_batch(texts[start:end], add_special_tokens=False):
+            yield np.asarray(enc.ids + [eos], dtype=dtype)
+        start = end
+
+
 def prepare(inputs: list[Path], out_dir: Path, tokenizer: str, val_fraction: float = 0.01, seed: int = 0,
             text_field: str = "text", max_docs: int = 0, exclude: str = "", log=print) -> PrepareResult:
     """Tokenize ``inputs`` into ``out_dir``: documents (``max_docs`` sampled across sources, :func:`sample_documents`),
@@ -270,10 +289,8 @@ def prepare(inputs: list[Path], out_dir: Path, tokenizer: str, val_fraction: flo
     splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     n_bytes = {"train": 0, "val": 0}
     per_source: dict[str, dict[str, int]] = {}
-    encoded = tok.encode_batch([d for _, d in docs], add_special_tokens=False)
-    for (source, doc), enc, h in zip(docs, encoded, held):
+    for (source, doc), ids, h in zip(docs, _encoded(tok, [d for _, d in docs], eos, dtype), held):
         split = "val" if h else "train"
-        ids = np.asarray(enc.ids + [eos], dtype=dtype)
         splits[split].append(ids)
         n_bytes[split] += len(doc.encode())
         row = per_source.setdefault(source, {"train_documents": 0, "train_tokens": 0, "val_documents": 0,
