@@ -487,9 +487,13 @@ base:
     assert seen and all(addr in loopback for addr, _, _ in seen), seen
 
 
-def test_ctrl_c_of_a_sweep_exits_130_and_leaves_it_resumable(tmp_path):
-    """Ctrl-C (SIGINT to the sweep's process group, as a terminal sends it) while a trial trains: exit 130, overtok's
-    own line says how to resume, Tune's Tuner.restore hint is not printed, the trial's run is KILLED."""
+@pytest.mark.parametrize("how", ["ctrl-c", "kill", "timeout"])
+def test_interrupting_a_sweep_leaves_it_killed_and_resumable(tmp_path, how):
+    """While a trial trains: Ctrl-C (SIGINT to the sweep's process group, as a terminal sends it), SIGTERM to the
+    driver alone (`kill`) or SIGTERM to the whole group, Ray's processes included (`timeout`, a batch scheduler's time
+    limit). Each: exit 130 (Ctrl-C) or 143 (128 + SIGTERM), overtok's own line says how to resume, Tune's
+    Tuner.restore hint is not printed, the trial's run is KILLED (not left RUNNING), and no process of the sweep's
+    group is left."""
     write(tmp_path / "cc.yaml", """
 name: cc
 base:
@@ -504,48 +508,19 @@ base:
             return runs and c.get_metric_history(runs[0].info.run_id, "train/loss")
 
         wait_for(training, 240, every=1.0, what="the trial to log a loss")
-        os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        kill_group(proc)
-    assert proc.returncode == 130, out[-3000:]
-    assert "interrupted (rerun to resume)" in out and "Tuner.restore" not in out, out[-3000:]
-    # a log written to a pipe: no terminal colours, no note about token authentication, no "ETA ?" lines
-    assert "\x1b[" not in out and "Token authentication is enabled" not in out and "ETA ?" not in out, out[-3000:]
-    _, _, runs = sweep_runs(uri, "cc")
-    assert [r.info.status for r in runs] == ["KILLED"]
-
-
-@pytest.mark.parametrize("whom", ["driver", "group"])
-def test_sigterm_of_a_sweep_ends_its_trials_killed_and_resumable(tmp_path, whom):
-    """SIGTERM while a trial trains, to the driver alone (`kill`) or to its whole process group, Ray's processes
-    included (`timeout`, a batch scheduler's time limit): the trial's run ends KILLED, not left RUNNING, the sweep
-    says it was interrupted and how to resume, and its Ray is gone. The driver alone exits 143 (128 + SIGTERM)."""
-    write(tmp_path / "tm.yaml", """
-name: tm
-base:
-  model: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}
-  train: {max_steps: 100000, log_every: 10, eval_every: 100000, checkpoint_every: 50, gen_samples: 0}
-""")
-    uri = f"sqlite:///{tmp_path}/results/mlflow.db"
-    proc = start_sweep(tmp_path, "tm.yaml")
-    try:
-        def training():
-            c, _, runs = sweep_runs(uri, "tm")
-            return runs and c.get_metric_history(runs[0].info.run_id, "train/loss")
-
-        wait_for(training, 240, every=1.0, what="the trial to log a loss")
-        if whom == "driver":
+        if how == "kill":
             proc.send_signal(signal.SIGTERM)
         else:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)
         out, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 143, out[-3000:]
+        assert proc.returncode == (130 if how == "ctrl-c" else 143), out[-3000:]
         wait_for(lambda: not group_alive(proc.pid), 30, what="the sweep's Ray processes (its process group) to exit")
     finally:
         kill_group(proc)
-    assert "interrupted (rerun to resume)" in out and "Traceback" not in out, out[-3000:]
-    _, _, runs = sweep_runs(uri, "tm")
+    assert "interrupted (rerun to resume)" in out and "Tuner.restore" not in out and "Traceback" not in out, out[-3000:]
+    # a log written to a pipe: no terminal colours, no note about token authentication, no "ETA ?" lines
+    assert "\x1b[" not in out and "Token authentication is enabled" not in out and "ETA ?" not in out, out[-3000:]
+    _, _, runs = sweep_runs(uri, "cc")
     assert [r.info.status for r in runs] == ["KILLED"]
 
 
