@@ -236,6 +236,7 @@ def _init_ray(sweep: Sweep) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    on_term = signal.getsignal(signal.SIGTERM)  # the CLI's (SIGTERM as Ctrl-C), before ray.init sets Ray's own
     # quieter logs: Ray's note that token authentication is on (it stays on); colours only on a terminal
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not sys.stdout.isatty():
@@ -271,6 +272,10 @@ def _init_ray(sweep: Sweep) -> None:
     from ray.util.debug import log_once
 
     log_once("log_dedup_warning")
+    # ray.init set Ray's own SIGTERM handlers (Python's: exit 1; native: a stack dump) over the CLI's, which turns
+    # SIGTERM into Ctrl-C (overtok.errors.Terminated): the trials' runs then end KILLED and Ray stops
+    if callable(on_term):
+        signal.signal(signal.SIGTERM, on_term)
 
 
 def _ray_token_path() -> Path:
@@ -461,7 +466,6 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     uri = resolve_tracking_uri(sweep.tracking_uri)
     prep: dict[str, Any] = {}
     ray_started = False
-    on_term = signal.getsignal(signal.SIGTERM)  # the CLI's (SIGTERM as Ctrl-C), before ray.init sets Ray's own
     if _probably_all_finished(sweep, uri):  # a rerun of a finished sweep: answer without starting Ray
         _prepare(sweep, uri, prep)
     else:
@@ -523,10 +527,6 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     status = "FINISHED"
     hint = _DropTuneRestoreHint()
     logging.getLogger("ray.tune.tune").addFilter(hint)  # overtok's own line says how to resume
-    # ray.init set Ray's own SIGTERM handlers (Python's: exit 1; native: a stack dump) over the CLI's, which turns
-    # SIGTERM into Ctrl-C (overtok.errors.Terminated): the trials' runs then end KILLED and Ray stops
-    if callable(on_term):
-        signal.signal(signal.SIGTERM, on_term)
     try:
         tuner.fit()
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where the CLI raises Terminated for it
