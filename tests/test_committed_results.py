@@ -1,4 +1,4 @@
-"""Every committed fits.json is what `overtok fit` gives today on the export beside it: REPRODUCTION.md quotes
+"""Every committed fits.json is what `overtok fit` of the current code gives on the export beside it: REPRODUCTION.md quotes
 those files, so a change to the analysis code that moves a number must come with the refitted file."""
 
 import json
@@ -50,7 +50,7 @@ def test_the_committed_results_have_fits():
 
 
 @pytest.mark.parametrize("folder", COMMITTED, ids=lambda p: str(p.relative_to(ROOT / "results")))
-def test_committed_fits_are_todays_fit_of_their_export(folder, tmp_path):
+def test_committed_fits_are_the_current_fit_of_their_export(folder, tmp_path):
     old = json.loads((folder / "fits.json").read_text())
     copy = tmp_path / folder.name
     copy.mkdir()
