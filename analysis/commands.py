@@ -171,9 +171,10 @@ def _equivalent_sizes(s: pd.DataFrame) -> dict:
     return out
 
 
-def _accepted(g: pd.DataFrame) -> tuple[int, int]:
-    """(accepted, sampled) sentences of some trials, pooled over them."""
-    return int(round(float((g.gen_acc * g["train.gen_samples"]).sum()))), int(g["train.gen_samples"].sum())
+def _accepted(accuracy, samples) -> tuple[int, int]:
+    """(accepted, sampled) sentences of some evaluations, pooled over them: each one's accuracy and sample count."""
+    accuracy, samples = np.asarray(accuracy, float), np.asarray(samples, float)
+    return int(round(float((accuracy * samples).sum()))), int(samples.sum())
 
 
 def _generation_cis(s: pd.DataFrame) -> dict:
@@ -182,7 +183,7 @@ def _generation_cis(s: pd.DataFrame) -> dict:
         return {}
     out: dict = {}
     for (size, variant), g in s[s.gen_acc.notna()].groupby(["size", "variant"]):
-        k, n = _accepted(g)
+        k, n = _accepted(g.gen_acc, g["train.gen_samples"])
         out.setdefault(variant, {})[size] = {"accuracy": k / n, "accepted": k, "samples": n,
                                              "ci95": fits.wilson_ci(k, n), "seeds": int(len(g))}
     return out
@@ -210,8 +211,7 @@ def _accuracy_curves(s: pd.DataFrame, curves: pd.DataFrame) -> dict:
             continue
         points = []
         for step, at in pts.groupby("step"):
-            n_each = samples.loc[at.trial_id].to_numpy()
-            k, n = int(round(float((at.value.to_numpy() * n_each).sum()))), int(n_each.sum())
+            k, n = _accepted(at.value, samples.loc[at.trial_id])
             points.append({"tokens": int(step), "accuracy": k / n, "accepted": k, "samples": n,
                            "ci95": fits.wilson_ci(k, n), "seeds": int(len(at))})
         inside = [p for p in points if lo_band <= p["ci95"][0] and p["ci95"][1] <= hi_band]
@@ -242,7 +242,7 @@ def _cfg_directions(s: pd.DataFrame) -> dict:
         base = at[at.is_baseline]
         if base.empty:
             continue
-        kb, nb = _accepted(base)
+        kb, nb = _accepted(base.gen_acc, base["train.gen_samples"])
         for variant, v in at[~at.is_baseline].groupby("variant"):
             row = v.iloc[0]
             ngram_io = row.get("model.tokenizer_ngram", 1) > 1 or row.get("model.output_ngram", 1) > 1
@@ -252,7 +252,7 @@ def _cfg_directions(s: pd.DataFrame) -> dict:
                 expected = 1
             else:
                 continue
-            kv, nv = _accepted(v)
+            kv, nv = _accepted(v.gen_acc, v["train.gen_samples"])
             ci = fits.difference_ci(kv, nv, kb, nb)
             seeds = int(min(v.seed.nunique(), base.seed.nunique()))
             out.setdefault(size, {})[variant] = {

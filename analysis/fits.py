@@ -73,8 +73,7 @@ def fit_loglinear(vocab: np.ndarray, loss: np.ndarray, bootstrap: int = 1000, se
     interval is narrower than the seeds' spread warrants, so verdicts use the t intervals. With one complete seed
     (or no groups, or no complete seed: then every point is fitted) the bootstrap resamples the points, an
     interval that holds no seed-to-seed variation, and with points at two sizes only there is no interval (NaN);
-    ``notes["seeds"]`` is the number of complete seeds behind the
-    intervals (1 in those cases)."""
+    ``notes["seeds"]`` is the number of complete seeds behind the intervals (1 in those cases)."""
     x, y = np.log10(np.asarray(vocab, float)), np.asarray(loss, float)
     notes: dict[str, object] = {}
     complete: list = []
