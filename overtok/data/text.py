@@ -248,8 +248,8 @@ def split_documents(docs: list[tuple[str, str]], val_fraction: float, seed: int)
 
 ENCODE_BATCH_CHARS = 16_000_000
 """Characters of text per encode_batch call: the tokenizer keeps every Encoding of a call (ids, offsets, token
-strings; about 100 bytes per token), so a whole corpus at once needs memory in proportion to it (5.9 GB for 56M
-tokens); batches of this size keep the peak near one batch's while the tokenizer still uses every core."""
+strings) until it returns, so a whole corpus at once needs memory in proportion to the corpus (docs/performance.md);
+batches of this size keep the peak near one batch's while the tokenizer still uses every core."""
 
 
 def _encoded(tok, texts: list[str], eos: int, dtype) -> Iterator[np.ndarray]:
