@@ -90,7 +90,7 @@ def cmd_sweep(args) -> int:
 
     started = time.time()  # the checks below (validation, disk, this machine's GPUs and CPUs): the clock's first phase
     sweep = load_sweep(args.sweep, args.set)
-    _select(sweep, args)
+    _select(sweep, args, run=True)
     if args.max_concurrent:
         sweep.max_concurrent = args.max_concurrent
     if args.address:
@@ -381,17 +381,22 @@ def _add_subset(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-done", nargs="+", default=None, metavar="EXPORT",
                    help="leave out the trials FINISHED in these exports (`overtok export`/`merge` folders)")
     p.add_argument("--max-trials", type=_positive, default=None, metavar="N",
-                   help="at most the first N of the chosen trials, in the order `overtok plan` lists them")
+                   help="at most the first N of the chosen trials, in the order `overtok plan` lists them "
+                        "(sweep: of those its MLflow store does not hold FINISHED)")
 
 
-def _select(sweep, args) -> None:
-    """Apply the subset options of _add_subset to a loaded sweep."""
+def _select(sweep, args, run: bool = False) -> None:
+    """Apply the subset options of _add_subset to a loaded sweep. For a ``run`` (`overtok sweep`), --max-trials
+    counts the trials its MLflow store does not hold FINISHED (the same command on the same machine runs the next
+    ones); elsewhere, the first N of the selection."""
     skip = None
     if args.skip_done:
         from overtok.export import finished_trials
 
         skip = set(finished_trials(args.skip_done))
-    sweep.select(args.only, args.seeds, skip, args.max_trials)
+    sweep.select(args.only, args.seeds, skip, None if run else args.max_trials)
+    if run:
+        sweep.run_limit = args.max_trials
 
 
 def _add_at_tokens(p: argparse.ArgumentParser) -> None:

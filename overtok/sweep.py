@@ -145,13 +145,16 @@ class Sweep:
     pack: int = 1
     reuse_processes: bool = True
     lines: dict[str, int] = field(default_factory=dict)  # line of each key in the sweep file, for errors
+    run_limit: int | None = None  # `overtok sweep --max-trials`: at most this many of the trials not yet FINISHED
 
     def select(self, only: list[str] | None = None, seeds: list[int] | None = None, skip: set[str] | None = None,
                limit: int | None = None) -> None:
         """Keep the trials whose id starts with one of ``only`` and whose seed is in ``seeds`` (either None: no
         filter), then drop those in ``skip`` (e.g. finished in earlier waves' exports) and keep the first ``limit``.
         Ids stay what they are in the whole grid, so waves of one campaign can run on different machines and be
-        merged. A prefix that names no trial, or names several, is an error; so is a selection left empty."""
+        merged. A prefix that names no trial, or names several, is an error; so is a selection left empty.
+        (`overtok sweep` passes no ``limit`` but sets ``run_limit``: the first N of the trials its MLflow store
+        does not hold FINISHED, which only the run knows.)"""
         keep = self.trials
         if only:
             picked = set()
@@ -181,8 +184,9 @@ class Sweep:
     def checkpoint_bytes_needed(self) -> int:
         """Disk the sweep's new checkpoints will take: the 2 newest per trial (a pack's file holds its members),
         for trials whose checkpoint directory does not exist yet (existing ones are already on disk)."""
-        return sum(kept_checkpoints(t.config.train) * accounting.checkpoint_bytes(t.config.model) for t in self.trials
-                   if not Path(t.config.train.checkpoint_dir).exists())
+        sizes = sorted((kept_checkpoints(t.config.train) * accounting.checkpoint_bytes(t.config.model)
+                        for t in self.trials if not Path(t.config.train.checkpoint_dir).exists()), reverse=True)
+        return sum(sizes[: self.run_limit])  # with run_limit: the largest that many trials can need
 
     def free_disk(self) -> tuple[Path, int]:
         """(the nearest existing folder of storage_path, its free bytes): where the checkpoints will go."""
@@ -263,8 +267,9 @@ class Sweep:
         return list(dict.fromkeys(n for t in self.trials if (n := generation_note(t.config))))
 
     def check_size(self, yes: bool) -> None:
-        if len(self.trials) > self.max_trials and not yes:
-            raise ConfigError(f"{len(self.trials)} trials exceed max_trials={self.max_trials}; pass --yes to run them",
+        n = min(len(self.trials), self.run_limit or len(self.trials))
+        if n > self.max_trials and not yes:
+            raise ConfigError(f"{n} trials exceed max_trials={self.max_trials}; pass --yes to run them",
                               file=self.file, key="grid")
 
 

@@ -125,7 +125,7 @@ class SweepTracker:
         self.c.set_terminated(self.parent, status)
 
 
-def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, skipped: int):
+def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, skipped: int, to_run: int):
     from ray.tune import Callback
 
     class TrackingCallback(Callback):
@@ -200,7 +200,7 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
 
         def _progress(self, force: bool = False):
             finished = self.done + self.failed + len(self.stopped)
-            left = total - skipped - finished
+            left = to_run - finished
             elapsed = time.time() - self.t0
             counts = (f"[overtok] sweep {tracker.sweep.name}: done {self.done + skipped}/{total} "
                       f"(skipped {skipped}) | running {len(self.running)} | failed {self.failed} | "
@@ -356,11 +356,14 @@ def _prepare(sweep: Sweep, uri: str, out: dict) -> None:
         finished = tracker.finished()
         todo = [t for t in sweep.trials if t.trial_id not in finished]
         tracker.close_stale({t.trial_id for t in todo})
-        print(f"[overtok] sweep {sweep.name}: {len(sweep.trials)} trials, {len(sweep.trials) - len(todo)} already "
-              f"finished, {len(todo)} to run; MLflow {uri} experiment {sweep.experiment!r}", flush=True)
+        left = len(todo)
+        todo = todo[: sweep.run_limit]
+        held = f" (--max-trials {sweep.run_limit}: {left - len(todo)} left for later)" if len(todo) < left else ""
+        print(f"[overtok] sweep {sweep.name}: {len(sweep.trials)} trials, {len(sweep.trials) - left} already "
+              f"finished, {len(todo)} to run{held}; MLflow {uri} experiment {sweep.experiment!r}", flush=True)
         for t in todo:  # tokenize text corpora once, here, before any trial starts
             ensure_prepared(t.config)
-        out.update(tracker=tracker, todo=todo)
+        out.update(tracker=tracker, todo=todo, finished=len(sweep.trials) - left)
     except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
         out["error"] = e
 
@@ -483,7 +486,7 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
             _shutdown_ray()
         raise prep["error"]
     tracker, todo = prep["tracker"], prep["todo"]
-    total, skipped = len(sweep.trials), len(sweep.trials) - len(todo)
+    total, skipped = len(sweep.trials), prep["finished"]
     if not todo:
         tracker.end_parent("FINISHED", {"trials": total, "finished": total, "failed": 0})
         if ray_started:
@@ -508,7 +511,7 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     if workers > 1:
         max_concurrent = _data_parallel_concurrency(max_concurrent, sweep.resources)
     trainable = tune.with_resources(trial_main, tune.PlacementGroupFactory([trial_bundle]))
-    callback = _make_callback(tracker, {t.trial_id: t for t in sweep.trials}, total, skipped)
+    callback = _make_callback(tracker, {t.trial_id: t for t in sweep.trials}, total, skipped, len(todo))
     specs = [group[0].to_json() if len(group) == 1 else _pack_spec(sweep, group) for group in sweep.packs(todo)]
     if len(specs) < len(todo):
         print(f"[overtok] {len(todo)} trials packed into {len(specs)} models (pack: {sweep.pack})", flush=True)

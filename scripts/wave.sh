@@ -2,6 +2,8 @@
 # One wave of a campaign on a machine that keeps nothing between runs (a lent or preemptible GPU): run the trials of
 # SWEEP that no export in DONE holds (at most MAX_TRIALS of them, within LIMIT_S seconds), then export every trial
 # this machine's MLflow store holds to OUT, whatever the sweep's end. Merge the waves elsewhere with `overtok merge`.
+# Run again on the same machine while it keeps its files, the same command runs the next MAX_TRIALS trials (those
+# its MLflow store holds FINISHED do not count).
 #
 #   scripts/wave.sh SWEEP.yaml DONE OUT [MAX_TRIALS] [LIMIT_S] [SWEEP_ARGS...]
 #

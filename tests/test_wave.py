@@ -46,11 +46,16 @@ def test_waves_on_fresh_machines_add_up_to_the_grid(tmp_path):
     first, second = tmp_path / "m1", tmp_path / "m2"
     first.mkdir(), second.mkdir()
 
-    res = wave(first, campaign / "merged", campaign / "wave1", "3", "540", "--seeds", "1")  # seed 1 first
-    assert res.returncode == 0, res.stderr + (campaign / "wave1" / "sweep.log").read_text()[-3000:]
+    # seed 1 first, one trial a call; the same command again on the machine (still warm: its MLflow store kept)
+    # runs the next trial, as --max-trials counts the trials the store does not hold FINISHED
+    for _ in range(2):
+        res = wave(first, campaign / "merged", campaign / "wave1", "1", "540", "--seeds", "1")
+        assert res.returncode == 0, res.stderr + (campaign / "wave1" / "sweep.log").read_text()[-3000:]
     one = finished(campaign / "wave1")
     log = (campaign / "wave1" / "sweep.log").read_text()
-    assert len(one) == 2 and "sweep exit status 0" in log and "wave end" in log, log[-2000:]
+    assert len(one) == 2 and log.count("sweep exit status 0") == 2 and "wave end" in log, log[-2000:]
+    assert "2 trials, 0 already finished, 1 to run (--max-trials 1: 1 left for later)" in log, log[-3000:]
+    assert "2 trials, 1 already finished, 1 to run;" in log, log[-3000:]
     runs = pd.read_parquet(campaign / "wave1" / "runs.parquet")
     assert set(runs.seed) == {1}
 
