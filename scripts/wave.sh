@@ -46,11 +46,17 @@ for pair in ${OVERTOK_LINKS:-}; do
     fi
 done
 
-{ date -u +"wave start %Y-%m-%dT%H:%M:%SZ"; command -v nvidia-smi >/dev/null && nvidia-smi -L; git rev-parse HEAD 2>/dev/null; } >> "$log"
+# which code ran: the hash of overtok's sources, as each run's tag overtok.code (a copied checkout's .git can lag
+# the files it came with, so the git line may name an older commit)
+{ date -u +"wave start %Y-%m-%dT%H:%M:%SZ"; command -v nvidia-smi >/dev/null && nvidia-smi -L
+  "$py" -c 'from overtok.identity import code_version; print("overtok code", code_version())'
+  echo "git HEAD $(git rev-parse HEAD 2>/dev/null)"; } >> "$log"
 skip=()
 [ -e "$done" ] && skip=(--skip-done "$done")
-# SIGTERM at the limit ends the running trials KILLED (resumable) and stops Ray; SIGKILL 30 s later if it hangs
-timeout -k 30 "$limit" "$py" -m overtok sweep "$sweep" "${skip[@]}" --max-trials "$max_trials" "$@" >> "$log" 2>&1
+# SIGTERM at the limit, to the sweep's driver alone (--foreground): it ends the running trials KILLED (resumable)
+# and stops Ray; SIGKILL 30 s later if it hangs. Sent to the whole process group, as timeout does by default, it
+# also reached Ray's own processes, and a driver still in ray.init then waited on them until the SIGKILL
+timeout --foreground -k 30 "$limit" "$py" -m overtok sweep "$sweep" "${skip[@]}" --max-trials "$max_trials" "$@" >> "$log" 2>&1
 rc=$?
 echo "sweep exit status $rc" >> "$log"
 "$py" -m overtok export "$sweep" --out "$out" >> "$log" 2>&1

@@ -10,6 +10,7 @@ import textwrap
 import pandas as pd
 import pytest
 
+from overtok.identity import code_version
 from tests.conftest import ROOT
 from tests.sweeplib import env, overtok
 
@@ -56,6 +57,7 @@ def test_waves_on_fresh_machines_add_up_to_the_grid(tmp_path):
     assert len(one) == 2 and log.count("sweep exit status 0") == 2 and "wave end" in log, log[-2000:]
     assert "2 trials, 0 already finished, 1 to run (--max-trials 1: 1 left for later)" in log, log[-3000:]
     assert "2 trials, 1 already finished, 1 to run;" in log, log[-3000:]
+    assert f"overtok code {code_version()}" in log  # the code that ran, as the runs' tag overtok.code names it
     runs = pd.read_parquet(campaign / "wave1" / "runs.parquet")
     assert set(runs.seed) == {1}
 
