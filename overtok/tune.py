@@ -356,14 +356,14 @@ def _prepare(sweep: Sweep, uri: str, out: dict) -> None:
         finished = tracker.finished()
         todo = [t for t in sweep.trials if t.trial_id not in finished]
         tracker.close_stale({t.trial_id for t in todo})
-        left = len(todo)
+        done, left = len(sweep.trials) - len(todo), len(todo)
         todo = todo[: sweep.run_limit]
         held = f" (--max-trials {sweep.run_limit}: {left - len(todo)} left for later)" if len(todo) < left else ""
-        print(f"[overtok] sweep {sweep.name}: {len(sweep.trials)} trials, {len(sweep.trials) - left} already "
-              f"finished, {len(todo)} to run{held}; MLflow {uri} experiment {sweep.experiment!r}", flush=True)
+        print(f"[overtok] sweep {sweep.name}: {len(sweep.trials)} trials, {done} already finished, {len(todo)} to "
+              f"run{held}; MLflow {uri} experiment {sweep.experiment!r}", flush=True)
         for t in todo:  # tokenize text corpora once, here, before any trial starts
             ensure_prepared(t.config)
-        out.update(tracker=tracker, todo=todo, finished=len(sweep.trials) - left)
+        out.update(tracker=tracker, todo=todo, finished=done)
     except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
         out["error"] = e
 
