@@ -97,6 +97,7 @@ def cmd_sweep(args) -> int:
         sweep.ray_address = args.address
     if args.tracking_uri:
         sweep.tracking_uri = args.tracking_uri
+    sweep.time_limit = args.time_limit
     sweep.check_size(args.yes)
     sweep.check_disk(args.yes)
     sweep.check_local_resources()
@@ -108,6 +109,8 @@ def cmd_sweep(args) -> int:
     for note in sweep.notes():
         print(f"[overtok] note: {note}", flush=True)
     res = run_sweep(sweep, started)
+    if res.get("timed_out"):
+        return 124  # as timeout(1) reports a command it stopped
     if res.get("interrupted"):
         return 143 if res.get("terminated") else 130  # 128 + the signal, as a shell reports it
     return 0 if res["failed"] == 0 else 1
@@ -340,6 +343,17 @@ def _port(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
 def _positive(text: str) -> int:
     """An argparse type: an integer >= 1 (``1e6``-style text allowed when it is a whole number)."""
     return _int_at_least(text, 1, "an integer >= 1", whole_floats=True)
@@ -465,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p, "override a sweep key")
     p.add_argument("--yes", action="store_true", help="allow grids larger than the size limit and checkpoints larger than the free disk")
     _add_subset(p)
+    p.add_argument("--time-limit", type=_seconds, default=None, metavar="S",
+                   help="end within S seconds of this command's start: start a trial only if the last trial's time, "
+                        "scaled to its size, says it ends in time (the first always starts); stop one still running "
+                        "at the limit (KILLED, resumable); exit 124 if that happened")
     _add_tracking(p)
     p.set_defaults(fn=cmd_sweep, exit_now=True)  # (see main)
 

@@ -146,6 +146,7 @@ class Sweep:
     reuse_processes: bool = True
     lines: dict[str, int] = field(default_factory=dict)  # line of each key in the sweep file, for errors
     run_limit: int | None = None  # `overtok sweep --max-trials`: at most this many of the trials not yet FINISHED
+    time_limit: float | None = None  # `overtok sweep --time-limit`: seconds from the command's start (tune.TimeBox)
 
     def select(self, only: list[str] | None = None, seeds: list[int] | None = None, skip: set[str] | None = None,
                limit: int | None = None) -> None:

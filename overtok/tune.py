@@ -125,7 +125,112 @@ class SweepTracker:
         self.c.set_terminated(self.parent, status)
 
 
-def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, skipped: int, to_run: int):
+class TimeBox:
+    """`overtok sweep --time-limit`: the sweep ends within ``limit_s`` seconds of ``started``.
+
+    A trial starts only if it is expected to end by then: the trial that ended last took ``s`` seconds, so one of
+    estimated cost ``c`` (``costs``, relative: the plan's GPU seconds) needs ``s * c / c_last``, plus
+    ``MARGIN`` of that and ``RESERVE_S`` for Ray's stop. Before any trial has ended there is nothing to scale, so
+    the first trials always start. The trials held back are never started (no MLflow run): a rerun runs them.
+    A trial still running at the limit is stopped (its run KILLED, resumable, as after Ctrl-C).
+    """
+
+    MARGIN = 0.05
+    RESERVE_S = 5.0
+
+    def __init__(self, started: float, limit_s: float, costs: dict[str, float], clock=time.time):
+        self.deadline = started + limit_s
+        self.costs = costs  # Tune trial (a trial id, or a pack's id) -> estimated cost, any unit
+        self.clock = clock
+        self.begun: dict[str, float] = {}
+        self.last: tuple[str, float] | None = None  # (Tune trial, seconds) of the trial that ended last
+        self.held_back: str | None = None  # the first trial not started, with the seconds it would need
+        self.needed_s = 0.0
+        self.timed_out = False  # the limit passed with a trial still running (or before any started)
+
+    def started(self, key: str) -> None:
+        self.begun[key] = self.clock()
+
+    def ended(self, key: str) -> None:
+        """A trial ran to its end: its time scales the next ones."""
+        t0 = self.begun.pop(key, None)
+        if t0 is not None:
+            self.last = (key, self.clock() - t0)
+
+    def needs(self, key: str) -> float | None:
+        """Seconds ``key`` is expected to take, or None before any trial has ended."""
+        if self.last is None:
+            return None
+        prev, seconds = self.last
+        return seconds * self.costs[key] / self.costs[prev]
+
+    def admits(self, key: str) -> bool:
+        need = self.needs(key)
+        if need is None:
+            return self.clock() < self.deadline
+        if self.clock() + need * (1 + self.MARGIN) + self.RESERVE_S <= self.deadline:
+            return True
+        self.held_back, self.needed_s = key, need
+        return False
+
+    def expired(self) -> bool:
+        if self.clock() >= self.deadline:
+            self.timed_out = True
+        return self.timed_out
+
+    def left_s(self) -> float:
+        return self.deadline - self.clock()
+
+
+def trial_costs(sweep: Sweep, groups: list[list[Trial]]) -> dict[str, float]:
+    """Each Tune trial's estimated cost, for TimeBox: seconds by the committed GPU calibration (compute and dense
+    table updates), or training FLOPs where the calibration is not at hand. Only their ratios are used."""
+    from overtok.estimate import load_calibration, trial_seconds
+    from overtok.sweep import trial_plan
+
+    cal = load_calibration()
+    workers = trial_workers(sweep.resources)
+
+    def cost(t: Trial) -> float:
+        plan = trial_plan(t, workers=workers)
+        return trial_seconds(t.config, plan["total_flops"], cal, workers)[0] if cal else plan["total_flops"]
+
+    return {_spec_id(sweep, g): sum(cost(t) for t in g) for g in groups}
+
+
+def _time_boxed_grid(box: TimeBox, max_concurrent: int):
+    """Tune's grid generator (trials in the grid's order, at most ``max_concurrent`` at once), asking ``box``
+    before each trial it hands to Tune; once one does not fit, it hands out none (the running ones end)."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    class TimeBoxedGrid(BasicVariantGenerator):
+        def next_trial(self):
+            trial = super().next_trial()
+            if trial is None or box.admits(json.loads(trial.config["trial"])["trial_id"]):
+                return trial
+            self.set_finished()
+            return None
+
+    return TimeBoxedGrid(max_concurrent=max_concurrent)
+
+
+def _time_limit_stopper(box: TimeBox):
+    from ray.tune import Stopper
+
+    class TimeLimit(Stopper):
+        """Stops the whole sweep (running trials included) once the limit has passed."""
+
+        def __call__(self, trial_id, result):
+            return False
+
+        def stop_all(self):
+            return box.expired()
+
+    return TimeLimit()
+
+
+def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, skipped: int, to_run: int,
+                   box: TimeBox | None = None):
     from ray.tune import Callback
 
     class TrackingCallback(Callback):
@@ -135,6 +240,7 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
             self.t0 = time.time()
             self.done = self.failed = 0
             self.running: set[str] = set()
+            self.started: set[str] = set()
             self.stopped: set[str] = set()
             self.last_line = ""
             self.last_print = 0.0
@@ -149,6 +255,9 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
                 if tid not in tracker.buffers:
                     tracker.start(by_id[tid])
                 self.running.add(tid)
+                self.started.add(tid)
+            if box is not None:
+                box.started(json.loads(trial.config["trial"])["trial_id"])
             self._progress()
 
         def on_trial_recover(self, iteration, trials, trial, **info):
@@ -172,7 +281,10 @@ def _make_callback(tracker: SweepTracker, by_id: dict[str, Trial], total: int, s
             self._progress()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            for tid in self._tids(trial):
+            tids = self._tids(trial)
+            if box is not None and not any(t in tracker.errors or t in self.stopped for t in tids):
+                box.ended(json.loads(trial.config["trial"])["trial_id"])  # trained to its end: scales the next
+            for tid in tids:
                 if tid in tracker.errors:  # a pack member that diverged while the others finished
                     self._fail(tid, tracker.errors[tid])
                     continue
@@ -321,9 +433,7 @@ def _data_parallel_concurrency(max_concurrent: int | None, resources: dict) -> i
 
     have = ray.cluster_resources()
     cpus, gpu = trial_demand(resources)
-    fits = [have.get("CPU", 0.0) / cpus] if cpus else []
-    fits += [have.get("GPU", 0.0) / gpu] if gpu else []
-    n = int(min(fits)) if fits else None
+    n = _cluster_holds(resources)
     if n is None or (max_concurrent is not None and max_concurrent <= n):
         return max_concurrent
     if n < 1:
@@ -336,13 +446,35 @@ def _data_parallel_concurrency(max_concurrent: int | None, resources: dict) -> i
     return n
 
 
-def _pack_spec(sweep: Sweep, group: list[Trial]) -> str:
-    """A Tune trial for a pack: its members, and a checkpoint directory named by their ids (a rerun of the same
-    unfinished members finds it and resumes)."""
+def _spec_id(sweep: Sweep, group: list[Trial]) -> str:
+    """The Tune trial's id of a group of ``sweep.packs``: the trial's own, or for a pack one named by its members'
+    ids (a rerun of the same unfinished members finds the pack's checkpoints)."""
     import hashlib
 
+    if len(group) == 1:
+        return group[0].trial_id
     ids = sorted(t.trial_id for t in group)
-    pid = "pack-" + hashlib.sha1(",".join(ids).encode()).hexdigest()[:10]
+    return "pack-" + hashlib.sha1(",".join(ids).encode()).hexdigest()[:10]
+
+
+def _cluster_holds(resources: dict) -> int | None:
+    """How many trials of these resources the Ray cluster's resources hold at once now (None: they ask for none)."""
+    import ray
+
+    have = ray.cluster_resources()
+    cpus, gpu = trial_demand(resources)
+    fits = [have.get("CPU", 0.0) / cpus] if cpus else []
+    fits += [have.get("GPU", 0.0) / gpu] if gpu else []
+    return int(min(fits)) if fits else None
+
+
+def _trials_at_once(resources: dict) -> int:
+    return max(_cluster_holds(resources) or 1, 1)
+
+
+def _pack_spec(sweep: Sweep, group: list[Trial]) -> str:
+    """A Tune trial for a pack: its members, and a checkpoint directory named by the pack's id."""
+    pid = _spec_id(sweep, group)
     return json.dumps({"trial_id": pid, "pack": [json.loads(t.to_json()) for t in group],
                        "checkpoint_dir": os.path.join(sweep.storage_path, sweep.name, "packs", pid)})
 
@@ -511,10 +643,20 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     if workers > 1:
         max_concurrent = _data_parallel_concurrency(max_concurrent, sweep.resources)
     trainable = tune.with_resources(trial_main, tune.PlacementGroupFactory([trial_bundle]))
-    callback = _make_callback(tracker, {t.trial_id: t for t in sweep.trials}, total, skipped, len(todo))
-    specs = [group[0].to_json() if len(group) == 1 else _pack_spec(sweep, group) for group in sweep.packs(todo)]
+    groups = sweep.packs(todo)
+    box = None
+    if sweep.time_limit is not None:
+        box = TimeBox(clock[0][1], sweep.time_limit, trial_costs(sweep, groups))
+    callback = _make_callback(tracker, {t.trial_id: t for t in sweep.trials}, total, skipped, len(todo), box)
+    specs = [group[0].to_json() if len(group) == 1 else _pack_spec(sweep, group) for group in groups]
     if len(specs) < len(todo):
         print(f"[overtok] {len(todo)} trials packed into {len(specs)} models (pack: {sweep.pack})", flush=True)
+    search, stop = {}, None
+    if box is not None:  # trials handed to Tune one slot at a time, each only if it fits the time left
+        search = {"search_alg": _time_boxed_grid(box, max_concurrent or _trials_at_once(sweep.resources))}
+        max_concurrent, stop = None, _time_limit_stopper(box)
+        print(f"[overtok] --time-limit {sweep.time_limit:g} s: {box.left_s():.0f} s left; a trial starts only if "
+              "the last one's time, scaled to its size, says it ends in time", flush=True)
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(specs), "workers": workers,
@@ -522,10 +664,11 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
                      "reuse": sweep.reuse_processes},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=sweep.reuse_processes,
                                     trial_name_creator=lambda tr: json.loads(tr.config["trial"])["trial_id"],
-                                    trial_dirname_creator=lambda tr: json.loads(tr.config["trial"])["trial_id"]),
+                                    trial_dirname_creator=lambda tr: json.loads(tr.config["trial"])["trial_id"],
+                                    **search),
         run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=sweep.storage_path,
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                                  callbacks=[callback], verbose=0),
+                                  callbacks=[callback], stop=stop, verbose=0),
     )
     status = "FINISHED"
     hint = _DropTuneRestoreHint()
@@ -541,15 +684,26 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     for tid in interrupted:  # Ctrl-C: leave them resumable
         tracker.end(tid, "KILLED")
     was_interrupted = status == "KILLED" or bool(interrupted)
+    not_started = [t for t in todo if t.trial_id not in callback.started] if box is not None else []
     counts = {"trials": total, "finished": callback.done + skipped, "failed": callback.failed, "skipped": skipped,
-              "stopped": len(callback.stopped)}
-    # an interrupted sweep, or one with trials stopped on request, did not run every trial to its end: resumable
-    status = "KILLED" if was_interrupted or callback.stopped else "FINISHED"
+              "stopped": len(callback.stopped), "not_started": len(not_started)}
+    # an interrupted sweep, one with trials stopped on request or left for later: not every trial ran to its end
+    status = "KILLED" if was_interrupted or callback.stopped or not_started else "FINISHED"
     tracker.end_parent(status if not callback.failed else "FAILED", counts)
     counts["interrupted"] = was_interrupted
     counts["terminated"] = sigterm_received()
+    counts["timed_out"] = box is not None and box.timed_out
+    if box is not None and box.held_back is not None:
+        names = {t.trial_id: t.run_name for t in todo}
+        print(f"[overtok] --time-limit: trial {names.get(box.held_back, box.held_back)} would need about {box.needed_s:.0f} s (the last trial's "
+              f"{box.last[1]:.0f} s, scaled by their estimated costs) and {max(box.left_s(), 0):.0f} s are left: "
+              f"{len(not_started)} trial(s) not started", flush=True)
+    if counts["timed_out"]:
+        print(f"[overtok] --time-limit: {sweep.time_limit:g} s reached"
+              + (f", {len(interrupted)} running trial(s) stopped" if interrupted else ""), flush=True)
     print(f"[overtok] sweep {sweep.name}: {counts['finished']}/{total} finished, {callback.failed} failed"
           + (f", {len(callback.stopped)} stopped on request" if callback.stopped else "")
+          + (f", {len(not_started)} not started (--time-limit)" if not_started else "")
           + (", interrupted" if was_interrupted else "")
           + (" (rerun to resume)" if status == "KILLED" else ""), flush=True)
     _shutdown_ray()

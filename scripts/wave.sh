@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # One wave of a campaign on a machine that keeps nothing between runs (a lent or preemptible GPU): run the trials of
-# SWEEP that no export in DONE holds (at most MAX_TRIALS of them, within LIMIT_S seconds), then export every trial
-# this machine's MLflow store holds to OUT, whatever the sweep's end. Merge the waves elsewhere with `overtok merge`.
-# Run again on the same machine while it keeps its files, the same command runs the next MAX_TRIALS trials (those
-# its MLflow store holds FINISHED do not count).
+# SWEEP that no export in DONE holds, as many as finish within LIMIT_S seconds (`overtok sweep --time-limit`: a
+# trial starts only if the one before it, scaled to its size, says it ends in time) and at most MAX_TRIALS, then
+# export every trial this machine's MLflow store holds to OUT, whatever the sweep's end. Merge the waves elsewhere
+# with `overtok merge`. Run again on the same machine while it keeps its files, the same command runs the next
+# trials (those its MLflow store holds FINISHED do not count).
 #
 #   scripts/wave.sh SWEEP.yaml DONE OUT [MAX_TRIALS] [LIMIT_S] [SWEEP_ARGS...]
 #
 #   SWEEP.yaml  the campaign's sweep file
 #   DONE        the merged export of the earlier waves (a folder that does not exist counts as none)
 #   OUT         where the export and the wave's log (sweep.log) go
-#   MAX_TRIALS  default 3; LIMIT_S (seconds for the sweep, the export excluded) default 540
+#   MAX_TRIALS  0 (the default): as many as the time allows
+#   LIMIT_S     seconds for the sweep, the export excluded (about 10 s more); default 540
 #   SWEEP_ARGS  more arguments of `overtok sweep`, e.g. --seeds 1 to finish one seed first
 #
 # Environment, both optional:
@@ -25,10 +27,11 @@ if [ $# -lt 3 ]; then
     echo "usage: scripts/wave.sh SWEEP.yaml DONE OUT [MAX_TRIALS] [LIMIT_S] [SWEEP_ARGS...]" >&2
     exit 2
 fi
-sweep=$1 done=$2 out=$3 max_trials=${4:-3} limit=${5:-540}
+sweep=$1 done=$2 out=$3 max_trials=${4:-0} limit=${5:-540}
 shift $(( $# < 5 ? $# : 5 ))
 [ -f "$sweep" ] || { echo "scripts/wave.sh: $sweep: no such sweep file" >&2; exit 2; }
 case $max_trials$limit in *[!0-9]*) echo "scripts/wave.sh: MAX_TRIALS and LIMIT_S are whole numbers" >&2; exit 2;; esac
+[ "$limit" -ge 1 ] || { echo "scripts/wave.sh: LIMIT_S is at least 1 second" >&2; exit 2; }
 mkdir -p "$out"
 log=$out/sweep.log
 py=${PYTHON:-python3}
@@ -53,10 +56,12 @@ done
   echo "git HEAD $(git rev-parse HEAD 2>/dev/null)"; } >> "$log"
 skip=()
 [ -e "$done" ] && skip=(--skip-done "$done")
-# SIGTERM at the limit, to the sweep's driver alone (--foreground): it ends the running trials KILLED (resumable)
-# and stops Ray; SIGKILL 30 s later if it hangs. Sent to the whole process group, as timeout does by default, it
-# also reached Ray's own processes, and a driver still in ray.init then waited on them until the SIGKILL
-timeout --foreground -k 30 "$limit" "$py" -m overtok sweep "$sweep" "${skip[@]}" --max-trials "$max_trials" "$@" >> "$log" 2>&1
+[ "$max_trials" -gt 0 ] && skip+=(--max-trials "$max_trials")
+# the sweep keeps its own limit; timeout only guards against a driver that hangs: SIGTERM 20 s past the limit, to
+# the driver alone (--foreground: sent to the whole process group, it also reached Ray's own processes, and a
+# driver still in ray.init then waited on them), SIGKILL 30 s later
+timeout --foreground -k 30 $((limit + 20)) "$py" -m overtok sweep "$sweep" "${skip[@]}" --time-limit "$limit" "$@" \
+    >> "$log" 2>&1
 rc=$?
 echo "sweep exit status $rc" >> "$log"
 "$py" -m overtok export "$sweep" --out "$out" >> "$log" 2>&1

@@ -585,3 +585,37 @@ max_concurrent: 1
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 2
     again = overtok(tmp_path, "status", "st", timeout=120)
     assert "2 finished" in again.stdout, again.stdout
+
+
+def test_time_limit_starts_no_trial_it_cannot_finish_and_stops_one_at_the_limit(tmp_path):
+    """--time-limit: two short trials run; the third, 20,000 times their size, would need far more than is left, so
+    it is not started (no run: the sweep is resumable) and the sweep exits 0. Rerun with a limit of 25 s, it starts
+    (nothing measured in that run), is stopped at the limit and its run is KILLED: exit 124."""
+    write(tmp_path / "tl.yaml", """
+name: tl
+base:
+  model: {d_model: 32, n_layers: 1, n_heads: 2, seq_len: 32}
+  data: {batch_size: 4}
+  train: {max_steps: 5, eval_every: 5, log_every: 5, checkpoint_every: 1000, gen_samples: 0}
+zip:
+  - {train.max_steps: [5, 5, 100000], train.lr: [1e-3, 2e-3, 1e-3]}
+max_concurrent: 1
+""")
+    uri = f"sqlite:///{tmp_path}/results/mlflow.db"
+    res = overtok(tmp_path, "sweep", "tl.yaml", "--time-limit", "300")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert re.search(r"--time-limit: trial max_steps=100000 .* would need about \d+ s", res.stdout), res.stdout[-3000:]
+    assert "2/3 finished, 0 failed, 1 not started (--time-limit) (rerun to resume)" in res.stdout, res.stdout[-3000:]
+    _, parents, runs = sweep_runs(uri, "tl")
+    assert sorted(r.data.params["train.max_steps"] for r in runs) == ["5", "5"]
+    assert all(r.info.status == "FINISHED" for r in runs) and parents[0].info.status == "KILLED"
+
+    t0 = time.time()
+    res = overtok(tmp_path, "sweep", "tl.yaml", "--time-limit", "25")
+    took = time.time() - t0
+    assert res.returncode == 124, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "--time-limit: 25 s reached" in res.stdout and "Traceback" not in res.stdout + res.stderr
+    assert took < 25 + 30, took  # the stop and Ray's shutdown, not a trial of 100,000 steps
+    _, _, runs = sweep_runs(uri, "tl")
+    long = [r for r in runs if r.data.params["train.max_steps"] == "100000"]
+    assert [r.info.status for r in long] in ([], ["KILLED"])  # [] where the limit passed before it started

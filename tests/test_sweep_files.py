@@ -248,3 +248,56 @@ def test_plan_marks_the_trials_that_finished_in_exports(cli, tmp_path):
     done = [tmp_path / "wave1", tmp_path / "wave2"]
     none_left = cli("plan", sweep, "--only", ",".join(ids[:2]), "--skip-done", *done)
     assert none_left.returncode == 2 and "nothing left to run" in none_left.stderr, none_left.stderr
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_time_box_starts_a_trial_only_if_the_last_ones_time_scaled_to_it_fits():
+    from overtok.tune import TimeBox
+
+    clock = _Clock()
+    box = TimeBox(clock.t, 600.0, {"a": 1.0, "b": 1.0, "c": 2.0}, clock=clock)
+    assert box.needs("a") is None and box.admits("a")  # nothing measured yet: the first trial starts
+    box.started("a")
+    clock.t += 200.0  # a: 200 s
+    box.ended("a")
+    assert box.needs("b") == pytest.approx(200.0) and box.needs("c") == pytest.approx(400.0)
+    assert box.admits("b")  # 400 s left >= 200 * 1.05 + 5
+    box.started("b")
+    clock.t += 150.0  # b took 150 s: the latest trial is the measure
+    box.ended("b")
+    assert box.needs("c") == pytest.approx(300.0)
+    assert not box.admits("c")  # 250 s left < 300 * 1.05 + 5
+    assert box.held_back == "c" and box.needed_s == pytest.approx(300.0)
+    assert not box.expired() and not box.timed_out
+    clock.t += 250.0
+    assert box.expired() and box.timed_out and not box.admits("a")
+
+
+def test_time_box_is_not_scaled_by_a_trial_that_did_not_end():
+    from overtok.tune import TimeBox
+
+    clock = _Clock()
+    box = TimeBox(clock.t, 100.0, {"a": 1.0, "b": 1.0}, clock=clock)
+    box.started("a")
+    clock.t += 5.0
+    box.ended("b")  # never started here: no measure
+    assert box.last is None and box.admits("b")
+
+
+def test_time_limit_must_be_a_positive_number_of_seconds(tmp_path):
+    import subprocess
+    import sys
+
+    for bad in ("0", "-3", "ten", "inf"):
+        res = subprocess.run([sys.executable, "-m", "overtok", "sweep", str(ROOT / "sweeps" / "quickstart.yaml"),
+                              "--time-limit", bad], cwd=tmp_path, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert res.returncode == 2 and "--time-limit" in res.stderr and "seconds" in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "results").exists()

@@ -61,10 +61,13 @@ def test_waves_on_fresh_machines_add_up_to_the_grid(tmp_path):
     runs = pd.read_parquet(campaign / "wave1" / "runs.parquet")
     assert set(runs.seed) == {1}
 
-    res = wave(second, campaign / "wave1", campaign / "wave2", "3")  # one earlier wave: its export is the DONE
+    # one earlier wave: its export is the DONE; MAX_TRIALS 0: as many as the time limit lets start
+    res = wave(second, campaign / "wave1", campaign / "wave2", "0", "540")
     assert res.returncode == 0, res.stderr
     two = finished(campaign / "wave2")
     assert len(two) == 2 and not two & one  # only the trials wave 1 left
+    log = (campaign / "wave2" / "sweep.log").read_text()
+    assert "--time-limit 540 s:" in log and "--max-trials" not in log and "not started" not in log, log[-3000:]
 
     # a wave whose time limit stops its sweep before any trial starts says how the sweep ended, and its export
     # says in one line that there is nothing to export (no empty tables to merge), its status the wave's
@@ -86,6 +89,7 @@ def test_waves_on_fresh_machines_add_up_to_the_grid(tmp_path):
 
 def test_wave_refuses_bad_arguments_in_one_line(tmp_path):
     for args, problem in ((["nope.yaml", "d", "o"], "no such sweep file"), (["wv.yaml", "d", "o", "x"], "whole numbers"),
+                          (["wv.yaml", "d", "o", "2", "0"], "LIMIT_S"),
                           (["wv.yaml"], "usage")):
         (tmp_path / "wv.yaml").write_text(SWEEP)
         res = subprocess.run(["bash", str(ROOT / "scripts" / "wave.sh"), *args], cwd=tmp_path, env=env(),
