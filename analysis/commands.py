@@ -194,11 +194,18 @@ ACCURACY_BAND = (0.2, 0.8)
 variant can then be seen to help or to hurt."""
 
 
+CURVE_NOTE = ("generation accuracy at each evaluation during training, samples pooled over seeds, 95% Wilson "
+              f"interval; budget = the fewest tokens whose interval lies inside {list(ACCURACY_BAND)}; trials that did "
+              "not finish (e.g. stopped by a time limit) count with the evaluations they logged (unfinished)")
+
+
 def _accuracy_curves(s: pd.DataFrame, curves: pd.DataFrame) -> dict:
     """Generation accuracy over training, per size and variant, for trials that evaluated it at two or more points
     (``train.gen_every``): at each evaluation the accepted samples pooled over seeds with a 95% Wilson interval, and
     the budget the curve suggests, the fewest tokens at which that interval lies inside ``ACCURACY_BAND`` (none,
-    with the reason, where no evaluation does). {size: {variant: {"points": [...], "budget": {...} | None, ...}}}."""
+    with the reason, where no evaluation does). ``s`` may hold trials that did not finish (a ``status`` other than
+    FINISHED): their evaluations count, and ``unfinished`` names them.
+    {size: {variant: {"points": [...], "budget": {...} | None, "why": ..., "unfinished": [...]}}}."""
     if "train.gen_samples" not in s.columns:
         return {}
     acc = curves[(curves.metric == "val/gen_acc") & curves.trial_id.isin(s.trial_id)]
@@ -223,9 +230,20 @@ def _accuracy_curves(s: pd.DataFrame, curves: pd.DataFrame) -> dict:
             budget, why = None, f"above {hi_band} from the first evaluation ({points[0]['tokens']:,} tokens): fewer"
         else:
             budget, why = None, f"no evaluation's interval lies inside {list(ACCURACY_BAND)}: evaluate more often"
+        unfinished = sorted(g.trial_id[g.status != "FINISHED"]) if "status" in g else []
         out.setdefault(size, {})[variant] = {"points": points, "budget": budget, "why": why,
-                                             "band": list(ACCURACY_BAND)}
+                                             "band": list(ACCURACY_BAND), "unfinished": unfinished}
     return out
+
+
+def _every_trial(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every trial of an export, finished or not, with its size label: what the accuracy curve reads (a trial that
+    a time limit stopped still shows how far its accuracy got)."""
+    from analysis.derive import size_label
+
+    if runs.empty:
+        return runs
+    return runs.assign(size=[size_label(r) for r in runs.to_dict("records")])
 
 
 def _cfg_directions(s: pd.DataFrame) -> dict:
@@ -268,8 +286,15 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200, at_tokens: list[float] | 
     repeated text."""
     runs, curves = load_export(results_dir)
     s = summarize(runs, curves)
-    if s.empty:
+    accuracy_curve = _accuracy_curves(_every_trial(runs), curves)
+    if s.empty and not accuracy_curve:
         raise TableError(f"{results_dir}: no FINISHED trials to fit")
+    if s.empty:  # only unfinished trials, with an accuracy curve: that curve alone
+        result = {"sweep": str(runs.sweep.iloc[0]), "trials_finished": 0, "trials_total": int(len(runs)),
+                  "cfg_accuracy_curve": accuracy_curve, "notes": {"cfg accuracy curve": CURVE_NOTE}}
+        path = Path(results_dir) / "fits.json"
+        path.write_text(json.dumps(_clean(result), indent=2))
+        return path
     result = {
         "sweep": str(runs.sweep.iloc[0]), "trials_finished": int(len(s)), "trials_total": int(len(runs)),
         "loglinear": _loglinear_fits(s, bootstrap),
@@ -281,7 +306,7 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200, at_tokens: list[float] | 
                                     if s["gen_acc"].notna().any() else {}),
         "cfg_generation_accuracy_ci": _generation_cis(s),
         "cfg_directions": _cfg_directions(s),
-        "cfg_accuracy_curve": _accuracy_curves(s, curves),
+        "cfg_accuracy_curve": accuracy_curve,
         "loglinear_at_tokens": {str(int(t)): {"loglinear": _loglinear_fits(at, bootstrap),
                                               "loglinear_m": _loglinear_fits(at, bootstrap, "m")}
                                 for t, at in ((t, losses_at(s, curves, t)) for t in at_tokens)},
@@ -290,9 +315,7 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200, at_tokens: list[float] | 
                                          "seeds; 95% Wilson interval",
                   "cfg directions": "variant minus baseline accuracy of the same size, samples pooled over seeds, "
                                     "95% Newcombe interval; verdict against the paper's direction (Fig. 2)",
-                  "cfg accuracy curve": "generation accuracy at each evaluation during training, samples pooled over "
-                                        "seeds, 95% Wilson interval; budget = the fewest tokens whose interval lies "
-                                        f"inside {list(ACCURACY_BAND)}",
+                  "cfg accuracy curve": CURVE_NOTE,
                   "speedup": "tokens the baseline needs to reach its final EMA loss / tokens the variant needs "
                              "(linear interpolation), same seed; per_seed keyed by seed (NaN/null: never reached); "
                              "mean and Student t 95% interval over the seeds that reach it (n of seeds); verdict against "
@@ -328,10 +351,10 @@ def plot_sweep(results_dir: Path) -> list[Path]:
 
     runs, curves = load_export(results_dir)
     s = summarize(runs, curves)
-    if s.empty:
-        raise TableError(f"{results_dir}: no FINISHED trials to plot")
     fit_path = Path(results_dir) / "fits.json"
     fitted = json.loads(fit_path.read_text()) if fit_path.exists() else {}
+    if s.empty and not fitted.get("cfg_accuracy_curve"):
+        raise TableError(f"{results_dir}: no FINISHED trials to plot")
     out = Path(results_dir) / "figures"
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -343,15 +366,30 @@ def plot_sweep(results_dir: Path) -> list[Path]:
         plt.close(fig)
 
     with plt.rc_context(plots.PAPER_STYLE):
+        if fitted.get("cfg_accuracy_curve"):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            save(plots.cfg_accuracy_curve(fitted["cfg_accuracy_curve"], ax).figure, "fig2_cfg_accuracy_curve")
+    if not s.empty:
+        _plot_finished(s, curves, fitted, save, plt)
+        t2 = plots.table2(s)
+        t2.to_csv(out / "table2.csv", index=False)
+        (out / "table2.md").write_text(_markdown(t2))
+        written += [out / "table2.csv", out / "table2.md"]
+    for stale in out.iterdir():  # figures an earlier export made that this one does not: gone, not shown stale
+        if stale.suffix in (".png", ".pdf") and stale not in written and not stale.is_symlink():
+            stale.unlink()
+    return written
+
+
+def _plot_finished(s: pd.DataFrame, curves: pd.DataFrame, fitted: dict, save, plt) -> None:
+    """The figures of the finished trials (all but the accuracy curve)."""
+    with plt.rc_context(plots.PAPER_STYLE):
         if s.N_body.nunique() >= 2:
             fig, ax = plt.subplots(figsize=(6, 4.5))
             save(plots.loss_vs_size(s, ax).figure, "fig1_loss_vs_size")
         if s.gen_acc.notna().any():
             fig, ax = plt.subplots(figsize=(7, 4.5))
             save(plots.cfg_accuracy(s, ax).figure, "fig2_cfg_accuracy")
-        if fitted.get("cfg_accuracy_curve"):
-            fig, ax = plt.subplots(figsize=(7, 4.5))
-            save(plots.cfg_accuracy_curve(fitted["cfg_accuracy_curve"], ax).figure, "fig2_cfg_accuracy_curve")
         sizes = list(dict.fromkeys(s.sort_values("N_body")["size"]))
         fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
         for ax, size in zip(axes[0], sizes):
@@ -370,14 +408,6 @@ def plot_sweep(results_dir: Path) -> list[Path]:
         for ax, size in zip(axes[0], sizes):
             plots.loss_diff_vs_tokens(s, curves, ax, size)
         save(fig, "fig9_loss_diff")
-    t2 = plots.table2(s)
-    t2.to_csv(out / "table2.csv", index=False)
-    (out / "table2.md").write_text(_markdown(t2))
-    written += [out / "table2.csv", out / "table2.md"]
-    for stale in out.iterdir():  # figures an earlier export made that this one does not: gone, not shown stale
-        if stale.suffix in (".png", ".pdf") and stale not in written and not stale.is_symlink():
-            stale.unlink()
-    return written
 
 
 def _markdown(df: pd.DataFrame) -> str:

@@ -50,7 +50,8 @@ def cfg_accuracy_curve(curves: dict, ax):
             x = np.array([p["tokens"] for p in c["points"]], float)
             y = np.array([p["accuracy"] for p in c["points"]])
             lo, hi = (np.array([p["ci95"][i] for p in c["points"]]) for i in (0, 1))
-            line = ax.plot(x, y, "o-", ms=3, label=f"{size} {variant}")[0]
+            cut = " (not finished)" if c.get("unfinished") else ""
+            line = ax.plot(x, y, "o-", ms=3, label=f"{size} {variant}{cut}")[0]
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
             if c.get("budget"):
                 ax.plot([c["budget"]["tokens"]], [c["budget"]["accuracy"]], "*", ms=14, color=line.get_color(),

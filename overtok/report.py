@@ -307,9 +307,12 @@ def _fits_html(fits: dict) -> str:
     for size, per_variant in (fits.get("cfg_accuracy_curve") or {}).items():
         for variant, c in per_variant.items():
             b = c.get("budget")
+            cut = c.get("unfinished") or []
             rows.append(("CFG accuracy curve: budget", f"{size} {variant}",
                          f"{b['tokens']:,} tokens: {_num(b['accuracy'])}" if b else "none",
-                         (f"[{_num(b['ci95'][0])}, {_num(b['ci95'][1])}]; " if b else "") + c["why"]))
+                         (f"[{_num(b['ci95'][0])}, {_num(b['ci95'][1])}]; " if b else "") + c["why"]
+                         + (f"; {len(cut)} trial(s) did not finish: their evaluations up to where they stopped"
+                            if cut else "")))
     if not rows:
         return "<p class=muted>no fits yet (need finished trials)</p>"
     out = ["<table class=sortable id=fits><thead><tr><th class=l>law</th><th class=l>group</th><th class=l>estimate</th>"

@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.conftest import ROOT, SHARED
@@ -619,3 +620,30 @@ max_concurrent: 1
     _, _, runs = sweep_runs(uri, "tl")
     long = [r for r in runs if r.data.params["train.max_steps"] == "100000"]
     assert [r.info.status for r in long] in ([], ["KILLED"])  # [] where the limit passed before it started
+
+
+def test_a_curve_cut_short_by_the_time_limit_still_gives_its_accuracy_curve(tmp_path):
+    """A generation-accuracy measurement stopped by --time-limit before it finishes: its run is KILLED, and
+    `overtok report` still draws and lists the accuracy curve from the evaluations it logged, saying that the
+    trial did not finish (no other fit: nothing finished)."""
+    write(tmp_path / "tc.yaml", """
+name: tc
+base:
+  model: {d_model: 32, n_layers: 1, n_heads: 2, seq_len: 64}
+  data: {kind: cfg, grammar: cfg3f, batch_size: 4}
+  train: {max_steps: 100000, eval_every: 20, eval_batches: 2, log_every: 10, checkpoint_every: 100000,
+          gen_samples: 4, gen_every: 20}
+""")
+    res = overtok(tmp_path, "sweep", "tc.yaml", "--time-limit", "30")
+    assert res.returncode == 124, res.stdout[-3000:] + res.stderr[-3000:]
+    res = overtok(tmp_path, "report", "tc.yaml")
+    assert res.returncode == 0, res.stderr[-3000:]
+    fitted = json.loads((tmp_path / "results" / "tc" / "fits.json").read_text())
+    assert fitted["trials_finished"] == 0 and set(fitted) >= {"cfg_accuracy_curve", "notes"}
+    (curve,) = fitted["cfg_accuracy_curve"]["d32-L1"].values()
+    runs = pd.read_parquet(tmp_path / "results" / "tc" / "runs.parquet")
+    assert list(runs.status) == ["KILLED"] and curve["unfinished"] == list(runs.trial_id)
+    assert len(curve["points"]) >= 2 and all(p["samples"] == 4 for p in curve["points"])
+    assert (tmp_path / "results" / "tc" / "figures" / "fig2_cfg_accuracy_curve.png").is_file()
+    page = (tmp_path / "dashboards" / "tc" / "index.html").read_text()
+    assert "1 trial(s) did not finish" in page and 'alt="fig2_cfg_accuracy_curve"' in page
