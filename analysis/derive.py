@@ -97,6 +97,7 @@ def losses_at(summary: pd.DataFrame, curves: pd.DataFrame, tokens: float) -> pd.
     trained on fewer tokens get NaN."""
     s = summary.copy()
     s["final_train_loss"], s["final_val_loss"] = read_losses(s, curves, tokens, trained=s.tokens)
+    s["tokens"] = s.tokens.clip(upper=tokens)  # where the losses were read (the fits' notes name it)
     return s
 
 
