@@ -292,10 +292,17 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200, at_tokens: list[float] | 
     if s.empty:  # only unfinished trials, with an accuracy curve: that curve alone
         result = {"sweep": str(runs.sweep.iloc[0]), "trials_finished": 0, "trials_total": int(len(runs)),
                   "cfg_accuracy_curve": accuracy_curve, "notes": {"cfg accuracy curve": CURVE_NOTE}}
-        path = Path(results_dir) / "fits.json"
-        path.write_text(json.dumps(_clean(result), indent=2))
-        return path
-    result = {
+    else:
+        result = _fits_of_finished(s, curves, runs, accuracy_curve, bootstrap, at_tokens)
+    path = Path(results_dir) / "fits.json"
+    path.write_text(json.dumps(_clean(result), indent=2))
+    return path
+
+
+def _fits_of_finished(s: pd.DataFrame, curves: pd.DataFrame, runs: pd.DataFrame, accuracy_curve: dict,
+                      bootstrap: int, at_tokens) -> dict:
+    """fits.json's content when some trials finished: every law fitted to them, with the accuracy curve."""
+    return {
         "sweep": str(runs.sweep.iloc[0]), "trials_finished": int(len(s)), "trials_total": int(len(runs)),
         "loglinear": _loglinear_fits(s, bootstrap),
         "loglinear_m": _loglinear_fits(s, bootstrap, axis="m"),
@@ -321,9 +328,6 @@ def fit_sweep(results_dir: Path, bootstrap: int = 200, at_tokens: list[float] | 
                              "mean and Student t 95% interval over the seeds that reach it (n of seeds); verdict against "
                              "the paper's speedup (a seed that never reaches it counts against)"},
     }
-    path = Path(results_dir) / "fits.json"
-    path.write_text(json.dumps(_clean(result), indent=2))
-    return path
 
 
 # ----------------------------------------------------------------------------------------------

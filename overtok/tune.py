@@ -195,7 +195,7 @@ def trial_costs(sweep: Sweep, groups: list[list[Trial]]) -> dict[str, float]:
         plan = trial_plan(t, workers=workers)
         return trial_seconds(t.config, plan["total_flops"], cal, workers)[0] if cal else plan["total_flops"]
 
-    return {_spec_id(sweep, g): sum(cost(t) for t in g) for g in groups}
+    return {_spec_id(g): sum(cost(t) for t in g) for g in groups}
 
 
 def _time_boxed_grid(box: TimeBox, max_concurrent: int):
@@ -446,7 +446,7 @@ def _data_parallel_concurrency(max_concurrent: int | None, resources: dict) -> i
     return n
 
 
-def _spec_id(sweep: Sweep, group: list[Trial]) -> str:
+def _spec_id(group: list[Trial]) -> str:
     """The Tune trial's id of a group of ``sweep.packs``: the trial's own, or for a pack one named by its members'
     ids (a rerun of the same unfinished members finds the pack's checkpoints)."""
     import hashlib
@@ -474,7 +474,7 @@ def _trials_at_once(resources: dict) -> int:
 
 def _pack_spec(sweep: Sweep, group: list[Trial]) -> str:
     """A Tune trial for a pack: its members, and a checkpoint directory named by the pack's id."""
-    pid = _spec_id(sweep, group)
+    pid = _spec_id(group)
     return json.dumps({"trial_id": pid, "pack": [json.loads(t.to_json()) for t in group],
                        "checkpoint_dir": os.path.join(sweep.storage_path, sweep.name, "packs", pid)})
 
@@ -695,9 +695,9 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     counts["timed_out"] = box is not None and box.timed_out
     if box is not None and box.held_back is not None:
         names = {t.trial_id: t.run_name for t in todo}
-        print(f"[overtok] --time-limit: trial {names.get(box.held_back, box.held_back)} would need about {box.needed_s:.0f} s (the last trial's "
-              f"{box.last[1]:.0f} s, scaled by their estimated costs) and {max(box.left_s(), 0):.0f} s are left: "
-              f"{len(not_started)} trial(s) not started", flush=True)
+        print(f"[overtok] --time-limit: trial {names.get(box.held_back, box.held_back)} would need about "
+              f"{box.needed_s:.0f} s (the last trial's {box.last[1]:.0f} s, scaled by their estimated costs) and "
+              f"{max(box.left_s(), 0):.0f} s are left: {len(not_started)} trial(s) not started", flush=True)
     if counts["timed_out"]:
         print(f"[overtok] --time-limit: {sweep.time_limit:g} s reached"
               + (f", {len(interrupted)} running trial(s) stopped" if interrupted else ""), flush=True)

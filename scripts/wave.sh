@@ -54,13 +54,13 @@ done
 { date -u +"wave start %Y-%m-%dT%H:%M:%SZ"; command -v nvidia-smi >/dev/null && nvidia-smi -L
   "$py" -c 'from overtok.identity import code_version; print("overtok code", code_version())'
   echo "git HEAD $(git rev-parse HEAD 2>/dev/null)"; } >> "$log"
-skip=()
-[ -e "$done" ] && skip=(--skip-done "$done")
-[ "$max_trials" -gt 0 ] && skip+=(--max-trials "$max_trials")
+subset=()
+[ -e "$done" ] && subset=(--skip-done "$done")
+[ "$max_trials" -gt 0 ] && subset+=(--max-trials "$max_trials")
 # the sweep keeps its own limit; timeout only guards against a driver that hangs: SIGTERM 20 s past the limit, to
 # the driver alone (--foreground: sent to the whole process group, it also reached Ray's own processes, and a
 # driver still in ray.init then waited on them), SIGKILL 30 s later
-timeout --foreground -k 30 $((limit + 20)) "$py" -m overtok sweep "$sweep" "${skip[@]}" --time-limit "$limit" "$@" \
+timeout --foreground -k 30 $((limit + 20)) "$py" -m overtok sweep "$sweep" "${subset[@]}" --time-limit "$limit" "$@" \
     >> "$log" 2>&1
 rc=$?
 echo "sweep exit status $rc" >> "$log"
