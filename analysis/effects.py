@@ -50,6 +50,14 @@ def _is_baseline(df: pd.DataFrame) -> pd.Series:
     return df["model.oe.n"] == 1
 
 
+def _order(value) -> tuple:
+    """A sort key for a setting's values: numbers by value, before anything else by its text."""
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
 def _describe(row: pd.Series, columns: list[str]) -> str:
     return ", ".join(f"{c.split('.', 1)[1]}={row[c]}" for c in columns) or "-"
 
@@ -84,7 +92,8 @@ def paired_effects(runs: pd.DataFrame, curves: pd.DataFrame, tail: int = TRAIN_T
         base = cell[cell["_base"]].set_index("seed")
         if base.empty:
             continue
-        for _, var in cell[~cell["_base"]].groupby("_variant", sort=False):
+        variants = [v for _, v in cell[~cell["_base"]].groupby("_variant", sort=False)]
+        for var in sorted(variants, key=lambda v: tuple(map(_order, v.iloc[0][var_cols]))):  # e.g. by m, numerically
             var = var.set_index("seed")
             seeds = sorted(set(var.index) & set(base.index))
             if not seeds:

@@ -163,9 +163,15 @@ def cmd_generate(args) -> int:
 def cmd_merge(args) -> int:
     from overtok.export import merge_exports
 
-    s = merge_exports(Path(args.base), [Path(p) for p in args.reruns], Path(args.out))
+    keep = None
+    if args.sweep:
+        from overtok.sweep import load_sweep
+
+        keep = {t.trial_id for t in load_sweep(args.sweep).trials}
+    s = merge_exports(Path(args.base), [Path(p) for p in args.reruns], Path(args.out), keep)
     print(f"[overtok] wrote {args.out}: {s['trials']} trials of {s['sweep']!r}, {len(s['replaced'])} replaced, "
-          f"{len(s['added'])} added" + (f", not finished so not taken: {', '.join(s['skipped_not_finished'])}"
+          f"{len(s['added'])} added"
+          + (f", {len(s['not_in_sweep'])} not in {args.sweep} left out" if keep is not None else "") + (f", not finished so not taken: {', '.join(s['skipped_not_finished'])}"
                                          if s["skipped_not_finished"] else ""))
     return 0
 
@@ -524,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base", help="results directory holding the sweep's export")
     p.add_argument("reruns", nargs="+", help="results directories of reruns; their FINISHED trials replace base's")
     p.add_argument("--out", type=_out_dir, required=True, help="directory for the merged export (then `overtok report` it)")
+    p.add_argument("--sweep", default=None, metavar="SWEEP.yaml",
+                   help="keep only this sweep's trials (e.g. its baselines from another sweep's export)")
     p.set_defaults(fn=cmd_merge)
 
     p = sub.add_parser("fit", help="fit scaling laws and speedups of an exported sweep -> results/<sweep>/fits.json")

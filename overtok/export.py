@@ -212,12 +212,14 @@ def finished_trials(exports: list[str | Path]) -> dict[str, str]:
     return done
 
 
-def merge_exports(base: Path, reruns: list[Path], out: Path) -> dict:
+def merge_exports(base: Path, reruns: list[Path], out: Path, keep: set[str] | None = None) -> dict:
     """An export of ``base`` in which the trials of each ``rerun`` export (same trial ids: the same configs run
     again, e.g. after a fix) replace base's rows and curves; trials new to base are added; a later rerun wins over
     an earlier one. Only FINISHED rerun trials are taken (a rerun that failed leaves the base's row). Every row
     keeps base's sweep name (reports go to dashboards/<base sweep>) and gains ``export``: the directory its row
-    came from. Writes runs.parquet, curves.parquet and export.json (which lists what was replaced) to ``out``."""
+    came from. ``keep``: only these trial ids are kept, from every input (e.g. a sweep's grid, when another sweep's
+    export holds trials it shares). Writes runs.parquet, curves.parquet and export.json (which lists what was
+    replaced and what ``keep`` left out) to ``out``."""
     from overtok.config import ConfigError
 
     inputs = [Path(base), *map(Path, reruns)]
@@ -240,11 +242,21 @@ def merge_exports(base: Path, reruns: list[Path], out: Path) -> dict:
         runs = pd.concat([runs[~runs.trial_id.isin(ids)], done.assign(sweep=name, export=d.name)], ignore_index=True)
         curves = pd.concat([curves[~curves.trial_id.isin(ids)], r_curves[r_curves.trial_id.isin(ids)]],
                            ignore_index=True)
+    left_out = []
+    if keep is not None:
+        left_out = sorted(set(runs.trial_id) - keep)
+        runs, curves = runs[runs.trial_id.isin(keep)], curves[curves.trial_id.isin(keep)]
+        if runs.empty:
+            raise ConfigError("no trial of the inputs is in the sweep given to keep", file=str(inputs[0]),
+                              key="--sweep")
+        replaced, added = [t for t in replaced if t in keep], [t for t in added if t in keep]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_atomically(out / "runs.parquet", lambda f: runs.to_parquet(f, index=False))
     write_atomically(out / "curves.parquet", lambda f: curves.to_parquet(f, index=False))
     summary = {"schema_version": SCHEMA_VERSION, "sweep": name, "merged_from": [str(p) for p in inputs],
                "trials": len(runs), "replaced": replaced, "added": added, "skipped_not_finished": skipped}
+    if keep is not None:
+        summary["not_in_sweep"] = left_out
     write_atomically(out / "export.json", lambda f: f.write_text(json.dumps(summary, indent=2)))
     return summary

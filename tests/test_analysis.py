@@ -332,6 +332,22 @@ def test_paired_effects_pairs_seeds_within_cells():
     assert "| pos_encoding=learned | OE n=3 m=101 | 2 |" in effects_markdown(eff.reset_index())
 
 
+def test_paired_effects_lists_variants_by_their_settings_numerically():
+    """Variants in order of their settings' values (m = 9, 80, 700), not in the order the runs arrived or as text."""
+    from analysis.effects import paired_effects
+
+    runs, curves = [], []
+    for m in (700, 0, 9, 80):
+        for seed in (0, 1):
+            tid = f"m{m}s{seed}"
+            runs.append({"trial_id": tid, "status": "FINISHED", "seed": seed, "model.d_model": 64,
+                         "model.oe.n": 2 if m else 1, "model.oe.m": m, "final.val/loss": 4.0 - m / 1e4})
+            curves.append({"trial_id": tid, "metric": "train/loss", "step": 1, "value": 5.0 - m / 1e4 + seed / 100})
+    eff = paired_effects(pd.DataFrame(runs), pd.DataFrame(curves))
+    assert list(eff.variant) == ["OE n=2 m=9", "OE n=2 m=80", "OE n=2 m=700"]
+    assert eff.d_train.tolist() == pytest.approx([-0.0009, -0.008, -0.07])
+
+
 def test_paired_effects_at_tokens_reads_both_losses_at_that_point():
     """--at-tokens T: train loss from the points logged at step <= T, held-out loss from the last evaluation at
     step <= T (OE better early, worse at the end)."""

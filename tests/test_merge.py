@@ -6,6 +6,7 @@ import shutil
 
 import pandas as pd
 
+from overtok.sweep import load_sweep
 from tests.conftest import ROOT
 
 BASE, RERUN = ROOT / "results" / "cfg_paper", ROOT / "results" / "cfg_paper_tok3"
@@ -64,3 +65,27 @@ def test_bad_merges_exit_2_and_write_nothing(cli, tmp_path):
     res = cli("merge", BASE, RERUN, "--out", BASE)
     assert res.returncode == 2 and "--out: the merged export must go to a directory of its own" in res.stderr
     assert not (tmp_path / "merged").exists()
+
+
+
+def test_sweep_keeps_only_its_trials(tmp_path, monkeypatch, capsys):
+    # part 3 of the campaign (speedup_code) takes its baselines out of part 1's export (loglinear_code), which also
+    # holds 15 trials of its own; sweep files name the corpus relative to the project root, so run from there
+    from overtok.cli import main
+
+    monkeypatch.chdir(ROOT)
+    part1, part3 = ROOT / "results" / "loglinear_code" / "merged", ROOT / "results" / "speedup_code" / "wave1"
+    sweep = "sweeps/speedup_code.yaml"
+    assert main(["merge", str(part3), str(part1), "--sweep", sweep, "--out", str(tmp_path / "merged")]) == 0
+    baselines = {t.trial_id for t in load_sweep(sweep).trials if t.config.model.oe.n == 1}
+    assert f"3 trials of 'speedup_code', 1 replaced, 2 added, 15 not in {sweep} left out" in capsys.readouterr().out
+    merged = pd.read_parquet(tmp_path / "merged" / "runs.parquet")
+    assert set(merged.trial_id) == baselines and set(merged.sweep) == {"speedup_code"}
+    assert set(pd.read_parquet(tmp_path / "merged" / "curves.parquet").trial_id) == baselines
+    meta = json.loads((tmp_path / "merged" / "export.json").read_text())
+    assert len(meta["not_in_sweep"]) == 15 and not set(meta["not_in_sweep"]) & baselines
+
+    assert main(["merge", str(part1), str(part3), "--sweep", "sweeps/cfg_curve.yaml", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "--sweep: no trial of the inputs is in the sweep" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "none").exists()
