@@ -400,13 +400,18 @@ def _plot_finished(s: pd.DataFrame, curves: pd.DataFrame, fitted: dict, save, pl
             plots.curves_with_speedup(s, curves, ax, size, {k: {n: m.get("train/loss", {}) for n, m in v.items()}
                                                             for k, v in fitted.get("speedup", {}).items()})
         save(fig, "fig4_curves_speedup")
-        ll = fitted.get("loglinear", {}).get("final_train_loss", {})
-        ll_m = fitted.get("loglinear_m", {}).get("final_train_loss", {})
         if loglinear_points(s, "vocab")[0].input_vocab_size.nunique() >= 2:
-            fig, axes = plt.subplots(1, 2 if ll_m else 1, figsize=(14 if ll_m else 7, 4.5), squeeze=False)
-            plots.loss_vs_vocab(s, axes[0][0], ll)
-            if ll_m:  # the paper's own axis: log10 m over the OE runs
-                plots.loss_vs_vocab(s, axes[0][1], ll_m, axis="m")
+            # one row per loss (training, as the paper; held-out where the trials evaluated): against V + m, and
+            # against m over the OE runs (the paper's own axis) where those were fitted
+            metrics = [m for m in ("final_train_loss", "final_val_loss") if m == "final_train_loss" or s[m].notna().any()]
+            by_m = bool(fitted.get("loglinear_m", {}).get("final_train_loss"))
+            fig, axes = plt.subplots(len(metrics), 2 if by_m else 1, figsize=(14 if by_m else 7, 4.5 * len(metrics)),
+                                     squeeze=False)
+            for row, metric in zip(axes, metrics):
+                plots.loss_vs_vocab(s, row[0], fitted.get("loglinear", {}).get(metric, {}), metric)
+                if by_m:
+                    plots.loss_vs_vocab(s, row[1], fitted.get("loglinear_m", {}).get(metric, {}), metric, axis="m")
+            fig.tight_layout()
             save(fig, "fig5_loss_vs_vocab")
         fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
         for ax, size in zip(axes[0], sizes):

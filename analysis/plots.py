@@ -128,30 +128,48 @@ def loss_vs_vocab(summary: pd.DataFrame, ax, fits: dict, metric: str = "final_tr
                     label=f"L = {a:.4f} {'-' if b < 0 else '+'} {abs(b):.4f} log10({x_label})  [{interval}]")
     ax.set_xscale("log")
     ax.set_xlabel("input vocabulary size (V + m)" if axis == "vocab" else "OE table rows per slice (m)")
-    ax.set_ylabel("training loss" if "train" in metric else "validation loss")
-    ax.set_title("Loss vs input vocabulary" if axis == "vocab" else "Loss vs OE table size (OE runs)")
+    ax.set_ylabel("training loss" if "train" in metric else "held-out loss")
+    loss = "Training loss" if "train" in metric else "Held-out loss"
+    ax.set_title(f"{loss} vs input vocabulary" if axis == "vocab" else f"{loss} vs OE table size (OE runs)")
     ax.legend(fontsize=8)
     return ax
 
 
 def loss_diff_vs_tokens(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: str, metric: str = "train/loss"):
-    """Paper Fig. 9: loss difference to the baseline along training at one size (negative = better)."""
+    """Paper Fig. 9: loss difference to the baseline along training at one size (negative = better). Each seed's
+    variant is compared with the baseline of the same seed (EMA-smoothed curves, the variant's steps); the line is
+    the mean over the seeds both have, the band their range."""
     sub = summary[summary["size"] == size]
-    base = sub[sub.is_baseline]
+    base = sub[sub.is_baseline].drop_duplicates("seed").set_index("seed")
     if base.empty:
         ax.set_title(f"{size}: no baseline")
         return ax
-    bx, by = loss_curve(curves, sub, base.trial_id.iloc[0], metric)
-    by = ema(by, 0.1)
+    seeds_drawn = set()
     for name in _variant_order(sub):
         if name == "Baseline":
             continue
-        x, y = loss_curve(curves, sub, sub[sub.variant == name].trial_id.iloc[0], metric)
-        ax.plot(x, ema(y, 0.1) - np.interp(x, bx, by), label=name)
+        var = sub[sub.variant == name].drop_duplicates("seed").set_index("seed")
+        seeds = sorted(set(var.index) & set(base.index))
+        if not seeds:
+            continue
+        diffs, x = [], None
+        for seed in seeds:
+            bx, by = loss_curve(curves, sub, base.loc[seed, "trial_id"], metric)
+            vx, vy = loss_curve(curves, sub, var.loc[seed, "trial_id"], metric)
+            if x is None:
+                x = vx
+            diffs.append(np.interp(x, vx, ema(vy, 0.1)) - np.interp(x, bx, ema(by, 0.1)))
+        diffs = np.asarray(diffs)
+        line = ax.plot(x, diffs.mean(axis=0), label=name)[0]
+        if len(seeds) > 1:
+            ax.fill_between(x, diffs.min(axis=0), diffs.max(axis=0), color=line.get_color(), alpha=0.15, lw=0)
+        seeds_drawn.add(len(seeds))
     ax.axhline(0, color="k", lw=1)
     ax.set_xlabel("tokens")
-    ax.set_ylabel("loss - baseline loss")
-    ax.set_title(f"Loss difference to baseline, {size}")
+    ax.set_ylabel("loss - baseline loss (same seed)")
+    n = "/".join(map(str, sorted(seeds_drawn)))
+    ax.set_title(f"Loss difference to baseline, {size}" + (f" (mean and range of {n} seeds)" if n not in ("", "1")
+                                                           else ""))
     _legend(ax)
     return ax
 

@@ -332,6 +332,32 @@ def test_paired_effects_pairs_seeds_within_cells():
     assert "| pos_encoding=learned | OE n=3 m=101 | 2 |" in effects_markdown(eff.reset_index())
 
 
+def test_loss_diff_figure_pairs_each_seed_with_its_own_baseline():
+    """Fig. 9: the line is the mean over seeds of variant minus the same seed's baseline, the band their range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis.plots import loss_diff_vs_tokens
+
+    rows, curves = [], []
+    for seed, base, oe in ((0, 5.0, 4.9), (1, 6.0, 5.7)):  # differences -0.1 and -0.3; the baselines differ by 1
+        for name, loss in (("Baseline", base), ("OE-1K", oe)):
+            tid = f"{name}{seed}"
+            rows.append({"trial_id": tid, "size": "d64-L2", "is_baseline": name == "Baseline", "variant": name,
+                         "seed": seed, "loss_scale": 1.0, "input_vocab_size": 100 if name == "Baseline" else 1100})
+            curves += [{"trial_id": tid, "metric": "train/loss", "step": step, "value": loss} for step in (1, 2, 3)]
+    fig, ax = plt.subplots()
+    loss_diff_vs_tokens(pd.DataFrame(rows), pd.DataFrame(curves), ax, "d64-L2")
+    line = ax.get_lines()[0]
+    assert line.get_label() == "OE-1K" and line.get_ydata() == pytest.approx([-0.2] * 3)
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(-0.3) and band.max() == pytest.approx(-0.1)
+    assert "mean and range of 2 seeds" in ax.get_title()
+    plt.close(fig)
+
+
 def test_paired_effects_lists_variants_by_their_settings_numerically():
     """Variants in order of their settings' values (m = 9, 80, 700), not in the order the runs arrived or as text."""
     from analysis.effects import paired_effects
