@@ -130,22 +130,30 @@ class TimeBox:
 
     A trial starts only if it is expected to end by then: the trial that ended last took ``s`` seconds, so one of
     estimated cost ``c`` (``costs``, relative: the plan's GPU seconds) needs ``s * c / c_last``, plus
-    ``MARGIN`` of that and ``RESERVE_S`` for Ray's stop. Before any trial has ended there is nothing to scale, so
-    the first trials always start. The trials held back are never started (no MLflow run): a rerun runs them.
-    A trial still running at the limit is stopped (its run KILLED, resumable, as after Ctrl-C).
+    ``MARGIN`` of that and ``RESERVE_S`` for Ray's stop. Before any trial has ended there is nothing to scale: a
+    trial then starts unless even ``FLOOR`` of its estimated GPU seconds (``estimates``, by the plan's calibration
+    on its fastest GPU, without compilation or start-up; none where the calibration is not at hand) would end
+    after the limit. The trials held back are never started (no MLflow run): a rerun runs them. A trial still
+    running at the limit is stopped (its run KILLED, resumable, as after Ctrl-C).
     """
 
     MARGIN = 0.05
     RESERVE_S = 5.0
+    # the loglinear_code trials took 1.1-1.45x their estimate on an H100 (results/REPRODUCTION.md); 0.8 leaves room
+    # for a faster machine than the calibration's and for its error
+    FLOOR = 0.8
 
-    def __init__(self, started: float, limit_s: float, costs: dict[str, float], clock=time.time):
+    def __init__(self, started: float, limit_s: float, costs: dict[str, float], clock=time.time,
+                 estimates: dict[str, float] | None = None):
         self.deadline = started + limit_s
         self.costs = costs  # Tune trial (a trial id, or a pack's id) -> estimated cost, any unit
+        self.estimates = estimates or {}  # Tune trial -> estimated GPU seconds, where calibrated
         self.clock = clock
         self.begun: dict[str, float] = {}
         self.last: tuple[str, float] | None = None  # (Tune trial, seconds) of the trial that ended last
         self.held_back: str | None = None  # the first trial not started, with the seconds it would need
         self.needed_s = 0.0
+        self.by_estimate = False  # held back by the estimate's floor (nothing measured yet), not by a measure
         self.timed_out = False  # the limit passed with a trial still running (or before any started)
 
     def started(self, key: str) -> None:
@@ -167,10 +175,14 @@ class TimeBox:
     def admits(self, key: str) -> bool:
         need = self.needs(key)
         if need is None:
+            floor = self.estimates.get(key, 0.0) * self.FLOOR
+            if floor and self.clock() + floor > self.deadline:
+                self.held_back, self.needed_s, self.by_estimate = key, floor, True
+                return False
             return self.clock() < self.deadline
         if self.clock() + need * (1 + self.MARGIN) + self.RESERVE_S <= self.deadline:
             return True
-        self.held_back, self.needed_s = key, need
+        self.held_back, self.needed_s, self.by_estimate = key, need, False
         return False
 
     def expired(self) -> bool:
@@ -182,9 +194,10 @@ class TimeBox:
         return self.deadline - self.clock()
 
 
-def trial_costs(sweep: Sweep, groups: list[list[Trial]]) -> dict[str, float]:
+def trial_costs(sweep: Sweep, groups: list[list[Trial]]) -> tuple[dict[str, float], dict[str, float] | None]:
     """Each Tune trial's estimated cost, for TimeBox: seconds by the committed GPU calibration (compute and dense
-    table updates), or training FLOPs where the calibration is not at hand. Only their ratios are used."""
+    table updates), or training FLOPs where the calibration is not at hand (their ratios scale measured times);
+    and the same seconds as TimeBox's estimates, None without the calibration."""
     from overtok.estimate import load_calibration, trial_seconds
     from overtok.sweep import trial_plan
 
@@ -195,7 +208,8 @@ def trial_costs(sweep: Sweep, groups: list[list[Trial]]) -> dict[str, float]:
         plan = trial_plan(t, workers=workers)
         return trial_seconds(t.config, plan["total_flops"], cal, workers)[0] if cal else plan["total_flops"]
 
-    return {_spec_id(g): sum(cost(t) for t in g) for g in groups}
+    costs = {_spec_id(g): sum(cost(t) for t in g) for g in groups}
+    return costs, (costs if cal else None)
 
 
 def _time_boxed_grid(box: TimeBox, max_concurrent: int):
@@ -646,7 +660,8 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     groups = sweep.packs(todo)
     box = None
     if sweep.time_limit is not None:
-        box = TimeBox(clock[0][1], sweep.time_limit, trial_costs(sweep, groups))
+        costs, estimates = trial_costs(sweep, groups)
+        box = TimeBox(clock[0][1], sweep.time_limit, costs, estimates=estimates)
     callback = _make_callback(tracker, {t.trial_id: t for t in sweep.trials}, total, skipped, len(todo), box)
     specs = [group[0].to_json() if len(group) == 1 else _pack_spec(sweep, group) for group in groups]
     if len(specs) < len(todo):
@@ -695,8 +710,10 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     counts["timed_out"] = box is not None and box.timed_out
     if box is not None and box.held_back is not None:
         names = {t.trial_id: t.run_name for t in todo}
-        print(f"[overtok] --time-limit: trial {names.get(box.held_back, box.held_back)} would need about "
-              f"{box.needed_s:.0f} s (the last trial's {box.last[1]:.0f} s, scaled by their estimated costs) and "
+        why = (f"at least about {box.needed_s:.0f} s ({box.FLOOR:g} of the plan's estimate; no trial here has ended "
+               "to measure)" if box.by_estimate else
+               f"about {box.needed_s:.0f} s (the last trial's {box.last[1]:.0f} s, scaled by their estimated costs)")
+        print(f"[overtok] --time-limit: trial {names.get(box.held_back, box.held_back)} would need {why} and "
               f"{max(box.left_s(), 0):.0f} s are left: {len(not_started)} trial(s) not started", flush=True)
     if counts["timed_out"]:
         print(f"[overtok] --time-limit: {sweep.time_limit:g} s reached"

@@ -622,6 +622,25 @@ max_concurrent: 1
     assert [r.info.status for r in long] in ([], ["KILLED"])  # [] where the limit passed before it started
 
 
+def test_time_limit_holds_back_a_first_trial_its_estimate_says_cannot_end(tmp_path):
+    """Nothing measured yet: a trial whose estimate (2M steps; minutes even on the calibration's GPU) cannot end
+    within the limit is not started, and says why; exit 0, no trial run, the sweep resumable."""
+    write(tmp_path / "big.yaml", """
+name: big
+base:
+  model: {d_model: 256, n_layers: 4, n_heads: 4, seq_len: 256}
+  data: {batch_size: 8}
+  train: {max_steps: 2000000, eval_every: 1000000, log_every: 1000, checkpoint_every: 10000000, gen_samples: 0}
+""")
+    res = overtok(tmp_path, "sweep", "big.yaml", "--time-limit", "60")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert re.search(r"--time-limit: trial big \[\w+\] would need at least about \d+ s \(0.8 of the plan's estimate; "
+                     r"no trial here has ended to measure\)", res.stdout), res.stdout[-3000:]
+    assert "0/1 finished, 0 failed, 1 not started (--time-limit) (rerun to resume)" in res.stdout
+    _, parents, runs = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "big")
+    assert runs == [] and parents[0].info.status == "KILLED"
+
+
 def test_a_curve_cut_short_by_the_time_limit_still_gives_its_accuracy_curve(tmp_path):
     """A generation-accuracy measurement stopped by --time-limit before it finishes: its run is KILLED, and
     `overtok report` still draws and lists the accuracy curve from the evaluations it logged, saying that the

@@ -281,6 +281,23 @@ def test_time_box_starts_a_trial_only_if_the_last_ones_time_scaled_to_it_fits():
     assert box.expired() and box.timed_out and not box.admits("a")
 
 
+def test_time_box_holds_back_a_first_trial_its_estimate_says_cannot_end():
+    """Before any trial has ended, a trial starts unless even FLOOR of its estimated GPU seconds would pass the
+    limit; without estimates (no calibration) it starts."""
+    from overtok.tune import TimeBox
+
+    clock = _Clock()
+    box = TimeBox(clock.t, 300.0, {"a": 1.0, "b": 2.0}, clock=clock, estimates={"a": 350.0, "b": 400.0})
+    assert box.admits("a")  # 0.8 * 350 = 280 s <= 300 s left
+    assert not box.admits("b") and box.held_back == "b" and box.by_estimate
+    assert box.needed_s == pytest.approx(0.8 * 400.0)
+    assert TimeBox(clock.t, 300.0, {"b": 2.0}, clock=clock).admits("b")
+    box.started("a")
+    clock.t += 100.0
+    box.ended("a")  # measured: a took 100 s, so b needs 200 s, and 200 s left < 200 * 1.05 + 5
+    assert box.needs("b") == pytest.approx(200.0) and not box.admits("b") and not box.by_estimate
+
+
 def test_time_box_is_not_scaled_by_a_trial_that_did_not_end():
     from overtok.tune import TimeBox
 
