@@ -7,6 +7,7 @@ sweep driver must not import torch, and the trial side need not import MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -44,6 +45,28 @@ def ray_monitor_processes() -> list:
     worker = getattr(getattr(ray, "_private", None), "worker", None)
     node = getattr(worker, "_global_node", None)
     return [info.process for info in (getattr(node, "all_processes", None) or {}).get("monitor", [])]
+
+
+@contextlib.contextmanager
+def ray_sigterm_handlers_held():
+    """While in this block Ray installs no SIGTERM handler of its own: ``ray.init`` sets one that exits at once
+    (``sys.exit``) before the node it starts can stop its processes, so a SIGTERM then left Ray's agents running.
+    Ray calls its private ``ray._private.utils.set_sigterm_handler`` for each; where that has moved, Ray's
+    handlers are installed as before (yields False)."""
+    try:
+        import ray._private.utils as ray_utils
+    except ImportError:
+        yield False
+        return
+    original = getattr(ray_utils, "set_sigterm_handler", None)
+    if original is None:
+        yield False
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield True
+    finally:
+        ray_utils.set_sigterm_handler = original
 
 
 def ddp_ignore(model: Any, names: list[str]) -> None:

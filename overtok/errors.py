@@ -1,5 +1,7 @@
 """Errors of the environment (disk, links) that the CLI reports in one line; torch- and pandas-free."""
 
+import contextlib
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or used: the directory is missing, read-only, full, a symbolic link, or holds
@@ -27,6 +29,26 @@ def terminate_as_interrupt() -> None:
         raise Terminated
 
     signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def sigterm_deferred():
+    """SIGTERM is recorded, not raised, inside this block (for work that must not stop halfway, e.g. starting Ray:
+    its processes would be left behind); on leaving it the earlier handler is back, and a SIGTERM that came
+    meanwhile raises :class:`Terminated` then (once what the block started can be stopped: see its caller)."""
+    import signal
+
+    came: list[int] = []
+
+    def record(signum, frame):
+        came.append(signum)
+        _SIGTERM_RECEIVED.append(signum)
+
+    before = signal.signal(signal.SIGTERM, record)
+    try:
+        yield came
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def sigterm_received() -> bool:

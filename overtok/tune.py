@@ -373,16 +373,10 @@ def _init_ray(sweep: Sweep) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # our trials write no result.json (auto loggers off); Tune's end-of-run analysis would warn about it
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    if sweep.ray_address:
-        ray.init(address=sweep.ray_address, logging_level="WARNING", log_to_driver=True)
-        missing = sorted(k for k in sweep.resources if k not in ("cpu", "gpu", "workers")
-                         and k not in ray.cluster_resources())
-        if missing:
-            ray.shutdown()
-            raise ConfigError(f"no node of the Ray cluster at {sweep.ray_address} declares the custom resource "
-                              f"{missing[0]!r}: its trials would wait forever (start nodes with --resources)",
-                              file=sweep.file, key=f"resources.{missing[0]}")
-    else:
+    from overtok.compat import ray_sigterm_handlers_held
+    from overtok.errors import Terminated, sigterm_deferred
+
+    if not sweep.ray_address:
         # local Ray; the dashboard stays off (nothing listens beyond what Ray itself needs). Workers find overtok
         # through PYTHONPATH inherited from this process: a runtime_env with the same variable would make Ray start
         # fresh workers for it instead of using the ones it prestarts (about a second more per trial process)
@@ -391,15 +385,33 @@ def _init_ray(sweep: Sweep) -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join(paths)
         if sweep.starts_local_ray():
             create_ray_token()
-        ray.init(include_dashboard=False, logging_level="WARNING")
+    # a SIGTERM while Ray starts waits until it has started (Ray's own handler would exit halfway and leave its
+    # agents running), then stops it: the command ends as on any SIGTERM (exit 143)
+    with sigterm_deferred() as came, ray_sigterm_handlers_held():
+        if sweep.ray_address:
+            ray.init(address=sweep.ray_address, logging_level="WARNING", log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, logging_level="WARNING")
+    if came:
+        _shutdown_ray()
+        raise Terminated
+    if sweep.ray_address:
+        missing = sorted(k for k in sweep.resources if k not in ("cpu", "gpu", "workers")
+                         and k not in ray.cluster_resources())
+        if missing:
+            ray.shutdown()
+            raise ConfigError(f"no node of the Ray cluster at {sweep.ray_address} declares the custom resource "
+                              f"{missing[0]!r}: its trials would wait forever (start nodes with --resources)",
+                              file=sweep.file, key=f"resources.{missing[0]}")
     protect_ray_token()
     # Ray appends a hint about its log deduplication to the first deduplicated line, once per driver; marking it
     # as said keeps the sweep's log to the lines themselves ("[repeated Nx across cluster]" stays)
     from ray.util.debug import log_once
 
     log_once("log_dedup_warning")
-    # ray.init set Ray's own SIGTERM handlers (Python's: exit 1; native: a stack dump) over the CLI's, which turns
-    # SIGTERM into Ctrl-C (overtok.errors.Terminated): the trials' runs then end KILLED and Ray stops
+    # where Ray's handler hook has moved, ray.init set Ray's own SIGTERM handlers (Python's: exit 1; native: a stack
+    # dump) over the CLI's, which turns SIGTERM into Ctrl-C (overtok.errors.Terminated): the trials' runs then end
+    # KILLED and Ray stops
     if callable(on_term):
         signal.signal(signal.SIGTERM, on_term)
 
@@ -605,41 +617,9 @@ def hold_driver_lock(sweep: Sweep) -> None:
     _DRIVER_LOCKS[str(path)] = f
 
 
-def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
-    """Run every unfinished trial of ``sweep``; return counts. Resumable: rerun the same command. ``started``: when
-    the caller began checking the sweep (its time is printed as the phase ``checks``)."""
-    clock = [("start", started)] if started is not None else []  # where the driver's own time goes, printed at the end
-    clock.append(("checks" if clock else "start", time.time()))
-    hold_driver_lock(sweep)
-    remove_old_tune_runs(sweep)
-    uri = resolve_tracking_uri(sweep.tracking_uri)
-    prep: dict[str, Any] = {}
-    ray_started = False
-    if _probably_all_finished(sweep, uri):  # a rerun of a finished sweep: answer without starting Ray
-        _prepare(sweep, uri, prep)
-    else:
-        # MLflow bookkeeping and data preparation run in a thread while Ray starts here: both take seconds, and on
-        # a machine with several cores they overlap (ray.init itself must stay in the main thread)
-        thread = threading.Thread(target=_prepare, args=(sweep, uri, prep), name="overtok-prepare", daemon=True)
-        thread.start()
-        try:
-            _init_ray(sweep)
-            ray_started = True
-        finally:
-            thread.join()
-    if "error" in prep:
-        if ray_started:
-            _shutdown_ray()
-        raise prep["error"]
-    tracker, todo = prep["tracker"], prep["todo"]
-    total, skipped = len(sweep.trials), prep["finished"]
-    if not todo:
-        tracker.end_parent("FINISHED", {"trials": total, "finished": total, "failed": 0})
-        if ray_started:
-            _shutdown_ray()
-        return {"finished": skipped, "failed": 0, "skipped": skipped}
-    if not ray_started:
-        _init_ray(sweep)
+def _tuner(sweep: Sweep, tracker: SweepTracker, todo: list[Trial], skipped: int, clock: list):
+    """Tune's Tuner for the trials ``todo`` (packed where the sweep packs), the driver's MLflow callback and the
+    sweep's TimeBox (None without --time-limit)."""
     from ray import tune
 
     clock.append(("setup", time.time()))  # Ray start, with MLflow and data alongside
@@ -662,7 +642,7 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
     if sweep.time_limit is not None:
         costs, estimates = trial_costs(sweep, groups)
         box = TimeBox(clock[0][1], sweep.time_limit, costs, estimates=estimates)
-    callback = _make_callback(tracker, {t.trial_id: t for t in sweep.trials}, total, skipped, len(todo), box)
+    callback = _make_callback(tracker, {t.trial_id: t for t in sweep.trials}, len(sweep.trials), skipped, len(todo), box)
     specs = [group[0].to_json() if len(group) == 1 else _pack_spec(sweep, group) for group in groups]
     if len(specs) < len(todo):
         print(f"[overtok] {len(todo)} trials packed into {len(specs)} models (pack: {sweep.pack})", flush=True)
@@ -685,6 +665,63 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                   callbacks=[callback], stop=stop, verbose=0),
     )
+    return tuner, callback, box
+
+
+def _end_unstarted(prep: dict, sweep: Sweep, status: str) -> None:
+    """The sweep's MLflow parent run (where preparing it got that far) ends ``status`` before any trial started."""
+    if "tracker" in prep:
+        prep["tracker"].end_parent(status, {"trials": len(sweep.trials), "finished": prep["finished"], "failed": 0})
+
+
+def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
+    """Run every unfinished trial of ``sweep``; return counts. Resumable: rerun the same command. ``started``: when
+    the caller began checking the sweep (its time is printed as the phase ``checks``)."""
+    clock = [("start", started)] if started is not None else []  # where the driver's own time goes, printed at the end
+    clock.append(("checks" if clock else "start", time.time()))
+    hold_driver_lock(sweep)
+    remove_old_tune_runs(sweep)
+    uri = resolve_tracking_uri(sweep.tracking_uri)
+    prep: dict[str, Any] = {}
+    ray_started = False
+    if _probably_all_finished(sweep, uri):  # a rerun of a finished sweep: answer without starting Ray
+        _prepare(sweep, uri, prep)
+    else:
+        # MLflow bookkeeping and data preparation run in a thread while Ray starts here: both take seconds, and on
+        # a machine with several cores they overlap (ray.init itself must stay in the main thread)
+        thread = threading.Thread(target=_prepare, args=(sweep, uri, prep), name="overtok-prepare", daemon=True)
+        thread.start()
+        try:
+            _init_ray(sweep)
+            ray_started = True
+            thread.join()
+        except BaseException as e:  # stopped (SIGTERM, Ctrl-C) or failed before any trial: so does the sweep's run
+            thread.join()
+            _end_unstarted(prep, sweep, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            if ray_started:
+                _shutdown_ray()
+            raise
+    if "error" in prep:
+        if ray_started:
+            _shutdown_ray()
+        raise prep["error"]
+    tracker, todo = prep["tracker"], prep["todo"]
+    total, skipped = len(sweep.trials), prep["finished"]
+    if not todo:
+        tracker.end_parent("FINISHED", {"trials": total, "finished": total, "failed": 0})
+        if ray_started:
+            _shutdown_ray()
+        return {"finished": skipped, "failed": 0, "skipped": skipped}
+    try:  # until Tune runs the trials, a stop (SIGTERM, Ctrl-C) or a failure ends the sweep's run here
+        if not ray_started:
+            _init_ray(sweep)
+            ray_started = True
+        tuner, callback, box = _tuner(sweep, tracker, todo, skipped, clock)
+    except BaseException as e:
+        _end_unstarted(prep, sweep, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if ray_started:
+            _shutdown_ray()
+        raise
     status = "FINISHED"
     hint = _DropTuneRestoreHint()
     logging.getLogger("ray.tune.tune").addFilter(hint)  # overtok's own line says how to resume

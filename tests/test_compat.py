@@ -86,3 +86,30 @@ def test_clear_cublas_workspaces_exists_in_this_build():
     else:
         torch.zeros(1, device="cuda")
         assert compat.clear_cublas_workspaces()
+
+
+def test_ray_sigterm_handlers_held_keeps_rays_handler_off_and_sigterm_deferred_records_it():
+    """While Ray starts (overtok.tune._init_ray): Ray's own SIGTERM handler is not installed, and a SIGTERM is
+    recorded rather than raised; afterwards the earlier handler is back, and Ray's hook is Ray's again."""
+    import os
+    import signal
+
+    import ray._private.utils as ray_utils
+
+    from overtok import errors
+    from overtok.compat import ray_sigterm_handlers_held
+    from overtok.errors import sigterm_deferred
+
+    before = signal.getsignal(signal.SIGTERM)
+    hook = ray_utils.set_sigterm_handler
+    with sigterm_deferred() as came, ray_sigterm_handlers_held() as held:
+        assert held
+        deferring = signal.getsignal(signal.SIGTERM)
+        ray_utils.set_sigterm_handler(lambda signum, frame: os._exit(99))  # as ray.init does: now a no-op
+        assert signal.getsignal(signal.SIGTERM) is deferring
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded, not raised, and the process lives on
+        finally:
+            errors._SIGTERM_RECEIVED.clear()  # the rest of this test session saw no SIGTERM
+    assert came == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is before and ray_utils.set_sigterm_handler is hook

@@ -525,6 +525,38 @@ base:
     assert [r.info.status for r in runs] == ["KILLED"]
 
 
+def test_sigterm_before_any_trial_stops_ray_and_the_sweep(tmp_path):
+    """SIGTERM to the driver as the sweep sets up, before any trial (when its first line is printed, alongside Ray's
+    start or just after it): Ray is stopped (started to the end first where the signal came while it started: see
+    tests/test_compat.py), nothing of it is left in the sweep's process group, the command exits 143 with
+    overtok's line, and the sweep's MLflow run ends KILLED with no trial run."""
+    import threading
+
+    write(tmp_path / "rs.yaml", """
+name: rs
+base:
+  model: {d_model: 32, n_layers: 1, n_heads: 2, seq_len: 32}
+  train: {max_steps: 5, eval_every: 5, log_every: 5, checkpoint_every: 1000, gen_samples: 0}
+""")
+    proc = start_sweep(tmp_path, "rs.yaml")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any("[overtok] sweep rs: 1 trials" in line for line in lines), 120, every=0.05,
+                 what="the sweep's first line")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+        reader.join(timeout=30)
+        wait_for(lambda: not group_alive(proc.pid), 30, what="the sweep's Ray processes (its process group) to exit")
+    finally:
+        kill_group(proc)
+    out = "".join(lines)
+    assert out.rstrip().endswith("overtok: terminated") and "Traceback" not in out, out[-3000:]
+    _, parents, runs = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "rs")
+    assert runs == [] and [p.info.status for p in parents] == ["KILLED"]
+
+
 def test_old_tune_state_of_a_sweep_is_removed_not_followed(tmp_path):
     from overtok.sweep import load_sweep
     from overtok.tune import remove_old_tune_runs
