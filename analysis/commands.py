@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import fits, plots
-from analysis.derive import loglinear_points, loss_curve, losses_at, summarize
+from analysis.derive import loglinear_points, loss_curve, losses_at, summarize, variant_order
 from analysis.effects import TRAIN_LOSS
 from analysis.tables import TableError, load_export, read_table, require
 
@@ -132,7 +132,8 @@ def _speedups(s: pd.DataFrame, curves: pd.DataFrame) -> dict:
         base = g[g.is_baseline]
         if base.empty:
             continue
-        for name, v in g[~g.is_baseline].groupby("variant"):
+        for name in variant_order(g[~g.is_baseline]):
+            v = g[g.variant == name]
             per_metric = {}
             for metric, higher in (("train/loss", False), ("val/gen_acc", True)):
                 per_seed: dict[str, float] = {}

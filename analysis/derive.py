@@ -53,6 +53,18 @@ def base_tokens_per_loss(runs: pd.DataFrame) -> np.ndarray:
     return (pd.Series(n_tok, index=runs.index).fillna(1) * pd.Series(n_out, index=runs.index).fillna(1)).to_numpy(float)
 
 
+def variant_order(summary: pd.DataFrame) -> list[str]:
+    """``summary``'s variants as tables and figures list them: the baseline first, then by input vocabulary (by
+    name where that is not known)."""
+    vocab = summary["input_vocab_size"] if "input_vocab_size" in summary else pd.Series(0, index=summary.index)
+    order = vocab.groupby(summary["variant"]).first().sort_values(kind="stable")
+    names = list(order.index)
+    if "Baseline" in names:
+        names.remove("Baseline")
+        names.insert(0, "Baseline")
+    return names
+
+
 def summarize(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     """Finished trials with: size, N under each convention, tokens, final train loss (``analysis.effects.TRAIN_LOSS``),
     final val loss, generation accuracy, input vocabulary (V + OE rows, V for baselines) and the variant label."""

@@ -132,15 +132,19 @@ PAPER_LOGLINEAR_SLOPE = -0.0256  # paper Fig. 5: training loss per log10 m, OLMo
 
 
 def loglinear_verdict(ci: tuple[float, float], seeds: int, paper: float = PAPER_LOGLINEAR_SLOPE) -> str:
-    """The verdict a slope's 95% interval supports: reproduced (excludes 0 on the paper's side), not reproduced (on
-    the other side of 0, or excluding the paper's slope while holding 0), not testable (holding both); no verdict
-    from one seed."""
+    """The verdict a slope's 95% interval supports: reproduced (below 0 and holding the paper's slope); the sign
+    reproduced but not the magnitude (below 0, excluding the paper's slope: shallower or steeper); not reproduced
+    (above 0, or holding 0 while excluding the paper's slope); not testable (holding both); no verdict from one
+    seed."""
     lo, hi = ci
     if seeds < 2:
         return "no verdict: one seed with every size (a claim needs two or more)"
     if hi < 0:
-        held = "holds" if lo <= paper <= hi else "excludes"
-        return f"reproduced: the slope's interval lies below 0 and {held} the paper's {paper}"
+        if lo <= paper <= hi:
+            return f"reproduced: the slope's interval lies below 0 and holds the paper's {paper}"
+        side = "shallower" if lo > paper else "steeper"
+        return (f"sign reproduced, magnitude not: the slope's interval lies below 0 and is {side} than the "
+                f"paper's {paper}")
     if lo > 0:
         return "not reproduced: the slope's interval lies above 0"
     if not lo <= paper <= hi:

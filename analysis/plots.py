@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.derive import loglinear_points, loss_curve
+from analysis.derive import loglinear_points, loss_curve, variant_order
 from analysis.fits import complete_groups, ema
 
 PAPER_STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9,
@@ -18,18 +18,9 @@ def _legend(ax) -> None:
         ax.legend()
 
 
-def _variant_order(summary: pd.DataFrame) -> list[str]:
-    order = summary.groupby("variant")["input_vocab_size"].first().sort_values(kind="stable")
-    names = list(order.index)
-    if "Baseline" in names:
-        names.remove("Baseline")
-        names.insert(0, "Baseline")
-    return names
-
-
 def loss_vs_size(summary: pd.DataFrame, ax, metric: str = "final_train_loss"):
     """Paper Fig. 1: loss against model size (non-embedding parameters, log axis), one line per input vocabulary."""
-    for name in _variant_order(summary):
+    for name in variant_order(summary):
         g = summary[summary.variant == name].groupby("N_body")[metric].mean()
         ax.plot(g.index, g.values, marker="o", label=name, lw=2 if name == "Baseline" else 1.3,
                 color="k" if name == "Baseline" else None)
@@ -71,7 +62,7 @@ def cfg_accuracy_curve(curves: dict, ax):
 def cfg_accuracy(summary: pd.DataFrame, ax):
     """Paper Fig. 2: generation accuracy on the CFG by model size and variant (grouped bars)."""
     sizes = list(dict.fromkeys(summary.sort_values("N_body")["size"]))
-    names = _variant_order(summary)
+    names = variant_order(summary)
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         acc = [summary[(summary["size"] == s) & (summary.variant == name)]["gen_acc"].mean() for s in sizes]
@@ -89,7 +80,7 @@ def curves_with_speedup(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: s
                         metric: str = "train/loss"):
     """Paper Fig. 4: training curves at one model size, each variant annotated with its tokens-to-target speedup."""
     sub = summary[summary["size"] == size]
-    for name in _variant_order(sub):
+    for name in variant_order(sub):
         tid = sub[sub.variant == name].trial_id.iloc[0]
         x, y = loss_curve(curves, sub, tid, metric)
         label = name
@@ -145,7 +136,7 @@ def loss_diff_vs_tokens(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: s
         ax.set_title(f"{size}: no baseline")
         return ax
     seeds_drawn = set()
-    for name in _variant_order(sub):
+    for name in variant_order(sub):
         if name == "Baseline":
             continue
         var = sub[sub.variant == name].drop_duplicates("seed").set_index("seed")
@@ -182,7 +173,7 @@ def table2(summary: pd.DataFrame) -> pd.DataFrame:
         base = g[g.is_baseline]
         b_train = base.final_train_loss.mean() if len(base) else np.nan
         b_val = base.final_val_loss.mean() if len(base) else np.nan
-        for name in _variant_order(g):
+        for name in variant_order(g):
             v = g[g.variant == name]
             rows.append({"size": size, "variant": name, "N_body": int(v.N_body.iloc[0]),
                          "input_vocab_size": int(v.input_vocab_size.iloc[0]), "seeds": len(v),

@@ -74,7 +74,10 @@ def test_loglinear_intervals_come_from_complete_seeds():
 
 
 @pytest.mark.parametrize("ci,seeds,start", [((-0.04, -0.02), 3, "reproduced: the slope's interval lies below 0 and holds"),
-                                            ((-0.09, -0.05), 3, "reproduced: the slope's interval lies below 0 and excludes"),
+                                            ((-0.09, -0.05), 3, "sign reproduced, magnitude not: the slope's interval "
+                                                                "lies below 0 and is steeper than"),
+                                            ((-0.015, -0.01), 3, "sign reproduced, magnitude not: the slope's interval "
+                                                                 "lies below 0 and is shallower than"),
                                             ((0.01, 0.03), 3, "not reproduced: the slope's interval lies above 0"),
                                             ((-0.01, 0.02), 2, "not reproduced: the slope's interval holds 0 and excl"),
                                             ((-0.05, 0.02), 2, "not testable"), ((-0.04, -0.02), 1, "no verdict")])
