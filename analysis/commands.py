@@ -126,7 +126,8 @@ def _chinchilla_fits(s: pd.DataFrame, curves: pd.DataFrame, bootstrap: int) -> d
 
 
 def _speedups(s: pd.DataFrame, curves: pd.DataFrame) -> dict:
-    """Per size and variant: tokens-to-target speedup vs the same-seed baseline, mean and CI over seeds."""
+    """Per size and variant: tokens-to-target speedup vs the same-seed baseline, mean and CI over seeds (a seed
+    without its baseline is left out)."""
     out: dict[str, dict] = {}
     for size, g in s.groupby("size", sort=False):
         base = g[g.is_baseline]
@@ -139,7 +140,8 @@ def _speedups(s: pd.DataFrame, curves: pd.DataFrame) -> dict:
                 per_seed: dict[str, float] = {}
                 for row in v.sort_values("seed").itertuples():
                     b = base[base.seed == row.seed]
-                    b = b if len(b) else base
+                    if b.empty:  # no baseline of this seed: no pair (another seed's would mix seed noise in)
+                        continue
                     bx, by = loss_curve(curves, s, b.trial_id.iloc[0], metric)
                     vx, vy = loss_curve(curves, s, row.trial_id, metric)
                     if len(bx) < 2 or len(vx) < 2 or (higher and by[-1] <= 0):

@@ -286,6 +286,9 @@ def test_speedups_are_keyed_by_seed_and_count_seeds_that_miss():
     r = _speedups(s, curves)["d8"]["OE"]["train/loss"]
     assert set(r["per_seed"]) == {"0", "1"} and np.isnan(r["per_seed"]["0"]) and r["per_seed"]["1"] > 1
     assert r["n"] == 1 and r["seeds"] == 2 and r["mean"] == pytest.approx(r["per_seed"]["1"])
+    # seed 1's baseline missing: seed 1 is not paired with seed 0's baseline, it is left out
+    r = _speedups(s[s.trial_id != "b1"], curves)["d8"]["OE"]["train/loss"]
+    assert set(r["per_seed"]) == {"0"} and r["seeds"] == 1
 
 
 def test_speedups_compare_ngram_variants_per_base_token():
