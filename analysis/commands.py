@@ -99,7 +99,8 @@ def _loglinear_fits(s: pd.DataFrame, bootstrap: int, axis: str = "vocab") -> dic
             if g[x_col].nunique() >= 2 and len(g) >= 2:
                 r = fits.fit_loglinear(g[x_col], g[metric], bootstrap=bootstrap, groups=g["seed"].to_numpy())
                 r.notes.update({"tokens": int(g.tokens.max()), "N_body": int(g.N_body.iloc[0]), "vocab_axis": label,
-                                "verdict": fits.loglinear_verdict(r.ci["slope"], r.notes["seeds"])})
+                                "verdict": fits.loglinear_verdict(r.ci["slope"], r.notes["seeds"]),
+                                "local_slopes": fits.local_slopes(g[x_col], g[metric], g["seed"])})
                 per_size[size] = r.to_dict()
         out[metric] = per_size
     return out
@@ -368,7 +369,7 @@ def plot_sweep(results_dir: Path) -> list[Path]:
 
     def save(fig, name):
         save_png(fig, out / f"{name}.png")
-        fig.savefig(out / f"{name}.pdf", bbox_inches="tight")
+        fig.savefig(out / f"{name}.pdf", bbox_inches="tight", metadata={"CreationDate": None})  # same figure, same bytes
         written.extend([out / f"{name}.png", out / f"{name}.pdf"])
         plt.close(fig)
 

@@ -131,6 +131,31 @@ def fit_loglinear(vocab: np.ndarray, loss: np.ndarray, bootstrap: int = 1000, se
 PAPER_LOGLINEAR_SLOPE = -0.0256  # paper Fig. 5: training loss per log10 m, OLMoE-1.3B
 
 
+def local_slopes(x, y, groups) -> dict:
+    """Where a log-linear curve bends: between each pair of adjacent x values, the slope per decade of x, seed by
+    seed (``groups``; a seed counts where it has both points), with its mean and 95% Student t interval over the
+    seeds (``mean_ci``). ``flat_from``: the smallest x from which no later step's interval lies below 0 (the loss
+    stops falling measurably there), None where the last step still falls or fewer than 2 seeds have it."""
+    points: dict = {}  # seed -> x -> the losses there
+    for xi, yi, gi in zip(np.asarray(x, float), np.asarray(y, float), np.asarray(groups)):
+        points.setdefault(gi, {}).setdefault(xi, []).append(yi)
+    xs = sorted({xi for per in points.values() for xi in per})
+    steps = []
+    for a, b in zip(xs, xs[1:]):
+        per = {str(g): float((np.mean(p[b]) - np.mean(p[a])) / (np.log10(b) - np.log10(a)))
+               for g, p in sorted(points.items()) if a in p and b in p}
+        summary = mean_ci(list(per.values()))
+        steps.append({"from": float(a), "to": float(b), "slope": summary["mean"], "ci": summary["ci"],
+                      "seeds": summary["n"], "per_seed": per})
+    flat_from = None
+    for i in range(len(steps) - 1, -1, -1):  # from the top of the grid down, while no step falls measurably
+        st = steps[i]
+        if st["seeds"] < 2 or not st["ci"][1] >= 0:
+            break
+        flat_from = st["from"]
+    return {"steps": steps, "flat_from": flat_from}
+
+
 def loglinear_verdict(ci: tuple[float, float], seeds: int, paper: float = PAPER_LOGLINEAR_SLOPE) -> str:
     """The verdict a slope's 95% interval supports: reproduced (below 0 and holding the paper's slope); the sign
     reproduced but not the magnitude (below 0, excluding the paper's slope: shallower or steeper); not reproduced

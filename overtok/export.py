@@ -60,7 +60,8 @@ def fetch_histories(uri: str, run_ids: list[str], keys_by_run: dict[str, list[st
     return pd.DataFrame(rows, columns=["run_id", "metric", "step", "value", "timestamp"])
 
 
-def _fmt_rows(m: int) -> str:
+def fmt_rows(m: int) -> str:
+    """A table size as variant names write it: 12.5K, 3.2M."""
     for unit, div in (("M", 1e6), ("K", 1e3)):
         if m >= div:
             return f"{m / div:.3g}{unit}"
@@ -76,7 +77,7 @@ def variant_label(row: dict) -> str:
         parts.append(f"{row['model.output_ngram']}-gram output")
     n, depth, mode = row.get("model.oe.n", 1), row.get("model.od_depth", 1), row.get("model.od_mode", "linear")
     if n > 1:
-        name = f"OE-{_fmt_rows(row['model.oe.m'])} ({n}-gram)"
+        name = f"OE-{fmt_rows(row['model.oe.m'])} ({n}-gram)"
         if depth > 1 and mode == "mtp_ds":
             return " + ".join(parts + [name.replace("OE-", "OT-", 1)])
         parts.append(name)

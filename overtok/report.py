@@ -19,6 +19,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from overtok.config import NAME_RE, NAME_RULE, ConfigError
+from overtok.export import fmt_rows
 
 DEFAULT_UI = "http://127.0.0.1:5000"
 
@@ -278,6 +279,15 @@ def _fits_html(fits: dict) -> str:
                 rows.append(("log-linear " + metric + when, size, f"L = {_num(est['intercept'])} + {_num(est['slope'])} {axis}",
                              f"slope CI [{_num(ci['slope'][0])}, {_num(ci['slope'][1])}]" + (f" ({flags})" if flags else "")
                              + (f"; {verdict}" if verdict else "")))
+                local = (f.get("notes") or {}).get("local_slopes")
+                if family == "loglinear_m" and local and local["steps"]:  # where the curve bends, on the paper's axis
+                    top = local["steps"][-1]
+                    rows.append((f"  {metric}: local slopes per decade of m{when}", size, "; ".join(
+                        f"{fmt_rows(int(st['from']))} to {fmt_rows(int(st['to']))}: {_num(st['slope'])} "
+                        f"[{_num(st['ci'][0])}, {_num(st['ci'][1])}]" for st in local["steps"]),
+                        f"falls no more measurably from m = {fmt_rows(int(local['flat_from']))}"
+                        if local["flat_from"] is not None else "still falling at the grid's top" if top["seeds"] >= 2
+                        else "one seed: no interval"))
     for variant, per_conv in (fits.get("chinchilla") or {}).items():
         for conv, f in per_conv.items():
             est = f["estimates"]

@@ -85,6 +85,31 @@ def test_loglinear_verdicts(ci, seeds, start):
     assert fits.loglinear_verdict(ci, seeds).startswith(start)
 
 
+def test_local_slopes_find_where_the_curve_stops_falling():
+    """Adjacent-m slopes per decade, seed by seed, with Student t intervals over seeds: the loss falls 0.02 per
+    decade up to m = 1e5 and then only by seed noise, so it falls no more measurably from 1e5; a seed without both
+    points of a step does not count there."""
+    xs = [1e3, 1e4, 1e5, 1e6, 1e7]
+    noise = {0: [0.0, 0.001, -0.001, 0.003, -0.002], 1: [0.0, -0.001, 0.001, -0.002, 0.003], 2: [0.0, 0.0, 0.0, 0.0, 0.0]}
+    x, y, g = [], [], []
+    for seed, eps in noise.items():
+        for i, (m, e) in enumerate(zip(xs, eps)):
+            x.append(m), g.append(seed)
+            y.append(2.0 - 0.02 * min(i, 2) + e)
+    r = fits.local_slopes(x, y, g)
+    assert [st["from"] for st in r["steps"]] == xs[:-1] and [st["seeds"] for st in r["steps"]] == [3] * 4
+    assert r["steps"][0]["per_seed"] == pytest.approx({"0": -0.019, "1": -0.021, "2": -0.02})
+    assert r["steps"][0]["ci"][1] < 0 and r["steps"][1]["ci"][1] < 0
+    assert r["flat_from"] == 1e5
+    # still falling at the top: no flat point
+    steep = fits.local_slopes(x, [v - 0.05 * np.log10(m) for v, m in zip(y, x)], g)
+    assert steep["flat_from"] is None
+    # seed 2 lacks m = 1e7: the last step has two seeds
+    keep = [not (s == 2 and m == 1e7) for s, m in zip(g, x)]
+    part = fits.local_slopes(np.array(x)[keep], np.array(y)[keep], np.array(g)[keep])
+    assert part["steps"][-1]["seeds"] == 2 and set(part["steps"][-1]["per_seed"]) == {"0", "1"}
+
+
 def test_loglinear_fits_on_both_vocabulary_axes():
     """fits.json's loglinear: against V + m (baselines at V); loglinear_m: against the table rows m, OE runs only."""
     from analysis.commands import _loglinear_fits
