@@ -511,6 +511,7 @@ def _prepare(sweep: Sweep, uri: str, out: dict) -> None:
         from overtok.data import ensure_prepared
 
         tracker = SweepTracker(sweep, uri)
+        out["tracker"] = tracker  # from here on the sweep has a run to end, whatever happens next
         finished = tracker.finished()
         todo = [t for t in sweep.trials if t.trial_id not in finished]
         tracker.close_stale({t.trial_id for t in todo})
@@ -671,7 +672,8 @@ def _tuner(sweep: Sweep, tracker: SweepTracker, todo: list[Trial], skipped: int,
 def _end_unstarted(prep: dict, sweep: Sweep, status: str) -> None:
     """The sweep's MLflow parent run (where preparing it got that far) ends ``status`` before any trial started."""
     if "tracker" in prep:
-        prep["tracker"].end_parent(status, {"trials": len(sweep.trials), "finished": prep["finished"], "failed": 0})
+        prep["tracker"].end_parent(status, {"trials": len(sweep.trials), "finished": prep.get("finished", 0),
+                                            "failed": 0})
 
 
 def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
@@ -701,7 +703,8 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
             if ray_started:
                 _shutdown_ray()
             raise
-    if "error" in prep:
+    if "error" in prep:  # e.g. a corpus that cannot be read: the sweep's run ends FAILED (KILLED on a stop)
+        _end_unstarted(prep, sweep, "KILLED" if isinstance(prep["error"], KeyboardInterrupt) else "FAILED")
         if ray_started:
             _shutdown_ray()
         raise prep["error"]

@@ -557,6 +557,27 @@ base:
     assert runs == [] and [p.info.status for p in parents] == ["KILLED"]
 
 
+def test_a_corpus_that_fails_to_tokenize_ends_the_sweep_failed(tmp_path):
+    """A corpus file found unreadable while the sweep prepares (alongside Ray's start): one line, exit 2, Ray
+    stopped, and the sweep's MLflow run ends FAILED rather than staying RUNNING."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some text to read\n\nand more of it\n")
+    (tmp_path / "corpus" / "b.txt.xz").write_bytes(b"this is not xz")
+    write(tmp_path / "bc.yaml", """
+name: bc
+base:
+  model: {d_model: 32, n_layers: 1, n_heads: 2, seq_len: 16}
+  data: {kind: text, corpus: corpus, tokenizer: "bpe:300", batch_size: 2}
+  train: {max_steps: 5, eval_every: 5, log_every: 5, checkpoint_every: 1000, gen_samples: 0}
+""")
+    res = overtok(tmp_path, "sweep", "bc.yaml")
+    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("overtok: error:")]
+    assert len(errors) == 1 and "b.txt.xz: not a valid .xz file" in errors[0] and "Traceback" not in res.stderr
+    _, parents, runs = sweep_runs(f"sqlite:///{tmp_path}/results/mlflow.db", "bc")
+    assert runs == [] and [p.info.status for p in parents] == ["FAILED"]
+
+
 def test_old_tune_state_of_a_sweep_is_removed_not_followed(tmp_path):
     from overtok.sweep import load_sweep
     from overtok.tune import remove_old_tune_runs
