@@ -9,7 +9,8 @@
 #   scripts/wave.sh SWEEP.yaml DONE OUT [MAX_TRIALS] [LIMIT_S] [SWEEP_ARGS...]
 #
 #   SWEEP.yaml  the campaign's sweep file
-#   DONE        the merged export of the earlier waves (a folder that does not exist counts as none)
+#   DONE        the merged export of the earlier waves, or - for none (the first wave); a DONE that does not
+#               exist is refused, so that a mistyped one does not rerun every finished trial
 #   OUT         where the export and the wave's log (sweep.log) go
 #   MAX_TRIALS  0 (the default): as many as the time allows
 #   LIMIT_S     seconds for the sweep, the export excluded (about 10 s more); default 540
@@ -32,6 +33,7 @@ shift $(( $# < 5 ? $# : 5 ))
 [ -f "$sweep" ] || { echo "scripts/wave.sh: $sweep: no such sweep file" >&2; exit 2; }
 case $max_trials$limit in *[!0-9]*) echo "scripts/wave.sh: MAX_TRIALS and LIMIT_S are whole numbers" >&2; exit 2;; esac
 [ "$limit" -ge 1 ] || { echo "scripts/wave.sh: LIMIT_S is at least 1 second" >&2; exit 2; }
+[ "$done" = - ] || [ -d "$done" ] || { echo "scripts/wave.sh: DONE $done: no such export (- for none)" >&2; exit 2; }
 mkdir -p "$out"
 log=$out/sweep.log
 py=${PYTHON:-python3}
@@ -55,7 +57,7 @@ done
   "$py" -c 'from overtok.identity import code_version; print("overtok code", code_version())'
   echo "git HEAD $(git rev-parse HEAD 2>/dev/null)"; } >> "$log"
 subset=()
-[ -e "$done" ] && subset=(--skip-done "$done")
+[ "$done" = - ] || subset=(--skip-done "$done")
 [ "$max_trials" -gt 0 ] && subset+=(--max-trials "$max_trials")
 # the sweep keeps its own limit; timeout only guards against a driver that hangs: SIGTERM 20 s past the limit, to
 # the driver alone (--foreground: sent to the whole process group, it also reached Ray's own processes, and a

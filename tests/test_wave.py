@@ -50,7 +50,7 @@ def test_waves_on_fresh_machines_add_up_to_the_grid(tmp_path):
     # seed 1 first, one trial a call; the same command again on the machine (still warm: its MLflow store kept)
     # runs the next trial, as --max-trials counts the trials the store does not hold FINISHED
     for _ in range(2):
-        res = wave(first, campaign / "merged", campaign / "wave1", "1", "540", "--seeds", "1")
+        res = wave(first, "-", campaign / "wave1", "1", "540", "--seeds", "1")
         assert res.returncode == 0, res.stderr + (campaign / "wave1" / "sweep.log").read_text()[-3000:]
     one = finished(campaign / "wave1")
     log = (campaign / "wave1" / "sweep.log").read_text()
@@ -88,8 +88,9 @@ def test_waves_on_fresh_machines_add_up_to_the_grid(tmp_path):
 
 
 def test_wave_refuses_bad_arguments_in_one_line(tmp_path):
-    for args, problem in ((["nope.yaml", "d", "o"], "no such sweep file"), (["wv.yaml", "d", "o", "x"], "whole numbers"),
-                          (["wv.yaml", "d", "o", "2", "0"], "LIMIT_S"),
+    for args, problem in ((["nope.yaml", "d", "o"], "no such sweep file"), (["wv.yaml", "-", "o", "x"], "whole numbers"),
+                          (["wv.yaml", "-", "o", "2", "0"], "LIMIT_S"),
+                          (["wv.yaml", "nodone", "o"], "DONE nodone: no such export (- for none)"),
                           (["wv.yaml"], "usage")):
         (tmp_path / "wv.yaml").write_text(SWEEP)
         res = subprocess.run(["bash", str(ROOT / "scripts" / "wave.sh"), *args], cwd=tmp_path, env=env(),
