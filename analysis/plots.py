@@ -78,19 +78,31 @@ def cfg_accuracy(summary: pd.DataFrame, ax):
 
 def curves_with_speedup(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: str, speedups: dict,
                         metric: str = "train/loss"):
-    """Paper Fig. 4: training curves at one model size, each variant annotated with its tokens-to-target speedup."""
+    """Paper Fig. 4: training curves at one model size (each variant's EMA-smoothed curve, the mean over its seeds),
+    each variant annotated with its tokens-to-target speedup (the mean over seeds)."""
     sub = summary[summary["size"] == size]
+    seeds_drawn = set()
     for name in variant_order(sub):
-        tid = sub[sub.variant == name].trial_id.iloc[0]
-        x, y = loss_curve(curves, sub, tid, metric)
+        runs = sub[sub.variant == name].sort_values("seed").drop_duplicates("seed")
+        x, ys = None, []
+        for tid in runs.trial_id:
+            tx, ty = loss_curve(curves, sub, tid, metric)
+            if len(tx) == 0:
+                continue
+            x = tx if x is None else x
+            ys.append(np.interp(x, tx, ema(ty, 0.1)))
+        if not ys:
+            continue
         label = name
         sp = speedups.get(size, {}).get(name)
         if sp and sp.get("mean") is not None:
             label += f" ({sp['mean']:.2f}x)"
-        ax.plot(x, ema(y, 0.1), label=label, color="k" if name == "Baseline" else None)
+        ax.plot(x, np.mean(ys, axis=0), label=label, color="k" if name == "Baseline" else None)
+        seeds_drawn.add(len(ys))
     ax.set_xlabel("tokens")
     ax.set_ylabel("training loss per base token (EMA)")
-    ax.set_title(f"Training curves, {size}")
+    n = "/".join(map(str, sorted(seeds_drawn)))
+    ax.set_title(f"Training curves, {size}" + (f" (mean of {n} seeds)" if n not in ("", "1") else ""))
     _legend(ax)
     return ax
 

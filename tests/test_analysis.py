@@ -389,6 +389,26 @@ def test_loss_diff_figure_pairs_each_seed_with_its_own_baseline():
     plt.close(fig)
 
 
+def test_training_curves_figure_draws_the_mean_over_seeds():
+    """Fig. 4: one line per variant, the mean of its seeds' smoothed curves (not the first seed's alone)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis.plots import curves_with_speedup
+
+    rows, curves = [], []
+    for seed, loss in ((0, 3.0), (1, 4.0)):
+        rows.append({"trial_id": f"b{seed}", "size": "d64-L2", "variant": "Baseline", "seed": seed, "loss_scale": 1.0,
+                     "input_vocab_size": 100})
+        curves += [{"trial_id": f"b{seed}", "metric": "train/loss", "step": step, "value": loss} for step in (1, 2)]
+    fig, ax = plt.subplots()
+    curves_with_speedup(pd.DataFrame(rows), pd.DataFrame(curves), ax, "d64-L2", {})
+    assert ax.get_lines()[0].get_ydata() == pytest.approx([3.5, 3.5]) and "mean of 2 seeds" in ax.get_title()
+    plt.close(fig)
+
+
 def test_paired_effects_lists_variants_by_their_settings_numerically():
     """Variants in order of their settings' values (m = 9, 80, 700), not in the order the runs arrived or as text."""
     from analysis.effects import paired_effects
