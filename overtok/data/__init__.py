@@ -24,7 +24,8 @@ def resolve_vocab(cfg: RunConfig, file: str | None = None) -> RunConfig:
         else:
             V = corpus_vocab_size(cfg)
     except (FileNotFoundError, DataError) as e:
-        key = "data.grammar" if cfg.data.kind == "cfg" else ("data.path" if cfg.data.path else "data.corpus")
+        key = getattr(e, "key", None) or (
+            "data.grammar" if cfg.data.kind == "cfg" else ("data.path" if cfg.data.path else "data.corpus"))
         raise ConfigError(str(e), file=file, key=key) from None
     if cfg.model.vocab_size and cfg.model.vocab_size != V:
         raise ConfigError(f"{cfg.model.vocab_size} does not match the data's vocabulary ({V})", file=file, key="model.vocab_size")
@@ -79,7 +80,7 @@ def corpus_vocab_size(cfg: RunConfig) -> int:
 
         return bpe_vocab_size(d.tokenizer)
     if not d.tokenizer or not Path(d.tokenizer).is_file():
-        raise DataError(f"{d.tokenizer or '(empty)'}: tokenizer file not found (data.tokenizer)")
+        raise DataError(f"{d.tokenizer or '(empty)'}: tokenizer file not found", key="data.tokenizer")
     from overtok.data.text import load_tokenizer
 
     return load_tokenizer(d.tokenizer).get_vocab_size()

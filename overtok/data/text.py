@@ -39,7 +39,12 @@ this size. The held-out split then samples every source in small units."""
 
 
 class DataError(ValueError):
-    """A problem with the user's data files (missing, empty, not UTF-8, tokenizer mismatch)."""
+    """A problem with the user's data files (missing, empty, not UTF-8, tokenizer mismatch); ``key``: the config
+    key that names the file, where it is not the data source itself (e.g. data.tokenizer)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def _read_text(path: Path) -> str:
@@ -179,7 +184,7 @@ def load_tokenizer(spec: str, train_docs: list[str] | None = None):
         return tok
     path = Path(spec)
     if not path.is_file():
-        raise DataError(f"{spec}: tokenizer file not found")
+        raise DataError(f"{spec}: tokenizer file not found", key="data.tokenizer")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception types
