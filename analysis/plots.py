@@ -18,6 +18,12 @@ def _legend(ax) -> None:
         ax.legend()
 
 
+def _over_seeds(what: str, counts: set[int]) -> str:
+    """A title's note on lines drawn over seeds (``counts``: how many seeds each line took), none for one seed."""
+    n = "/".join(map(str, sorted(counts)))
+    return f" ({what} of {n} seeds)" if n not in ("", "1") else ""
+
+
 def loss_vs_size(summary: pd.DataFrame, ax, metric: str = "final_train_loss"):
     """Paper Fig. 1: loss against model size (non-embedding parameters, log axis), one line per input vocabulary."""
     for name in variant_order(summary):
@@ -101,8 +107,7 @@ def curves_with_speedup(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: s
         seeds_drawn.add(len(ys))
     ax.set_xlabel("tokens")
     ax.set_ylabel("training loss per base token (EMA)")
-    n = "/".join(map(str, sorted(seeds_drawn)))
-    ax.set_title(f"Training curves, {size}" + (f" (mean of {n} seeds)" if n not in ("", "1") else ""))
+    ax.set_title(f"Training curves, {size}" + _over_seeds("mean", seeds_drawn))
     _legend(ax)
     return ax
 
@@ -170,9 +175,7 @@ def loss_diff_vs_tokens(summary: pd.DataFrame, curves: pd.DataFrame, ax, size: s
     ax.axhline(0, color="k", lw=1)
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss - baseline loss (same seed)")
-    n = "/".join(map(str, sorted(seeds_drawn)))
-    ax.set_title(f"Loss difference to baseline, {size}" + (f" (mean and range of {n} seeds)" if n not in ("", "1")
-                                                           else ""))
+    ax.set_title(f"Loss difference to baseline, {size}" + _over_seeds("mean and range", seeds_drawn))
     _legend(ax)
     return ax
 

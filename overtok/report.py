@@ -266,6 +266,16 @@ def fit_flags(n_points: int, ci) -> str:
     return ", ".join(flags)
 
 
+def _local_slopes_cells(local: dict) -> tuple[str, str]:
+    """A fit's ``local_slopes`` as the law table's estimate and interval cells: each step's slope with its
+    interval, and where the loss stops falling measurably."""
+    steps = "; ".join(f"{fmt_rows(int(st['from']))} to {fmt_rows(int(st['to']))}: {_num(st['slope'])} "
+                      f"[{_num(st['ci'][0])}, {_num(st['ci'][1])}]" for st in local["steps"])
+    if local["flat_from"] is not None:
+        return steps, f"falls no more measurably from m = {fmt_rows(int(local['flat_from']))}"
+    return steps, "still falling at the grid's top" if local["steps"][-1]["seeds"] >= 2 else "one seed: no interval"
+
+
 def _fits_html(fits: dict) -> str:
     rows = []
     families = [("", fits)] + [(f" at {int(t):,} tokens", at) for t, at in (fits.get("loglinear_at_tokens") or {}).items()]
@@ -281,13 +291,7 @@ def _fits_html(fits: dict) -> str:
                              + (f"; {verdict}" if verdict else "")))
                 local = (f.get("notes") or {}).get("local_slopes")
                 if family == "loglinear_m" and local and local["steps"]:  # where the curve bends, on the paper's axis
-                    top = local["steps"][-1]
-                    rows.append((f"  {metric}: local slopes per decade of m{when}", size, "; ".join(
-                        f"{fmt_rows(int(st['from']))} to {fmt_rows(int(st['to']))}: {_num(st['slope'])} "
-                        f"[{_num(st['ci'][0])}, {_num(st['ci'][1])}]" for st in local["steps"]),
-                        f"falls no more measurably from m = {fmt_rows(int(local['flat_from']))}"
-                        if local["flat_from"] is not None else "still falling at the grid's top" if top["seeds"] >= 2
-                        else "one seed: no interval"))
+                    rows.append((f"  {metric}: local slopes per decade of m{when}", size, *_local_slopes_cells(local)))
     for variant, per_conv in (fits.get("chinchilla") or {}).items():
         for conv, f in per_conv.items():
             est = f["estimates"]

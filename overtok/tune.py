@@ -669,11 +669,15 @@ def _tuner(sweep: Sweep, tracker: SweepTracker, todo: list[Trial], skipped: int,
     return tuner, callback, box
 
 
-def _end_unstarted(prep: dict, sweep: Sweep, status: str) -> None:
-    """The sweep's MLflow parent run (where preparing it got that far) ends ``status`` before any trial started."""
+def _abandon(prep: dict, sweep: Sweep, error: BaseException, ray_started: bool) -> None:
+    """Before any trial started, ``error`` stops the sweep: its MLflow parent run (where preparing it got that far)
+    ends KILLED on a stop (SIGTERM, Ctrl-C) or FAILED, and the Ray it started stops."""
     if "tracker" in prep:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         prep["tracker"].end_parent(status, {"trials": len(sweep.trials), "finished": prep.get("finished", 0),
                                             "failed": 0})
+    if ray_started:
+        _shutdown_ray()
 
 
 def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
@@ -699,14 +703,10 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
             thread.join()
         except BaseException as e:  # stopped (SIGTERM, Ctrl-C) or failed before any trial: so does the sweep's run
             thread.join()
-            _end_unstarted(prep, sweep, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            if ray_started:
-                _shutdown_ray()
+            _abandon(prep, sweep, e, ray_started)
             raise
     if "error" in prep:  # e.g. a corpus that cannot be read: the sweep's run ends FAILED (KILLED on a stop)
-        _end_unstarted(prep, sweep, "KILLED" if isinstance(prep["error"], KeyboardInterrupt) else "FAILED")
-        if ray_started:
-            _shutdown_ray()
+        _abandon(prep, sweep, prep["error"], ray_started)
         raise prep["error"]
     tracker, todo = prep["tracker"], prep["todo"]
     total, skipped = len(sweep.trials), prep["finished"]
@@ -721,9 +721,7 @@ def run_sweep(sweep: Sweep, started: float | None = None) -> dict:
             ray_started = True
         tuner, callback, box = _tuner(sweep, tracker, todo, skipped, clock)
     except BaseException as e:
-        _end_unstarted(prep, sweep, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        if ray_started:
-            _shutdown_ray()
+        _abandon(prep, sweep, e, ray_started)
         raise
     status = "FINISHED"
     hint = _DropTuneRestoreHint()
