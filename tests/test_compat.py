@@ -105,7 +105,7 @@ def test_ray_sigterm_handlers_held_keeps_rays_handler_off_and_sigterm_deferred_r
     with sigterm_deferred() as came, ray_sigterm_handlers_held() as held:
         assert held
         deferring = signal.getsignal(signal.SIGTERM)
-        ray_utils.set_sigterm_handler(lambda signum, frame: os._exit(99))  # as ray.init does: now a no-op
+        ray_utils.set_sigterm_handler(lambda signum, frame: os._exit(99))  # as ray.init does: a no-op here
         assert signal.getsignal(signal.SIGTERM) is deferring
         try:
             os.kill(os.getpid(), signal.SIGTERM)  # recorded, not raised, and the process lives on
